@@ -1,0 +1,28 @@
+"""GeneratorActor: one inference engine serving one weight version at a time."""
+from __future__ import annotations
+
+import ray
+
+from actors.process import configure_process
+from rl_service.config import JobConfig
+from rl_service.rollout import GenerationRequest, Rollout, SamplingParams
+from rl_service.weights.flat import FlatWeights
+
+
+@ray.remote
+class GeneratorActor:
+    def __init__(self, config: JobConfig, engine_index: int):
+        configure_process(config.cluster.torch_threads)
+        from rl_service.generation.hf_engine import HFGenerationEngine
+
+        self.engine_index = engine_index
+        self.engine = HFGenerationEngine(config.model.path, config.model.dtype, config.model.trust_remote_code)
+
+    def generate(self, requests: list[GenerationRequest], sampling: SamplingParams, seed: int) -> Rollout:
+        return self.engine.generate(requests, sampling, seed)
+
+    def load_weights(self, flat: FlatWeights) -> int:
+        return self.engine.load_weights(flat)
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version

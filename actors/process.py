@@ -1,0 +1,23 @@
+"""Process set-up shared by every actor: environment and CPU threads before torch does work."""
+from __future__ import annotations
+
+import os
+
+# Environment every role's process needs, for Ray's runtime_env (set before modules import torch).
+ACTOR_ENV = {
+    "DS_ACCELERATOR": "cpu",              # DeepSpeed picks CUDA itself where it exists; on CPU it must be told
+    "TOKENIZERS_PARALLELISM": "false",    # actors fork nothing; avoid the tokenizers fork warning
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_OFFLINE": "1",                # models are local directories; never reach for a hub
+}
+
+
+def configure_process(torch_threads: int | None) -> None:
+    """Pin torch's thread count: Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors, which would
+    leave one core idle when a role runs alone in sync mode."""
+    import torch
+
+    for key, value in ACTOR_ENV.items():
+        os.environ.setdefault(key, value)
+    threads = torch_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)

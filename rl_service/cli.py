@@ -1,0 +1,118 @@
+"""`rl-service`: the command line.
+
+    rl-service run CONFIG [--set a.b=c ...] [--run-dir DIR]   train (local Ray on 127.0.0.1, or RAY_ADDRESS)
+    rl-service eval CHECKPOINT [CONFIG] [--set ...]             greedy eval accuracy of a model directory
+    rl-service config-schema                                    the JobConfig JSON schema
+    rl-service validate CONFIG [--set ...]                      check a config and its data, start nothing
+
+A user's mistake (config, dataset, model directory) prints one line naming what is wrong and exits
+with code 2, before Ray starts; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from rl_service.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rl-service", description="Ray-based RL training for reasoning models")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="train a job from a YAML config")
+    run.add_argument("config", help="YAML job file (see configs/)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set learner.lr=1e-5 (repeatable)")
+    run.add_argument("--run-dir", help="output directory (default: runs/<job_name>-<timestamp>)")
+
+    validate = commands.add_parser("validate", help="validate a config and load its data and tokenizer")
+    validate.add_argument("config")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    evaluate = commands.add_parser("eval", help="greedy accuracy of a model directory on a job's eval split")
+    evaluate.add_argument("checkpoint", help="model directory (e.g. RUN_DIR/checkpoints/step_N/model) or 'builtin'")
+    evaluate.add_argument("config", nargs="?", help="YAML job file whose eval split to use (default: built-in task)")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    commands.add_parser("config-schema", help="print the JobConfig JSON schema")
+    return parser
+
+
+def _default_run_dir(job_name: str) -> Path:
+    return Path("runs") / f"{job_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _command_run(args) -> int:
+    from rl_service.config import load_config
+    from rl_service.driver import prepare_job, run_training
+    from rl_service.progress import print_summary
+
+    config = load_config(args.config, args.overrides)
+    job = prepare_job(config)  # user-input errors surface here, before Ray starts
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config.job_name)
+    logging.getLogger("rl_service").info("run directory: %s", run_dir)
+    summary = run_training(job, run_dir)
+    print_summary(summary, str(run_dir))
+    return 0
+
+
+def _command_validate(args) -> int:
+    from rl_service.config import load_config
+    from rl_service.driver import prepare_job
+
+    config = load_config(args.config, args.overrides)
+    job = prepare_job(config)
+    print(f"{args.config}: ok ({len(job.task.train)} train prompts, {len(job.task.eval)} eval prompts, "
+          f"verifier {job.task.verifier})")
+    return 0
+
+
+def _command_eval(args) -> int:
+    from rl_service.config import load_config
+    from rl_service.evaluation import evaluate_model_dir
+
+    config = load_config(args.config, args.overrides + [f"model.path={args.checkpoint}"])
+    metrics = evaluate_model_dir(config)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _command_config_schema(_args) -> int:
+    from rl_service.config import JobConfig
+
+    print(json.dumps(JobConfig.model_json_schema(), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    if not _has_cuda_hint():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    handlers = {"run": _command_run, "validate": _command_validate, "eval": _command_eval,
+                "config-schema": _command_config_schema}
+    try:
+        return handlers[args.command](args)
+    except UserError as error:
+        print(f"rl-service: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("rl-service: interrupted", file=sys.stderr)
+        return 130
+
+
+def _has_cuda_hint() -> bool:
+    # Decided without importing torch (slow): a CUDA host announces itself through these.
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or Path("/dev/nvidiactl").exists()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The job configuration: one tree of pydantic models (`JobConfig`).
+
+Every field carries its default, unit and range; unknown keys are errors (`extra="forbid"`), so a
+typo in a YAML file or a `--set` override fails before any Ray start, naming the field.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rl_service.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field("builtin", description="'builtin' (the shipped tiny model) or a local HF causal-LM directory (safetensors)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="parameter dtype on learner and generators")
+    trust_remote_code: bool = Field(False, description="allow custom modelling code shipped with the model directory")
+    thinking: bool = Field(True, description="chat template with reasoning on (<think> trace) or off (empty trace)")
+
+
+class ArithmeticDataConfig(_Section):
+    levels: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], min_length=1, description="difficulty levels to mix")
+    num_train: int = Field(4096, ge=1, le=10_000_000, description="training prompts")
+    num_eval: int = Field(256, ge=1, le=100_000, description="held-out eval prompts")
+
+
+class DataConfig(_Section):
+    source: Literal["arithmetic", "jsonl"] = Field("arithmetic", description="built-in synthetic task or JSONL files")
+    train_path: str | None = Field(None, description="JSONL/JSON file with `prompt` and `answer` per record (source=jsonl)")
+    eval_path: str | None = Field(None, description="held-out JSONL file (source=jsonl); none: no eval")
+    arithmetic: ArithmeticDataConfig = Field(default_factory=ArithmeticDataConfig)
+    prompts_per_step: int = Field(16, ge=1, le=65_536, description="prompts in each training batch")
+    eval_limit: int | None = Field(None, ge=1, description="evaluate on at most this many eval prompts")
+
+    @model_validator(mode="after")
+    def _paths_match_source(self) -> "DataConfig":
+        if self.source == "jsonl" and not self.train_path:
+            raise ValueError("data.train_path is required when data.source is 'jsonl'")
+        return self
+
+
+class GeneratorConfig(_Section):
+    backend: Literal["hf"] = Field("hf", description="inference engine: 'hf' (transformers generate, the reference)")
+    num_engines: int = Field(1, ge=1, le=1024, description="GeneratorActors in the pool")
+    samples_per_prompt: int = Field(8, ge=1, le=4096, description="completions per prompt (uniform allocation)")
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="sampling temperature; 0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    max_new_tokens: int = Field(64, ge=1, le=131_072, description="completion length limit, tokens")
+    num_cpus: float = Field(0.25, gt=0.0, le=1024, description="Ray logical CPUs per engine")
+    num_gpus: float = Field(0.0, ge=0.0, le=64, description="GPUs per engine")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray node resources per engine, e.g. {rollout: 1}")
+
+
+class RewardConfig(_Section):
+    verifier: Literal["auto", "integer", "math"] = Field(
+        "auto", description="integer: exact integer match; math: math-verify; auto: integer for the arithmetic task, math otherwise")
+    num_actors: int = Field(1, ge=1, le=1024, description="RewardActors; batches are split across them")
+    timeout_s: float = Field(5.0, gt=0.0, description="per-completion verification time limit, seconds")
+    num_cpus: float = Field(0.25, gt=0.0, le=1024)
+
+
+class StatisticsConfig(_Section):
+    allocation: Literal["uniform"] = Field("uniform", description="how samples are spread over a batch's prompts")
+    ema_weight: float = Field(0.5, gt=0.0, le=1.0, description="λ of the acceptance EMA: p ← (1−λ)p + λ p_batch (ALGORITHMS.md §GVM.6)")
+    num_cpus: float = Field(0.1, gt=0.0, le=1024)
+
+
+class LearnerConfig(_Section):
+    lr: float = Field(3e-5, gt=0.0, le=1.0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    adam_betas: tuple[float, float] = Field((0.9, 0.999))
+    warmup_steps: int = Field(0, ge=0, description="linear LR warm-up, optimizer steps")
+    grad_clip: float = Field(1.0, ge=0.0, description="global gradient-norm clip; 0 = off")
+    zero_stage: int = Field(0, ge=0, le=2, description="DeepSpeed ZeRO stage")
+    micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward; gradients accumulate over a mini-batch")
+    mini_batches: int = Field(1, ge=1, le=1024, description="optimizer steps per batch of rollouts (ALGORITHMS.md §GRPO.6)")
+    ppo_epochs: int = Field(1, ge=1, le=100, description="passes over each batch of rollouts")
+    num_ranks: int = Field(1, ge=1, le=1, description="DeepSpeed ranks (multi-rank comes with the distributed learner)")
+    num_cpus: float = Field(0.5, gt=0.0, le=1024)
+    num_gpus: float = Field(0.0, ge=0.0, le=64)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray node resources per rank, e.g. {learner: 1}")
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["grpo", "raft++"] = Field("grpo", description="ALGORITHMS.md §GRPO or §RAFT (RAFT++)")
+    advantage_epsilon: float = Field(1e-6, gt=0.0, description="ε in A = (r − mean)/(std + ε), §GRPO.2")
+    scale_rewards: bool = Field(True, description="divide by the group std (False: Dr. GRPO)")
+    filter_zero_variance_groups: bool = Field(False, description="drop groups whose rewards are all equal (§GRPO.2)")
+    clip_low: float = Field(0.2, ge=0.0, le=1.0, description="ε_low of the ratio clip")
+    clip_high: float = Field(0.28, ge=0.0, le=10.0, description="ε_high of the ratio clip (clip-higher)")
+    dual_clip: float | None = Field(None, gt=1.0, description="dual-clip constant c for A < 0; none = off")
+    kl_coef: float = Field(0.0, ge=0.0, description="β_kl of the k3 KL penalty; >0 loads a frozen reference model")
+    kl_clamp: float | None = Field(None, gt=0.0, description="clamp k3 to [−v, v]")
+    kl_bias_correction: bool = Field(False, description="multiply k3 by the ratio (TRL's use_bias_correction_kl)")
+    aggregation: Literal["token_mean", "sequence_mean"] = Field("token_mean", description="§GRPO.5")
+    drop_rejected: bool = Field(False, description="RAFT++: drop rejected samples instead of A = 0 (ours)")
+
+
+class ClusterConfig(_Section):
+    address: str | None = Field(None, description="Ray address to join; none: RAY_ADDRESS or a local Ray on 127.0.0.1")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs declared to a local Ray (none: the machine's)")
+    include_dashboard: bool = Field(False, description="start the Ray dashboard with a local Ray (about +1 GB)")
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch threads per actor (none: all cores; sync mode runs one role at a time)")
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = Field(True, description="write TensorBoard events to RUN_DIR/tb")
+    progress_bar: bool = Field(True, description="rich progress bar on the terminal")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0, description="save every N steps; 0 = only at the end")
+
+
+class GuardConfig(_Section):
+    max_eval_drop: float | None = Field(
+        0.15, ge=0.0, le=1.0, description="stop when eval accuracy falls this far below the best so far (collapse guard); none = off")
+
+
+class JobConfig(_Section):
+    job_name: str = Field("rl_service", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="one seed for data, sampling and init: same seed, same CPU run")
+    steps: int = Field(50, ge=1, le=10_000_000, description="training steps (one batch of rollouts each)")
+    eval_every: int = Field(10, ge=0, description="evaluate every N steps (and before and after); 0 = only before and after")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+
+    @model_validator(mode="after")
+    def _algorithm_fits_sampling(self) -> "JobConfig":
+        if self.algorithm.name == "grpo" and self.generator.samples_per_prompt < 2:
+            raise ValueError("generator.samples_per_prompt must be >= 2 for GRPO (a group needs a spread)")
+        return self
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{field}: {message}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """`a.b=c` → (['a', 'b'], c) with `c` parsed as a YAML scalar/list (so `1e-5`, `true`, `[1,2]` work)."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. learner.lr=1e-5")
+    key, raw_value = override.split("=", 1)
+    path = [part for part in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"--set {override!r}: empty field name in {key!r}")
+    try:
+        value = _load_yaml(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {override!r}: value is not valid YAML ({exc.problem})") from None
+    return path, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for override in overrides:
+        path, value = parse_override(override)
+        node = raw
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {override!r}: {'.'.join(path[:depth + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-5` (no dot) as a float, as YAML 1.2 and every user do."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job file (or defaults when `path` is None), apply `--set` overrides, validate."""
+    source = str(path) if path is not None else "(defaults)"
+    raw: dict = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            loaded = _load_yaml(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{source}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from None
+
+
+def dump_config(config: JobConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

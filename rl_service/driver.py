@@ -1,0 +1,253 @@
+"""The driver: one synchronous training loop over the Ray roles (DESIGN.md "One training step").
+
+    prompts = sampler.next_batch()
+    counts  = statistics.allocate(prompt_ids, budget)
+    samples = pool.generate(prompts, counts, version)     # object refs, never fetched here
+    rewards = reward.score(samples)
+    statistics.update_acceptance(prompt_ids, rewards)
+    metrics = learner.train_step(samples, rewards)
+    pool.update_weights(learner.publish_weights(version + 1))
+
+The driver holds prompt ids, rewards and metrics only; samples and weights travel between actors
+as object references. Every wait on an actor is timed, so the step breakdown shows where time goes
+and what the driver itself costs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rl_service.config import JobConfig
+from rl_service.data.sampler import PromptSampler
+from rl_service.models.loading import load_tokenizer
+from rl_service.progress import StepProgress
+from rl_service.roles import Roles, start_ray, start_roles
+from rl_service.rollout import GenerationRequest, SamplingParams
+from rl_service.run_dir import RunDirectory
+from rl_service.tasks import PromptTokenizer, TaskData, load_task
+
+log = logging.getLogger("rl_service")
+
+
+@dataclass
+class PhaseTimer:
+    """Wall seconds per phase of a step; `driver` is whatever the step spent outside them."""
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+
+@dataclass
+class PreparedJob:
+    config: JobConfig
+    task: TaskData
+    tokenizer: object
+
+
+def prepare_job(config: JobConfig) -> PreparedJob:
+    """Everything that can fail on user input, done before Ray starts."""
+    task = load_task(config)
+    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+    return PreparedJob(config=config, task=task, tokenizer=tokenizer)
+
+
+def _seed_for(config: JobConfig, step: int, purpose: int) -> int:
+    return (config.seed * 1_000_003 + step * 7_919 + purpose) % (2**31 - 1)
+
+
+class Trainer:
+    def __init__(self, job: PreparedJob, roles: Roles, run_dir: RunDirectory):
+        self.config = job.config
+        self.task = job.task
+        self.roles = roles
+        self.run_dir = run_dir
+        self.prompt_tokens = PromptTokenizer(job.tokenizer, job.config.model.thinking)
+        self.sampler = PromptSampler(len(self.task.train), self.config.data.prompts_per_step, self.config.seed)
+        generator = self.config.generator
+        self.sampling = SamplingParams(generator.temperature, generator.top_p, generator.max_new_tokens)
+        self.weight_version = 0
+        self.totals = {"completions": 0, "completion_tokens": 0}
+        self.eval_history: list[tuple[int, float]] = []
+        self.phase_totals: dict[str, float] = defaultdict(float)
+
+    # -- generation + scoring, shared by training and evaluation ------------------------------
+    def _rollout(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer):
+        import ray
+
+        requests = [GenerationRequest(index, record.prompt_id, self.prompt_tokens(record), count)
+                    for index, (record, count) in enumerate(zip(records, counts))]
+        with timer.phase("generate"):
+            shard_refs = ray.get(self.roles.pool.generate.remote(requests, sampling, seed))
+            ray.wait(shard_refs, num_returns=len(shard_refs), fetch_local=False)
+        answers = [record.answer for record in records]
+        with timer.phase("reward"):
+            # Contiguous groups of shards per reward actor keep the concatenation in sample order.
+            groups = np.array_split(np.arange(len(shard_refs)), min(len(self.roles.rewards), len(shard_refs)))
+            parts = ray.get([actor.score.remote([shard_refs[k] for k in group], answers)
+                             for actor, group in zip(self.roles.rewards, groups)])
+        scored = {key: [item for part in parts for item in part[key]]
+                  for key in ("rewards", "request_index", "completion_lengths", "finished", "weight_versions")}
+        return shard_refs, scored
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Greedy accuracy on the eval split (one completion per prompt, reasoning as configured)."""
+        if not self.task.eval:
+            return {}
+        timer = PhaseTimer()
+        greedy = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.sampling.max_new_tokens)
+        _, scored = self._rollout(self.task.eval, [1] * len(self.task.eval), greedy, _seed_for(self.config, step, 1), timer)
+        rewards = np.asarray(scored["rewards"])
+        metrics = {"eval_accuracy": float(rewards.mean()), "eval_seconds": sum(timer.seconds.values()),
+                   "eval_completion_length_mean": float(np.mean(scored["completion_lengths"]))}
+        by_group: dict[str, list[float]] = defaultdict(list)
+        for index, reward in zip(scored["request_index"], rewards):
+            group = self.task.eval_groups.get(self.task.eval[index].prompt_id)
+            if group is not None:
+                by_group[group].append(float(reward))
+        metrics.update({f"eval_accuracy_{group}": float(np.mean(values)) for group, values in sorted(by_group.items())})
+        self.eval_history.append((step, metrics["eval_accuracy"]))
+        self.run_dir.log(step, metrics)
+        return metrics
+
+    # -- one training step ---------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, float]:
+        import ray
+
+        started = time.perf_counter()
+        timer = PhaseTimer()
+        records = [self.task.train[index] for index in self.sampler.next_batch()]
+        prompt_ids = [record.prompt_id for record in records]
+        budget = len(records) * self.config.generator.samples_per_prompt
+        with timer.phase("statistics"):
+            counts = ray.get(self.roles.statistics.allocate.remote(prompt_ids, budget))
+        shard_refs, scored = self._rollout(records, counts, self.sampling, _seed_for(self.config, step, 0), timer)
+        rewards = np.asarray(scored["rewards"], dtype=np.float64)
+        request_index = np.asarray(scored["request_index"])
+        accepted = np.bincount(request_index, weights=rewards, minlength=len(records))
+        samples = np.bincount(request_index, minlength=len(records))
+        with timer.phase("statistics"):
+            statistics = ray.get(self.roles.statistics.update_acceptance.remote(prompt_ids, accepted.tolist(), samples.tolist()))
+        with timer.phase("train"):
+            train_metrics = ray.get(self.roles.learner.train_step.remote(shard_refs, scored["rewards"]))
+        with timer.phase("publish"):
+            weights_ref = self.roles.learner.publish_weights.remote(self.weight_version + 1)
+            versions = ray.get(self.roles.pool.update_weights.remote([weights_ref]))
+        self.weight_version = min(versions)
+
+        step_seconds = time.perf_counter() - started
+        lengths = np.asarray(scored["completion_lengths"])
+        completions, tokens = len(rewards), int(lengths.sum())
+        self.totals["completions"] += completions
+        self.totals["completion_tokens"] += tokens
+        waited = sum(timer.seconds.values())
+        metrics = {
+            "reward_mean": float(rewards.mean()),
+            "accepted_fraction": float((rewards == 1).mean()),
+            "completion_length_mean": float(lengths.mean()),
+            "truncated_fraction": float(1.0 - np.mean(scored["finished"])),
+            "completions": float(completions),
+            "completion_tokens": float(tokens),
+            "completions_per_s": completions / step_seconds,
+            "tokens_per_s": tokens / step_seconds,
+            "weight_version": float(self.weight_version),
+            "step_seconds": step_seconds,
+            "driver_overhead_fraction": max(step_seconds - waited, 0.0) / step_seconds,
+            **{f"time_{name}_s": seconds for name, seconds in timer.seconds.items()},
+            "time_driver_s": max(step_seconds - waited, 0.0),
+            **statistics,
+            **train_metrics,
+        }
+        for name in ("generate", "reward", "statistics", "train", "publish", "driver"):
+            self.phase_totals[name] += metrics.get(f"time_{name}_s", 0.0)
+        self.run_dir.log(step, metrics)
+        return metrics
+
+    def collapsed(self) -> bool:
+        """The collapse guard: eval accuracy fell `guard.max_eval_drop` below the best seen."""
+        limit = self.config.guard.max_eval_drop
+        if limit is None or len(self.eval_history) < 2:
+            return False
+        best = max(accuracy for _, accuracy in self.eval_history)
+        return best - self.eval_history[-1][1] > limit
+
+    def checkpoint(self, step: int) -> Path:
+        import ray
+
+        statistics = ray.get(self.roles.statistics.state_dict.remote())
+        state = {"step": step, "weight_version": self.weight_version, "sampler": self.sampler.state_dict(),
+                 "totals": self.totals, "eval_history": self.eval_history}
+        return self.run_dir.write_checkpoint(
+            step, lambda directory: ray.get(self.roles.learner.save_pretrained.remote(directory)), statistics, state)
+
+
+def run_training(job: PreparedJob, run_dir_path: str | Path) -> dict:
+    """Run the whole job; returns the summary (also written to RUN_DIR/summary.json)."""
+    config = job.config
+    run_dir = RunDirectory(run_dir_path, config)
+    start_ray(config)
+    try:
+        roles = start_roles(config, job.task.verifier)
+        trainer = Trainer(job, roles, run_dir)
+        initial = trainer.evaluate(step=0)
+        log.info("initial eval accuracy %.3f", initial.get("eval_accuracy", float("nan")))
+        stopped_reason = "completed"
+        loop_started = time.perf_counter()
+        last_eval_step = 0
+        step = 0
+        with StepProgress(config.steps, enabled=config.logging.progress_bar) as progress:
+            for step in range(1, config.steps + 1):
+                metrics = trainer.train_step(step)
+                if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                    metrics.update(trainer.evaluate(step))
+                    last_eval_step = step
+                progress.update(step, metrics, trainer.eval_history)
+                if config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.steps:
+                    trainer.checkpoint(step)
+                if trainer.collapsed():
+                    stopped_reason = f"eval accuracy collapsed at step {step} (guard.max_eval_drop={config.guard.max_eval_drop})"
+                    log.warning(stopped_reason)
+                    break
+        train_wall_s = time.perf_counter() - loop_started
+        final = trainer.evaluate(step) if last_eval_step != step else {"eval_accuracy": trainer.eval_history[-1][1]}
+        checkpoint_path = trainer.checkpoint(step)
+        summary = _summary(trainer, step, train_wall_s, initial, final, stopped_reason, checkpoint_path)
+        run_dir.write_summary(summary)
+        return summary
+    finally:
+        run_dir.close()
+        import ray
+
+        ray.shutdown()
+
+
+def _summary(trainer: Trainer, steps: int, train_wall_s: float, initial: dict, final: dict,
+             stopped_reason: str, checkpoint_path: Path) -> dict:
+    completions = trainer.totals["completions"]
+    phase_total = sum(trainer.phase_totals.values()) or 1.0
+    return {
+        "steps": steps,
+        "completions": completions,
+        "completion_tokens": trainer.totals["completion_tokens"],
+        "train_wall_s": train_wall_s,
+        "completions_per_s": completions / train_wall_s if train_wall_s > 0 else 0.0,
+        "tokens_per_s": trainer.totals["completion_tokens"] / train_wall_s if train_wall_s > 0 else 0.0,
+        "initial_eval_accuracy": initial.get("eval_accuracy"),
+        "final_eval_accuracy": final.get("eval_accuracy"),
+        "best_eval_accuracy": max((accuracy for _, accuracy in trainer.eval_history), default=None),
+        "weight_version": trainer.weight_version,
+        "stopped_reason": stopped_reason,
+        "final_checkpoint": str(checkpoint_path),
+        **{f"time_share_{name}": seconds / phase_total for name, seconds in trainer.phase_totals.items()},
+    }

@@ -1,0 +1,35 @@
+"""Greedy evaluation of a model directory in this process (no Ray): `rl-service eval`."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from rl_service.config import JobConfig
+from rl_service.rewards.verifiers import score_batch
+from rl_service.rollout import GenerationRequest, SamplingParams
+from rl_service.tasks import PromptTokenizer, load_task
+
+
+def evaluate_model_dir(config: JobConfig) -> dict[str, float]:
+    from rl_service.generation.hf_engine import HFGenerationEngine
+
+    task = load_task(config)
+    if not task.eval:
+        return {}
+    engine = HFGenerationEngine(config.model.path, config.model.dtype, config.model.trust_remote_code)
+    prompt_tokens = PromptTokenizer(engine.tokenizer, config.model.thinking)
+    requests = [GenerationRequest(index, record.prompt_id, prompt_tokens(record), 1)
+                for index, record in enumerate(task.eval)]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=config.generator.max_new_tokens)
+    rollout = engine.generate(requests, greedy, seed=config.seed)
+    answers = [task.eval[index].answer for index in rollout.request_index]
+    rewards = np.asarray(score_batch(rollout.completion_texts, answers, task.verifier))
+    metrics = {"eval_accuracy": float(rewards.mean()), "eval_prompts": float(len(rewards))}
+    by_group: dict[str, list[float]] = defaultdict(list)
+    for index, reward in zip(rollout.request_index, rewards):
+        group = task.eval_groups.get(task.eval[index].prompt_id)
+        if group is not None:
+            by_group[group].append(float(reward))
+    metrics.update({f"eval_accuracy_{group}": float(np.mean(values)) for group, values in sorted(by_group.items())})
+    return metrics

@@ -1,0 +1,81 @@
+"""The reference generation backend: Hugging Face `generate` on a local model.
+
+Returns, for every sample, the completion token ids (through EOS when it stopped), the behaviour
+log-probs `log π_old(y_t)` of the temperature-scaled policy the tokens were drawn from (as TRL and
+verl define π_old; top-p truncation is not reflected), and the weight version that produced it.
+Every call is seeded, so the same requests, weights and seed give the same samples on CPU.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from rl_service.models.loading import load_causal_lm, load_tokenizer
+from rl_service.rollout import GenerationRequest, Rollout, SamplingParams
+from rl_service.weights.flat import FlatWeights, load_flat_weights_
+
+
+class HFGenerationEngine:
+    def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                 max_rows_per_forward: int = 512):
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.model = load_causal_lm(model_path, dtype, trust_remote_code).eval()
+        self.weight_version = 0
+        self.max_rows_per_forward = max_rows_per_forward
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.pad_token_id = self.tokenizer.pad_token_id
+
+    def load_weights(self, flat: FlatWeights) -> int:
+        if flat.version < self.weight_version:
+            raise ValueError(f"weight version went backwards: {flat.version} < {self.weight_version}")
+        load_flat_weights_(self.model, flat)
+        self.weight_version = flat.version
+        return self.weight_version
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams, seed: int) -> Rollout:
+        rows = [(request, request.prompt_token_ids) for request in requests for _ in range(request.num_samples)]
+        parts = []
+        for start in range(0, len(rows), self.max_rows_per_forward):
+            chunk = rows[start:start + self.max_rows_per_forward]
+            parts.append(self._generate_rows(chunk, sampling, seed + start))
+        return Rollout.concat(parts)
+
+    def _generate_rows(self, rows, sampling: SamplingParams, seed: int) -> Rollout:
+        prompt_lengths = [len(tokens) for _, tokens in rows]
+        width = max(prompt_lengths)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (_, tokens) in enumerate(rows):  # left padding: every row ends where generation starts
+            input_ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+            attention_mask[row, width - len(tokens):] = 1
+        torch.manual_seed(seed)
+        sample_kwargs = {} if sampling.greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+        output = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=not sampling.greedy,
+            max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            output_logits=True, return_dict_in_generate=True, **sample_kwargs)
+        generated = output.sequences[:, width:]
+        # Raw logits of each step, scaled as the sampler scaled them: log π_old of the drawn token.
+        logits = torch.stack(output.logits, dim=1).float()
+        temperature = 1.0 if sampling.greedy else sampling.temperature
+        logprobs = torch.log_softmax(logits / temperature, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+
+        rollout = Rollout()
+        for row, (request, tokens) in enumerate(rows):
+            completion = generated[row].tolist()
+            finished = self.eos_token_id in completion
+            length = completion.index(self.eos_token_id) + 1 if finished else len(completion)
+            completion = completion[:length]
+            rollout.request_index.append(request.request_index)
+            rollout.prompt_token_ids.append(tokens)
+            rollout.completion_token_ids.append(completion)
+            rollout.behaviour_logprobs.append(logprobs[row, :length].numpy().astype(np.float32))
+            # Keep <think>/</think> (they may be special tokens): verifiers find the answer after them.
+            text_tokens = completion[:-1] if finished else completion
+            rollout.completion_texts.append(self.tokenizer.decode(text_tokens, skip_special_tokens=False))
+            rollout.finished.append(finished)
+            rollout.weight_versions.append(self.weight_version)
+        return rollout

@@ -1,0 +1,60 @@
+"""Load a causal LM and its tokenizer from the built-in directory or any local HF directory.
+
+Safetensors only (no pickle), and `trust_remote_code` only when the config says so: a model
+directory is user input, and a `.bin` file or custom modelling code can run arbitrary Python.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rl_service.errors import ModelLoadError
+
+BUILTIN_MODEL_DIR = Path(__file__).resolve().parent / "builtin"
+
+
+def resolve_model_dir(path: str) -> Path:
+    directory = BUILTIN_MODEL_DIR if path == "builtin" else Path(path).expanduser()
+    if not directory.is_dir():
+        raise ModelLoadError(f"model.path: {directory} is not a directory (use 'builtin' or a local HF model directory)")
+    if not (directory / "config.json").is_file():
+        raise ModelLoadError(f"model.path: {directory} has no config.json")
+    if not any(directory.glob("*.safetensors")):
+        raise ModelLoadError(f"model.path: {directory} has no *.safetensors weights (pickle checkpoints are not loaded)")
+    if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer_config.json").is_file():
+        raise ModelLoadError(f"model.path: {directory} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    return directory
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    directory = resolve_model_dir(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"model.path: cannot load the tokenizer in {directory} ({exc})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory = resolve_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory), dtype=getattr(torch, dtype), use_safetensors=True,
+            trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"model.path: cannot load a causal LM from {directory} ({exc})") from None
+    return model
+
+
+def render_prompt(tokenizer, user_text: str, thinking: bool = True) -> str:
+    """The chat-formatted prompt text for one user message, reasoning on or off (ALGORITHMS.md §BVPO.2)."""
+    messages = [{"role": "user", "content": user_text}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
+    return user_text  # a base model without a template sees the raw prompt

@@ -1,0 +1,80 @@
+"""The driver's side of Ray: start or join a cluster and place one actor per role.
+
+Actors are named `<job>/<role>/<index>` so the dashboard's actor list reads like the design, and
+each gets its CPU/GPU/custom resources from its own config section, so rollout and learner land
+on the nodes a user names and scale independently.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+from rl_service.config import JobConfig
+
+
+@dataclass
+class Roles:
+    pool: object
+    generators: list
+    rewards: list
+    statistics: object
+    learner: object
+
+
+def start_ray(config: JobConfig) -> None:
+    """Join `cluster.address` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1 only."""
+    from actors.process import ACTOR_ENV
+
+    address = config.cluster.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Ray resolves "127.0.0.1" to the machine's routable address unless cluster mode is off
+        # (read when `ray` is first imported); a local job serves nobody else, so every Ray
+        # server binds to loopback only.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    kwargs = {
+        "namespace": f"rl_service-{config.job_name}-{uuid.uuid4().hex[:8]}",
+        "runtime_env": {"env_vars": dict(ACTOR_ENV)},
+        "logging_level": "WARNING",
+        "log_to_driver": True,
+    }
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=config.cluster.num_cpus, include_dashboard=config.cluster.include_dashboard,
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
+
+
+def _options(config: JobConfig, role: str, index: int, num_cpus: float, num_gpus: float = 0.0,
+             resources: dict | None = None) -> dict:
+    return {"name": f"{config.job_name}/{role}/{index}", "num_cpus": num_cpus, "num_gpus": num_gpus,
+            "resources": dict(resources or {})}
+
+
+def start_roles(config: JobConfig, verifier: str) -> Roles:
+    import ray
+
+    from actors.generator import GeneratorActor
+    from actors.generator_pool import GeneratorPool
+    from actors.learner import LearnerActor
+    from actors.reward import RewardActor
+    from actors.statistics import StatisticsActor
+
+    generator = config.generator
+    generators = [GeneratorActor.options(**_options(config, "generator", index, generator.num_cpus, generator.num_gpus,
+                                                    generator.resources)).remote(config, index)
+                  for index in range(generator.num_engines)]
+    pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(generators)
+    rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus))
+               .remote(verifier, config.reward.timeout_s) for index in range(config.reward.num_actors)]
+    statistics = StatisticsActor.options(**_options(config, "statistics", 0, config.statistics.num_cpus)).remote(
+        config.statistics.ema_weight, config.statistics.allocation)
+    learner_config = config.learner
+    learner = LearnerActor.options(**_options(config, "learner", 0, learner_config.num_cpus, learner_config.num_gpus,
+                                              learner_config.resources)).remote(config)
+    # Fail here, with the actor's own error, if any role could not start.
+    ray.get([learner.ready.remote(), pool.num_engines.remote(), statistics.allocate.remote([0], 1)]
+            + [engine.weight_version.remote() for engine in generators])
+    return Roles(pool=pool, generators=generators, rewards=rewards, statistics=statistics, learner=learner)

@@ -1,0 +1,208 @@
+"""The learner's training step: a DeepSpeed engine applying §GRPO or §RAFT (RAFT++) updates.
+
+One rollout batch becomes `ppo_epochs × mini_batches` optimizer steps; each mini-batch is split
+into micro-batches whose losses are normalised by the *mini-batch's* token (or sequence) count, so
+gradient accumulation gives exactly the mini-batch gradient (ALGORITHMS.md §GRPO.5). π_old is the
+policy before the first update (§GRPO.6): with one update per batch it is the current policy
+detached; otherwise it is computed once, before updating. No Ray here: `actors/learner.py` wraps it.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from contextlib import closing
+from pathlib import Path
+
+import torch
+
+from rl_service.algorithms.advantages import (grpo_advantages, raft_plus_plus_advantages, raft_plus_plus_keep_mask,
+                                               zero_variance_groups)
+from rl_service.algorithms.logprobs import token_log_probs
+from rl_service.algorithms.policy_loss import PolicyLossConfig, loss_normalizer_for, policy_loss
+from rl_service.config import JobConfig
+from rl_service.models.loading import load_causal_lm, load_tokenizer
+from rl_service.rollout import Rollout
+from rl_service.training.batch import TrainingBatch, build_training_batch
+from rl_service.weights.flat import FlatWeights, flatten_named_tensors
+
+
+def _free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_single_process_group() -> None:
+    """A world of one for DeepSpeed (gloo on CPU); multi-rank groups come with the distributed learner."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def deepspeed_config(config: JobConfig) -> dict:
+    learner = config.learner
+    return {
+        "train_micro_batch_size_per_gpu": learner.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        # Batches vary in size (GVM, filtered groups): we own the accumulation boundary and the
+        # loss normalisation, and call step() once per mini-batch.
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": learner.grad_clip,
+        "zero_optimization": {"stage": learner.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": config.model.dtype == "bfloat16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class PolicyLearner:
+    def __init__(self, config: JobConfig):
+        import deepspeed
+
+        self.config = config
+        torch.manual_seed(config.seed)
+        init_single_process_group()
+        self.tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+        model = load_causal_lm(config.model.path, config.model.dtype, config.model.trust_remote_code)
+        model.config.use_cache = False
+        learner = config.learner
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, betas=learner.adam_betas,
+                                      weight_decay=learner.weight_decay, foreach=False)
+        warmup = learner.warmup_steps
+
+        def schedule(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config))
+        self.reference_model = None
+        if config.algorithm.kl_coef > 0:
+            self.reference_model = load_causal_lm(config.model.path, config.model.dtype,
+                                                  config.model.trust_remote_code).eval().requires_grad_(False)
+        algorithm = config.algorithm
+        self.loss_config = PolicyLossConfig(
+            clip_low=algorithm.clip_low, clip_high=algorithm.clip_high, dual_clip=algorithm.dual_clip,
+            kl_coef=algorithm.kl_coef, kl_clamp=algorithm.kl_clamp,
+            kl_bias_correction=algorithm.kl_bias_correction, aggregation=algorithm.aggregation)
+        self.temperature = config.generator.temperature or 1.0
+        self.optimizer_steps = 0
+
+    # -- advantages -------------------------------------------------------------------------
+    def advantages_and_mask(self, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Per-sample advantages and which samples train (ALGORITHMS.md §GRPO.2, §RAFT)."""
+        algorithm = self.config.algorithm
+        group_index = torch.tensor(rollout.request_index, dtype=torch.long)
+        keep = torch.ones(len(rollout), dtype=torch.bool)
+        metrics: dict[str, float] = {}
+        if algorithm.name == "grpo":
+            advantages = grpo_advantages(rewards, group_index, epsilon=algorithm.advantage_epsilon,
+                                         scale_rewards=algorithm.scale_rewards)
+            flat_groups = zero_variance_groups(rewards, group_index)
+            metrics["zero_variance_sample_fraction"] = float(flat_groups.float().mean())
+            if algorithm.filter_zero_variance_groups:
+                keep &= ~flat_groups
+        else:
+            advantages = raft_plus_plus_advantages(rewards)
+            keep &= raft_plus_plus_keep_mask(rewards, algorithm.drop_rejected)
+        metrics["trained_samples"] = float(keep.sum())
+        return advantages, keep, metrics
+
+    # -- one batch of rollouts ----------------------------------------------------------------
+    def _token_logprobs(self, model, batch: TrainingBatch) -> torch.Tensor:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        return token_log_probs(logits, batch.input_ids[:, 1:], temperature=self.temperature)
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, model, batch: TrainingBatch) -> torch.Tensor:
+        parts = []
+        for start in range(0, len(batch), self.config.learner.micro_batch_size):
+            rows = slice(start, start + self.config.learner.micro_batch_size)
+            micro = batch.select(rows)
+            logprobs = self._token_logprobs(model, micro)
+            parts.append(torch.nn.functional.pad(logprobs, (0, batch.completion_mask.shape[1] - logprobs.shape[1])))
+        return torch.cat(parts) * batch.completion_mask
+
+    def train_step(self, rollout: Rollout, rewards: list[float]) -> dict[str, float]:
+        started = time.perf_counter()
+        learner = self.config.learner
+        reward_tensor = torch.tensor(rewards, dtype=torch.float32)
+        advantages, keep, metrics = self.advantages_and_mask(rollout, reward_tensor)
+        if not bool(keep.any()):
+            metrics.update(skipped_step=1.0, train_seconds=time.perf_counter() - started)
+            return metrics
+        batch = build_training_batch(rollout, advantages, keep, self.tokenizer.pad_token_id)
+        self.engine.train()
+        single_update = learner.mini_batches == 1 and learner.ppo_epochs == 1
+        old_logprobs = None if single_update else self._frozen_logprobs(self.engine, batch)
+        ref_logprobs = self._frozen_logprobs(self.reference_model, batch) if self.reference_model is not None else None
+
+        sums: dict[str, float] = {}
+        count = 0
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.optimizer_steps)
+        for _ in range(learner.ppo_epochs):
+            order = torch.randperm(len(batch), generator=generator) if not single_update else torch.arange(len(batch))
+            for mini_rows in torch.tensor_split(order, min(learner.mini_batches, len(batch))):
+                step_metrics = self._optimizer_step(batch, mini_rows, old_logprobs, ref_logprobs)
+                for key, value in step_metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                count += 1
+        metrics.update({key: value / count for key, value in sums.items()})
+        metrics["optimizer_steps"] = float(count)
+        metrics["learning_rate"] = float(self.engine.get_lr()[0])
+        metrics["train_seconds"] = time.perf_counter() - started
+        return metrics
+
+    def _optimizer_step(self, batch: TrainingBatch, mini_rows: torch.Tensor, old_logprobs, ref_logprobs) -> dict[str, float]:
+        aggregation = self.config.algorithm.aggregation
+        normalizer = loss_normalizer_for(batch.completion_mask[mini_rows], aggregation)
+        micro_size = self.config.learner.micro_batch_size
+        totals: dict[str, float] = {"loss": 0.0, "behaviour_logprob_abs_diff": 0.0}
+        tokens = float(batch.completion_mask[mini_rows].sum())
+        for micro_rows in torch.split(mini_rows, micro_size):
+            micro = batch.select(micro_rows)
+            width = micro.completion_mask.shape[1]
+            logprobs = self._token_logprobs(self.engine, micro)
+            old = logprobs.detach() if old_logprobs is None else old_logprobs[micro_rows][:, :width]
+            ref = None if ref_logprobs is None else ref_logprobs[micro_rows][:, :width]
+            loss, loss_metrics = policy_loss(logprobs, old, micro.advantages, micro.completion_mask, self.loss_config,
+                                             ref_logprobs=ref, loss_normalizer=normalizer)
+            self.engine.backward(loss, scale_wrt_gas=False)
+            share = float(micro.completion_mask.sum()) / max(tokens, 1.0)
+            totals["loss"] += float(loss.detach())
+            # How far the generator's log-probs are from the learner's: a health check of the sync.
+            diff = ((micro.behaviour_logprobs - logprobs.detach()).abs() * micro.completion_mask).sum()
+            totals["behaviour_logprob_abs_diff"] += float(diff) / max(tokens, 1.0)
+            for key, value in loss_metrics.items():
+                if key not in ("loss", "num_tokens"):  # token means: weight by this micro-batch's share
+                    totals[key] = totals.get(key, 0.0) + value * share
+        # ZeRO 1-2 report the (pre-clip) global norm after step(); stage 0 reports none, so take it here.
+        own_norm = None
+        if self.config.learner.zero_stage == 0:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        self.engine.step()
+        self.optimizer_steps += 1
+        grad_norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
+        totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        return totals
+
+    # -- weights --------------------------------------------------------------------------
+    def flat_weights(self, version: int) -> FlatWeights:
+        return flatten_named_tensors(self.engine.module.named_parameters(), version)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.engine.module.save_pretrained(str(directory), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(directory))

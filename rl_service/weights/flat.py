@@ -1,0 +1,71 @@
+"""Weights as one flat byte buffer plus a table of contents (DESIGN.md "Weight sync", CPU transport).
+
+The learner packs every parameter into one contiguous buffer, so publishing is a single `ray.put`
+and each generator reads it zero-copy from the object store and copies tensor by tensor into its
+model in place. Bytes rather than one float dtype, so bf16 and mixed-dtype models travel as they are.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+
+
+@dataclass
+class FlatWeights:
+    version: int
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    dtypes: list[str]
+    offsets: list[int]          # byte offset of each tensor in `buffer`
+    buffer: np.ndarray          # uint8, all tensors back to back
+
+    @property
+    def num_bytes(self) -> int:
+        return int(self.buffer.nbytes)
+
+    def tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """(name, tensor view into the buffer); the views share memory with the buffer."""
+        for name, shape, dtype_name, offset in zip(self.names, self.shapes, self.dtypes, self.offsets):
+            dtype = getattr(torch, dtype_name)
+            count = int(np.prod(shape)) if shape else 1
+            if count == 0:
+                yield name, torch.empty(shape, dtype=dtype)
+                continue
+            with warnings.catch_warnings():
+                # Object-store buffers are read-only; these views are only ever read from.
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                flat = torch.frombuffer(self.buffer, dtype=dtype, count=count, offset=offset)
+            yield name, flat.view(shape)
+
+
+def flatten_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> FlatWeights:
+    items = [(name, tensor.detach().to("cpu").contiguous()) for name, tensor in named_tensors]
+    offsets, cursor = [], 0
+    for _, tensor in items:
+        alignment = tensor.element_size()
+        cursor = (cursor + alignment - 1) // alignment * alignment  # frombuffer needs aligned offsets
+        offsets.append(cursor)
+        cursor += tensor.numel() * tensor.element_size()
+    buffer = np.empty(cursor, dtype=np.uint8)
+    for (_, tensor), offset in zip(items, offsets):
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes:
+            buffer[offset:offset + nbytes] = tensor.view(-1).view(torch.uint8).numpy()
+    return FlatWeights(
+        version=version, names=[name for name, _ in items], shapes=[tuple(t.shape) for _, t in items],
+        dtypes=[str(t.dtype).removeprefix("torch.") for _, t in items], offsets=offsets, buffer=buffer)
+
+
+@torch.no_grad()
+def load_flat_weights_(model: torch.nn.Module, flat: FlatWeights) -> None:
+    """Copy every tensor of `flat` into the same-named parameter of `model`, in place."""
+    parameters = dict(model.named_parameters())
+    missing = [name for name in flat.names if name not in parameters]
+    if missing:
+        raise KeyError(f"published weights name parameters the model lacks: {missing[:5]}")
+    for name, tensor in flat.tensors():
+        parameters[name].copy_(tensor)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs rl_service and everything it needs into ./.venv (idempotent: a second run
+# with an unchanged pyproject.toml returns in a second). CPU machines get the local
+# torch==2.13.0 CPU wheel; never let a resolver pull a CUDA torch here.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="${RL_SERVICE_VENV:-$root/.venv}"
+extras="${RL_SERVICE_EXTRAS:-dev,ref}"
+stamp="$venv/.rl_service_installed"
+want="$(sha256sum pyproject.toml | cut -c1-16)-$extras"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+"$py" -m pip install --quiet --upgrade pip
+# torch first and alone, so no later resolution can replace it with a CUDA build.
+"$py" -m pip install --quiet "torch==2.13.0"
+"$py" -m pip install --quiet -e ".[${extras}]"
+echo "$want" > "$stamp"
+echo "rl_service installed in $venv"

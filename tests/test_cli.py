@@ -1,0 +1,53 @@
+"""The command line: user mistakes give one line naming the problem and exit code 2, no traceback."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rl_service(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rl_service.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run", "configs/quickstart.yaml", "--set", "learner.lr=-1"], "learner.lr: Input should be greater than 0"),
+    (["run", "configs/quickstart.yaml", "--set", "learner.learning_rate=1"], "learner.learning_rate: unknown key"),
+    (["run", "configs/missing.yaml"], "configs/missing.yaml: config file not found"),
+    (["run", "configs/quickstart.yaml", "--set", "model.path=/nonexistent"], "model.path: /nonexistent is not a directory"),
+    (["run", "configs/jsonl_example.yaml", "--set", "data.train_path=/nonexistent.jsonl"], "/nonexistent.jsonl: dataset file not found"),
+])
+def test_user_errors_exit_2_with_one_line(args, expected):
+    result = rl_service(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_bad_dataset_line_is_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?"}\n')
+    result = rl_service("validate", "configs/jsonl_example.yaml", "--set", f"data.train_path={bad}")
+    assert result.returncode == 2 and f"{bad}:2: missing field 'answer'" in result.stderr
+
+
+def test_validate_and_schema():
+    result = rl_service("validate", "configs/quickstart.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "4096 train prompts, 256 eval prompts, verifier integer" in result.stdout
+    schema = json.loads(rl_service("config-schema").stdout)
+    assert {"model", "data", "generator", "reward", "statistics", "learner", "algorithm"} <= set(schema["properties"])
+
+
+def test_eval_of_the_builtin_model_reports_accuracy():
+    result = rl_service("eval", "builtin", "--set", "data.arithmetic.num_eval=16")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["eval_prompts"] == 16 and 0.0 <= metrics["eval_accuracy"] <= 1.0

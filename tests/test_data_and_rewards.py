@@ -1,0 +1,108 @@
+"""Prompt files, the data cursor, verifiers and request sharding (pure code, no Ray)."""
+import json
+
+import numpy as np
+import pytest
+
+from rl_service.data.prompts import load_prompt_file
+from rl_service.data.sampler import PromptSampler
+from rl_service.errors import DataError
+from rl_service.rewards.verifiers import final_answer_text, score_batch, verify_integer, verify_math
+from rl_service.rollout import GenerationRequest, split_requests
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(row if isinstance(row, str) else json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+def test_jsonl_ids_default_to_line_index_and_explicit_ids_win(tmp_path):
+    records = load_prompt_file(_write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "1+1?", "answer": "2"}, {"prompt": "2+2?", "answer": 4}]))
+    assert [(r.prompt_id, r.answer) for r in records] == [(0, "2"), (1, "4")]
+    records = load_prompt_file(_write_jsonl(tmp_path / "e.jsonl", [{"prompt": "a", "answer": "1", "id": 40}]))
+    assert records[0].prompt_id == 40
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "x", "answer": "1"}, "{not json"], r"d\.jsonl:2: not valid JSON"),
+    ([{"prompt": "x"}], r"d\.jsonl:1: missing field 'answer'"),
+    ([{"prompt": "", "answer": "1"}], r"d\.jsonl:1: field 'prompt' must be a non-empty string"),
+    ([{"prompt": "x", "answer": None}], r"d\.jsonl:1: field 'answer'"),
+    ([{"prompt": "x", "answer": "1", "id": -3}], r"d\.jsonl:1: field 'id'"),
+    ([{"prompt": "x", "answer": "1", "id": 5}, {"prompt": "y", "answer": "2", "id": 5}], r"d\.jsonl:2: duplicate id 5"),
+    (["[1, 2]"], r"d\.jsonl:1: expected an object"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, rows, message):
+    with pytest.raises(DataError, match=message):
+        load_prompt_file(_write_jsonl(tmp_path / "d.jsonl", rows))
+
+
+def test_missing_empty_and_unsupported_files(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_prompt_file(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no records"):
+        load_prompt_file(tmp_path / "empty.jsonl")
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(DataError, match="unsupported dataset format"):
+        load_prompt_file(tmp_path / "data.txt")
+
+
+def test_csv_reads_through_datasets(tmp_path):
+    (tmp_path / "d.csv").write_text("prompt,answer\nWhat is 2+3?,5\nWhat is 4*4?,16\n")
+    records = load_prompt_file(tmp_path / "d.csv")
+    assert [(r.prompt_id, r.prompt, r.answer) for r in records] == [(0, "What is 2+3?", "5"), (1, "What is 4*4?", "16")]
+
+
+def test_sampler_covers_each_epoch_once_and_resumes_from_its_cursor():
+    sampler = PromptSampler(num_prompts=10, batch_size=4, seed=3)
+    first_epoch = [sampler.next_batch() for _ in range(2)] + [sampler.next_batch()[:2]]
+    assert sorted(i for batch in first_epoch for i in batch) == list(range(10))
+    state = sampler.state_dict()
+    expected = [sampler.next_batch() for _ in range(5)]
+    resumed = PromptSampler(num_prompts=10, batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch() for _ in range(5)] == expected
+    other_seed = PromptSampler(num_prompts=10, batch_size=4, seed=4)
+    assert [other_seed.next_batch() for _ in range(3)] != first_epoch
+
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("<think>\n7+8=15\n</think>\n\n15", "15", 1.0),
+    ("<think>\nthe answer is 15\n</think>\n\n14", "15", 0.0),   # the trace does not count
+    ("15", "15", 1.0),
+    ("-12", "-12", 1.0),
+    ("015", "15", 1.0),
+    ("15 16", "15", 0.0),
+    ("", "0", 0.0),
+    ("<think>\nunfinished", "3", 0.0),
+])
+def test_integer_verifier(completion, answer, expected):
+    assert verify_integer(completion, answer) == expected
+
+
+def test_math_verifier_accepts_equivalent_forms_and_rejects_wrong_ones():
+    assert verify_math("<think>\nhalf\n</think>\n\n$\\frac{1}{2}$", "0.5") == 1.0
+    assert verify_math("The answer is \\boxed{3}", "3") == 1.0
+    assert verify_math("\\boxed{4}", "3") == 0.0
+    assert verify_math("no number here", "3") == 0.0
+    assert final_answer_text("<think>a</think> b </think> c") == "c"
+
+
+def test_score_batch_checks_lengths_and_verifier_name():
+    assert score_batch(["1", "2"], ["1", "3"], "integer") == [1.0, 0.0]
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        score_batch(["1", "2"], ["1"], "integer")
+    with pytest.raises(ValueError, match="unknown verifier"):
+        score_batch(["1"], ["1"], "regex")
+
+
+def test_split_requests_keeps_order_and_balances_samples():
+    requests = [GenerationRequest(i, 100 + i, [1, 2], n) for i, n in enumerate([8, 8, 8, 8, 1, 15])]
+    shards = split_requests(requests, 3)
+    flat = [request for shard in shards for request in shard]
+    assert [r.request_index for r in flat] == list(range(6))
+    loads = [sum(r.num_samples for r in shard) for shard in shards]
+    assert max(loads) - min(loads) <= 15 and sum(loads) == 48
+    assert len(split_requests(requests[:1], 4)) == 1

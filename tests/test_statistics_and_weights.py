@@ -1,0 +1,58 @@
+"""Per-prompt acceptance EMAs, uniform allocation, and the flat weight buffer."""
+import numpy as np
+import pytest
+import torch
+
+from rl_service.statistics.prompt_stats import PromptStatistics, uniform_allocation
+from rl_service.weights.flat import flatten_named_tensors, load_flat_weights_
+
+
+def test_uniform_allocation_spreads_and_preserves_budget():
+    assert uniform_allocation(4, 32) == [8, 8, 8, 8]
+    assert uniform_allocation(3, 10) == [4, 3, 3]
+    assert sum(uniform_allocation(7, 1000)) == 1000
+    with pytest.raises(ValueError):
+        uniform_allocation(0, 8)
+
+
+def test_acceptance_ema_hand_computed():
+    stats = PromptStatistics(ema_weight=0.5, capacity=2)
+    stats.update_acceptance(np.array([3, 7]), np.array([2, 0]), np.array([8, 8]))
+    # First visit takes the batch rate: 2/8 and 0/8.
+    assert stats.acceptance_rate_ema[3] == pytest.approx(0.25)
+    stats.update_acceptance(np.array([3]), np.array([6]), np.array([8]))
+    # 0.5 * 0.25 + 0.5 * 0.75 = 0.5
+    assert stats.acceptance_rate_ema[3] == pytest.approx(0.5)
+    assert stats.visit_count[3] == 2 and stats.sample_count[3] == 16 and stats.visit_count[7] == 1
+    summary = stats.summary()
+    assert summary["prompts_seen"] == 2 and summary["never_accepted_fraction"] == 0.5
+    with pytest.raises(ValueError, match="once"):
+        stats.update_acceptance(np.array([1, 1]), np.array([0, 0]), np.array([1, 1]))
+
+
+def test_statistics_state_round_trip():
+    stats = PromptStatistics(ema_weight=0.3)
+    stats.update_acceptance(np.array([5, 2000]), np.array([1, 3]), np.array([4, 4]))
+    restored = PromptStatistics(ema_weight=0.9)
+    restored.load_state_dict(stats.state_dict())
+    assert restored.ema_weight == pytest.approx(0.3)
+    for name in ("acceptance_rate_ema", "visit_count", "sample_count"):
+        np.testing.assert_array_equal(getattr(restored, name)[:2001], getattr(stats, name)[:2001])
+
+
+def test_flat_weights_round_trip_mixed_dtypes_in_place():
+    torch.manual_seed(0)
+    source = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    source[1].to(torch.bfloat16)
+    target = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    target[1].to(torch.bfloat16)
+    storage_before = target[0].weight.data_ptr()
+    flat = flatten_named_tensors(source.named_parameters(), version=7)
+    assert flat.version == 7 and flat.buffer.dtype == np.uint8
+    assert flat.num_bytes >= sum(p.numel() * p.element_size() for p in source.parameters())
+    load_flat_weights_(target, flat)
+    for (name, a), (_, b) in zip(source.named_parameters(), target.named_parameters()):
+        assert torch.equal(a, b), name
+    assert target[0].weight.data_ptr() == storage_before  # loaded in place, no reallocation
+    with pytest.raises(KeyError):
+        load_flat_weights_(torch.nn.Linear(3, 5), flat)
