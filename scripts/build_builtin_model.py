@@ -206,10 +206,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "rl_service" / "models" / "builtin")
     ap.add_argument("--band", type=float, nargs=2, default=(0.40, 0.55), metavar=("LOW", "HIGH"))
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--max-steps", type=int, default=3000)
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--max-steps", type=int, default=5000)
+    ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
