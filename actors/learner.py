@@ -20,9 +20,17 @@ class LearnerActor:
     def ready(self) -> bool:
         return True
 
-    def train_step(self, shard_refs: list[ray.ObjectRef], rewards: list[float]) -> dict[str, float]:
+    def train_step(self, shard_refs: list[ray.ObjectRef], rewards: list[float],
+                   with_grad_norms: bool = False) -> tuple[dict[str, float], list[float] | None]:
+        """One update on a step's rollouts; with GVM also the accepted samples' gradient norms (§GVM.1),
+        taken before the update, on the weights that generated them."""
         rollout = Rollout.concat(ray.get(shard_refs))
-        return self.learner.train_step(rollout, rewards)
+        grad_norms = self.learner.accepted_grad_norms(rollout, rewards) if with_grad_norms else None
+        return self.learner.train_step(rollout, rewards), grad_norms
+
+    def grad_norms(self, shard_refs: list[ray.ObjectRef], rewards: list[float]) -> list[float]:
+        """Gradient norms alone: the offline pilot (§GVM.5) measures without training."""
+        return self.learner.accepted_grad_norms(Rollout.concat(ray.get(shard_refs)), rewards)
 
     def publish_weights(self, version: int) -> FlatWeights:
         return self.learner.flat_weights(version)

@@ -68,9 +68,28 @@ class RewardConfig(_Section):
 
 
 class StatisticsConfig(_Section):
-    allocation: Literal["uniform"] = Field("uniform", description="how samples are spread over a batch's prompts")
-    ema_weight: float = Field(0.5, gt=0.0, le=1.0, description="λ of the acceptance EMA: p ← (1−λ)p + λ p_batch (ALGORITHMS.md §GVM.6)")
+    """Per-prompt statistics and the sample allocation (ALGORITHMS.md §GVM)."""
+    allocation: Literal["uniform", "gvm"] = Field(
+        "uniform", description="how a step's budget (prompts_per_step × samples_per_prompt) is spread: uniform or GVM §GVM.3–4")
+    mode: Literal["online", "offline_pilot"] = Field(
+        "online", description="online: EMAs from every batch (§GVM.6, ours); offline_pilot: the paper's two-stage chunks (§GVM.5)")
+    ema_weight: float = Field(0.5, gt=0.0, le=1.0, description="λ of the EMAs: p ← (1−λ)p + λ p_batch (§GVM.6)")
+    alpha: float = Field(1e-3, ge=0.0, le=1e3, description="α of the regularised weight w = G/√(p + α/p^(β−1)) (§GVM.3)")
+    beta: float = Field(2.0, ge=1.0, le=10.0, description="β of the regularised weight (§GVM.3)")
+    n_min: int = Field(1, ge=0, le=4096, description="fewest samples a prompt gets in online mode (ours; keeps every prompt visible)")
+    n_max: int | None = Field(None, ge=1, le=65_536, description="most samples a prompt gets; none = unbounded")
+    n_pilot: int = Field(4, ge=1, le=4096, description="samples for a prompt never seen (online) / per prompt in the pilot (offline_pilot uses 8 in the paper)")
+    laplace_smoothing: bool = Field(True, description="feed (a+1)/(m+2) of EMA-weighted counts to the allocator instead of the raw EMA (§GVM.6)")
+    pilot_temperature: float = Field(1.0, gt=0.0, le=10.0, description="sampling temperature of the offline pilot (§GVM.5: 1.0)")
+    chunk_steps: int = Field(10, ge=1, le=10_000, description="offline_pilot: steps trained per chunk before the next pilot (§GVM.5: about 10)")
+    skip_singleton_groups: bool = Field(False, description="GVM-GRPO: drop prompts given n_i < 2 from the loss (ours; §GVM.7)")
     num_cpus: float = Field(0.1, gt=0.0, le=1024)
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "StatisticsConfig":
+        if self.n_max is not None and self.n_min > self.n_max:
+            raise ValueError(f"statistics.n_min ({self.n_min}) must be <= statistics.n_max ({self.n_max})")
+        return self
 
 
 class LearnerConfig(_Section):
@@ -144,8 +163,21 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _algorithm_fits_sampling(self) -> "JobConfig":
-        if self.algorithm.name == "grpo" and self.generator.samples_per_prompt < 2:
+        per_prompt = self.generator.samples_per_prompt
+        if self.algorithm.name == "grpo" and per_prompt < 2:
             raise ValueError("generator.samples_per_prompt must be >= 2 for GRPO (a group needs a spread)")
+        statistics = self.statistics
+        if statistics.allocation == "gvm":
+            # The budget per step is prompts × samples_per_prompt; these bounds must leave it spendable.
+            if statistics.n_min > per_prompt:
+                raise ValueError(f"statistics.n_min ({statistics.n_min}) exceeds generator.samples_per_prompt "
+                                 f"({per_prompt}): the budget cannot give every prompt n_min samples")
+            if statistics.n_max is not None and statistics.n_max < per_prompt:
+                raise ValueError(f"statistics.n_max ({statistics.n_max}) is below generator.samples_per_prompt "
+                                 f"({per_prompt}): the budget cannot be spent")
+            if statistics.mode == "online" and statistics.n_pilot > per_prompt:
+                raise ValueError(f"statistics.n_pilot ({statistics.n_pilot}) exceeds generator.samples_per_prompt "
+                                 f"({per_prompt}): a batch of unseen prompts would overspend the budget")
         return self
 
 

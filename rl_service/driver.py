@@ -25,14 +25,21 @@ import numpy as np
 
 from rl_service.config import JobConfig
 from rl_service.data.sampler import PromptSampler
+from rl_service.batch_source import make_batch_source, per_prompt_mean
 from rl_service.models.loading import load_tokenizer
 from rl_service.progress import StepProgress
 from rl_service.roles import Roles, start_ray, start_roles
-from rl_service.rollout import GenerationRequest, SamplingParams
+from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
 from rl_service.run_dir import RunDirectory
 from rl_service.tasks import PromptTokenizer, TaskData, load_task
 
 log = logging.getLogger("rl_service")
+SCORED_KEYS = ("rewards", "request_index", "completion_lengths", "finished", "weight_versions")
+
+
+def _mean(values) -> float:
+    """Mean that is NaN (logged as null) for a step with no samples, without numpy's warning."""
+    return float(np.mean(values)) if len(values) else float("nan")
 
 
 @dataclass
@@ -64,7 +71,7 @@ def prepare_job(config: JobConfig) -> PreparedJob:
 
 
 def _seed_for(config: JobConfig, step: int, purpose: int) -> int:
-    return (config.seed * 1_000_003 + step * 7_919 + purpose) % (2**31 - 1)
+    return step_seed(config.seed, step, purpose)
 
 
 class Trainer:
@@ -75,6 +82,7 @@ class Trainer:
         self.run_dir = run_dir
         self.prompt_tokens = PromptTokenizer(job.tokenizer, job.config.model.thinking)
         self.sampler = PromptSampler(len(self.task.train), self.config.data.prompts_per_step, self.config.seed)
+        self.batches = make_batch_source(self.config, self.task, self.sampler, roles, self._rollout)
         generator = self.config.generator
         self.sampling = SamplingParams(generator.temperature, generator.top_p, generator.max_new_tokens)
         self.weight_version = 0
@@ -86,8 +94,11 @@ class Trainer:
     def _rollout(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer):
         import ray
 
+        # A prompt allocated no samples (GVM) is not sent; request_index keeps its batch position.
         requests = [GenerationRequest(index, record.prompt_id, self.prompt_tokens(record), count)
-                    for index, (record, count) in enumerate(zip(records, counts))]
+                    for index, (record, count) in enumerate(zip(records, counts)) if count > 0]
+        if not requests:  # every prompt was allocated 0 samples: nothing to generate or score
+            return [], {key: [] for key in SCORED_KEYS}
         with timer.phase("generate"):
             shard_refs = ray.get(self.roles.pool.generate.remote(requests, sampling, seed))
             ray.wait(shard_refs, num_returns=len(shard_refs), fetch_local=False)
@@ -97,8 +108,7 @@ class Trainer:
             groups = np.array_split(np.arange(len(shard_refs)), min(len(self.roles.rewards), len(shard_refs)))
             parts = ray.get([actor.score.remote([shard_refs[k] for k in group], answers)
                              for actor, group in zip(self.roles.rewards, groups)])
-        scored = {key: [item for part in parts for item in part[key]]
-                  for key in ("rewards", "request_index", "completion_lengths", "finished", "weight_versions")}
+        scored = {key: [item for part in parts for item in part[key]] for key in SCORED_KEYS}
         return shard_refs, scored
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -127,20 +137,23 @@ class Trainer:
 
         started = time.perf_counter()
         timer = PhaseTimer()
-        records = [self.task.train[index] for index in self.sampler.next_batch()]
+        records, counts = self.batches.next(step, timer)
         prompt_ids = [record.prompt_id for record in records]
-        budget = len(records) * self.config.generator.samples_per_prompt
-        with timer.phase("statistics"):
-            counts = ray.get(self.roles.statistics.allocate.remote(prompt_ids, budget))
         shard_refs, scored = self._rollout(records, counts, self.sampling, _seed_for(self.config, step, 0), timer)
         rewards = np.asarray(scored["rewards"], dtype=np.float64)
-        request_index = np.asarray(scored["request_index"])
+        request_index = np.asarray(scored["request_index"], dtype=np.int64)
         accepted = np.bincount(request_index, weights=rewards, minlength=len(records))
         samples = np.bincount(request_index, minlength=len(records))
         with timer.phase("statistics"):
             statistics = ray.get(self.roles.statistics.update_acceptance.remote(prompt_ids, accepted.tolist(), samples.tolist()))
         with timer.phase("train"):
-            train_metrics = ray.get(self.roles.learner.train_step.remote(shard_refs, scored["rewards"]))
+            train_metrics, sample_grad_norms = ray.get(self.roles.learner.train_step.remote(
+                shard_refs, scored["rewards"], self.batches.wants_grad_norms))
+        if sample_grad_norms is not None:
+            with timer.phase("statistics"):
+                per_prompt = per_prompt_mean(sample_grad_norms, request_index, len(records))
+                train_metrics["nonfinite_grad_norms_dropped"] = float(ray.get(
+                    self.roles.statistics.update_grad_norms.remote(prompt_ids, per_prompt.tolist())))
         with timer.phase("publish"):
             weights_ref = self.roles.learner.publish_weights.remote(self.weight_version + 1)
             versions = ray.get(self.roles.pool.update_weights.remote([weights_ref]))
@@ -149,15 +162,16 @@ class Trainer:
         step_seconds = time.perf_counter() - started
         lengths = np.asarray(scored["completion_lengths"])
         completions, tokens = len(rewards), int(lengths.sum())
+        completions += self.batches.pop_pilot_completions()
         self.totals["completions"] += completions
         self.totals["completion_tokens"] += tokens
         waited = sum(timer.seconds.values())
         metrics = {
-            "reward_mean": float(rewards.mean()),
-            "accepted_fraction": float((rewards == 1).mean()),
-            "completion_length_mean": float(lengths.mean()),
-            "truncated_fraction": float(1.0 - np.mean(scored["finished"])),
-            "completions": float(completions),
+            "reward_mean": _mean(rewards),
+            "accepted_fraction": _mean(rewards == 1),
+            "completion_length_mean": _mean(lengths),
+            "truncated_fraction": 1.0 - _mean(scored["finished"]),
+            "completions": float(completions),   # pilot samples included (§GVM.6 cost accounting)
             "completion_tokens": float(tokens),
             "completions_per_s": completions / step_seconds,
             "tokens_per_s": tokens / step_seconds,

@@ -70,7 +70,7 @@ def start_roles(config: JobConfig, verifier: str) -> Roles:
     rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus))
                .remote(verifier, config.reward.timeout_s) for index in range(config.reward.num_actors)]
     statistics = StatisticsActor.options(**_options(config, "statistics", 0, config.statistics.num_cpus)).remote(
-        config.statistics.ema_weight, config.statistics.allocation)
+        config.statistics)
     learner_config = config.learner
     learner = LearnerActor.options(**_options(config, "learner", 0, learner_config.num_cpus, learner_config.num_gpus,
                                               learner_config.resources)).remote(config)

@@ -58,6 +58,11 @@ class Rollout:
         return merged
 
 
+def step_seed(seed: int, step: int, purpose: int) -> int:
+    """The sampling seed of one phase of one step: a run with the same seed replays bit for bit."""
+    return (seed * 1_000_003 + step * 7_919 + purpose) % (2**31 - 1)
+
+
 def split_requests(requests: Sequence[GenerationRequest], num_shards: int) -> list[list[GenerationRequest]]:
     """Contiguous shards with sample counts as even as possible, order kept (deterministic)."""
     total = sum(request.num_samples for request in requests)

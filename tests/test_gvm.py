@@ -16,7 +16,7 @@ from rl_service.algorithms.gvm import (
     laplace_smoothed_acceptance,
     round_preserving_sum,
 )
-from rl_service.statistics.prompt_stats import uniform_allocation
+from rl_service.algorithms.gvm import uniform_allocation
 
 ONES = np.ones
 

@@ -56,3 +56,51 @@ def test_flat_weights_round_trip_mixed_dtypes_in_place():
     assert target[0].weight.data_ptr() == storage_before  # loaded in place, no reallocation
     with pytest.raises(KeyError):
         load_flat_weights_(torch.nn.Linear(3, 5), flat)
+
+
+def test_grad_norm_ema_skips_nan_and_counts_infinite():
+    stats = PromptStatistics(ema_weight=0.5, capacity=4)
+    # NaN: the prompt had no accepted sample (nothing to fold in); inf: a numerical failure (counted).
+    assert stats.update_grad_norms([1, 2, 3], [2.0, float("nan"), float("inf")]) == 1
+    assert stats.grad_norm_ema[1] == pytest.approx(2.0) and stats.grad_norm_count[2] == 0
+    assert stats.grad_norm_count[3] == 0 and stats.nonfinite_grad_norms == 1
+    stats.update_grad_norms([1], [4.0])
+    assert stats.grad_norm_ema[1] == pytest.approx(0.5 * 2.0 + 0.5 * 4.0)
+
+
+def test_discounted_counts_give_laplace_smoothed_acceptance():
+    stats = PromptStatistics(ema_weight=0.5)
+    stats.update_acceptance([0], [2], [4])
+    stats.update_acceptance([0], [4], [4])
+    # a = 0.5·2 + 4 = 5, m = 0.5·4 + 4 = 6 → (5 + 1)/(6 + 2)
+    smoothed = stats.acceptance_for_allocation(np.array([0]), laplace=True)
+    assert smoothed[0] == pytest.approx(6 / 8)
+    assert stats.acceptance_for_allocation(np.array([0]), laplace=False)[0] == pytest.approx(0.75)
+
+
+def test_online_gvm_allocation_pilots_new_prompts_and_spends_the_budget():
+    from rl_service.algorithms.gvm import gvm_allocation
+
+    stats = PromptStatistics(ema_weight=1.0)
+    stats.update_acceptance([10, 11, 12], [1, 7, 0], [8, 8, 8])
+    stats.update_grad_norms([10, 11], [3.0, 1.0])
+    kwargs = dict(alpha=1e-3, beta=2.0, n_min=1, n_max=None, n_pilot=4, laplace=False)
+    # All unseen: the budget spreads uniformly.
+    assert stats.gvm_allocate([20, 21], 16, **kwargs).tolist() == [8, 8]
+    counts = stats.gvm_allocate([10, 11, 12, 99], 32, **kwargs)
+    assert counts[3] == 4 and counts.sum() == 32          # the unseen prompt gets its pilot
+    # Prompt 12 never accepted (p = 0 → weight 0) but n_min keeps it visible; prompt 12 has no G and
+    # takes the batch median of G; the rest follows §GVM.3 exactly.
+    expected = gvm_allocation([1 / 8, 7 / 8, 0.0], [3.0, 1.0, 2.0], 28, n_min=1)
+    assert counts[:3].tolist() == expected.tolist()
+    assert counts[0] > counts[1] >= counts[2] == 1        # hard prompt with big G gets most
+
+
+def test_statistics_round_trip_keeps_grad_norms():
+    stats = PromptStatistics(ema_weight=0.3)
+    stats.update_acceptance([1], [1], [2])
+    stats.update_grad_norms([1, 7], [0.5, float("inf")])
+    restored = PromptStatistics()
+    restored.load_state_dict(stats.state_dict())
+    assert restored.grad_norm_ema[1] == pytest.approx(0.5) and restored.nonfinite_grad_norms == 1
+    assert restored.accepted_ema_count[1] == pytest.approx(1.0)

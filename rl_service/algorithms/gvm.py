@@ -12,7 +12,6 @@ import numbers
 
 import numpy as np
 
-from rl_service.statistics.prompt_stats import uniform_allocation
 
 __all__ = [
     "allocation_spread_metrics",
@@ -20,6 +19,7 @@ __all__ = [
     "gvm_weights",
     "laplace_smoothed_acceptance",
     "round_preserving_sum",
+    "uniform_allocation",
 ]
 
 
@@ -39,6 +39,16 @@ def _count(name: str, value, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def uniform_allocation(num_prompts: int, budget: int) -> list[int]:
+    """Spread `budget` samples over prompts as evenly as integers allow (earlier prompts take the remainder)."""
+    if num_prompts < 1:
+        raise ValueError("num_prompts must be >= 1")
+    if budget < 0:
+        raise ValueError("budget must be >= 0")
+    base, remainder = divmod(budget, num_prompts)
+    return [base + (1 if index < remainder else 0) for index in range(num_prompts)]
 
 
 def gvm_weights(acceptance_rate, grad_norm, alpha: float = 1e-3, beta: float = 2.0) -> np.ndarray:

@@ -5,6 +5,7 @@ directory is user input, and a `.bin` file or custom modelling code can run arbi
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rl_service.errors import ModelLoadError
@@ -25,12 +26,34 @@ def resolve_model_dir(path: str) -> Path:
     return directory
 
 
+# Tokenizers saved as a bare tokenizer.json (like the built-in one) name one of these classes.
+_GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
+def _saved_tokenizer_class(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    """The directory's tokenizer, exactly as saved.
+
+    A generic fast tokenizer is loaded as `PreTrainedTokenizerFast`: `AutoTokenizer` would pick the
+    model type's own class (Qwen2Tokenizer for a Qwen2 config), which in transformers 5 rebuilds its
+    own pre-tokenizer and silently tokenizes differently from the tokenizer.json the model was
+    trained with.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     directory = resolve_model_dir(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code, local_files_only=True)
+        if _saved_tokenizer_class(directory) in _GENERIC_TOKENIZER_CLASSES:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code,
+                                                      local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(f"model.path: cannot load the tokenizer in {directory} ({exc})") from None
     if tokenizer.pad_token_id is None:

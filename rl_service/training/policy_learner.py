@@ -18,6 +18,7 @@ import torch
 
 from rl_service.algorithms.advantages import (grpo_advantages, raft_plus_plus_advantages, raft_plus_plus_keep_mask,
                                                zero_variance_groups)
+from rl_service.algorithms.grad_norms import per_sample_embedding_grad_norms
 from rl_service.algorithms.logprobs import token_log_probs
 from rl_service.algorithms.policy_loss import PolicyLossConfig, loss_normalizer_for, policy_loss
 from rl_service.config import JobConfig
@@ -105,6 +106,10 @@ class PolicyLearner:
         group_index = torch.tensor(rollout.request_index, dtype=torch.long)
         keep = torch.ones(len(rollout), dtype=torch.bool)
         metrics: dict[str, float] = {}
+        if self.config.statistics.skip_singleton_groups:
+            # GVM can give a prompt one sample; §GVM.7 lets us drop such groups (ours).
+            group_sizes = torch.bincount(group_index)
+            keep &= group_sizes[group_index] >= 2
         if algorithm.name == "grpo":
             advantages = grpo_advantages(rewards, group_index, epsilon=algorithm.advantage_epsilon,
                                          scale_rewards=algorithm.scale_rewards)
@@ -196,6 +201,27 @@ class PolicyLearner:
         grad_norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return totals
+
+    # -- GVM statistics ----------------------------------------------------------------------
+    def accepted_grad_norms(self, rollout: Rollout, rewards: list[float]) -> list[float]:
+        """Per-sample ‖∇_E(−Σ_t log π_θ(y_t|·))‖₂ of accepted samples, NaN for rejected (ALGORITHMS.md §GVM.1).
+
+        Batched (one forward and one autograd.grad per micro-batch, no per-sample backward), at
+        temperature 1 (the policy itself), on the weights that generated the samples.
+        """
+        accepted = torch.tensor([reward == 1 for reward in rewards], dtype=torch.bool)
+        norms = torch.full((len(rollout),), float("nan"), dtype=torch.float64)
+        if not bool(accepted.any()):
+            return norms.tolist()
+        batch = build_training_batch(rollout, torch.zeros(len(rollout)), accepted, self.tokenizer.pad_token_id)
+        rows = torch.arange(len(batch))
+        parts = []
+        for micro_rows in torch.split(rows, self.config.learner.micro_batch_size):
+            micro = batch.select(micro_rows)
+            parts.append(per_sample_embedding_grad_norms(self.engine.module, micro.input_ids, micro.attention_mask,
+                                                         micro.completion_mask))
+        norms[accepted] = torch.cat(parts).to(torch.float64)
+        return norms.tolist()
 
     # -- weights --------------------------------------------------------------------------
     def flat_weights(self, version: int) -> FlatWeights:
