@@ -150,6 +150,11 @@ class Batcher:
                 return q, a, t
 
     def __call__(self, n: int):
+        # evaluate() pads batches through the same fast tokenizer, which turns padding on in its
+        # backend for good: without this, prompts and completions here would come back padded to
+        # the batch's longest, and the model would learn to emit pad tokens before its answer.
+        self.backend.no_padding()
+        self.backend.no_truncation()
         prompts, comps = [], []
         for _ in range(n):
             q, a, t = self._draw()
@@ -187,7 +192,8 @@ def evaluate(model, tok, problems, max_new_tokens: int = 64, batch: int = 128):
         for p, row in zip(chunk, gen.tolist()):
             n = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
             lengths.append(n)
-            text = tok.decode(row[:n], skip_special_tokens=True)
+            # Special tokens kept, as the service's verifier sees them: a stray pad is a miss.
+            text = tok.decode(row[:n], skip_special_tokens=False)
             hits.setdefault(p.level, []).append(int(is_correct(text, p.answer)))
     model.train()
     per_level = {lv: sum(h) / len(h) for lv, h in sorted(hits.items())}
