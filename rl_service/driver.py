@@ -27,6 +27,7 @@ from rl_service.config import JobConfig
 from rl_service.data.sampler import PromptSampler
 from rl_service.batch_source import make_batch_source, per_prompt_mean
 from rl_service.models.loading import load_tokenizer
+from rl_service.guard import eval_collapsed
 from rl_service.progress import StepProgress
 from rl_service.roles import Roles, start_ray, start_roles
 from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
@@ -65,6 +66,10 @@ class PreparedJob:
 
 def prepare_job(config: JobConfig) -> PreparedJob:
     """Everything that can fail on user input, done before Ray starts."""
+    if config.algorithm.name in ("dpo", "bvpo"):  # preference jobs have their own loop (ALGORITHMS.md §BVPO)
+        from rl_service.preference_loop import prepare_preference_job
+
+        return prepare_preference_job(config)
     task = load_task(config)
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     return PreparedJob(config=config, task=task, tokenizer=tokenizer)
@@ -190,11 +195,8 @@ class Trainer:
 
     def collapsed(self) -> bool:
         """The collapse guard: eval accuracy fell `guard.max_eval_drop` below the best seen."""
-        limit = self.config.guard.max_eval_drop
-        if limit is None or len(self.eval_history) < 2:
-            return False
-        best = max(accuracy for _, accuracy in self.eval_history)
-        return best - self.eval_history[-1][1] > limit
+        return eval_collapsed([accuracy for _, accuracy in self.eval_history], self.config.guard.max_eval_drop,
+                              len(self.task.eval))
 
     def checkpoint(self, step: int) -> Path:
         import ray
@@ -208,6 +210,10 @@ class Trainer:
 
 def run_training(job: PreparedJob, run_dir_path: str | Path) -> dict:
     """Run the whole job; returns the summary (also written to RUN_DIR/summary.json)."""
+    if job.config.algorithm.name in ("dpo", "bvpo"):
+        from rl_service.preference_loop import run_preference_training
+
+        return run_preference_training(job, run_dir_path)
     config = job.config
     run_dir = RunDirectory(run_dir_path, config)
     start_ray(config)

@@ -67,3 +67,14 @@ def test_missing_file_and_non_mapping(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(path)
+
+
+def test_collapse_guard_needs_a_drop_beyond_the_noise_of_the_eval_set():
+    from rl_service.guard import eval_collapsed
+
+    # 16 prompts: SE at 50% is 12.5 points, so a 19-point drop is within 3 SE (37.5 points): noise.
+    assert not eval_collapsed([0.5625, 0.375], 0.15, 16)
+    # 256 prompts: SE ≈ 3.1 points; a 19-point drop is both > 0.15 and > 3 SE.
+    assert eval_collapsed([0.5625, 0.375], 0.15, 256)
+    assert not eval_collapsed([0.5, 0.4], 0.15, 10_000)     # > 3 SE but within the configured drop
+    assert not eval_collapsed([0.5, 0.0], None, 256)        # guard off
