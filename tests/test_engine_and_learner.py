@@ -95,8 +95,12 @@ def test_micro_batching_gives_the_full_batch_update(requests):
     for metrics, params in others:
         assert metrics["loss"] == pytest.approx(full_metrics["loss"], abs=1e-6)
         assert metrics["grad_norm"] == pytest.approx(full_metrics["grad_norm"], rel=1e-4)
-        # Adam's first step moves each weight by about lr·g/(|g| + eps): for a weight whose gradient is
-        # near fp32 rounding (~1e-9), summation order alone shifts the step by a few 1e-6. Loss and
-        # gradient norm above are the sharp checks; this one catches a wrong set of samples or tokens.
+        # Adam's first step moves each weight by lr·g/(|g| + eps): for a weight whose gradient is near
+        # fp32 rounding (~1e-9, below eps = 1e-8) summation order alone can shift that step by up to
+        # lr·0.5. Loss and gradient norm above are the sharp checks; this one catches a wrong set of
+        # samples or tokens, which would move most weights differently: at most 0.1% of the weights of
+        # any tensor may differ by more than 1e-5 (seen: 1 of 16,384), and none by more than lr.
         for name, value in params.items():
-            torch.testing.assert_close(value, full[name], atol=1e-5, rtol=1e-4)
+            difference = (value - full[name]).abs()
+            assert float(difference.max()) <= 1e-3, name
+            assert float((difference > 1e-5).float().mean()) <= 1e-3, name
