@@ -5,6 +5,7 @@ import ray
 
 from actors.process import configure_process
 from rl_service.config import JobConfig
+from rl_service.generation.engines import make_engine
 from rl_service.rollout import GenerationRequest, Rollout, SamplingParams
 from rl_service.weights.flat import FlatWeights
 
@@ -13,10 +14,8 @@ from rl_service.weights.flat import FlatWeights
 class GeneratorActor:
     def __init__(self, config: JobConfig, engine_index: int):
         configure_process(config.cluster.torch_threads)
-        from rl_service.generation.hf_engine import HFGenerationEngine
-
         self.engine_index = engine_index
-        self.engine = HFGenerationEngine(config.model.path, config.model.dtype, config.model.trust_remote_code)
+        self.engine = make_engine(config)
 
     def generate(self, requests: list[GenerationRequest], sampling: SamplingParams, seed: int) -> Rollout:
         return self.engine.generate(requests, sampling, seed)
@@ -26,3 +25,9 @@ class GeneratorActor:
 
     def weight_version(self) -> int:
         return self.engine.weight_version
+
+    def shutdown(self) -> None:
+        """Stop the engine before Ray tears the process down (vLLM: no abort at exit)."""
+        stop = getattr(self.engine, "shutdown", None)
+        if stop is not None:
+            stop()

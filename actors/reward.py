@@ -1,4 +1,4 @@
-"""RewardActor: scores rollouts with the configured verifier, batched."""
+"""RewardActor: scores rollouts with the configured verifier, or a reward model (BVPO ranking), batched."""
 from __future__ import annotations
 
 import time
@@ -12,20 +12,31 @@ from rl_service.rollout import Rollout
 
 @ray.remote
 class RewardActor:
-    def __init__(self, verifier: str, timeout_s: float, torch_threads: int | None = None):
+    def __init__(self, verifier: str, timeout_s: float, torch_threads: int | None = None,
+                 reward_model_path: str | None = None, reward_model_batch_size: int = 32):
         configure_process(1)
         self.verifier = verifier
         self.timeout_s = timeout_s
+        self.reward_model = None
+        if reward_model_path is not None:
+            from rl_service.rewards.reward_model import RewardModelScorer
 
-    def score(self, shard_refs: list[ray.ObjectRef], answers: list[str]) -> dict:
+            self.reward_model = RewardModelScorer(reward_model_path, batch_size=reward_model_batch_size)
+
+    def score(self, shard_refs: list[ray.ObjectRef], answers: list[str], prompts: list[str] | None = None) -> dict:
         """Rewards in sample order plus the small per-sample facts the driver logs.
 
         `answers[i]` is the gold answer of request i; shards are fetched here, not in the driver.
+        With `prompts` (`prompts[i]`: the user text of request i) an actor holding a reward model
+        scores prompt + completion with it instead of the verifier (ALGORITHMS.md §BVPO.1).
         """
         rollout = Rollout.concat(ray.get(shard_refs))
         started = time.perf_counter()
         gold = [answers[index] for index in rollout.request_index]
-        rewards = score_batch(rollout.completion_texts, gold, self.verifier, self.timeout_s)
+        if prompts is not None and self.reward_model is not None:
+            rewards = self.reward_model.score([prompts[index] for index in rollout.request_index], rollout.completion_texts)
+        else:
+            rewards = score_batch(rollout.completion_texts, gold, self.verifier, self.timeout_s)
         return {
             "rewards": rewards,
             "request_index": rollout.request_index,

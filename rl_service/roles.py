@@ -78,3 +78,49 @@ def start_roles(config: JobConfig, verifier: str) -> Roles:
     ray.get([learner.ready.remote(), pool.num_engines.remote(), statistics.allocate.remote([0], 1)]
             + [engine.weight_version.remote() for engine in generators])
     return Roles(pool=pool, generators=generators, rewards=rewards, statistics=statistics, learner=learner)
+
+
+def stop_roles(roles: Roles, timeout_s: float = 30.0) -> None:
+    """Shut the engines down before Ray kills their processes (vLLM stops its engine core cleanly).
+
+    Best effort: a dead or hung generator must not keep the run's results from being returned.
+    """
+    import ray
+
+    refs = [engine.shutdown.remote() for engine in roles.generators]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001 - already failing engines are being torn down anyway
+            pass
+
+
+def start_preference_roles(config: JobConfig, verifier: str) -> Roles:
+    """Roles of a DPO / BVPO job (ALGORITHMS.md §BVPO): generator pool, reward actors (holding the
+    reward model when `preference.reward_source` is `reward_model`), a preference learner; no
+    statistics actor (no sample allocation)."""
+    import ray
+
+    from actors.generator import GeneratorActor
+    from actors.generator_pool import GeneratorPool
+    from actors.preference_learner import PreferenceLearnerActor
+    from actors.reward import RewardActor
+
+    generator = config.generator
+    generators = [GeneratorActor.options(**_options(config, "generator", index, generator.num_cpus, generator.num_gpus,
+                                                    generator.resources)).remote(config, index)
+                  for index in range(generator.num_engines)]
+    pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(generators)
+    preference = config.preference
+    reward_model = preference.reward_model_path if preference.reward_source == "reward_model" else None
+    rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus))
+               .remote(verifier, config.reward.timeout_s, None, reward_model, preference.reward_model_batch_size)
+               for index in range(config.reward.num_actors)]
+    learner_config = config.learner
+    learner = PreferenceLearnerActor.options(**_options(config, "learner", 0, learner_config.num_cpus,
+                                                        learner_config.num_gpus, learner_config.resources)).remote(config)
+    ray.get([learner.ready.remote(), pool.num_engines.remote()]
+            + [engine.weight_version.remote() for engine in generators]
+            + [actor.__ray_ready__.remote() for actor in rewards])
+    return Roles(pool=pool, generators=generators, rewards=rewards, statistics=None, learner=learner)

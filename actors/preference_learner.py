@@ -1,0 +1,47 @@
+"""PreferenceLearnerActor: one DeepSpeed rank applying DPO / BVPO updates (ALGORITHMS.md §DPO, §BVPO)
+and publishing weights; a thin wrapper over `rl_service/training/preference_learner.py`."""
+from __future__ import annotations
+
+import ray
+
+from actors.process import configure_process
+from rl_service.config import JobConfig
+from rl_service.data.preferences import PairSelection, PreferenceRow, TokenizedPair, pairs_from_rollout, tokenize_row
+from rl_service.rollout import Rollout
+from rl_service.weights.flat import FlatWeights
+
+
+@ray.remote
+class PreferenceLearnerActor:
+    def __init__(self, config: JobConfig):
+        configure_process(config.cluster.torch_threads)
+        from rl_service.training.preference_learner import PreferenceLearner
+
+        self.learner = PreferenceLearner(config)
+        self._tokenized: dict[int, TokenizedPair] = {}
+
+    def ready(self) -> bool:
+        return True
+
+    def train_online(self, shard_refs: list[ray.ObjectRef], selection: PairSelection, first_pair_id: int) -> dict:
+        """One update on the pairs the driver selected from a step's samples (fetched here, not there)."""
+        rollout = Rollout.concat(ray.get(shard_refs))
+        return self.learner.train_step(pairs_from_rollout(rollout, selection, first_pair_id))
+
+    def train_offline(self, rows: list[PreferenceRow]) -> dict:
+        """One update on dataset rows; each row is tokenized once (its id keys the reference cache)."""
+        pairs = []
+        for row in rows:
+            if row.pair_id not in self._tokenized:
+                self._tokenized[row.pair_id] = tokenize_row(self.learner.tokenizer, row, self.learner.with_empty)
+            pairs.append(self._tokenized[row.pair_id])
+        return self.learner.train_step(pairs)
+
+    def publish_weights(self, version: int) -> FlatWeights:
+        return self.learner.flat_weights(version)
+
+    def save_pretrained(self, directory: str) -> None:
+        self.learner.save_pretrained(directory)
+
+    def alpha_state(self) -> dict[str, float]:
+        return self.learner.alpha_state()

@@ -1,0 +1,248 @@
+"""Preference pairs for DPO / BVPO (ALGORITHMS.md §DPO, §BVPO.1–3, §BVPO.7): read from JSONL, built
+from scored samples, and tokenized for the learner.
+
+A JSONL row (offline mode, §BVPO.7) is one prompt with a pair for each mode::
+
+    {"id": 7, "prompt": "What is 3 + 4?", "answer": "7",
+     "trace_chosen": "<think>\\n3+4=7. So 7.\\n</think>\\n\\n7", "trace_rejected": "<think>...</think>\\n\\n8",
+     "empty_chosen": "7", "empty_rejected": "8"}
+
+`prompt` is the user message (the chat template is applied at tokenization), `trace_*` are
+completions generated with reasoning on, `empty_*` completions after the template's empty think
+block (reasoning off, §BVPO.2). `id` (default: the line's index) and `answer` are optional. A bad row
+— not JSON, not UTF-8, a missing or empty field, chosen identical to rejected, a repeated id — is
+reported with its file:line and skipped and counted, or stops the run (`on_bad_row="error"`).
+
+Online mode (§BVPO.1–2): :func:`select_pairs` ranks each prompt's samples of one mode by reward,
+best vs worst (ties skipped and counted), and only prompts with a pair in every mode are kept, so
+both loss terms are on the same prompts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from rl_service.errors import DataError
+
+log = logging.getLogger("rl_service")
+
+PAIR_FIELDS = ("trace_chosen", "trace_rejected", "empty_chosen", "empty_rejected")
+_MAX_PAIR_ID = 2**40
+_REPORTED_BAD_ROWS = 20  # more than this are counted but not each logged
+
+
+@dataclass(frozen=True)
+class PreferenceRow:
+    """One prompt with a chosen/rejected pair per mode, as text."""
+    pair_id: int
+    prompt: str
+    answer: str | None
+    trace_chosen: str
+    trace_rejected: str
+    empty_chosen: str
+    empty_rejected: str
+
+
+@dataclass
+class PreferenceDataset:
+    rows: list[PreferenceRow]
+    bad_rows: list[str] = field(default_factory=list)   # "file:line: why", one per skipped row
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.bad_rows)
+
+
+def _row_problem(row: object, index: int, seen_ids: dict[int, int], line_number: int) -> tuple[PreferenceRow | None, str]:
+    """The row, or None and why it is bad."""
+    if not isinstance(row, dict):
+        return None, f"expected a JSON object, got {type(row).__name__}"
+    for name in ("prompt", *PAIR_FIELDS):
+        if name not in row:
+            return None, f"missing field '{name}'"
+        if not isinstance(row[name], str) or not row[name].strip():
+            return None, f"field '{name}' must be a non-empty string"
+    for mode in ("trace", "empty"):
+        if row[f"{mode}_chosen"].strip() == row[f"{mode}_rejected"].strip():
+            return None, f"{mode}_chosen and {mode}_rejected are identical"
+    answer = row.get("answer")
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+        return None, "field 'answer' must be a string or number"
+    pair_id = row.get("id", index)
+    if isinstance(pair_id, bool) or not isinstance(pair_id, int) or not 0 <= pair_id < _MAX_PAIR_ID:
+        return None, "field 'id' must be an integer in [0, 2**40)"
+    if pair_id in seen_ids:
+        return None, f"duplicate id {pair_id} (first on line {seen_ids[pair_id]})"
+    seen_ids[pair_id] = line_number
+    return PreferenceRow(pair_id, row["prompt"], None if answer is None else str(answer).strip(),
+                         *(row[name] for name in PAIR_FIELDS)), ""
+
+
+def load_preference_file(path: str | Path, on_bad_row: Literal["skip", "error"] = "skip",
+                         source: str = "preference.dataset_path") -> PreferenceDataset:
+    """Read JSONL preference rows; each bad row names its file:line (skipped and counted, or a DataError)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{source}: {file}: dataset file not found")
+    rows: list[PreferenceRow] = []
+    bad: list[str] = []
+    seen_ids: dict[int, int] = {}
+    index = 0
+    # Bytes, split on newlines ourselves: one non-UTF-8 line must not hide the file's other rows.
+    for line_number, raw in enumerate(file.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+            row, problem = _row_problem(json.loads(text), index, seen_ids, line_number)
+        except UnicodeDecodeError as exc:
+            row, problem = None, f"not valid UTF-8 (byte {exc.start})"
+        except json.JSONDecodeError as exc:
+            row, problem = None, f"not valid JSON ({exc.msg})"
+        index += 1
+        if row is None:
+            message = f"{file}:{line_number}: {problem}"
+            if on_bad_row == "error":
+                raise DataError(f"{message} (preference.on_bad_row=error)")
+            if len(bad) < _REPORTED_BAD_ROWS:
+                log.warning("skipping bad preference row %s", message)
+            bad.append(message)
+            continue
+        rows.append(row)
+    if len(bad) > _REPORTED_BAD_ROWS:
+        log.warning("skipped %d bad preference rows in %s (first %d listed)", len(bad), file, _REPORTED_BAD_ROWS)
+    if not rows:
+        raise DataError(f"{file}: no usable preference rows ({len(bad)} bad)")
+    return PreferenceDataset(rows=rows, bad_rows=bad)
+
+
+# -- online pair construction (§BVPO.1–2) ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class PairSelection:
+    """Which samples of a step form its pairs; indices are into the step's concatenated rollout.
+
+    ``trace[k]``/``empty[k]`` are the (chosen, rejected) samples of prompt ``prompts[k]`` per mode
+    (``empty`` is empty for trace-only DPO); ``trace_resamples[k]`` are K random reward-ordered
+    trace pairs of that prompt, for α̂ (§BVPO.6).
+    """
+    prompts: list[int]
+    trace: list[tuple[int, int]]
+    empty: list[tuple[int, int]]
+    trace_resamples: list[list[tuple[int, int]]]
+    counts: dict[str, float]
+
+
+def best_vs_worst(rewards: Sequence[float], samples: Sequence[int]) -> tuple[int, int] | None:
+    """(best, worst) sample of one prompt in one mode; None when their rewards tie (or < 2 samples).
+    The first sample wins among equals: samples are i.i.d., so that is a uniform choice."""
+    if len(samples) < 2:
+        return None
+    best = max(samples, key=lambda k: (rewards[k], -k))
+    worst = min(samples, key=lambda k: (rewards[k], k))
+    return None if rewards[best] == rewards[worst] else (best, worst)
+
+
+def random_ordered_pairs(rewards: Sequence[float], samples: Sequence[int], count: int,
+                         rng: random.Random) -> list[tuple[int, int]]:
+    """`count` pairs (i, j) drawn uniformly, with replacement, among the prompt's samples with
+    r_i > r_j: resamples of the trace estimator from this prompt's traces (§BVPO.6, ours)."""
+    ordered = [(i, j) for i in samples for j in samples if rewards[i] > rewards[j]]
+    return [ordered[rng.randrange(len(ordered))] for _ in range(count)] if ordered else []
+
+
+def select_pairs(rewards: Sequence[float], request_index: Sequence[int], num_prompts: int, with_empty: bool,
+                 resamples: int = 0, seed: int = 0) -> PairSelection:
+    """Pairs of one online step from scored samples.
+
+    Sample k belongs to request ``request_index[k]``: requests ``0..num_prompts−1`` are the prompts
+    with reasoning on, ``num_prompts + i`` prompt i with reasoning off (when ``with_empty``). A prompt
+    is kept only if it has a non-tied pair in every generated mode (§BVPO.3: same prompts).
+    """
+    by_request: dict[int, list[int]] = {}
+    for sample, request in enumerate(request_index):
+        by_request.setdefault(int(request), []).append(sample)
+    rng = random.Random(seed)
+    counts = {"trace_ties": 0.0, "empty_ties": 0.0, "prompts_without_pair": 0.0}
+    selection = PairSelection([], [], [], [], counts)
+    for prompt in range(num_prompts):
+        trace = best_vs_worst(rewards, by_request.get(prompt, []))
+        empty = best_vs_worst(rewards, by_request.get(num_prompts + prompt, [])) if with_empty else None
+        counts["trace_ties"] += trace is None
+        counts["empty_ties"] += with_empty and empty is None
+        if trace is None or (with_empty and empty is None):
+            counts["prompts_without_pair"] += 1
+            continue
+        selection.prompts.append(prompt)
+        selection.trace.append(trace)
+        if empty is not None:
+            selection.empty.append(empty)
+        if resamples:
+            selection.trace_resamples.append(random_ordered_pairs(rewards, by_request[prompt], resamples, rng))
+    counts["pairs"] = float(len(selection.prompts))
+    return selection
+
+
+# -- tokenization for the learner -------------------------------------------------------------------
+
+@dataclass
+class TokenizedPair:
+    """Token ids of one prompt's pairs: prompts chat-rendered, completions ending in EOS.
+
+    ``pair_id`` keys the learner's reference log-prob cache: equal ids must mean equal tokens.
+    ``empty_*`` are None for trace-only DPO; ``trace_resamples`` holds K (chosen, rejected)
+    completions for α̂ (online mode only).
+    """
+    pair_id: int
+    trace_prompt: list[int]
+    trace_chosen: list[int]
+    trace_rejected: list[int]
+    empty_prompt: list[int] | None = None
+    empty_chosen: list[int] | None = None
+    empty_rejected: list[int] | None = None
+    trace_resamples: list[tuple[list[int], list[int]]] = field(default_factory=list)
+
+
+def tokenize_row(tokenizer, row: PreferenceRow, with_empty: bool = True) -> TokenizedPair:
+    """A JSONL row as token ids: the prompt rendered with reasoning on (trace) and off (empty, the
+    template's empty think block, §BVPO.2), each completion followed by EOS as a generator ends it."""
+    from rl_service.models.loading import render_prompt
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def completion(text: str) -> list[int]:
+        return encode(text) + [tokenizer.eos_token_id]
+
+    pair = TokenizedPair(row.pair_id, encode(render_prompt(tokenizer, row.prompt, True)),
+                         completion(row.trace_chosen), completion(row.trace_rejected))
+    if with_empty:
+        pair.empty_prompt = encode(render_prompt(tokenizer, row.prompt, False))
+        pair.empty_chosen = completion(row.empty_chosen)
+        pair.empty_rejected = completion(row.empty_rejected)
+    return pair
+
+
+def pairs_from_rollout(rollout, selection: PairSelection, first_pair_id: int) -> list[TokenizedPair]:
+    """The selected samples of an online step as :class:`TokenizedPair` s, the exact tokens the pool
+    sampled (EOS included when it stopped). Pair ids count up from ``first_pair_id``: online pairs
+    never repeat, so each id is new to the reference cache."""
+    def tokens(sample: int) -> list[int]:
+        return list(rollout.completion_token_ids[sample])
+
+    pairs = []
+    for k in range(len(selection.prompts)):
+        chosen, rejected = selection.trace[k]
+        pair = TokenizedPair(first_pair_id + k, list(rollout.prompt_token_ids[chosen]), tokens(chosen), tokens(rejected))
+        if selection.empty:
+            empty_chosen, empty_rejected = selection.empty[k]
+            pair.empty_prompt = list(rollout.prompt_token_ids[empty_chosen])
+            pair.empty_chosen, pair.empty_rejected = tokens(empty_chosen), tokens(empty_rejected)
+        if selection.trace_resamples:
+            pair.trace_resamples = [(tokens(i), tokens(j)) for i, j in selection.trace_resamples[k]]
+        pairs.append(pair)
+    return pairs

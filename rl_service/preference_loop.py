@@ -1,0 +1,285 @@
+"""The driver side of a DPO / BVPO job (ALGORITHMS.md §DPO, §BVPO; DESIGN.md "BVPO step").
+
+Online mode, one step::
+
+    prompts = sampler.next_batch()
+    samples = pool.generate(reasoning-on requests + reasoning-off requests)   # ONE call, §BVPO.2
+    rewards = reward.score(samples)                                           # verifier or reward model
+    pairs   = best vs worst per prompt and mode; ties skipped and counted;
+              keep prompts with a pair in both modes (§BVPO.3: same prompts)
+    metrics = learner.train_online(samples, pairs)                            # α L_t + (1 − α) L_e
+    pool.update_weights(learner.publish_weights(version + 1))
+
+Offline mode (§BVPO.7) takes each step's rows from the JSONL dataset, no generation; weights go
+to the pool only before an evaluation. Evaluation is greedy accuracy with the verifier, reasoning
+on and off, in one generate call. `dpo` is trace-only (BVPO with α = 1): no reasoning-off samples.
+The driver holds prompt ids, rewards and metrics; samples travel as object references.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rl_service.config import JobConfig
+from rl_service.data.preferences import PreferenceDataset, load_preference_file, select_pairs
+from rl_service.data.prompts import PromptRecord
+from rl_service.data.sampler import PromptSampler
+from rl_service.driver import PhaseTimer, _mean
+from rl_service.guard import eval_collapsed
+from rl_service.errors import ModelLoadError
+from rl_service.models.loading import load_tokenizer, render_prompt
+from rl_service.progress import StepProgress
+from rl_service.roles import Roles, start_preference_roles, start_ray, stop_roles
+from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
+from rl_service.run_dir import RunDirectory
+from rl_service.tasks import PromptTokenizer, TaskData, load_task
+
+log = logging.getLogger("rl_service")
+PREFERENCE_ALGORITHMS = ("dpo", "bvpo")
+MODES = ("reasoning_on", "reasoning_off")
+
+
+@dataclass
+class PreparedPreferenceJob:
+    config: JobConfig
+    task: TaskData          # offline: `train` lists the dataset's prompts (ids = pair ids)
+    tokenizer: object
+    dataset: PreferenceDataset | None
+
+
+def prepare_preference_job(config: JobConfig) -> PreparedPreferenceJob:
+    """Everything that can fail on user input (config, dataset rows, model dirs), before Ray starts."""
+    task = load_task(config)
+    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+    preference = config.preference
+    if config.algorithm.name == "bvpo" and render_prompt(tokenizer, "1 + 1?", True) == render_prompt(tokenizer, "1 + 1?", False):
+        # Without the switch "reasoning off" would silently be reasoning on, and L_e a copy of L_t.
+        raise ModelLoadError(f"model.path: the chat template of {config.model.path} has no enable_thinking switch; "
+                             "bvpo needs reasoning-off prompts (ALGORITHMS.md §BVPO.2) — use algorithm.name=dpo")
+    dataset = None
+    if preference.mode == "offline":
+        dataset = load_preference_file(preference.dataset_path, preference.on_bad_row)
+        task.train = [PromptRecord(row.pair_id, row.prompt, row.answer or "") for row in dataset.rows]
+    if preference.reward_source == "reward_model":
+        from rl_service.rewards.reward_model import _check_model_dir
+
+        _check_model_dir(preference.reward_model_path, "preference.reward_model_path")
+    return PreparedPreferenceJob(config=config, task=task, tokenizer=tokenizer, dataset=dataset)
+
+
+class PreferenceTrainer:
+    def __init__(self, job: PreparedPreferenceJob, roles: Roles, run_dir: RunDirectory):
+        self.config, self.task, self.dataset, self.roles, self.run_dir = job.config, job.task, job.dataset, roles, run_dir
+        self.with_empty = self.config.algorithm.name == "bvpo"
+        # Token caches are keyed by prompt id; train and eval ids come from different files and may collide.
+        self.prompt_tokens = {split: {thinking: PromptTokenizer(job.tokenizer, thinking) for thinking in (True, False)}
+                              for split in ("train", "eval")}
+        num_rows = len(self.dataset.rows) if self.dataset is not None else len(self.task.train)
+        self.sampler = PromptSampler(num_rows, self.config.data.prompts_per_step, self.config.seed)
+        generator = self.config.generator
+        self.sampling = SamplingParams(generator.temperature, generator.top_p, generator.max_new_tokens)
+        self.weight_version = 0          # version the pool serves
+        self.learner_version = 0         # optimizer steps taken (ahead of the pool in offline mode)
+        self.next_pair_id = 0
+        self.totals: dict[str, float] = defaultdict(float)
+        self.eval_history: list[tuple[int, float]] = []
+        self.last_learner_metrics: dict[str, float] = {}
+
+    # -- generation + scoring, both modes in one request batch (§BVPO.2) ----------------------
+    def _generate_and_score(self, records, samples: int, sampling: SamplingParams, seed: int, timer: PhaseTimer,
+                            with_empty: bool, use_reward_model: bool, split: str = "train"):
+        import ray
+
+        modes = (True, False) if with_empty else (True,)
+        requests = [GenerationRequest(offset * len(records) + index, record.prompt_id,
+                                      self.prompt_tokens[split][thinking](record), samples)
+                    for offset, thinking in enumerate(modes) for index, record in enumerate(records)]
+        with timer.phase("generate"):
+            shard_refs = ray.get(self.roles.pool.generate.remote(requests, sampling, seed))
+            ray.wait(shard_refs, num_returns=len(shard_refs), fetch_local=False)
+        answers = [record.answer for record in records] * len(modes)
+        prompts = [record.prompt for record in records] * len(modes) if use_reward_model else None
+        with timer.phase("reward"):
+            groups = np.array_split(np.arange(len(shard_refs)), min(len(self.roles.rewards), len(shard_refs)))
+            parts = ray.get([actor.score.remote([shard_refs[k] for k in group], answers, prompts)
+                             for actor, group in zip(self.roles.rewards, groups)])
+        keys = ("rewards", "request_index", "completion_lengths", "finished")
+        return shard_refs, {key: [item for part in parts for item in part[key]] for key in keys}
+
+    def _per_mode(self, name: str, values, request_index, num_prompts: int) -> dict[str, float]:
+        values, mode = np.asarray(values, dtype=np.float64), np.asarray(request_index) // max(num_prompts, 1)
+        return {f"{name}_{label}": _mean(values[mode == k]) for k, label in enumerate(MODES[:1 + self.with_empty])}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Greedy verifier accuracy on the eval split with reasoning on and off (both, even for dpo)."""
+        if not self.task.eval:
+            return {}
+        self.publish(PhaseTimer())
+        timer = PhaseTimer()
+        greedy = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.sampling.max_new_tokens)
+        _, scored = self._generate_and_score(self.task.eval, 1, greedy, step_seed(self.config.seed, step, 1), timer,
+                                             with_empty=True, use_reward_model=False, split="eval")
+        metrics = {f"eval_accuracy_{label}": _mean(np.asarray(scored["rewards"])[np.asarray(scored["request_index"])
+                                                                                   // len(self.task.eval) == k])
+                   for k, label in enumerate(MODES)}
+        metrics["eval_accuracy"] = float(np.mean([metrics[f"eval_accuracy_{label}"] for label in MODES]))
+        metrics["eval_seconds"] = sum(timer.seconds.values())
+        self.eval_history.append((step, metrics["eval_accuracy"]))
+        self.run_dir.log(step, metrics)
+        return metrics
+
+    def publish(self, timer: PhaseTimer) -> None:
+        """Send the learner's weights to the pool if it serves older ones."""
+        import ray
+
+        if self.weight_version == self.learner_version:
+            return
+        with timer.phase("publish"):
+            weights_ref = self.roles.learner.publish_weights.remote(self.learner_version)
+            self.weight_version = min(ray.get(self.roles.pool.update_weights.remote([weights_ref])))
+
+    # -- one training step ---------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, float]:
+        started = time.perf_counter()
+        timer = PhaseTimer()
+        metrics = self._online_step(step, timer) if self.dataset is None else self._offline_step(timer)
+        # A skipped step (no pairs, NaN loss) leaves the weights, and so the version, as they were.
+        self.learner_version = int(metrics.get("optimizer_steps", self.learner_version))
+        if self.dataset is None:
+            self.publish(timer)
+        step_seconds = time.perf_counter() - started
+        waited = sum(timer.seconds.values())
+        metrics.update({"step_seconds": step_seconds, "weight_version": float(self.weight_version),
+                        "completions_per_s": metrics.get("completions", 0.0) / step_seconds,
+                        **{f"time_{name}_s": seconds for name, seconds in timer.seconds.items()},
+                        "time_driver_s": max(step_seconds - waited, 0.0)})
+        for key in ("pairs", "trace_ties", "empty_ties", "prompts_without_pair"):
+            self.totals[key] += metrics.get(key, 0.0)
+        self.last_learner_metrics = metrics
+        self.run_dir.log(step, metrics)
+        return metrics
+
+    def _online_step(self, step: int, timer: PhaseTimer) -> dict[str, float]:
+        import ray
+
+        records = [self.task.train[index] for index in self.sampler.next_batch()]
+        preference = self.config.preference
+        shard_refs, scored = self._generate_and_score(
+            records, self.config.generator.samples_per_prompt, self.sampling, step_seed(self.config.seed, step, 0), timer,
+            self.with_empty, preference.reward_source == "reward_model")
+        resamples = preference.alpha_resamples if preference.alpha_mode == "online" else 0
+        selection = select_pairs(scored["rewards"], scored["request_index"], len(records), self.with_empty,
+                                 resamples, step_seed(self.config.seed, step, 3))
+        with timer.phase("train"):
+            train_metrics = ray.get(self.roles.learner.train_online.remote(shard_refs, selection, self.next_pair_id))
+        self.next_pair_id += len(selection.prompts)
+        rewards = np.asarray(scored["rewards"], dtype=np.float64)
+        lengths = np.asarray(scored["completion_lengths"])
+        self.totals["completions"] += len(rewards)
+        self.totals["completion_tokens"] += float(lengths.sum())
+        return {"reward_mean": _mean(rewards), "completions": float(len(rewards)),
+                "completion_tokens": float(lengths.sum()), "truncated_fraction": 1.0 - _mean(scored["finished"]),
+                **self._per_mode("reward_mean", rewards, scored["request_index"], len(records)),
+                **self._per_mode("completion_length_mean", lengths, scored["request_index"], len(records)),
+                **selection.counts, **train_metrics}
+
+    def _offline_step(self, timer: PhaseTimer) -> dict[str, float]:
+        import ray
+
+        rows = [self.dataset.rows[index] for index in self.sampler.next_batch()]
+        with timer.phase("train"):
+            return ray.get(self.roles.learner.train_offline.remote(rows))
+
+    def collapsed(self) -> bool:
+        """The collapse guard on the mean accuracy of both modes (2 × the eval split's prompts)."""
+        return eval_collapsed([accuracy for _, accuracy in self.eval_history], self.config.guard.max_eval_drop,
+                              2 * len(self.task.eval))
+
+    def checkpoint(self, step: int) -> Path:
+        import ray
+
+        alpha_state = ray.get(self.roles.learner.alpha_state.remote())
+        state = {"step": step, "weight_version": self.learner_version, "sampler": self.sampler.state_dict(),
+                 "next_pair_id": self.next_pair_id, "totals": dict(self.totals), "eval_history": self.eval_history,
+                 "alpha_estimator": alpha_state}
+        return self.run_dir.write_checkpoint(
+            step, lambda directory: ray.get(self.roles.learner.save_pretrained.remote(directory)), {}, state)
+
+
+def run_preference_training(job: PreparedPreferenceJob, run_dir_path: str | Path) -> dict:
+    """Run a DPO / BVPO job; returns the summary (also written to RUN_DIR/summary.json)."""
+    config = job.config
+    run_dir = RunDirectory(run_dir_path, config)
+    start_ray(config)
+    roles = None
+    try:
+        roles = start_preference_roles(config, job.task.verifier)
+        trainer = PreferenceTrainer(job, roles, run_dir)
+        if job.dataset is not None:
+            run_dir.log(0, {"dataset_rows": float(len(job.dataset.rows)), "bad_rows_skipped": float(job.dataset.num_skipped)})
+        initial = trainer.evaluate(step=0)
+        log.info("initial eval accuracy: reasoning on %.3f, off %.3f", initial.get("eval_accuracy_reasoning_on", float("nan")),
+                 initial.get("eval_accuracy_reasoning_off", float("nan")))
+        stopped_reason, step, last_eval_step = "completed", 0, 0
+        loop_started = time.perf_counter()
+        with StepProgress(config.steps, enabled=config.logging.progress_bar) as progress:
+            for step in range(1, config.steps + 1):
+                metrics = trainer.train_step(step)
+                if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                    metrics.update(trainer.evaluate(step))
+                    last_eval_step = step
+                progress.update(step, metrics, trainer.eval_history)
+                if config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.steps:
+                    trainer.checkpoint(step)
+                if trainer.collapsed():
+                    stopped_reason = f"eval accuracy collapsed at step {step} (guard.max_eval_drop={config.guard.max_eval_drop})"
+                    log.warning(stopped_reason)
+                    break
+        train_wall_s = time.perf_counter() - loop_started
+        final = trainer.evaluate(step) if last_eval_step != step else {
+            key: value for key, value in metrics.items() if key.startswith("eval_accuracy")}
+        checkpoint_path = trainer.checkpoint(step)
+        summary = _summary(trainer, step, train_wall_s, initial, final, stopped_reason, checkpoint_path)
+        run_dir.write_summary(summary)
+        return summary
+    finally:
+        run_dir.close()
+        import ray
+
+        if roles is not None:
+            stop_roles(roles)  # engines first (vLLM stops its engine core cleanly), then Ray
+        ray.shutdown()
+
+
+def _summary(trainer: PreferenceTrainer, steps: int, train_wall_s: float, initial: dict, final: dict,
+             stopped_reason: str, checkpoint_path: Path) -> dict:
+    totals, last = trainer.totals, trainer.last_learner_metrics
+    summary = {
+        "algorithm": trainer.config.algorithm.name,
+        "mode": trainer.config.preference.mode,
+        "steps": steps,
+        "completions": int(totals["completions"]),
+        "completion_tokens": int(totals["completion_tokens"]),
+        "train_wall_s": train_wall_s,
+        "completions_per_s": totals["completions"] / train_wall_s if train_wall_s > 0 else 0.0,
+        "pairs_trained": int(totals["pairs"]),
+        "trace_ties_skipped": int(totals["trace_ties"]),
+        "empty_ties_skipped": int(totals["empty_ties"]),
+        "nan_skipped_steps": int(last.get("nan_skipped_steps", 0)),
+        "bad_rows_skipped": trainer.dataset.num_skipped if trainer.dataset is not None else 0,
+        "initial_eval_accuracy": initial.get("eval_accuracy"),
+        "final_eval_accuracy": final.get("eval_accuracy"),
+        "best_eval_accuracy": max((accuracy for _, accuracy in trainer.eval_history), default=None),
+        "weight_version": trainer.weight_version,
+        "stopped_reason": stopped_reason,
+        "final_checkpoint": str(checkpoint_path),
+    }
+    for label in MODES:
+        summary[f"initial_eval_accuracy_{label}"] = initial.get(f"eval_accuracy_{label}")
+        summary[f"final_eval_accuracy_{label}"] = final.get(f"eval_accuracy_{label}")
+    return summary
