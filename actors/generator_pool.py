@@ -3,12 +3,20 @@
 It hands back object references to the engines' results instead of the results themselves, so
 samples go from each engine straight to the reward and learner actors, never through the pool or
 the driver (DESIGN.md, "Big data moves between actors as Ray object references").
+
+Balancing: the pool remembers, per engine, the work it sent and has not yet seen finish (samples ×
+max new tokens of each shard whose result is not ready) and splits each new call with
+`rl_service.rollout.balance_requests`, so an engine still busy with an earlier call (async mode,
+evaluation next to training) gets less of the next one. The shards are contiguous and come back in
+request order: concatenating the results gives the samples in request order. In sync mode every
+earlier shard has finished when the next call comes (the driver waits for them), so the split, and
+with it every shard's seed, depends only on the call: a run replays bit for bit.
 """
 from __future__ import annotations
 
 import ray
 
-from rl_service.rollout import GenerationRequest, SamplingParams, split_requests
+from rl_service.rollout import GenerationRequest, SamplingParams, balance_requests, request_work
 
 
 @ray.remote
@@ -17,19 +25,38 @@ class GeneratorPool:
         if not engines:
             raise ValueError("a GeneratorPool needs at least one engine")
         self.engines = list(engines)
+        # Per engine: (result ref, work) of every shard sent and not yet seen finished.
+        self._pending: list[list[tuple[ray.ObjectRef, int]]] = [[] for _ in self.engines]
 
     def num_engines(self) -> int:
         return len(self.engines)
 
+    def outstanding_work(self) -> list[int]:
+        """Samples × max new tokens sent to each engine whose results are not ready yet."""
+        refs = [ref for pending in self._pending for ref, _ in pending]
+        if refs:
+            # fetch_local=False: readiness only; the pool never pulls samples into its own process.
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+            done = set(ready)
+            self._pending = [[(ref, work) for ref, work in pending if ref not in done] for pending in self._pending]
+        return [sum(work for _, work in pending) for pending in self._pending]
+
     def generate(self, requests: list[GenerationRequest], sampling: SamplingParams, seed: int) -> list[ray.ObjectRef]:
         """Refs to Rollout shards, in request order; shard k is seeded with (seed, k)."""
-        shards = split_requests(requests, len(self.engines))
-        return [engine.generate.remote(shard, sampling, seed * 1_000_003 + index)
-                for index, (engine, shard) in enumerate(zip(self.engines, shards))]
+        outstanding = self.outstanding_work()
+        assignment = balance_requests(requests, outstanding, sampling.max_new_tokens)
+        refs = []
+        for index, (engine_index, shard) in enumerate(assignment):
+            ref = self.engines[engine_index].generate.remote(shard, sampling, seed * 1_000_003 + index)
+            work = sum(request_work(request, sampling.max_new_tokens) for request in shard)
+            self._pending[engine_index].append((ref, work))
+            refs.append(ref)
+        return refs
 
     def update_weights(self, weights: list[ray.ObjectRef]) -> list[int]:
         """Load the published weights (one ref, wrapped in a list so Ray does not fetch it here)."""
         (weights_ref,) = weights
+        self.outstanding_work()   # drop finished shards' refs, so their samples are not kept alive here
         return ray.get([engine.load_weights.remote(weights_ref) for engine in self.engines])
 
     def weight_versions(self) -> list[int]:

@@ -214,6 +214,14 @@ class JobConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _tensor_parallel_needs_gpus(self) -> "JobConfig":
+        generator = self.generator
+        if generator.tensor_parallel > 1 and generator.num_gpus == 0:
+            raise ValueError(f"generator.tensor_parallel ({generator.tensor_parallel}) > 1 needs GPUs: tensor-parallel "
+                             "engines run on GPU clusters only (set generator.num_gpus > 0, or tensor_parallel 1 on CPU)")
+        return self
+
+    @model_validator(mode="after")
     def _algorithm_fits_sampling(self) -> "JobConfig":
         per_prompt = self.generator.samples_per_prompt
         if self.algorithm.name == "grpo" and per_prompt < 2:

@@ -85,7 +85,10 @@ class Trainer:
         self.task = job.task
         self.roles = roles
         self.run_dir = run_dir
-        self.prompt_tokens = PromptTokenizer(job.tokenizer, job.config.model.thinking)
+        # One cache per split: JSONL train and eval files number their prompts independently, so a
+        # shared cache keyed by prompt id would serve a train prompt's tokens for an eval prompt.
+        self.prompt_tokens = {split: PromptTokenizer(job.tokenizer, job.config.model.thinking)
+                              for split in ("train", "eval")}
         self.sampler = PromptSampler(len(self.task.train), self.config.data.prompts_per_step, self.config.seed)
         self.batches = make_batch_source(self.config, self.task, self.sampler, roles, self._rollout)
         generator = self.config.generator
@@ -96,11 +99,12 @@ class Trainer:
         self.phase_totals: dict[str, float] = defaultdict(float)
 
     # -- generation + scoring, shared by training and evaluation ------------------------------
-    def _rollout(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer):
+    def _rollout(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer, split: str = "train"):
         import ray
 
+        tokenize = self.prompt_tokens[split]
         # A prompt allocated no samples (GVM) is not sent; request_index keeps its batch position.
-        requests = [GenerationRequest(index, record.prompt_id, self.prompt_tokens(record), count)
+        requests = [GenerationRequest(index, record.prompt_id, tokenize(record), count)
                     for index, (record, count) in enumerate(zip(records, counts)) if count > 0]
         if not requests:  # every prompt was allocated 0 samples: nothing to generate or score
             return [], {key: [] for key in SCORED_KEYS}
@@ -122,7 +126,8 @@ class Trainer:
             return {}
         timer = PhaseTimer()
         greedy = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.sampling.max_new_tokens)
-        _, scored = self._rollout(self.task.eval, [1] * len(self.task.eval), greedy, _seed_for(self.config, step, 1), timer)
+        _, scored = self._rollout(self.task.eval, [1] * len(self.task.eval), greedy, _seed_for(self.config, step, 1), timer,
+                                  split="eval")
         rewards = np.asarray(scored["rewards"])
         metrics = {"eval_accuracy": float(rewards.mean()), "eval_seconds": sum(timer.seconds.values()),
                    "eval_completion_length_mean": float(np.mean(scored["completion_lengths"]))}

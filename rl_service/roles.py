@@ -53,6 +53,36 @@ def _options(config: JobConfig, role: str, index: int, num_cpus: float, num_gpus
             "resources": dict(resources or {})}
 
 
+def tensor_parallel_bundles(generator) -> list[dict] | None:
+    """Placement-group bundles of one tensor-parallel engine (`generator.tensor_parallel` > 1 on GPUs),
+    else None. One bundle per TP rank, {"GPU": 1, "CPU": num_cpus}: vLLM's Ray executor puts one worker
+    (1 GPU, 0 CPU) in each; the GeneratorActor itself (the engine's driver, 0 GPU) takes bundle 0's
+    CPU and the engine's custom resources, so those go to bundle 0."""
+    if generator.backend != "vllm" or generator.tensor_parallel <= 1 or generator.num_gpus <= 0:
+        return None
+    bundles = [{"GPU": 1.0, "CPU": float(generator.num_cpus)} for _ in range(generator.tensor_parallel)]
+    bundles[0].update({name: float(amount) for name, amount in generator.resources.items()})
+    return bundles
+
+
+def _generator_options(config: JobConfig, index: int) -> dict:
+    """Ray options of generator `index`: plain resources, or (tensor parallel on GPUs) its own
+    STRICT_PACK placement group, which vLLM finds from inside the actor
+    (`ray.util.get_current_placement_group`) and fills with its Ray-executor TP workers."""
+    generator = config.generator
+    bundles = tensor_parallel_bundles(generator)
+    if bundles is None:
+        return _options(config, "generator", index, generator.num_cpus, generator.num_gpus, generator.resources)
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group(bundles, strategy="STRICT_PACK", name=f"{config.job_name}/generator/{index}")
+    options = _options(config, "generator", index, generator.num_cpus, 0.0, generator.resources)
+    options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+        placement_group=group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
+    return options
+
+
 def start_roles(config: JobConfig, verifier: str) -> Roles:
     import ray
 
@@ -63,8 +93,7 @@ def start_roles(config: JobConfig, verifier: str) -> Roles:
     from actors.statistics import StatisticsActor
 
     generator = config.generator
-    generators = [GeneratorActor.options(**_options(config, "generator", index, generator.num_cpus, generator.num_gpus,
-                                                    generator.resources)).remote(config, index)
+    generators = [GeneratorActor.options(**_generator_options(config, index)).remote(config, index)
                   for index in range(generator.num_engines)]
     pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(generators)
     rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus))
@@ -108,8 +137,7 @@ def start_preference_roles(config: JobConfig, verifier: str) -> Roles:
     from actors.reward import RewardActor
 
     generator = config.generator
-    generators = [GeneratorActor.options(**_options(config, "generator", index, generator.num_cpus, generator.num_gpus,
-                                                    generator.resources)).remote(config, index)
+    generators = [GeneratorActor.options(**_generator_options(config, index)).remote(config, index)
                   for index in range(generator.num_engines)]
     pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(generators)
     preference = config.preference

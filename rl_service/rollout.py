@@ -63,15 +63,64 @@ def step_seed(seed: int, step: int, purpose: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + purpose) % (2**31 - 1)
 
 
+def request_work(request: GenerationRequest, max_new_tokens: int = 1) -> int:
+    """A request's generation work: samples × max new tokens (an upper bound, known before it runs)."""
+    return request.num_samples * max_new_tokens
+
+
+def balance_requests(requests: Sequence[GenerationRequest], outstanding: Sequence[int],
+                     max_new_tokens: int = 1) -> list[tuple[int, list[GenerationRequest]]]:
+    """Assign contiguous runs of requests to engines so that every engine ends as equally loaded as
+    whole requests allow, counting the work each still has outstanding (samples × max tokens sent
+    and not yet returned). Pure and deterministic.
+
+    Returns `(engine index, shard)` pairs in request order: the concatenation of the shards is
+    `requests`, as given, and no shard is empty (an engine given nothing is left out). Zero-sample
+    requests stay in the shard of their position. Water-filling: engines below the level `L` at which
+    `Σ max(0, L - outstanding_e)` equals the new work each get `L - outstanding_e`, in engine order;
+    a request goes to the engine whose slice holds the midpoint of its work. With nothing
+    outstanding this is an even split of the samples.
+    """
+    num_engines = len(outstanding)
+    if num_engines < 1:
+        raise ValueError("balance_requests needs at least one engine")
+    if any(work < 0 for work in outstanding) or max_new_tokens < 1:
+        raise ValueError("outstanding work must be >= 0 and max_new_tokens >= 1")
+    requests = list(requests)
+    if not requests:
+        return []
+    works = [request_work(request, max_new_tokens) for request in requests]
+    total = sum(works)
+    if total == 0:   # nothing to generate: one shard, to the least-loaded engine
+        return [(min(range(num_engines), key=lambda e: (outstanding[e], e)), requests)]
+    # Water level: the fewest least-loaded engines whose level L stays below the next engine's load.
+    by_load = sorted(range(num_engines), key=lambda e: (outstanding[e], e))
+    filled = by_load[:1]
+    for engine in by_load[1:]:
+        level_times_k = total + sum(outstanding[e] for e in filled)   # L × len(filled)
+        if level_times_k <= outstanding[engine] * len(filled):
+            break
+        filled.append(engine)
+    k = len(filled)
+    level_times_k = total + sum(outstanding[e] for e in filled)
+    receivers = sorted(filled)            # engine order, for a deterministic layout
+    # Upper edges of each receiver's slice of [0, total), scaled by k to stay in integers.
+    edges, edge = [], 0
+    for engine in receivers:
+        edge += level_times_k - k * outstanding[engine]
+        edges.append(edge)
+    shards: list[list[GenerationRequest]] = [[] for _ in receivers]
+    cumulative, slot = 0, 0
+    for request, work in zip(requests, works):
+        midpoint_2k = (2 * cumulative + work) * k       # 2k × the midpoint of this request's work
+        while slot < len(receivers) - 1 and midpoint_2k >= 2 * edges[slot]:
+            slot += 1
+        shards[slot].append(request)
+        cumulative += work
+    return [(engine, shard) for engine, shard in zip(receivers, shards) if shard]
+
+
 def split_requests(requests: Sequence[GenerationRequest], num_shards: int) -> list[list[GenerationRequest]]:
-    """Contiguous shards with sample counts as even as possible, order kept (deterministic)."""
-    total = sum(request.num_samples for request in requests)
-    shards: list[list[GenerationRequest]] = [[] for _ in range(num_shards)]
-    cumulative = 0
-    for request in requests:
-        # Assign by the midpoint of the request's samples so shards carry ~total/num_shards samples.
-        midpoint = cumulative + request.num_samples / 2
-        shard = min(int(midpoint * num_shards / max(total, 1)), num_shards - 1)
-        shards[shard].append(request)
-        cumulative += request.num_samples
-    return [shard for shard in shards if shard]
+    """Contiguous shards with sample counts as even as possible, order kept (deterministic): the
+    balancer with `num_shards` idle engines."""
+    return [shard for _, shard in balance_requests(requests, [0] * num_shards)]
