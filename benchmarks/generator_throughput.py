@@ -21,7 +21,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -110,7 +109,7 @@ def main() -> None:
     engine = make_engine(config)
     results["bare_vllm"] = timed_runs(lambda seed: [engine.generate(requests, sampling, seed * 1_000_003)], seeds)
     engine.shutdown()
-    del engine
+    engine = None
     gc.collect()
     print(f"(a) bare vLLM done: {results['bare_vllm']['tokens_per_s']:.0f} tokens/s", flush=True)
 
@@ -142,7 +141,7 @@ def main() -> None:
     configure_process(threads)
     hf = HFGenerationEngine(config.model.path, config.model.dtype, config.model.trust_remote_code)
     results["hf"] = timed_runs(lambda seed: [hf.generate(requests, sampling, seed * 1_000_003)], seeds)
-    del hf
+    hf = None
     gc.collect()
 
     labels = {"bare_vllm": "(a) bare vLLM", "pool_vllm": "(b) pool, 1 engine, Ray", "hf": "(c) HF generate"}

@@ -60,7 +60,8 @@ def run_once(algorithm: str, allocation: str, seed: int, args) -> dict:
     return {"algorithm": algorithm, "allocation": allocation, "seed": seed, "initial": initial,
             "final": evals[-1][1], "best": max(accuracy for _, accuracy in evals), "target": target,
             "reached": reached is not None, "steps_to_target": step, "samples_to_target": samples_by_step[step],
-            "wall_s": wall}
+            "wall_s": wall, "eval_curve": evals,
+            "samples_at_eval": [samples_by_step[eval_step] for eval_step, _ in evals]}
 
 
 def summarise(runs: list[dict], algorithm: str, allocation: str, key: str) -> tuple[float, float]:
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--num-train", type=int, default=256,
                         help="a small pool so prompts recur and the moving averages have something to remember")
-    parser.add_argument("--target-gain", type=float, default=0.08)
+    parser.add_argument("--target-gain", type=float, default=0.06)
     parser.add_argument("--algorithms", nargs="+", default=["raft", "grpo"], choices=sorted(ALGORITHMS))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()

@@ -28,8 +28,8 @@ from rl_service.data.sampler import PromptSampler
 from rl_service.batch_source import make_batch_source, per_prompt_mean
 from rl_service.models.loading import load_tokenizer
 from rl_service.guard import eval_collapsed
-from rl_service.progress import StepProgress
-from rl_service.roles import Roles, start_ray, start_roles, stop_roles
+from rl_service.step_loop import LoopResult, run_steps
+from rl_service.roles import Roles, ray_session, start_roles
 from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
 from rl_service.run_dir import RunDirectory
 from rl_service.tasks import PromptTokenizer, TaskData, load_task
@@ -221,61 +221,32 @@ def run_training(job: PreparedJob, run_dir_path: str | Path) -> dict:
         return run_preference_training(job, run_dir_path)
     config = job.config
     run_dir = RunDirectory(run_dir_path, config)
-    start_ray(config)
-    roles = None
     try:
-        roles = start_roles(config, job.task.verifier)
-        trainer = Trainer(job, roles, run_dir)
-        initial = trainer.evaluate(step=0)
-        log.info("initial eval accuracy %.3f", initial.get("eval_accuracy", float("nan")))
-        stopped_reason = "completed"
-        loop_started = time.perf_counter()
-        last_eval_step = 0
-        step = 0
-        with StepProgress(config.steps, enabled=config.logging.progress_bar) as progress:
-            for step in range(1, config.steps + 1):
-                metrics = trainer.train_step(step)
-                if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                    metrics.update(trainer.evaluate(step))
-                    last_eval_step = step
-                progress.update(step, metrics, trainer.eval_history)
-                if config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.steps:
-                    trainer.checkpoint(step)
-                if trainer.collapsed():
-                    stopped_reason = f"eval accuracy collapsed at step {step} (guard.max_eval_drop={config.guard.max_eval_drop})"
-                    log.warning(stopped_reason)
-                    break
-        train_wall_s = time.perf_counter() - loop_started
-        final = trainer.evaluate(step) if last_eval_step != step else {"eval_accuracy": trainer.eval_history[-1][1]}
-        checkpoint_path = trainer.checkpoint(step)
-        summary = _summary(trainer, step, train_wall_s, initial, final, stopped_reason, checkpoint_path)
-        run_dir.write_summary(summary)
-        return summary
+        with ray_session(config, start_roles, job.task.verifier) as roles:
+            trainer = Trainer(job, roles, run_dir)
+            result = run_steps(config, trainer)
+            summary = _summary(trainer, result)
+            run_dir.write_summary(summary)
+            return summary
     finally:
         run_dir.close()
-        import ray
-
-        if roles is not None:
-            stop_roles(roles)
-        ray.shutdown()
 
 
-def _summary(trainer: Trainer, steps: int, train_wall_s: float, initial: dict, final: dict,
-             stopped_reason: str, checkpoint_path: Path) -> dict:
-    completions = trainer.totals["completions"]
+def _summary(trainer: Trainer, result: LoopResult) -> dict:
+    completions, train_wall_s = trainer.totals["completions"], result.train_wall_s
     phase_total = sum(trainer.phase_totals.values()) or 1.0
     return {
-        "steps": steps,
+        "steps": result.steps,
         "completions": completions,
         "completion_tokens": trainer.totals["completion_tokens"],
         "train_wall_s": train_wall_s,
         "completions_per_s": completions / train_wall_s if train_wall_s > 0 else 0.0,
         "tokens_per_s": trainer.totals["completion_tokens"] / train_wall_s if train_wall_s > 0 else 0.0,
-        "initial_eval_accuracy": initial.get("eval_accuracy"),
-        "final_eval_accuracy": final.get("eval_accuracy"),
+        "initial_eval_accuracy": result.initial.get("eval_accuracy"),
+        "final_eval_accuracy": result.final.get("eval_accuracy"),
         "best_eval_accuracy": max((accuracy for _, accuracy in trainer.eval_history), default=None),
         "weight_version": trainer.weight_version,
-        "stopped_reason": stopped_reason,
-        "final_checkpoint": str(checkpoint_path),
+        "stopped_reason": result.stopped_reason,
+        "final_checkpoint": str(result.checkpoint_path),
         **{f"time_share_{name}": seconds / phase_total for name, seconds in trainer.phase_totals.items()},
     }

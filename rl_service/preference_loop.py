@@ -33,8 +33,8 @@ from rl_service.driver import PhaseTimer, _mean
 from rl_service.guard import eval_collapsed
 from rl_service.errors import ModelLoadError
 from rl_service.models.loading import load_tokenizer, render_prompt
-from rl_service.progress import StepProgress
-from rl_service.roles import Roles, start_preference_roles, start_ray, stop_roles
+from rl_service.step_loop import LoopResult, run_steps
+from rl_service.roles import Roles, ray_session, start_preference_roles
 from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
 from rl_service.run_dir import RunDirectory
 from rl_service.tasks import PromptTokenizer, TaskData, load_task
@@ -215,54 +215,25 @@ def run_preference_training(job: PreparedPreferenceJob, run_dir_path: str | Path
     """Run a DPO / BVPO job; returns the summary (also written to RUN_DIR/summary.json)."""
     config = job.config
     run_dir = RunDirectory(run_dir_path, config)
-    start_ray(config)
-    roles = None
     try:
-        roles = start_preference_roles(config, job.task.verifier)
-        trainer = PreferenceTrainer(job, roles, run_dir)
-        if job.dataset is not None:
-            run_dir.log(0, {"dataset_rows": float(len(job.dataset.rows)), "bad_rows_skipped": float(job.dataset.num_skipped)})
-        initial = trainer.evaluate(step=0)
-        log.info("initial eval accuracy: reasoning on %.3f, off %.3f", initial.get("eval_accuracy_reasoning_on", float("nan")),
-                 initial.get("eval_accuracy_reasoning_off", float("nan")))
-        stopped_reason, step, last_eval_step = "completed", 0, 0
-        loop_started = time.perf_counter()
-        with StepProgress(config.steps, enabled=config.logging.progress_bar) as progress:
-            for step in range(1, config.steps + 1):
-                metrics = trainer.train_step(step)
-                if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                    metrics.update(trainer.evaluate(step))
-                    last_eval_step = step
-                progress.update(step, metrics, trainer.eval_history)
-                if config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.steps:
-                    trainer.checkpoint(step)
-                if trainer.collapsed():
-                    stopped_reason = f"eval accuracy collapsed at step {step} (guard.max_eval_drop={config.guard.max_eval_drop})"
-                    log.warning(stopped_reason)
-                    break
-        train_wall_s = time.perf_counter() - loop_started
-        final = trainer.evaluate(step) if last_eval_step != step else {
-            key: value for key, value in metrics.items() if key.startswith("eval_accuracy")}
-        checkpoint_path = trainer.checkpoint(step)
-        summary = _summary(trainer, step, train_wall_s, initial, final, stopped_reason, checkpoint_path)
-        run_dir.write_summary(summary)
-        return summary
+        with ray_session(config, start_preference_roles, job.task.verifier) as roles:
+            trainer = PreferenceTrainer(job, roles, run_dir)
+            if job.dataset is not None:
+                run_dir.log(0, {"dataset_rows": float(len(job.dataset.rows)), "bad_rows_skipped": float(job.dataset.num_skipped)})
+            result = run_steps(config, trainer)
+            summary = _summary(trainer, result)
+            run_dir.write_summary(summary)
+            return summary
     finally:
         run_dir.close()
-        import ray
-
-        if roles is not None:
-            stop_roles(roles)  # engines first (vLLM stops its engine core cleanly), then Ray
-        ray.shutdown()
 
 
-def _summary(trainer: PreferenceTrainer, steps: int, train_wall_s: float, initial: dict, final: dict,
-             stopped_reason: str, checkpoint_path: Path) -> dict:
-    totals, last = trainer.totals, trainer.last_learner_metrics
+def _summary(trainer: PreferenceTrainer, result: LoopResult) -> dict:
+    totals, last, train_wall_s = trainer.totals, trainer.last_learner_metrics, result.train_wall_s
     summary = {
         "algorithm": trainer.config.algorithm.name,
         "mode": trainer.config.preference.mode,
-        "steps": steps,
+        "steps": result.steps,
         "completions": int(totals["completions"]),
         "completion_tokens": int(totals["completion_tokens"]),
         "train_wall_s": train_wall_s,
@@ -272,14 +243,14 @@ def _summary(trainer: PreferenceTrainer, steps: int, train_wall_s: float, initia
         "empty_ties_skipped": int(totals["empty_ties"]),
         "nan_skipped_steps": int(last.get("nan_skipped_steps", 0)),
         "bad_rows_skipped": trainer.dataset.num_skipped if trainer.dataset is not None else 0,
-        "initial_eval_accuracy": initial.get("eval_accuracy"),
-        "final_eval_accuracy": final.get("eval_accuracy"),
+        "initial_eval_accuracy": result.initial.get("eval_accuracy"),
+        "final_eval_accuracy": result.final.get("eval_accuracy"),
         "best_eval_accuracy": max((accuracy for _, accuracy in trainer.eval_history), default=None),
         "weight_version": trainer.weight_version,
-        "stopped_reason": stopped_reason,
-        "final_checkpoint": str(checkpoint_path),
+        "stopped_reason": result.stopped_reason,
+        "final_checkpoint": str(result.checkpoint_path),
     }
     for label in MODES:
-        summary[f"initial_eval_accuracy_{label}"] = initial.get(f"eval_accuracy_{label}")
-        summary[f"final_eval_accuracy_{label}"] = final.get(f"eval_accuracy_{label}")
+        summary[f"initial_eval_accuracy_{label}"] = result.initial.get(f"eval_accuracy_{label}")
+        summary[f"final_eval_accuracy_{label}"] = result.final.get(f"eval_accuracy_{label}")
     return summary

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
+from typing import Callable, Iterator
 from dataclasses import dataclass
 
 from rl_service.config import JobConfig
@@ -107,6 +109,22 @@ def start_roles(config: JobConfig, verifier: str) -> Roles:
     ray.get([learner.ready.remote(), pool.num_engines.remote(), statistics.allocate.remote([0], 1)]
             + [engine.weight_version.remote() for engine in generators])
     return Roles(pool=pool, generators=generators, rewards=rewards, statistics=statistics, learner=learner)
+
+
+@contextmanager
+def ray_session(config: JobConfig, start: Callable[[JobConfig, str], Roles], verifier: str) -> Iterator[Roles]:
+    """Ray up, the job's roles placed; on the way out engines stopped first, then Ray."""
+    start_ray(config)
+    roles = None
+    try:
+        roles = start(config, verifier)
+        yield roles
+    finally:
+        import ray
+
+        if roles is not None:
+            stop_roles(roles)
+        ray.shutdown()
 
 
 def stop_roles(roles: Roles, timeout_s: float = 30.0) -> None:

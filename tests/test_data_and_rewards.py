@@ -1,7 +1,6 @@
 """Prompt files, the data cursor, verifiers and request sharding (pure code, no Ray)."""
 import json
 
-import numpy as np
 import pytest
 
 from rl_service.data.prompts import load_prompt_file

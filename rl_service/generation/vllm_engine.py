@@ -49,12 +49,16 @@ VLLM_CPU_ENV_DEFAULTS = {
     "TORCHDYNAMO_DISABLE": "1",              # vLLM's torch.compile'd helpers cost 9-16 s at start on 2 cores
     "VLLM_USE_V2_MODEL_RUNNER": "0",         # the log-prob hook below targets the V1 runner's sampler
 }
+# Every weight reload logs INFO lines and "RotaryEmbedding/ParallelLMHead: Failed to load weights"
+# warnings (layers with nothing to load: expected); per step that drowns the run's own log.
+VLLM_LOG_LEVEL_DEFAULT = "ERROR"
 
 WORKER_EXTENSION = f"{__name__}.WeightSyncWorkerExtension"
 
 
 def apply_vllm_env_defaults(on_cpu: bool = True) -> None:
     """Set the recipes before `import vllm` (vLLM and torch read some of them at import time)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", VLLM_LOG_LEVEL_DEFAULT)
     for name, value in VLLM_CPU_ENV_DEFAULTS.items():
         if on_cpu or name == "VLLM_USE_V2_MODEL_RUNNER":
             os.environ.setdefault(name, value)

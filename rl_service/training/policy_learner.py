@@ -67,26 +67,32 @@ def deepspeed_config(config: JobConfig) -> dict:
     }
 
 
+def build_engine(config: JobConfig):
+    """(tokenizer, DeepSpeed engine) of the policy: seeded, AdamW with linear warm-up, our config."""
+    import deepspeed
+
+    torch.manual_seed(config.seed)
+    init_single_process_group()
+    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+    model = load_causal_lm(config.model.path, config.model.dtype, config.model.trust_remote_code)
+    model.config.use_cache = False
+    learner = config.learner
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, betas=learner.adam_betas,
+                                  weight_decay=learner.weight_decay, foreach=False)
+    warmup = learner.warmup_steps
+
+    def schedule(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config))
+    return tokenizer, engine
+
+
 class PolicyLearner:
     def __init__(self, config: JobConfig):
-        import deepspeed
-
         self.config = config
-        torch.manual_seed(config.seed)
-        init_single_process_group()
-        self.tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
-        model = load_causal_lm(config.model.path, config.model.dtype, config.model.trust_remote_code)
-        model.config.use_cache = False
-        learner = config.learner
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, betas=learner.adam_betas,
-                                      weight_decay=learner.weight_decay, foreach=False)
-        warmup = learner.warmup_steps
-
-        def schedule(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
-
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config))
+        self.tokenizer, self.engine = build_engine(config)
         self.reference_model = None
         if config.algorithm.kl_coef > 0:
             self.reference_model = load_causal_lm(config.model.path, config.model.dtype,

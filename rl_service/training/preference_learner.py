@@ -28,8 +28,8 @@ from rl_service.algorithms.logprobs import token_log_probs
 from rl_service.algorithms.preference import OnlineAlphaEstimator, PreferenceLogps, bvpo_loss, dpo_loss
 from rl_service.config import JobConfig
 from rl_service.data.preferences import TokenizedPair
-from rl_service.models.loading import load_causal_lm, load_tokenizer
-from rl_service.training.policy_learner import deepspeed_config, init_single_process_group
+from rl_service.models.loading import load_causal_lm
+from rl_service.training.policy_learner import build_engine
 from rl_service.weights.flat import FlatWeights, flatten_named_tensors
 
 # Column order of a pair's four sequences in every [B, 4] log-prob table.
@@ -67,26 +67,10 @@ def _pair_sequences(pair: TokenizedPair, with_empty: bool) -> list[tuple[list[in
 
 class PreferenceLearner:
     def __init__(self, config: JobConfig):
-        import deepspeed
-
         self.config = config
-        torch.manual_seed(config.seed)
-        init_single_process_group()
         model_config = config.model
-        self.tokenizer = load_tokenizer(model_config.path, model_config.trust_remote_code)
+        self.tokenizer, self.engine = build_engine(config)
         self.pad_token_id = self.tokenizer.pad_token_id
-        model = load_causal_lm(model_config.path, model_config.dtype, model_config.trust_remote_code)
-        model.config.use_cache = False
-        learner = config.learner
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, betas=learner.adam_betas,
-                                      weight_decay=learner.weight_decay, foreach=False)
-        warmup = learner.warmup_steps
-
-        def schedule(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
-
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config))
         # π_ref is the initial policy, frozen (§DPO); on the learner: the models here are small.
         self.reference_model = load_causal_lm(model_config.path, model_config.dtype,
                                               model_config.trust_remote_code).eval().requires_grad_(False)
