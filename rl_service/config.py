@@ -84,7 +84,10 @@ class StatisticsConfig(_Section):
     n_min: int = Field(1, ge=0, le=4096, description="fewest samples a prompt gets in online mode (ours; keeps every prompt visible)")
     n_max: int | None = Field(None, ge=1, le=65_536, description="most samples a prompt gets; none = unbounded")
     n_pilot: int = Field(4, ge=1, le=4096, description="samples for a prompt never seen (online) / per prompt in the pilot (offline_pilot uses 8 in the paper)")
-    laplace_smoothing: bool = Field(True, description="feed (a+1)/(m+2) of EMA-weighted counts to the allocator instead of the raw EMA (§GVM.6)")
+    laplace_smoothing: bool = Field(
+        False, description="feed (a+1)/(m+2) of EMA-weighted counts to the allocator instead of the raw EMA (§GVM.6). "
+                           "Off by default: it lifts never-solved prompts from weight 0 (§GVM.4) to the largest "
+                           "weights, so hopeless prompts took the budget (measured: GVM-RAFT++ fell 49% → 48%)")
     pilot_temperature: float = Field(1.0, gt=0.0, le=10.0, description="sampling temperature of the offline pilot (§GVM.5: 1.0)")
     chunk_steps: int = Field(10, ge=1, le=10_000, description="offline_pilot: steps trained per chunk before the next pilot (§GVM.5: about 10)")
     skip_singleton_groups: bool = Field(False, description="GVM-GRPO: drop prompts given n_i < 2 from the loss (ours; §GVM.7)")
