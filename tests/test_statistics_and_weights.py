@@ -104,3 +104,15 @@ def test_statistics_round_trip_keeps_grad_norms():
     restored.load_state_dict(stats.state_dict())
     assert restored.grad_norm_ema[1] == pytest.approx(0.5) and restored.nonfinite_grad_norms == 1
     assert restored.accepted_ema_count[1] == pytest.approx(1.0)
+
+
+def test_per_prompt_mean_of_accepted_norms_keeps_failures_visible():
+    from rl_service.batch_source import per_prompt_mean
+
+    nan, inf = float("nan"), float("inf")
+    # prompt 0: two accepted (1, 3) and a rejected (NaN); prompt 1: none accepted; prompt 2: a failure.
+    means = per_prompt_mean([1.0, nan, 3.0, nan, 2.0, inf], np.array([0, 0, 0, 1, 2, 2]), 4)
+    assert means[0] == pytest.approx(2.0) and np.isnan(means[1]) and np.isinf(means[2]) and np.isnan(means[3])
+    stats = PromptStatistics()
+    assert stats.update_grad_norms([10, 11, 12, 13], means) == 1     # the failure is counted, not averaged
+    assert stats.grad_norm_count[[10, 11, 12, 13]].tolist() == [1, 0, 0, 0]

@@ -226,7 +226,10 @@ class PolicyLearner:
             micro = batch.select(micro_rows)
             parts.append(per_sample_embedding_grad_norms(self.engine.module, micro.input_ids, micro.attention_mask,
                                                          micro.completion_mask))
-        norms[accepted] = torch.cat(parts).to(torch.float64)
+        accepted_norms = torch.cat(parts).to(torch.float64)
+        # NaN marks "rejected" downstream; a non-finite norm of an accepted sample is a numerical
+        # failure, reported as inf so the statistics actor drops and counts it (never averages it in).
+        norms[accepted] = torch.where(torch.isfinite(accepted_norms), accepted_norms, torch.inf)
         return norms.tolist()
 
     # -- weights --------------------------------------------------------------------------
