@@ -89,7 +89,21 @@ def build_engine(config: JobConfig):
     return tokenizer, engine
 
 
-class PolicyLearner:
+class EngineWeights:
+    """What every learner does with its weights: publish them flat (DESIGN.md "Weight sync") and
+    save them as a loadable HF directory (safetensors + tokenizer). Needs `engine` and `tokenizer`."""
+
+    def flat_weights(self, version: int) -> FlatWeights:
+        return flatten_named_tensors(self.engine.module.named_parameters(), version)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.engine.module.save_pretrained(str(directory), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(directory))
+
+
+class PolicyLearner(EngineWeights):
     def __init__(self, config: JobConfig):
         self.config = config
         self.tokenizer, self.engine = build_engine(config)
@@ -232,12 +246,3 @@ class PolicyLearner:
         norms[accepted] = torch.where(torch.isfinite(accepted_norms), accepted_norms, torch.inf)
         return norms.tolist()
 
-    # -- weights --------------------------------------------------------------------------
-    def flat_weights(self, version: int) -> FlatWeights:
-        return flatten_named_tensors(self.engine.module.named_parameters(), version)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.engine.module.save_pretrained(str(directory), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(directory))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 
@@ -29,8 +28,7 @@ from rl_service.algorithms.preference import OnlineAlphaEstimator, PreferenceLog
 from rl_service.config import JobConfig
 from rl_service.data.preferences import TokenizedPair
 from rl_service.models.loading import load_causal_lm
-from rl_service.training.policy_learner import build_engine
-from rl_service.weights.flat import FlatWeights, flatten_named_tensors
+from rl_service.training.policy_learner import EngineWeights, build_engine
 
 # Column order of a pair's four sequences in every [B, 4] log-prob table.
 TRACE_CHOSEN, TRACE_REJECTED, EMPTY_CHOSEN, EMPTY_REJECTED = range(4)
@@ -65,7 +63,7 @@ def _pair_sequences(pair: TokenizedPair, with_empty: bool) -> list[tuple[list[in
     return sequences
 
 
-class PreferenceLearner:
+class PreferenceLearner(EngineWeights):
     def __init__(self, config: JobConfig):
         self.config = config
         model_config = config.model
@@ -237,15 +235,6 @@ class PreferenceLearner:
     def _counter_metrics(self) -> dict[str, float]:
         return {key: float(value) for key, value in self.counters.items()}
 
-    # -- weights and state ---------------------------------------------------------------------
-    def flat_weights(self, version: int) -> FlatWeights:
-        return flatten_named_tensors(self.engine.module.named_parameters(), version)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.engine.module.save_pretrained(str(directory), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(directory))
-
+    # -- state ---------------------------------------------------------------------------------
     def alpha_state(self) -> dict[str, float]:
         return self.alpha_estimator.state_dict() if self.alpha_estimator is not None else {}
