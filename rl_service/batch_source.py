@@ -38,8 +38,6 @@ def per_prompt_mean(values: list[float], request_index: np.ndarray, num_prompts:
 
 
 class OnlineBatches:
-    pilot_completions = 0
-
     def __init__(self, config: JobConfig, task, sampler, roles):
         self.config, self.task, self.sampler, self.roles = config, task, sampler, roles
         self.wants_grad_norms = config.statistics.allocation == "gvm"
@@ -54,7 +52,7 @@ class OnlineBatches:
         return records, counts
 
     def pop_pilot_completions(self) -> int:
-        return 0
+        return 0   # no pilot: every sample generated is a training sample
 
 
 class OfflinePilotBatches:
