@@ -66,9 +66,9 @@ def prepare_preference_job(config: JobConfig) -> PreparedPreferenceJob:
         dataset = load_preference_file(preference.dataset_path, preference.on_bad_row)
         task.train = [PromptRecord(row.pair_id, row.prompt, row.answer or "") for row in dataset.rows]
     if preference.reward_source == "reward_model":
-        from rl_service.rewards.reward_model import _check_model_dir
+        from rl_service.models.loading import resolve_model_dir
 
-        _check_model_dir(preference.reward_model_path, "preference.reward_model_path")
+        resolve_model_dir(preference.reward_model_path, "preference.reward_model_path", allow_builtin=False)
     return PreparedPreferenceJob(config=config, task=task, tokenizer=tokenizer, dataset=dataset)
 
 

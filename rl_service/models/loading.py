@@ -13,16 +13,19 @@ from rl_service.errors import ModelLoadError
 BUILTIN_MODEL_DIR = Path(__file__).resolve().parent / "builtin"
 
 
-def resolve_model_dir(path: str) -> Path:
-    directory = BUILTIN_MODEL_DIR if path == "builtin" else Path(path).expanduser()
+def resolve_model_dir(path: str | Path, field: str = "model.path", allow_builtin: bool = True) -> Path:
+    """The model directory, checked before anything loads from it: config, safetensors weights only
+    (a pickle checkpoint could run code), a tokenizer. Errors name `field`, the config field at fault."""
+    directory = BUILTIN_MODEL_DIR if allow_builtin and str(path) == "builtin" else Path(path).expanduser()
     if not directory.is_dir():
-        raise ModelLoadError(f"model.path: {directory} is not a directory (use 'builtin' or a local HF model directory)")
+        hint = " (use 'builtin' or a local HF model directory)" if allow_builtin else ""
+        raise ModelLoadError(f"{field}: {directory} is not a directory{hint}")
     if not (directory / "config.json").is_file():
-        raise ModelLoadError(f"model.path: {directory} has no config.json")
+        raise ModelLoadError(f"{field}: {directory} has no config.json")
     if not any(directory.glob("*.safetensors")):
-        raise ModelLoadError(f"model.path: {directory} has no *.safetensors weights (pickle checkpoints are not loaded)")
+        raise ModelLoadError(f"{field}: {directory} has no *.safetensors weights (pickle checkpoints are not loaded)")
     if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer_config.json").is_file():
-        raise ModelLoadError(f"model.path: {directory} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+        raise ModelLoadError(f"{field}: {directory} has no tokenizer (tokenizer.json / tokenizer_config.json)")
     return directory
 
 

@@ -19,20 +19,8 @@ from typing import Sequence
 import torch
 
 from rl_service.errors import ModelLoadError
+from rl_service.models.loading import resolve_model_dir
 from rl_service.rewards.verifiers import final_answer_text
-
-
-def _check_model_dir(path: str | Path, source: str) -> Path:
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise ModelLoadError(f"{source}: {directory} is not a directory")
-    if not (directory / "config.json").is_file():
-        raise ModelLoadError(f"{source}: {directory} has no config.json")
-    if not any(directory.glob("*.safetensors")):
-        raise ModelLoadError(f"{source}: {directory} has no *.safetensors weights (pickle checkpoints are not loaded)")
-    if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer_config.json").is_file():
-        raise ModelLoadError(f"{source}: {directory} has no tokenizer (tokenizer.json / tokenizer_config.json)")
-    return directory
 
 
 class RewardModelScorer:
@@ -51,7 +39,7 @@ class RewardModelScorer:
 
         from rl_service.models.loading import _GENERIC_TOKENIZER_CLASSES, _saved_tokenizer_class
 
-        directory = _check_model_dir(path, source)
+        directory = resolve_model_dir(path, source, allow_builtin=False)
         # A bare tokenizer.json loads as saved (see models/loading.py: AutoTokenizer would rebuild it).
         tokenizer_class = (PreTrainedTokenizerFast if _saved_tokenizer_class(directory) in _GENERIC_TOKENIZER_CLASSES
                            else AutoTokenizer)
