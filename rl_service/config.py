@@ -168,6 +168,15 @@ class ClusterConfig(_Section):
     torch_threads: int | None = Field(None, ge=1, le=1024, description="torch threads per actor (none: all cores; sync mode runs one role at a time)")
 
 
+class ScheduleConfig(_Section):
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: generate, then train, then publish, one step at a time; async: generation of the next "
+                            "steps overlaps training on this one (DESIGN.md 'One training step')")
+    max_staleness: int = Field(
+        1, ge=0, le=64, description="async: most weight versions a trained sample may lag the learner; 0 = no overlap "
+                                    "(equals sync exactly)")
+
+
 class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="write TensorBoard events to RUN_DIR/tb")
     progress_bar: bool = Field(True, description="rich progress bar on the terminal")
@@ -195,6 +204,7 @@ class JobConfig(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
@@ -214,6 +224,13 @@ class JobConfig(_Section):
                              "(α̂ comes from resampled generated traces, §BVPO.6)")
         if preference.mode == "online" and self.generator.samples_per_prompt < 2:
             raise ValueError("generator.samples_per_prompt must be >= 2 for online dpo/bvpo (a pair needs two samples)")
+        return self
+
+    @model_validator(mode="after")
+    def _async_is_for_policy_jobs(self) -> "JobConfig":
+        if self.schedule.mode == "async" and self.algorithm.name in ("dpo", "bvpo"):
+            raise ValueError(f"schedule.mode 'async' applies to grpo and raft++ jobs; algorithm.name "
+                             f"'{self.algorithm.name}' runs the synchronous preference loop")
         return self
 
     @model_validator(mode="after")
