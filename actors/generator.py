@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ray
 
-from actors.process import configure_process
+from actors.process import configure_process, role_threads
 from rl_service.config import JobConfig
 from rl_service.generation.engines import make_engine
 from rl_service.rollout import GenerationRequest, Rollout, SamplingParams
@@ -13,7 +13,7 @@ from rl_service.weights.flat import FlatWeights
 @ray.remote
 class GeneratorActor:
     def __init__(self, config: JobConfig, engine_index: int):
-        configure_process(config.cluster.torch_threads)
+        configure_process(role_threads(config, "generator"))
         self.engine_index = engine_index
         self.engine = make_engine(config)
 

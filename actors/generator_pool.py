@@ -7,10 +7,11 @@ the driver (DESIGN.md, "Big data moves between actors as Ray object references")
 Balancing: the pool remembers, per engine, the work it sent and has not yet seen finish (samples ×
 max new tokens of each shard whose result is not ready) and splits each new call with
 `rl_service.rollout.balance_requests`, so an engine still busy with an earlier call (async mode,
-evaluation next to training) gets less of the next one. The shards are contiguous and come back in
+evaluation next to training) gets less of the next one (for callers that do not wait for earlier shards). The shards are contiguous and come back in
 request order: concatenating the results gives the samples in request order. In sync mode every
 earlier shard has finished when the next call comes (the driver waits for them), so the split, and
-with it every shard's seed, depends only on the call: a run replays bit for bit.
+with it every shard's seed, depends only on the call: a run replays bit for bit. Async mode asks for
+an even split for the same reason.
 """
 from __future__ import annotations
 
@@ -41,9 +42,16 @@ class GeneratorPool:
             self._pending = [[(ref, work) for ref, work in pending if ref not in done] for pending in self._pending]
         return [sum(work for _, work in pending) for pending in self._pending]
 
-    def generate(self, requests: list[GenerationRequest], sampling: SamplingParams, seed: int) -> list[ray.ObjectRef]:
-        """Refs to Rollout shards, in request order; shard k is seeded with (seed, k)."""
+    def generate(self, requests: list[GenerationRequest], sampling: SamplingParams, seed: int,
+                 even_split: bool = False) -> list[ray.ObjectRef]:
+        """Refs to Rollout shards, in request order; shard k is seeded with (seed, k).
+
+        `even_split` ignores the work engines still have outstanding: the split, and so every
+        shard's seed, then depends on the call alone (the driver's async mode, which launches while
+        earlier shards may still run, asks for it so that a seeded run replays bit for bit)."""
         outstanding = self.outstanding_work()
+        if even_split:
+            outstanding = [0] * len(outstanding)
         assignment = balance_requests(requests, outstanding, sampling.max_new_tokens)
         refs = []
         for index, (engine_index, shard) in enumerate(assignment):

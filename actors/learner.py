@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ray
 
-from actors.process import configure_process
+from actors.process import configure_process, role_threads
 from rl_service.config import JobConfig
 from rl_service.rollout import Rollout
 from rl_service.weights.flat import FlatWeights
@@ -12,7 +12,7 @@ from rl_service.weights.flat import FlatWeights
 @ray.remote
 class LearnerActor:
     def __init__(self, config: JobConfig):
-        configure_process(config.cluster.torch_threads)
+        configure_process(role_threads(config, "learner"))
         from rl_service.training.policy_learner import PolicyLearner
 
         self.learner = PolicyLearner(config)

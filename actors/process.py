@@ -12,6 +12,20 @@ ACTOR_ENV = {
 }
 
 
+def role_threads(config, role: str) -> int:
+    """Torch threads of a generator or learner process on this node.
+
+    `cluster.torch_threads` when set. Otherwise sync mode gives every role all cores (one role
+    works at a time) and async mode halves them, generator and learner each taking half (they work
+    at the same time; oversubscribed OpenMP threads spin and slow both down)."""
+    if config.cluster.torch_threads:
+        return config.cluster.torch_threads
+    cores = os.cpu_count() or 1
+    if config.schedule.mode == "async" and config.schedule.max_staleness > 0:
+        return max(1, cores // 2) if role == "generator" else max(1, cores - cores // 2)
+    return cores
+
+
 def configure_process(torch_threads: int | None) -> None:
     """Pin torch's thread count: Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors, which would
     leave one core idle when a role runs alone in sync mode."""

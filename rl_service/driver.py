@@ -8,6 +8,10 @@
     metrics = learner.train_step(samples, rewards)
     pool.update_weights(learner.publish_weights(version + 1))
 
+That is sync mode (`schedule.mode: sync`). Async mode launches the next steps' rollouts before
+training on this one, at most `schedule.max_staleness` weight versions ahead (`rl_service/pipeline.py`
+holds the schedule); with a bound of 0 it is the loop above, call for call.
+
 The driver holds prompt ids, rewards and metrics only; samples and weights travel between actors
 as object references. Every wait on an actor is timed, so the step breakdown shows where time goes
 and what the driver itself costs.
@@ -29,6 +33,7 @@ from rl_service.batch_source import make_batch_source, per_prompt_mean
 from rl_service.models.loading import load_tokenizer
 from rl_service.guard import eval_collapsed
 from rl_service.step_loop import LoopResult, run_steps
+from rl_service.pipeline import RolloutPipeline
 from rl_service.roles import Roles, ray_session, start_roles
 from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
 from rl_service.run_dir import RunDirectory
@@ -55,6 +60,16 @@ class PhaseTimer:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - started
+
+
+@dataclass
+class LaunchedRollout:
+    """A batch sent out and not yet collected: refs to its samples and to their scores."""
+    records: list
+    counts: list
+    shard_refs: list
+    score_refs: list
+    sampler_state: dict | None = None   # data cursor right after this batch was drawn
 
 
 @dataclass
@@ -97,9 +112,17 @@ class Trainer:
         self.totals = {"completions": 0, "completion_tokens": 0}
         self.eval_history: list[tuple[int, float]] = []
         self.phase_totals: dict[str, float] = defaultdict(float)
+        schedule = self.config.schedule
+        self.pipelined = schedule.mode == "async" and schedule.max_staleness > 0
+        self.pipeline = RolloutPipeline(self._launch_step, schedule.max_staleness if self.pipelined else 0,
+                                        self.config.steps)
+        self._timer = PhaseTimer()
+        self.trained_sampler_state = self.sampler.state_dict()
 
     # -- generation + scoring, shared by training and evaluation ------------------------------
-    def _rollout(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer, split: str = "train"):
+    def _launch(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer,
+                split: str = "train") -> LaunchedRollout:
+        """Send a batch to the pool and its samples on to the reward actors; wait for neither."""
         import ray
 
         tokenize = self.prompt_tokens[split]
@@ -107,18 +130,40 @@ class Trainer:
         requests = [GenerationRequest(index, record.prompt_id, tokenize(record), count)
                     for index, (record, count) in enumerate(zip(records, counts)) if count > 0]
         if not requests:  # every prompt was allocated 0 samples: nothing to generate or score
+            return LaunchedRollout(records, counts, [], [])
+        with timer.phase("generate"):
+            # Async mode splits evenly over engines whatever they still run, so a run replays bit for bit.
+            shard_refs = ray.get(self.roles.pool.generate.remote(requests, sampling, seed, self.pipelined))
+        answers = [record.answer for record in records]
+        # Contiguous groups of shards per reward actor keep the concatenation in sample order; each
+        # actor fetches its shards itself as they finish.
+        groups = np.array_split(np.arange(len(shard_refs)), min(len(self.roles.rewards), len(shard_refs)))
+        score_refs = [actor.score.remote([shard_refs[k] for k in group], answers)
+                      for actor, group in zip(self.roles.rewards, groups)]
+        return LaunchedRollout(records, counts, shard_refs, score_refs)
+
+    @staticmethod
+    def _collect(launched: LaunchedRollout, timer: PhaseTimer):
+        import ray
+
+        if not launched.shard_refs:
             return [], {key: [] for key in SCORED_KEYS}
         with timer.phase("generate"):
-            shard_refs = ray.get(self.roles.pool.generate.remote(requests, sampling, seed))
-            ray.wait(shard_refs, num_returns=len(shard_refs), fetch_local=False)
-        answers = [record.answer for record in records]
+            ray.wait(launched.shard_refs, num_returns=len(launched.shard_refs), fetch_local=False)
         with timer.phase("reward"):
-            # Contiguous groups of shards per reward actor keep the concatenation in sample order.
-            groups = np.array_split(np.arange(len(shard_refs)), min(len(self.roles.rewards), len(shard_refs)))
-            parts = ray.get([actor.score.remote([shard_refs[k] for k in group], answers)
-                             for actor, group in zip(self.roles.rewards, groups)])
-        scored = {key: [item for part in parts for item in part[key]] for key in SCORED_KEYS}
-        return shard_refs, scored
+            parts = ray.get(launched.score_refs)
+        return launched.shard_refs, {key: [item for part in parts for item in part[key]] for key in SCORED_KEYS}
+
+    def _rollout(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer, split: str = "train"):
+        return self._collect(self._launch(records, counts, sampling, seed, timer, split), timer)
+
+    def _launch_step(self, step: int) -> LaunchedRollout:
+        """The pipeline's launcher: step `step`'s prompts, allocation and rollout, timed in the step
+        that launches it."""
+        records, counts = self.batches.next(step, self._timer)
+        launched = self._launch(records, counts, self.sampling, _seed_for(self.config, step, 0), self._timer)
+        launched.sampler_state = self.sampler.state_dict()
+        return launched
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Greedy accuracy on the eval split (one completion per prompt, reasoning as configured)."""
@@ -146,10 +191,16 @@ class Trainer:
         import ray
 
         started = time.perf_counter()
-        timer = PhaseTimer()
-        records, counts = self.batches.next(step, timer)
+        timer = self._timer = PhaseTimer()
+        launched = self.pipeline.take(step)
+        shard_refs, scored = self._collect(launched, timer)
+        records = launched.records
+        self.trained_sampler_state = launched.sampler_state
         prompt_ids = [record.prompt_id for record in records]
-        shard_refs, scored = self._rollout(records, counts, self.sampling, _seed_for(self.config, step, 0), timer)
+        staleness = self.weight_version - np.asarray(scored["weight_versions"], dtype=np.int64)
+        if staleness.size and int(staleness.max()) > self.pipeline.max_staleness:
+            raise RuntimeError(f"step {step} sampled with weights {int(staleness.max())} versions old, "
+                               f"beyond the bound of {self.pipeline.max_staleness}")
         rewards = np.asarray(scored["rewards"], dtype=np.float64)
         request_index = np.asarray(scored["request_index"], dtype=np.int64)
         accepted = np.bincount(request_index, weights=rewards, minlength=len(records))
@@ -186,6 +237,8 @@ class Trainer:
             "completions_per_s": completions / step_seconds,
             "tokens_per_s": tokens / step_seconds,
             "weight_version": float(self.weight_version),
+            "sample_staleness_mean": _mean(staleness),
+            "rollouts_in_flight": float(self.pipeline.in_flight),
             "step_seconds": step_seconds,
             "driver_overhead_fraction": max(step_seconds - waited, 0.0) / step_seconds,
             **{f"time_{name}_s": seconds for name, seconds in timer.seconds.items()},
@@ -207,7 +260,8 @@ class Trainer:
         import ray
 
         statistics = ray.get(self.roles.statistics.state_dict.remote())
-        state = {"step": step, "weight_version": self.weight_version, "sampler": self.sampler.state_dict(),
+        # The cursor after the last trained batch: async mode has drawn batches ahead of it.
+        state = {"step": step, "weight_version": self.weight_version, "sampler": self.trained_sampler_state,
                  "totals": self.totals, "eval_history": self.eval_history}
         return self.run_dir.write_checkpoint(
             step, lambda directory: ray.get(self.roles.learner.save_pretrained.remote(directory)), statistics, state)

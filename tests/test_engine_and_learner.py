@@ -104,3 +104,32 @@ def test_micro_batching_gives_the_full_batch_update(requests):
             difference = (value - full[name]).abs()
             assert float(difference.max()) <= 1e-3, name
             assert float((difference > 1e-5).float().mean()) <= 1e-3, name
+
+
+def test_stale_samples_take_the_ratio_against_their_behaviour_logprobs(requests):
+    """Async mode: a sample from an older weight version gets ρ = π_θ / π_behaviour (§GRPO.3), a sample
+    from the current version ρ = 1 on the first update, as in sync mode."""
+    from rl_service.generation.hf_engine import HFGenerationEngine
+
+    rollout = HFGenerationEngine("builtin").generate(requests, SamplingParams(max_new_tokens=24), seed=3)
+    rewards = [float(k % 2 == 0) for k in range(len(rollout))]
+    shift = 0.5   # behaviour log-probs 0.5 below the learner's: ρ = e^0.5 on every stale token
+    stale = copy.deepcopy(rollout)
+    stale.behaviour_logprobs = [np.asarray(logprobs) - shift for logprobs in stale.behaviour_logprobs]
+
+    learner = _learner(64)
+    learner.flat_weights(version=1)       # the learner is one version ahead of the samples (version 0)
+    stale_metrics = learner.train_step(stale, rewards)
+    assert stale_metrics["stale_sample_fraction"] == 1.0
+    assert stale_metrics["ratio_mean"] == pytest.approx(np.exp(shift), rel=1e-3)
+    # ρ = 1.65 > 1 + ε_high: the clip holds every positive-advantage token.
+    assert stale_metrics["clip_frac_high"] > 0
+
+    fresh = copy.deepcopy(stale)
+    fresh.weight_versions = [1] * len(fresh)
+    learner = _learner(64)
+    learner.flat_weights(version=1)
+    fresh_metrics = learner.train_step(fresh, rewards)
+    assert fresh_metrics["stale_sample_fraction"] == 0.0
+    assert fresh_metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert fresh_metrics["clip_frac_high"] == 0.0

@@ -21,6 +21,7 @@ class TrainingBatch:
     completion_mask: torch.Tensor    # [N, L-1] float, 1 on completion labels
     behaviour_logprobs: torch.Tensor # [N, L-1] float32, 0 off the completion
     advantages: torch.Tensor         # [N] float32
+    weight_versions: torch.Tensor    # [N] long, the policy version that sampled each row
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -31,7 +32,7 @@ class TrainingBatch:
         width = int(picked.attention_mask.sum(dim=1).max()) if len(picked) else 1
         return TrainingBatch(picked.input_ids[:, :width], picked.attention_mask[:, :width],
                              picked.completion_mask[:, :width - 1], picked.behaviour_logprobs[:, :width - 1],
-                             picked.advantages)
+                             picked.advantages, picked.weight_versions)
 
 
 def build_training_batch(rollout: Rollout, advantages: torch.Tensor, keep: torch.Tensor, pad_token_id: int) -> TrainingBatch:
@@ -52,5 +53,7 @@ def build_training_batch(rollout: Rollout, advantages: torch.Tensor, keep: torch
         first, last = len(prompt) - 1, length - 1
         completion_mask[row, first:last] = 1.0
         behaviour[row, first:last] = torch.as_tensor(np.array(rollout.behaviour_logprobs[k], dtype=np.float32))
+    picked = torch.tensor(rows, dtype=torch.long)
+    versions = torch.tensor(rollout.weight_versions, dtype=torch.long) if rollout.weight_versions else torch.zeros(len(rollout), dtype=torch.long)
     return TrainingBatch(input_ids, attention_mask, completion_mask, behaviour,
-                         advantages[torch.tensor(rows, dtype=torch.long)].float() if rows else torch.zeros(0))
+                         advantages[picked].float() if rows else torch.zeros(0), versions[picked])

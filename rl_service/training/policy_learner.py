@@ -93,7 +93,10 @@ class EngineWeights:
     """What every learner does with its weights: publish them flat (DESIGN.md "Weight sync") and
     save them as a loadable HF directory (safetensors + tokenizer). Needs `engine` and `tokenizer`."""
 
+    weight_version = 0   # the version these weights were last published as (0: the initial model)
+
     def flat_weights(self, version: int) -> FlatWeights:
+        self.weight_version = version
         return flatten_named_tensors(self.engine.module.named_parameters(), version)
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -183,6 +186,7 @@ class PolicyLearner(EngineWeights):
                     sums[key] = sums.get(key, 0.0) + value
                 count += 1
         metrics.update({key: value / count for key, value in sums.items()})
+        metrics["stale_sample_fraction"] = float((batch.weight_versions < self.weight_version).float().mean())
         metrics["optimizer_steps"] = float(count)
         metrics["learning_rate"] = float(self.engine.get_lr()[0])
         metrics["train_seconds"] = time.perf_counter() - started
@@ -199,6 +203,11 @@ class PolicyLearner(EngineWeights):
             width = micro.completion_mask.shape[1]
             logprobs = self._token_logprobs(self.engine, micro)
             old = logprobs.detach() if old_logprobs is None else old_logprobs[micro_rows][:, :width]
+            stale = micro.weight_versions < self.weight_version
+            if bool(stale.any()):
+                # A sample drawn by an older policy (async mode): π_old of the §GRPO.3 ratio is the
+                # policy that sampled it, whose log-probs the generator returned with the tokens.
+                old = torch.where(stale[:, None], micro.behaviour_logprobs, old)
             ref = None if ref_logprobs is None else ref_logprobs[micro_rows][:, :width]
             loss, loss_metrics = policy_loss(logprobs, old, micro.advantages, micro.completion_mask, self.loss_config,
                                              ref_logprobs=ref, loss_normalizer=normalizer)

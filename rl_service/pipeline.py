@@ -1,0 +1,49 @@
+"""Which steps' rollouts are in flight: the schedule of sync and async mode (DESIGN.md "One training
+step"; issue "Throughput: asynchronous rollout and training with a staleness bound").
+
+Weight version v is the learner after v updates; the generators load it right after step v.
+Every call on an engine runs in the order it was submitted, so a rollout samples with the last
+version published before it was launched. Step k, with `max_staleness` s:
+
+    launch rollouts of steps up to k + s   (those not launched yet; version k−1 is published)
+    collect step k's rollout                (launched at step k − s, sampled with version ≥ k−1−s)
+    train on it, publish version k
+
+s = 0 launches step k's rollout after version k−1 is published and waits for it: the synchronous
+loop, call for call. s = 1 samples step k+1 with version k−1 while the learner trains step k, so
+generation and training overlap and a sample lags the learner by at most one version; the loss
+corrects for the lag with the sample's behaviour log-probs (`PolicyLearner`, §GRPO.3 ratio).
+
+No Ray here: `launch(step)` is the driver's, and returns whatever it needs to collect later.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Generic, TypeVar
+
+Launched = TypeVar("Launched")
+
+
+class RolloutPipeline(Generic[Launched]):
+    def __init__(self, launch: Callable[[int], Launched], max_staleness: int, last_step: int):
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+        self.launch = launch
+        self.max_staleness = max_staleness
+        self.last_step = last_step
+        self.next_to_launch = 1
+        self._in_flight: deque[tuple[int, Launched]] = deque()
+
+    def take(self, step: int) -> Launched:
+        """Launch what the staleness bound allows by now, then hand back step `step`'s rollout."""
+        while self.next_to_launch <= min(step + self.max_staleness, self.last_step):
+            self._in_flight.append((self.next_to_launch, self.launch(self.next_to_launch)))
+            self.next_to_launch += 1
+        launched_step, launched = self._in_flight.popleft()
+        if launched_step != step:
+            raise RuntimeError(f"rollouts are taken in step order: asked for step {step}, next is {launched_step}")
+        return launched
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
