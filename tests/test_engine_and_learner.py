@@ -86,12 +86,15 @@ def test_micro_batching_gives_the_full_batch_update(requests):
     rollout = HFGenerationEngine("builtin").generate(requests, SamplingParams(max_new_tokens=32), seed=1)
     rewards = [float(k % 3 == 0) for k in range(len(rollout))]
     results = []
-    for micro_batch_size, stage in ((64, 0), (3, 0), (3, 1)):
-        learner = _learner(micro_batch_size, stage)
+    # Micro-batches grouped by length (the default) and in sample order must both give the full batch's update.
+    for micro_batch_size, stage, grouped in ((64, 0, True), (3, 0, True), (3, 1, True), (3, 0, False)):
+        learner = _learner(micro_batch_size, stage, [f"learner.group_by_length={grouped}"])
         metrics = learner.train_step(rollout, rewards)
         results.append((metrics, {n: p.detach().clone() for n, p in learner.engine.module.named_parameters()}))
     (full_metrics, full), *others = results
     assert full_metrics["grad_norm"] > 0
+    grouped_padding, ungrouped_padding = others[0][0]["padding_fraction"], others[2][0]["padding_fraction"]
+    assert 0.0 <= grouped_padding <= ungrouped_padding < 1.0
     for metrics, params in others:
         assert metrics["loss"] == pytest.approx(full_metrics["loss"], abs=1e-6)
         assert metrics["grad_norm"] == pytest.approx(full_metrics["grad_norm"], rel=1e-4)

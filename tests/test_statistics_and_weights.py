@@ -116,3 +116,25 @@ def test_per_prompt_mean_of_accepted_norms_keeps_failures_visible():
     stats = PromptStatistics()
     assert stats.update_grad_norms([10, 11, 12, 13], means) == 1     # the failure is counted, not averaged
     assert stats.grad_norm_count[[10, 11, 12, 13]].tolist() == [1, 0, 0, 0]
+
+
+def test_length_grouped_micro_batches_cover_each_row_once_and_pad_less():
+    import torch
+
+    from rl_service.training.batch import TrainingBatch, micro_batches
+
+    lengths = torch.tensor([5, 9, 2, 9, 7, 3, 8, 4, 6, 1])
+    width = int(lengths.max())
+    attention = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    batch = TrainingBatch(attention.clone(), attention, attention[:, 1:].float(), attention[:, 1:].float(),
+                          torch.zeros(10), torch.zeros(10, dtype=torch.long))
+    rows = torch.tensor([0, 2, 4, 5, 6, 7, 8, 9])            # a mini-batch: rows 1 and 3 are elsewhere
+    grouped = micro_batches(batch, rows, 3, group_by_length=True)
+    assert sorted(torch.cat(grouped).tolist()) == rows.tolist()
+    assert [lengths[micro].tolist() for micro in grouped] == [[8, 7, 6], [5, 4, 3], [2, 1]]
+    in_order = micro_batches(batch, rows, 3, group_by_length=False)
+    assert [micro.tolist() for micro in in_order] == [[0, 2, 4], [5, 6, 7], [8, 9]]
+
+    def padded_positions(micros):
+        return sum(batch.select(micro).attention_mask.numel() for micro in micros)
+    assert padded_positions(grouped) == 8 * 3 + 5 * 3 + 2 * 2 < padded_positions(in_order) == 7 * 3 + 8 * 3 + 6 * 2

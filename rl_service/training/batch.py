@@ -35,6 +35,20 @@ class TrainingBatch:
                              picked.advantages, picked.weight_versions)
 
 
+def micro_batches(batch: TrainingBatch, rows: torch.Tensor, micro_size: int, group_by_length: bool) -> list[torch.Tensor]:
+    """Row indices of each micro-batch of `rows` (a mini-batch).
+
+    Grouped by length, longest first: `select` trims each micro-batch to its own longest row, so
+    rows of similar length share one width and little compute goes to padding (on the built-in
+    task, sequences average ~45 tokens while a batch's longest is ~80). The mini-batch, its loss
+    normaliser and so its gradient are the same either way; only the summation order changes.
+    """
+    if group_by_length and len(rows) > micro_size:
+        lengths = batch.attention_mask[rows].sum(dim=1)
+        rows = rows[torch.sort(lengths, descending=True, stable=True).indices]
+    return list(torch.split(rows, micro_size))
+
+
 def build_training_batch(rollout: Rollout, advantages: torch.Tensor, keep: torch.Tensor, pad_token_id: int) -> TrainingBatch:
     rows = [k for k in range(len(rollout)) if bool(keep[k])]
     lengths = [len(rollout.prompt_token_ids[k]) + len(rollout.completion_token_ids[k]) for k in rows]

@@ -24,7 +24,7 @@ from rl_service.algorithms.policy_loss import PolicyLossConfig, loss_normalizer_
 from rl_service.config import JobConfig
 from rl_service.models.loading import load_causal_lm, load_tokenizer
 from rl_service.rollout import Rollout
-from rl_service.training.batch import TrainingBatch, build_training_batch
+from rl_service.training.batch import TrainingBatch, build_training_batch, micro_batches
 from rl_service.weights.flat import FlatWeights, flatten_named_tensors
 
 
@@ -151,15 +151,17 @@ class PolicyLearner(EngineWeights):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
         return token_log_probs(logits, batch.input_ids[:, 1:], temperature=self.temperature)
 
+    def _micro_batches(self, batch: TrainingBatch, rows: torch.Tensor) -> list[torch.Tensor]:
+        learner = self.config.learner
+        return micro_batches(batch, rows, learner.micro_batch_size, learner.group_by_length)
+
     @torch.no_grad()
     def _frozen_logprobs(self, model, batch: TrainingBatch) -> torch.Tensor:
-        parts = []
-        for start in range(0, len(batch), self.config.learner.micro_batch_size):
-            rows = slice(start, start + self.config.learner.micro_batch_size)
-            micro = batch.select(rows)
-            logprobs = self._token_logprobs(model, micro)
-            parts.append(torch.nn.functional.pad(logprobs, (0, batch.completion_mask.shape[1] - logprobs.shape[1])))
-        return torch.cat(parts) * batch.completion_mask
+        logprobs = torch.zeros_like(batch.completion_mask)
+        for rows in self._micro_batches(batch, torch.arange(len(batch))):
+            micro_logprobs = self._token_logprobs(model, batch.select(rows))
+            logprobs[rows, :micro_logprobs.shape[1]] = micro_logprobs
+        return logprobs * batch.completion_mask
 
     def train_step(self, rollout: Rollout, rewards: list[float]) -> dict[str, float]:
         started = time.perf_counter()
@@ -195,11 +197,13 @@ class PolicyLearner(EngineWeights):
     def _optimizer_step(self, batch: TrainingBatch, mini_rows: torch.Tensor, old_logprobs, ref_logprobs) -> dict[str, float]:
         aggregation = self.config.algorithm.aggregation
         normalizer = loss_normalizer_for(batch.completion_mask[mini_rows], aggregation)
-        micro_size = self.config.learner.micro_batch_size
         totals: dict[str, float] = {"loss": 0.0, "behaviour_logprob_abs_diff": 0.0}
         tokens = float(batch.completion_mask[mini_rows].sum())
-        for micro_rows in torch.split(mini_rows, micro_size):
+        padded_positions = real_positions = 0
+        for micro_rows in self._micro_batches(batch, mini_rows):
             micro = batch.select(micro_rows)
+            padded_positions += micro.attention_mask.numel()
+            real_positions += int(micro.attention_mask.sum())
             width = micro.completion_mask.shape[1]
             logprobs = self._token_logprobs(self.engine, micro)
             old = logprobs.detach() if old_logprobs is None else old_logprobs[micro_rows][:, :width]
@@ -229,6 +233,7 @@ class PolicyLearner(EngineWeights):
         self.optimizer_steps += 1
         grad_norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        totals["padding_fraction"] = 1.0 - real_positions / max(padded_positions, 1)
         return totals
 
     # -- GVM statistics ----------------------------------------------------------------------
@@ -243,13 +248,11 @@ class PolicyLearner(EngineWeights):
         if not bool(accepted.any()):
             return norms.tolist()
         batch = build_training_batch(rollout, torch.zeros(len(rollout)), accepted, self.tokenizer.pad_token_id)
-        rows = torch.arange(len(batch))
-        parts = []
-        for micro_rows in torch.split(rows, self.config.learner.micro_batch_size):
+        accepted_norms = torch.empty(len(batch), dtype=torch.float64)
+        for micro_rows in self._micro_batches(batch, torch.arange(len(batch))):
             micro = batch.select(micro_rows)
-            parts.append(per_sample_embedding_grad_norms(self.engine.module, micro.input_ids, micro.attention_mask,
-                                                         micro.completion_mask))
-        accepted_norms = torch.cat(parts).to(torch.float64)
+            accepted_norms[micro_rows] = per_sample_embedding_grad_norms(
+                self.engine.module, micro.input_ids, micro.attention_mask, micro.completion_mask).to(torch.float64)
         # NaN marks "rejected" downstream; a non-finite norm of an accepted sample is a numerical
         # failure, reported as inf so the statistics actor drops and counts it (never averages it in).
         norms[accepted] = torch.where(torch.isfinite(accepted_norms), accepted_norms, torch.inf)
