@@ -69,6 +69,14 @@ class RewardConfig(_Section):
         "auto", description="integer: exact integer match; math: math-verify; auto: integer for the arithmetic task, math otherwise")
     num_actors: int = Field(1, ge=1, le=1024, description="RewardActors; batches are split across them")
     timeout_s: float = Field(5.0, gt=0.0, description="per-completion verification time limit, seconds")
+    custom: str | None = Field(
+        None, description="'path/to/file.py:function_name' (path relative to the working directory), called as "
+                          "fn(completion: str, answer: str) -> float per completion in a separate subprocess; its "
+                          "float replaces the verifier's reward. A call that raises, returns a non-finite or "
+                          "non-number, or passes the time or memory limit scores 0 and is counted")
+    custom_timeout_s: float = Field(5.0, gt=0.0, le=3600.0, description="time limit of one custom reward call, seconds")
+    custom_memory_mb: int = Field(
+        1024, ge=64, le=1_048_576, description="address-space limit (RLIMIT_AS) of the custom reward subprocess, MiB")
     num_cpus: float = Field(0.25, gt=0.0, le=1024)
 
 

@@ -36,6 +36,7 @@ from rl_service.step_loop import LoopResult, run_steps
 from rl_service.pipeline import RolloutPipeline
 from rl_service.roles import Roles, ray_session, start_roles
 from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
+from rl_service.rewards.custom import COUNTER_KEYS as REWARD_COUNTER_KEYS
 from rl_service.run_dir import RunDirectory
 from rl_service.tasks import PromptTokenizer, TaskData, load_task
 
@@ -138,7 +139,8 @@ class Trainer:
         # Contiguous groups of shards per reward actor keep the concatenation in sample order; each
         # actor fetches its shards itself as they finish.
         groups = np.array_split(np.arange(len(shard_refs)), min(len(self.roles.rewards), len(shard_refs)))
-        score_refs = [actor.score.remote([shard_refs[k] for k in group], answers)
+        # Evaluation keeps the verifier, so eval_accuracy stays an accuracy under a custom reward.
+        score_refs = [actor.score.remote([shard_refs[k] for k in group], answers, verifier_only=split == "eval")
                       for actor, group in zip(self.roles.rewards, groups)]
         return LaunchedRollout(records, counts, shard_refs, score_refs)
 
@@ -147,12 +149,14 @@ class Trainer:
         import ray
 
         if not launched.shard_refs:
-            return [], {key: [] for key in SCORED_KEYS}
+            return [], {**{key: [] for key in SCORED_KEYS}, **dict.fromkeys(REWARD_COUNTER_KEYS, 0)}
         with timer.phase("generate"):
             ray.wait(launched.shard_refs, num_returns=len(launched.shard_refs), fetch_local=False)
         with timer.phase("reward"):
             parts = ray.get(launched.score_refs)
-        return launched.shard_refs, {key: [item for part in parts for item in part[key]] for key in SCORED_KEYS}
+        scored = {key: [item for part in parts for item in part[key]] for key in SCORED_KEYS}
+        scored.update({key: sum(part[key] for part in parts) for key in REWARD_COUNTER_KEYS})
+        return launched.shard_refs, scored
 
     def _rollout(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer, split: str = "train"):
         return self._collect(self._launch(records, counts, sampling, seed, timer, split), timer)
@@ -236,6 +240,7 @@ class Trainer:
             "completion_tokens": float(tokens),
             "completions_per_s": completions / step_seconds,
             "tokens_per_s": tokens / step_seconds,
+            **{key: float(scored[key]) for key in REWARD_COUNTER_KEYS},
             "weight_version": float(self.weight_version),
             "sample_staleness_mean": _mean(staleness),
             "rollouts_in_flight": float(self.pipeline.in_flight),

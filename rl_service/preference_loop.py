@@ -106,7 +106,8 @@ class PreferenceTrainer:
         prompts = [record.prompt for record in records] * len(modes) if use_reward_model else None
         with timer.phase("reward"):
             groups = np.array_split(np.arange(len(shard_refs)), min(len(self.roles.rewards), len(shard_refs)))
-            parts = ray.get([actor.score.remote([shard_refs[k] for k in group], answers, prompts)
+            parts = ray.get([actor.score.remote([shard_refs[k] for k in group], answers, prompts,
+                                                verifier_only=split == "eval")
                              for actor, group in zip(self.roles.rewards, groups)])
         keys = ("rewards", "request_index", "completion_lengths", "finished")
         return shard_refs, {key: [item for part in parts for item in part[key]] for key in keys}

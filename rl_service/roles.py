@@ -93,13 +93,15 @@ def start_roles(config: JobConfig, verifier: str) -> Roles:
     from actors.learner import LearnerActor
     from actors.reward import RewardActor
     from actors.statistics import StatisticsActor
+    from rl_service.rewards.custom import custom_reward_spec
 
     generator = config.generator
     generators = [GeneratorActor.options(**_generator_options(config, index)).remote(config, index)
                   for index in range(generator.num_engines)]
     pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(generators)
+    custom = custom_reward_spec(config.reward)  # an absolute path: actors may not share our working directory
     rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus))
-               .remote(verifier, config.reward.timeout_s) for index in range(config.reward.num_actors)]
+               .remote(verifier, config.reward.timeout_s, custom=custom) for index in range(config.reward.num_actors)]
     statistics = StatisticsActor.options(**_options(config, "statistics", 0, config.statistics.num_cpus)).remote(
         config.statistics)
     learner_config = config.learner
@@ -153,6 +155,7 @@ def start_preference_roles(config: JobConfig, verifier: str) -> Roles:
     from actors.generator_pool import GeneratorPool
     from actors.preference_learner import PreferenceLearnerActor
     from actors.reward import RewardActor
+    from rl_service.rewards.custom import custom_reward_spec
 
     generator = config.generator
     generators = [GeneratorActor.options(**_generator_options(config, index)).remote(config, index)
@@ -161,7 +164,8 @@ def start_preference_roles(config: JobConfig, verifier: str) -> Roles:
     preference = config.preference
     reward_model = preference.reward_model_path if preference.reward_source == "reward_model" else None
     rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus))
-               .remote(verifier, config.reward.timeout_s, None, reward_model, preference.reward_model_batch_size)
+               .remote(verifier, config.reward.timeout_s, None, reward_model, preference.reward_model_batch_size,
+                       custom=custom_reward_spec(config.reward))
                for index in range(config.reward.num_actors)]
     learner_config = config.learner
     learner = PreferenceLearnerActor.options(**_options(config, "learner", 0, learner_config.num_cpus,

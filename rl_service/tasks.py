@@ -11,6 +11,7 @@ from rl_service.config import JobConfig
 from rl_service.data.arithmetic import make_arithmetic_split
 from rl_service.data.prompts import PromptRecord, load_prompt_file
 from rl_service.models.loading import render_prompt
+from rl_service.rewards.custom import check_custom_reward, custom_reward_spec
 
 
 @dataclass
@@ -42,6 +43,9 @@ def load_task(config: JobConfig) -> TaskData:
     if data.eval_limit is not None:
         evaluation = evaluation[:data.eval_limit]
     verifier = default_verifier if config.reward.verifier == "auto" else config.reward.verifier
+    custom = custom_reward_spec(config.reward)
+    if custom is not None:  # replaces the verifier in training; checked here so a bad file fails before Ray
+        check_custom_reward(custom)
     return TaskData(train=train, eval=evaluation, verifier=verifier, eval_groups=groups)
 
 

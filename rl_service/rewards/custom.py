@@ -1,0 +1,385 @@
+"""Custom reward functions: `reward.custom: "path/to/file.py:function_name"`.
+
+The function is called once per completion as::
+
+    fn(completion: str, answer: str) -> float
+
+`completion` is the whole generated text (reasoning trace included; `final_answer_text` in
+`rl_service.rewards.verifiers` shows how the built-in verifiers cut out the answer) and `answer` the
+prompt's gold answer from the dataset, as a string. Any real number (int, float, bool, numpy
+scalar) is a reward; it replaces the verifier's in training (the RewardActor's `verifier_only`
+keeps evaluation on the verifier, so eval accuracy stays an accuracy).
+
+User code never runs in the RewardActor's process: it runs in one long-lived subprocess per
+`CustomRewardRunner`, started with the actor and started again after it dies or times out. The two
+talk JSON lines over pipes (no pickle of user data). The subprocess has an address-space limit
+(`RLIMIT_AS`, `reward.custom_memory_mb`) and each call a time limit (`reward.custom_timeout_s`).
+A call that raises, returns something that is not a finite number, runs past its limit, runs out
+of memory or kills its process scores 0 and is counted (`COUNTER_KEYS`); the first of each kind is
+logged with its message, later ones only counted.
+
+`check_custom_reward` finds what can be known before Ray starts (file, syntax, function) and raises
+a one-line `UserError` naming `reward.custom`. This module imports only the standard library: it
+is also the subprocess's entry point (`python custom.py FILE FUNCTION MEMORY_MB`).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import math
+import os
+import selectors
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger("rl_service")
+
+FIELD = "reward.custom"
+COUNTER_KEYS = ("custom_reward_errors", "custom_reward_timeouts")
+# Importing the user's module may load heavy libraries (sympy, numpy): allowed more than one call.
+STARTUP_TIMEOUT_S = 60.0
+_PARENT_POLL_S = 1.0
+# Kinds of failure (each logged once); "timeout" is counted apart, the rest are errors. After these
+# the subprocess is stuck, gone or in doubt, so it is replaced before the next call.
+_TIMEOUT = "timeout"
+_RESTART_AFTER = frozenset({_TIMEOUT, "died", "protocol", "memory"})
+
+
+@dataclass(frozen=True)
+class CustomRewardSpec:
+    """A parsed `reward.custom`: the absolute file path, the function name and the limits."""
+    path: str
+    function: str
+    timeout_s: float = 5.0
+    memory_mb: int = 1024
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.function}"
+
+
+def parse_custom_reward(value: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> CustomRewardSpec:
+    """`"dir/file.py:name"` → a spec with an absolute path (relative paths are from the working
+    directory, like the data paths). Checks the form only, not the file."""
+    path, separator, function = value.rpartition(":")
+    if not separator or not path or not function.isidentifier():
+        raise _user_error(f"{value!r} must be 'path/to/file.py:function_name'")
+    if not path.endswith(".py"):
+        raise _user_error(f"{path} must be a .py file (got {value!r}; expected 'path/to/file.py:function_name')")
+    return CustomRewardSpec(str(Path(path).expanduser().resolve()), function, timeout_s, memory_mb)
+
+
+def custom_reward_spec(reward_config) -> CustomRewardSpec | None:
+    """The spec of a `RewardConfig`, or None when it names no custom function."""
+    if not reward_config.custom:
+        return None
+    return parse_custom_reward(reward_config.custom, reward_config.custom_timeout_s, reward_config.custom_memory_mb)
+
+
+def check_custom_reward(spec: CustomRewardSpec) -> None:
+    """Raise a one-line UserError if the file is missing, does not parse, or (imported in a
+    subprocess under the same limits) has no callable `spec.function`."""
+    file, shown = Path(spec.path), _shown(spec.path)
+    if not file.is_file():
+        raise _user_error(f"{shown}: file not found")
+    try:
+        ast.parse(file.read_bytes(), filename=str(file))
+    except SyntaxError as exc:
+        raise _user_error(f"{shown}:{exc.lineno}: {exc.msg}") from None
+    except (OSError, ValueError) as exc:  # unreadable, or NUL bytes / undecodable source
+        raise _user_error(f"{shown}: cannot read as Python ({exc})") from None
+    worker = _Worker(spec)
+    try:
+        problem = worker.start()
+    finally:
+        worker.stop()
+    if problem is not None:
+        raise _user_error(f"{shown}: {problem}")
+
+
+def _shown(path: str) -> str:
+    """A path as the user likely wrote it: relative to the working directory when under it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def _user_error(message: str):
+    from rl_service.errors import UserError  # lazily: the subprocess entry point imports nothing of ours
+
+    return UserError(f"{FIELD}: {message}")
+
+
+# -- the parent side ------------------------------------------------------------------------------
+
+class _Worker:
+    """One subprocess running the user's function; every wait on it has a deadline."""
+
+    def __init__(self, spec: CustomRewardSpec):
+        self.spec = spec
+        self.process: subprocess.Popen | None = None
+        self._buffer = bytearray()
+
+    def start(self) -> str | None:
+        """Start the subprocess and import the function; None when ready, else what went wrong."""
+        env = dict(os.environ)
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(name, "1")  # one call at a time: threads would only reserve address space
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), self.spec.path, self.spec.function, str(self.spec.memory_mb)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+        self._buffer.clear()
+        reply = self._read_reply(time.monotonic() + max(STARTUP_TIMEOUT_S, self.spec.timeout_s))
+        if reply is None:
+            return f"importing the module took more than {max(STARTUP_TIMEOUT_S, self.spec.timeout_s):.0f} s"
+        if "ready" not in reply:
+            return reply.get("error", "the reward process stopped while importing the module")
+        return None
+
+    def call(self, completion: str, answer: str) -> dict | None:
+        """The reply to one call ({"score"} or {"kind", "error"}), or None past the time limit."""
+        request = json.dumps({"completion": completion, "answer": answer}) + "\n"
+        try:
+            self.process.stdin.write(request.encode("utf-8"))
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return self._died()
+        return self._read_reply(time.monotonic() + self.spec.timeout_s)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        self.process = None
+
+    def _died(self) -> dict:
+        try:
+            code = self.process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:  # closed its pipe but lives on: finish it
+            self.process.kill()
+            code = self.process.wait()
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return {"kind": "died", "error": f"the reward process {how}"}
+
+    def _read_reply(self, deadline: float) -> dict | None:
+        """The next JSON line from the subprocess; None past the deadline; a "died" reply at EOF."""
+        fd = self.process.stdout.fileno()
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self._buffer:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    return None
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    return self._died()
+                self._buffer.extend(chunk)
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer[:] = rest
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            return {"kind": "protocol", "error": f"unreadable reply from the reward process: {line[:200]!r}"}
+        return reply
+
+
+class CustomRewardRunner:
+    """Scores completions with a user function in a time- and memory-limited subprocess.
+
+    `score` returns the rewards and this call's counts of errors and timeouts; `totals` keeps
+    the counts over the runner's life. Call `close` to stop the subprocess (it also stops by
+    itself within a second of this process exiting).
+    """
+
+    def __init__(self, spec: CustomRewardSpec):
+        self.spec = spec
+        self.totals = dict.fromkeys(COUNTER_KEYS, 0)
+        self.starts = 0                      # subprocesses started: 1 + restarts
+        self._worker: _Worker | None = None
+        self._logged_kinds: set[str] = set()
+        self._ensure_worker()  # a failure here is reported by the first `score`, which tries again
+
+    def score(self, completions: Sequence[str], answers: Sequence[str]) -> tuple[list[float], dict[str, int]]:
+        """One reward per completion, in order, and {counter: count} for this call."""
+        if len(completions) != len(answers):
+            raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+        counts = dict.fromkeys(COUNTER_KEYS, 0)
+        rewards: list[float] = []
+        start_failure: dict | None = None
+        for completion, answer in zip(completions, answers):
+            if start_failure is None:
+                start_failure = self._ensure_worker()
+            # A module that will not import fails every call of this batch; one restart per batch.
+            reply = start_failure or self._worker.call(str(completion), str(answer))
+            if reply is None:
+                reply = {"kind": _TIMEOUT, "error": f"took more than {self.spec.timeout_s:g} s "
+                                                    f"(reward.custom_timeout_s)"}
+            reward, problem = _reward_of(reply)
+            if problem is not None:
+                kind = problem["kind"]
+                counts["custom_reward_timeouts" if kind == _TIMEOUT else "custom_reward_errors"] += 1
+                self._log_once(kind, problem["error"])
+                if kind in _RESTART_AFTER:
+                    self._stop_worker()
+            rewards.append(reward)
+        for key, value in counts.items():
+            self.totals[key] += value
+        return rewards, counts
+
+    def close(self) -> None:
+        self._stop_worker()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the subprocess exits on its own
+            pass
+
+    def _ensure_worker(self) -> dict | None:
+        if self._worker is not None and self._worker.alive():
+            return None
+        self._stop_worker()
+        self._worker = _Worker(self.spec)
+        self.starts += 1
+        problem = self._worker.start()
+        if problem is None:
+            return None
+        self._stop_worker()
+        return {"kind": "start", "error": problem}
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+    def _log_once(self, kind: str, message: str) -> None:
+        if kind in self._logged_kinds:
+            return
+        self._logged_kinds.add(kind)
+        counter = "custom_reward_timeouts" if kind == _TIMEOUT else "custom_reward_errors"
+        log.warning("reward.custom %s %s; the completion scores 0 (logged once per kind of failure, "
+                    "all counted in %s)", self.spec, message, counter)
+
+
+def _reward_of(reply: dict) -> tuple[float, dict | None]:
+    """(reward, None) for a good reply, (0.0, the reply) for a failed one."""
+    if "score" not in reply:
+        return 0.0, {"kind": reply.get("kind", "error"), "error": reply.get("error", "failed")}
+    score = reply["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return 0.0, {"kind": "returned", "error": f"returned {score!r}, not a finite number"}
+    return float(score), None
+
+
+# -- the subprocess side ----------------------------------------------------------------------------
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _call(function, request: dict, memory_mb: int) -> dict:
+    try:
+        value = function(request["completion"], request["answer"])
+    except MemoryError:
+        return {"kind": "memory", "error": f"ran out of memory (reward.custom_memory_mb={memory_mb})"}
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and friends from user code score 0 too
+        detail = " ".join(str(exc).split())[:300]
+        return {"kind": "raised", "error": f"raised {type(exc).__name__}" + (f": {detail}" if detail else "")}
+    # Strings convert with float() too, but "0.5" is a bug in the function, not a reward.
+    if isinstance(value, (str, bytes)) or not hasattr(type(value), "__float__"):
+        return {"kind": "returned", "error": f"returned {type(value).__name__} {_describe(value)}, not a number"}
+    try:
+        score = float(value)
+    except Exception as exc:  # noqa: BLE001 - e.g. a multi-element array
+        return {"kind": "returned", "error": f"returned {type(value).__name__} that is not a number ({exc})"}
+    if not math.isfinite(score):
+        return {"kind": "returned", "error": f"returned {score}, not a finite number"}
+    return {"score": score}
+
+
+def _exit_with_parent() -> None:
+    """Stop when the process that started us is gone, even if a user call is stuck in a loop."""
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(_PARENT_POLL_S)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _load_function(path: str, name: str):
+    import importlib.util
+
+    sys.path[0] = str(Path(path).parent)  # the user's file may import its neighbours
+    module_spec = importlib.util.spec_from_file_location("_rl_service_custom_reward", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, name):
+        raise LookupError(f"no function {name!r} in the module")
+    function = getattr(module, name)
+    if not callable(function):
+        raise LookupError(f"{name!r} is not callable (it is {type(function).__name__} {_describe(function)})")
+    return function
+
+
+def _worker_main(argv: list[str]) -> int:
+    import resource
+
+    path, name, memory_mb = argv[0], argv[1], int(argv[2])
+    limit = memory_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    # The pipes are ours: the user's prints go to stderr, and their stdin reads see nothing.
+    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    requests = os.fdopen(os.dup(0), "r", encoding="utf-8")
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    _exit_with_parent()
+
+    def reply(message: dict) -> None:
+        replies.write(json.dumps(message) + "\n")
+        replies.flush()
+
+    try:
+        function = _load_function(path, name)
+    except LookupError as exc:
+        reply({"error": str(exc)})
+        return 1
+    except MemoryError:
+        reply({"error": f"importing the module ran out of memory (reward.custom_memory_mb={memory_mb})"})
+        return 1
+    except BaseException as exc:  # noqa: BLE001 - whatever the import raised is the user's to see
+        detail = " ".join(str(exc).split())[:300]
+        reply({"error": f"importing the module raised {type(exc).__name__}" + (f": {detail}" if detail else "")})
+        return 1
+    reply({"ready": True})
+    for line in requests:
+        reply(_call(function, json.loads(line), memory_mb))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))
