@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except UserError as error:
-        print(f"rl-service: error: {error}", file=sys.stderr)
+        # One line, always: a message that quotes a library's multi-line exception is joined up.
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"rl-service: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("rl-service: interrupted", file=sys.stderr)

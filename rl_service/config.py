@@ -276,9 +276,17 @@ def _format_validation_error(source: str, error: ValidationError) -> str:
     problems = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"]
+        message = re.sub(r" or instance of \w+$", "", item["msg"])  # pydantic's class names mean nothing to a user
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        elif item["type"] == "value_error":
+            # Our validators' messages name their fields already; drop pydantic's "Value error, " prefix.
+            message = str(item.get("ctx", {}).get("error", message))
+            if field == "(top level)" or field in message:
+                problems.append(message)
+                continue
+        elif not isinstance(item.get("input"), (dict, list)):
+            message += f" (got {item.get('input')!r})"  # the value as parsed, e.g. 'many' for an integer
         problems.append(f"{field}: {message}")
     return f"{source}: " + "; ".join(problems)
 
@@ -332,10 +340,19 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict = {}
     if path is not None:
         file = Path(path)
+        if file.is_dir():
+            raise ConfigError(f"{source}: is a directory, not a config file")
         if not file.is_file():
             raise ConfigError(f"{source}: config file not found")
+        raw_bytes = file.read_bytes()
         try:
-            loaded = _load_yaml(file.read_text(encoding="utf-8"))
+            text = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw_bytes.count(b"\n", 0, exc.start) + 1
+            raise ConfigError(f"{source}: line {line} is not UTF-8 text (byte 0x{raw_bytes[exc.start]:02x}); "
+                              "save the file as UTF-8") from None
+        try:
+            loaded = _load_yaml(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""

@@ -8,6 +8,8 @@ in the file; the statistics actor indexes its arrays by them.
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,20 +43,37 @@ def _record_from_row(row: object, where: str, index: int) -> PromptRecord:
     return PromptRecord(prompt_id=prompt_id, prompt=prompt, answer=str(answer).strip())
 
 
+def _decode_utf8(data: bytes, where: str, first_line: int = 1) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + data.count(b"\n", 0, exc.start)
+        raise DataError(f"{where}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
+
+
 def _read_json_rows(path: Path) -> list[tuple[object, str]]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    """Rows of a JSON array, or of JSON Lines (also accepted in a .json file)."""
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors) is fine
+    if path.suffix == ".json":
+        text = _decode_utf8(data, str(path))
         try:
-            rows = json.loads(text)
+            document = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-        return [(row, f"{path}: record {k}") for k, row in enumerate(rows)]
+            if text.lstrip().startswith("["):
+                raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+            document = None  # not one JSON value: read it as JSON Lines below
+        if isinstance(document, list):
+            return [(row, f"{path}: record {k}") for k, row in enumerate(document)]
+        if document is not None and not (isinstance(document, dict) and "prompt" in document):
+            raise DataError(f"{path}: the top level is a JSON {type(document).__name__.replace('dict', 'object')}; "
+                            "expected an array of records or one record per line")
     rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    for line_number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
+        text = _decode_utf8(line, str(path), line_number)
         try:
-            rows.append((json.loads(line), f"{path}:{line_number}"))
+            rows.append((json.loads(text), f"{path}:{line_number}"))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
     return rows
@@ -65,15 +84,37 @@ def _read_table_rows(path: Path) -> list[tuple[object, str]]:
 
     builder = {".csv": "csv", ".parquet": "parquet"}[path.suffix]
     try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+        with _quiet_datasets():
+            table = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types; the user needs the file and the reason
-        raise DataError(f"{path}: cannot read as {builder} ({exc})") from None
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"{path}: cannot read as {builder} ({reason})") from None
     return [(row, f"{path}: row {k}") for k, row in enumerate(table)]
+
+
+@contextmanager
+def _quiet_datasets():
+    """No progress bars or log lines from `datasets` while it reads a file: the CLI's output is ours
+    (a bad file must end in one error line, not a logged error, a bar and then ours)."""
+    from datasets.utils import logging as datasets_logging
+
+    bars_were_on = datasets_logging.is_progress_bar_enabled()
+    level = datasets_logging.get_verbosity()
+    datasets_logging.disable_progress_bar()
+    datasets_logging.set_verbosity(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(level)
+        if bars_were_on:
+            datasets_logging.enable_progress_bar()
 
 
 def load_prompt_file(path: str | Path) -> list[PromptRecord]:
     """Read prompts with answers from a .jsonl/.json/.csv/.parquet file; errors name file and line."""
     file = Path(path)
+    if file.is_dir():
+        raise DataError(f"{file}: is a directory, not a dataset file")
     if not file.is_file():
         raise DataError(f"{file}: dataset file not found")
     if file.suffix in (".jsonl", ".json"):

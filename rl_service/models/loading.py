@@ -13,20 +13,96 @@ from rl_service.errors import ModelLoadError
 BUILTIN_MODEL_DIR = Path(__file__).resolve().parent / "builtin"
 
 
-def resolve_model_dir(path: str | Path, field: str = "model.path", allow_builtin: bool = True) -> Path:
-    """The model directory, checked before anything loads from it: config, safetensors weights only
-    (a pickle checkpoint could run code), a tokenizer. Errors name `field`, the config field at fault."""
+def resolve_model_dir(path: str | Path, field: str = "model.path", allow_builtin: bool = True,
+                      trust_remote_code: bool | None = None) -> Path:
+    """The model directory, checked before anything loads from it: a config transformers can read,
+    safetensors weights only (a pickle checkpoint could run code) that are whole, a tokenizer.
+    With `trust_remote_code` given, a model that needs its own modelling code is refused unless it
+    is True. Errors name `field`, the config field at fault."""
     directory = BUILTIN_MODEL_DIR if allow_builtin and str(path) == "builtin" else Path(path).expanduser()
     if not directory.is_dir():
         hint = " (use 'builtin' or a local HF model directory)" if allow_builtin else ""
         raise ModelLoadError(f"{field}: {directory} is not a directory{hint}")
     if not (directory / "config.json").is_file():
         raise ModelLoadError(f"{field}: {directory} has no config.json")
-    if not any(directory.glob("*.safetensors")):
+    _check_model_config(directory, field, trust_remote_code)
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
         raise ModelLoadError(f"{field}: {directory} has no *.safetensors weights (pickle checkpoints are not loaded)")
+    for file in weights:
+        _check_safetensors(file, field)
+    _check_shard_index(directory, field)
     if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer_config.json").is_file():
         raise ModelLoadError(f"{field}: {directory} has no tokenizer (tokenizer.json / tokenizer_config.json)")
     return directory
+
+
+def _read_json(file: Path, field: str) -> object:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{field}: {file}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{field}: {file}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def _check_model_config(directory: Path, field: str, trust_remote_code: bool | None) -> None:
+    """A config.json that names an architecture this transformers has, or (trusted) custom code."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    file = directory / "config.json"
+    config = _read_json(file, field)
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{field}: {file}: expected a JSON object, got {type(config).__name__}")
+    model_type, auto_map = config.get("model_type"), config.get("auto_map")
+    if model_type in CONFIG_MAPPING_NAMES:
+        return  # transformers' own code; an auto_map next to it is used only with trust_remote_code
+    if not auto_map:
+        if not model_type:
+            raise ModelLoadError(f"{field}: {file} has no 'model_type' (and no auto_map naming custom code)")
+        import transformers
+
+        raise ModelLoadError(f"{field}: model_type '{model_type}' in {file} is not one transformers "
+                             f"{transformers.__version__} knows, and config.json has no auto_map naming custom code")
+    if trust_remote_code is False:
+        hint = ("set model.trust_remote_code=true if you trust the Python files in that directory" if field == "model.path"
+                else f"custom modelling code is not loaded for {field}")
+        raise ModelLoadError(f"{field}: {directory} needs its own modelling code (auto_map in config.json); {hint}")
+
+
+def _check_safetensors(file: Path, field: str) -> None:
+    """The header parses and the tensors it lists fit in the file: a half-copied or corrupt file
+    is named here instead of failing inside an actor."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        prefix = handle.read(8)
+        header_size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        header_fits = 0 <= header_size <= min(size - 8, 100 * 2**20)
+        raw_header = handle.read(header_size) if header_fits else b""
+    try:
+        header = json.loads(raw_header) if header_fits else None
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        header = None
+    if header is None:
+        raise ModelLoadError(f"{field}: {file}: not a safetensors file (its header does not parse; corrupt or truncated?)")
+    needed = 8 + header_size + max(ends, default=0)
+    if size < needed:
+        raise ModelLoadError(f"{field}: {file}: truncated ({size} bytes, its header lists {needed})")
+
+
+def _check_shard_index(directory: Path, field: str) -> None:
+    index_file = directory / "model.safetensors.index.json"
+    if not index_file.is_file():
+        return
+    index = _read_json(index_file, field)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ModelLoadError(f"{field}: {index_file}: no 'weight_map' object")
+    missing = sorted({str(shard) for shard in weight_map.values()} - {file.name for file in directory.glob("*.safetensors")})
+    if missing:
+        raise ModelLoadError(f"{field}: {index_file} lists shards that are not in the directory: {', '.join(missing[:3])}"
+                             + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
 
 
 # Tokenizers saved as a bare tokenizer.json (like the built-in one) name one of these classes.
@@ -50,7 +126,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    directory = resolve_model_dir(path)
+    directory = resolve_model_dir(path, trust_remote_code=trust_remote_code)
     try:
         if _saved_tokenizer_class(directory) in _GENERIC_TOKENIZER_CLASSES:
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
@@ -58,7 +134,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
             tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code,
                                                       local_files_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"model.path: cannot load the tokenizer in {directory} ({exc})") from None
+        raise ModelLoadError(f"model.path: cannot load the tokenizer in {directory} ({_reason(exc)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -68,14 +144,22 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    directory = resolve_model_dir(path)
+    directory = resolve_model_dir(path, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(directory), dtype=getattr(torch, dtype), use_safetensors=True,
             trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"model.path: cannot load a causal LM from {directory} ({exc})") from None
+        raise ModelLoadError(f"model.path: cannot load a causal LM from {directory} ({_reason(exc)})") from None
     return model
+
+
+def _reason(exc: Exception) -> str:
+    """A library's exception as one line: its type when the message says little (a bare KeyError)."""
+    message = " ".join(str(exc).split())
+    if len(message) > 300:
+        message = message[:297] + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def render_prompt(tokenizer, user_text: str, thinking: bool = True) -> str:

@@ -1,0 +1,3 @@
+def reward(completion, answer):
+    while True:  # never returns, never sleeps
+        pass

@@ -1,0 +1,5 @@
+import os
+
+
+def reward(completion, answer):
+    os._exit(3)

@@ -1,0 +1,2 @@
+def reward(completion, answer):
+    return 1.0 / len(answer.strip('0123456789'))  # ZeroDivisionError for numbers

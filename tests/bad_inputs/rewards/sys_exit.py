@@ -1,0 +1,5 @@
+import sys
+
+
+def reward(completion, answer):
+    sys.exit("giving up")
