@@ -118,6 +118,9 @@ class LearnerConfig(_Section):
     micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward; gradients accumulate over a mini-batch")
     mini_batches: int = Field(1, ge=1, le=1024, description="optimizer steps per batch of rollouts (ALGORITHMS.md §GRPO.6)")
     ppo_epochs: int = Field(1, ge=1, le=100, description="passes over each batch of rollouts")
+    skip_zero_advantage: bool = Field(
+        True, description="no forward/backward for samples of advantage 0 when there is no KL term: their gradient is "
+                          "exactly 0, and they still count in the loss normaliser, so the update is unchanged")
     group_by_length: bool = Field(
         True, description="micro-batches of similar-length sequences, each padded only to its own longest: same "
                           "gradient, far less padding (off: micro-batches in sample order)")

@@ -98,15 +98,19 @@ def test_micro_batching_gives_the_full_batch_update(requests):
     for metrics, params in others:
         assert metrics["loss"] == pytest.approx(full_metrics["loss"], abs=1e-6)
         assert metrics["grad_norm"] == pytest.approx(full_metrics["grad_norm"], rel=1e-4)
-        # Adam's first step moves each weight by lr·g/(|g| + eps): for a weight whose gradient is near
-        # fp32 rounding (~1e-9, below eps = 1e-8) summation order alone can shift that step by up to
-        # lr·0.5. Loss and gradient norm above are the sharp checks; this one catches a wrong set of
-        # samples or tokens, which would move most weights differently: at most 0.1% of the weights of
-        # any tensor may differ by more than 1e-5 (seen: 1 of 16,384), and none by more than lr.
-        for name, value in params.items():
-            difference = (value - full[name]).abs()
-            assert float(difference.max()) <= 1e-3, name
-            assert float((difference > 1e-5).float().mean()) <= 1e-3, name
+        _assert_same_update(params, full, lr=1e-3)
+
+
+def _assert_same_update(params: dict, reference: dict, lr: float) -> None:
+    """Adam's first step moves each weight by lr·g/(|g| + eps): for a weight whose gradient is near
+    fp32 rounding (~1e-9, below eps = 1e-8) summation order alone can shift that step by up to
+    lr·0.5. Loss and gradient norm are the sharp checks; this one catches a wrong set of samples or
+    tokens, which would move most weights differently: at most 0.1% of the weights of any tensor may
+    differ by more than 1e-5 (seen: 1 of 16,384), and none by more than lr."""
+    for name, value in params.items():
+        difference = (value - reference[name]).abs()
+        assert float(difference.max()) <= lr, name
+        assert float((difference > 1e-5).float().mean()) <= 1e-3, name
 
 
 def test_stale_samples_take_the_ratio_against_their_behaviour_logprobs(requests):
@@ -136,3 +140,26 @@ def test_stale_samples_take_the_ratio_against_their_behaviour_logprobs(requests)
     assert fresh_metrics["stale_sample_fraction"] == 0.0
     assert fresh_metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert fresh_metrics["clip_frac_high"] == 0.0
+
+
+@pytest.mark.parametrize("extra", [[], ["learner.mini_batches=2", "learner.ppo_epochs=2"],
+                                   ["algorithm.aggregation=sequence_mean"]])
+def test_skipping_zero_advantage_samples_leaves_the_update_unchanged(requests, extra):
+    """Samples of a group whose rewards are all equal have A = 0: skipping their forward/backward gives
+    the same loss, gradient and weights as computing them (they stay in the §GRPO.5 normaliser)."""
+    from rl_service.generation.hf_engine import HFGenerationEngine
+
+    rollout = HFGenerationEngine("builtin").generate(requests, SamplingParams(max_new_tokens=24), seed=5)
+    # Groups 0 and 2 all wrong / all right (A = 0); the others have a spread.
+    rewards = [0.0 if index == 0 else 1.0 if index == 2 else float(k % 2)
+               for k, index in enumerate(rollout.request_index)]
+    results = {}
+    for skip in (True, False):
+        learner = _learner(4, extra=[f"learner.skip_zero_advantage={skip}", *extra])
+        metrics = learner.train_step(rollout, rewards)
+        results[skip] = metrics, {n: p.detach().clone() for n, p in learner.engine.module.named_parameters()}
+    (skipped, skipped_params), (full, full_params) = results[True], results[False]
+    assert skipped["forward_sample_fraction"] < 1.0 == full["forward_sample_fraction"]
+    assert skipped["loss"] == pytest.approx(full["loss"], abs=1e-7)
+    assert skipped["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-5)
+    _assert_same_update(skipped_params, full_params, lr=1e-3)

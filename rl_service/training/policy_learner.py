@@ -155,12 +155,25 @@ class PolicyLearner(EngineWeights):
         learner = self.config.learner
         return micro_batches(batch, rows, learner.micro_batch_size, learner.group_by_length)
 
+    def _rows_with_gradient(self, batch: TrainingBatch, rows: torch.Tensor) -> torch.Tensor:
+        """The rows of `rows` whose loss has a gradient.
+
+        With no KL term a sample of advantage 0 (a GRPO group whose rewards are all equal, a RAFT++
+        rejection) adds exactly 0 to the §GRPO.3 surrogate and to its gradient, at any ratio and
+        with either clip; it still counts in the §GRPO.5 normaliser, which the caller takes over all
+        of `rows`. So the forward and backward passes can skip it and the update stays the same. An
+        all-zero mini-batch keeps one row, so the optimizer still steps on (zero) gradients, as it would."""
+        if not self.config.learner.skip_zero_advantage or self.reference_model is not None:
+            return rows
+        active = rows[batch.advantages[rows] != 0]
+        return active if len(active) else rows[:1]
+
     @torch.no_grad()
-    def _frozen_logprobs(self, model, batch: TrainingBatch) -> torch.Tensor:
+    def _frozen_logprobs(self, model, batch: TrainingBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
         logprobs = torch.zeros_like(batch.completion_mask)
-        for rows in self._micro_batches(batch, torch.arange(len(batch))):
-            micro_logprobs = self._token_logprobs(model, batch.select(rows))
-            logprobs[rows, :micro_logprobs.shape[1]] = micro_logprobs
+        for micro_rows in self._micro_batches(batch, torch.arange(len(batch)) if rows is None else rows):
+            micro_logprobs = self._token_logprobs(model, batch.select(micro_rows))
+            logprobs[micro_rows, :micro_logprobs.shape[1]] = micro_logprobs
         return logprobs * batch.completion_mask
 
     def train_step(self, rollout: Rollout, rewards: list[float]) -> dict[str, float]:
@@ -174,7 +187,8 @@ class PolicyLearner(EngineWeights):
         batch = build_training_batch(rollout, advantages, keep, self.tokenizer.pad_token_id)
         self.engine.train()
         single_update = learner.mini_batches == 1 and learner.ppo_epochs == 1
-        old_logprobs = None if single_update else self._frozen_logprobs(self.engine, batch)
+        old_logprobs = None if single_update else self._frozen_logprobs(
+            self.engine, batch, self._rows_with_gradient(batch, torch.arange(len(batch))))
         ref_logprobs = self._frozen_logprobs(self.reference_model, batch) if self.reference_model is not None else None
 
         sums: dict[str, float] = {}
@@ -197,10 +211,13 @@ class PolicyLearner(EngineWeights):
     def _optimizer_step(self, batch: TrainingBatch, mini_rows: torch.Tensor, old_logprobs, ref_logprobs) -> dict[str, float]:
         aggregation = self.config.algorithm.aggregation
         normalizer = loss_normalizer_for(batch.completion_mask[mini_rows], aggregation)
-        totals: dict[str, float] = {"loss": 0.0, "behaviour_logprob_abs_diff": 0.0}
-        tokens = float(batch.completion_mask[mini_rows].sum())
+        active_rows = self._rows_with_gradient(batch, mini_rows)
+        totals: dict[str, float] = {"loss": 0.0, "behaviour_logprob_abs_diff": 0.0,
+                                    "forward_sample_fraction": len(active_rows) / max(len(mini_rows), 1)}
+        # Token-mean metrics (clip fractions, ratio, log-prob gap) are over the tokens forwarded.
+        tokens = float(batch.completion_mask[active_rows].sum())
         padded_positions = real_positions = 0
-        for micro_rows in self._micro_batches(batch, mini_rows):
+        for micro_rows in self._micro_batches(batch, active_rows):
             micro = batch.select(micro_rows)
             padded_positions += micro.attention_mask.numel()
             real_positions += int(micro.attention_mask.sum())
