@@ -11,11 +11,11 @@ from rl_service.weights.flat import FlatWeights
 
 @ray.remote
 class LearnerActor:
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, resume_from: str | None = None):
         configure_process(role_threads(config, "learner"))
         from rl_service.training.policy_learner import PolicyLearner
 
-        self.learner = PolicyLearner(config)
+        self.learner = PolicyLearner(config, resume_from)
 
     def ready(self) -> bool:
         return True
@@ -37,3 +37,7 @@ class LearnerActor:
 
     def save_pretrained(self, directory: str) -> None:
         self.learner.save_pretrained(directory)
+
+    def save_checkpoint(self, directory: str) -> None:
+        """The learner's part of a checkpoint: `model/` plus optimizer, schedule, RNG and counters."""
+        self.learner.save_checkpoint(directory)

@@ -1,6 +1,8 @@
 """`rl-service`: the command line.
 
-    rl-service run CONFIG [--set a.b=c ...] [--run-dir DIR]   train (local Ray on 127.0.0.1, or RAY_ADDRESS)
+    rl-service run CONFIG [--set a.b=c ...] [--run-dir DIR [--resume]]
+                                                                train (local Ray on 127.0.0.1, or RAY_ADDRESS)
+    rl-service resume RUN_DIR [--set a.b=c ...]                 continue a stopped or killed run from its last checkpoint
     rl-service eval CHECKPOINT [CONFIG] [--set ...]             greedy eval accuracy of a model directory
     rl-service config-schema                                    the JobConfig JSON schema
     rl-service validate CONFIG [--set ...]                      check a config and its data, start nothing
@@ -32,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. --set learner.lr=1e-5 (repeatable)")
     run.add_argument("--run-dir", help="output directory (default: runs/<job_name>-<timestamp>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from --run-dir's latest checkpoint if it has one (else start there)")
+
+    resume = commands.add_parser("resume", help="continue a stopped or killed run from its latest checkpoint")
+    resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
+    resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a field for the rest of the run, e.g. --set steps=200")
 
     validate = commands.add_parser("validate", help="validate a config and load its data and tokenizer")
     validate.add_argument("config")
@@ -51,15 +60,51 @@ def _default_run_dir(job_name: str) -> Path:
 
 
 def _command_run(args) -> int:
-    from rl_service.config import load_config
+    from rl_service.config import dump_config, load_config
     from rl_service.driver import prepare_job, run_training
     from rl_service.progress import print_summary
 
+    from rl_service.run_dir import latest_checkpoint
+
     config = load_config(args.config, args.overrides)
+    if args.resume:
+        if not args.run_dir:
+            raise UserError("run --resume needs --run-dir: the run directory to continue")
+        if latest_checkpoint(args.run_dir) is not None:
+            saved = Path(args.run_dir) / "config.yaml"
+            if saved.read_text(encoding="utf-8") != dump_config(config):
+                raise UserError(f"{args.config}: differs from {saved}, the config the run started with; continue it "
+                                f"with `rl-service resume {args.run_dir} [--set KEY=VALUE]` to change a field")
+            return _resume(Path(args.run_dir), config)
     job = prepare_job(config)  # user-input errors surface here, before Ray starts
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config.job_name)
     logging.getLogger("rl_service").info("run directory: %s", run_dir)
     summary = run_training(job, run_dir)
+    print_summary(summary, str(run_dir))
+    return 0
+
+
+def _command_resume(args) -> int:
+    from rl_service.config import load_config
+
+    run_dir = Path(args.run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    return _resume(run_dir, load_config(saved, args.overrides))
+
+
+def _resume(run_dir: Path, config) -> int:
+    from rl_service.driver import prepare_job, run_training
+    from rl_service.progress import print_summary
+    from rl_service.run_dir import latest_checkpoint
+
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise UserError(f"{run_dir}: no complete checkpoint to resume from (checkpoints/latest)")
+    job = prepare_job(config)
+    logging.getLogger("rl_service").info("resuming %s from %s", run_dir, checkpoint.name)
+    summary = run_training(job, run_dir, resume_from=checkpoint)
     print_summary(summary, str(run_dir))
     return 0
 
@@ -97,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    handlers = {"run": _command_run, "validate": _command_validate, "eval": _command_eval,
+    handlers = {"run": _command_run, "resume": _command_resume, "validate": _command_validate, "eval": _command_eval,
                 "config-schema": _command_config_schema}
     try:
         return handlers[args.command](args)

@@ -198,11 +198,17 @@ class LoggingConfig(_Section):
 
 class CheckpointConfig(_Section):
     every: int = Field(0, ge=0, description="save every N steps; 0 = only at the end")
+    keep_last: int | None = Field(
+        None, ge=1, description="keep only the newest N checkpoints (older ones are deleted after a new one is "
+                                "complete); none = keep all")
 
 
 class GuardConfig(_Section):
     max_eval_drop: float | None = Field(
         0.15, ge=0.0, le=1.0, description="stop when eval accuracy falls this far below the best so far (collapse guard); none = off")
+    max_nonfinite_steps: int = Field(
+        3, ge=1, le=1000, description="stop after this many steps in a row whose loss or gradient was not finite (each "
+                                      "such update is skipped and counted); the last good checkpoint is kept")
 
 
 class JobConfig(_Section):

@@ -18,17 +18,20 @@ and what the driver itself costs.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from rl_service.config import JobConfig
 from rl_service.data.sampler import PromptSampler
+from rl_service.errors import UserError
 from rl_service.batch_source import make_batch_source, per_prompt_mean
 from rl_service.models.loading import load_tokenizer
 from rl_service.guard import eval_collapsed
@@ -261,6 +264,22 @@ class Trainer:
         return eval_collapsed([accuracy for _, accuracy in self.eval_history], self.config.guard.max_eval_drop,
                               len(self.task.eval))
 
+    def restore(self, checkpoint: Path, state: dict) -> None:
+        """Continue from `checkpoint` (the learner already holds its weights and optimizer state):
+        data cursor, statistics, counters, and the generators serving the checkpoint's weights."""
+        import ray
+        from safetensors.numpy import load_file
+
+        self.sampler.load_state_dict(state["sampler"])
+        self.trained_sampler_state = state["sampler"]
+        self.totals = dict(state["totals"])
+        self.eval_history = [tuple(entry) for entry in state["eval_history"]]
+        self.weight_version = int(state["weight_version"])
+        self.pipeline.next_to_launch = int(state["step"]) + 1
+        statistics = load_file(str(checkpoint / "statistics.safetensors"))
+        weights = self.roles.learner.publish_weights.remote(self.weight_version)
+        ray.get([self.roles.statistics.load_state_dict.remote(statistics), self.roles.pool.update_weights.remote([weights])])
+
     def checkpoint(self, step: int) -> Path:
         import ray
 
@@ -269,21 +288,30 @@ class Trainer:
         state = {"step": step, "weight_version": self.weight_version, "sampler": self.trained_sampler_state,
                  "totals": self.totals, "eval_history": self.eval_history}
         return self.run_dir.write_checkpoint(
-            step, lambda directory: ray.get(self.roles.learner.save_pretrained.remote(directory)), statistics, state)
+            step, lambda directory: ray.get(self.roles.learner.save_checkpoint.remote(directory)), statistics, state)
 
 
-def run_training(job: PreparedJob, run_dir_path: str | Path) -> dict:
-    """Run the whole job; returns the summary (also written to RUN_DIR/summary.json)."""
+def run_training(job: PreparedJob, run_dir_path: str | Path, resume_from: Path | None = None) -> dict:
+    """Run the whole job; returns the summary (also written to RUN_DIR/summary.json).
+
+    `resume_from`: a checkpoint of this run directory to continue from (`rl-service resume`)."""
     if job.config.algorithm.name in ("dpo", "bvpo"):
+        if resume_from is not None:
+            raise UserError(f"{run_dir_path}: resuming is supported for grpo and raft++ jobs, not "
+                            f"{job.config.algorithm.name}")
         from rl_service.preference_loop import run_preference_training
 
         return run_preference_training(job, run_dir_path)
     config = job.config
-    run_dir = RunDirectory(run_dir_path, config)
+    state = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8")) if resume_from else None
+    run_dir = RunDirectory(run_dir_path, config, resume_step=state["step"] if state else None)
+    start = partial(start_roles, resume_from=str(resume_from) if resume_from else None)
     try:
-        with ray_session(config, start_roles, job.task.verifier) as roles:
+        with ray_session(config, start, job.task.verifier) as roles:
             trainer = Trainer(job, roles, run_dir)
-            result = run_steps(config, trainer)
+            if state is not None:
+                trainer.restore(resume_from, state)
+            result = run_steps(config, trainer, start_step=state["step"] if state else 0)
             summary = _summary(trainer, result)
             run_dir.write_summary(summary)
             return summary
@@ -306,6 +334,6 @@ def _summary(trainer: Trainer, result: LoopResult) -> dict:
         "best_eval_accuracy": max((accuracy for _, accuracy in trainer.eval_history), default=None),
         "weight_version": trainer.weight_version,
         "stopped_reason": result.stopped_reason,
-        "final_checkpoint": str(result.checkpoint_path),
+        "final_checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
         **{f"time_share_{name}": seconds / phase_total for name, seconds in trainer.phase_totals.items()},
     }

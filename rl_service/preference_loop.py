@@ -209,7 +209,8 @@ class PreferenceTrainer:
                  "next_pair_id": self.next_pair_id, "totals": dict(self.totals), "eval_history": self.eval_history,
                  "alpha_estimator": alpha_state}
         return self.run_dir.write_checkpoint(
-            step, lambda directory: ray.get(self.roles.learner.save_pretrained.remote(directory)), {}, state)
+            step, lambda directory: ray.get(self.roles.learner.save_pretrained.remote(str(Path(directory) / "model"))),
+            {}, state)
 
 
 def run_preference_training(job: PreparedPreferenceJob, run_dir_path: str | Path) -> dict:
@@ -249,7 +250,7 @@ def _summary(trainer: PreferenceTrainer, result: LoopResult) -> dict:
         "best_eval_accuracy": max((accuracy for _, accuracy in trainer.eval_history), default=None),
         "weight_version": trainer.weight_version,
         "stopped_reason": result.stopped_reason,
-        "final_checkpoint": str(result.checkpoint_path),
+        "final_checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
     }
     for label in MODES:
         summary[f"initial_eval_accuracy_{label}"] = result.initial.get(f"eval_accuracy_{label}")

@@ -7,12 +7,12 @@ from rich.table import Table
 
 
 class StepProgress:
-    def __init__(self, total_steps: int, enabled: bool = True):
+    def __init__(self, total_steps: int, enabled: bool = True, completed: int = 0):
         self.enabled = enabled
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
             TextColumn("{task.fields[status]}"), disable=not enabled, transient=False)
-        self.task = self.progress.add_task("train", total=total_steps, status="")
+        self.task = self.progress.add_task("train", total=total_steps, completed=completed, status="")
 
     def __enter__(self) -> "StepProgress":
         self.progress.__enter__()

@@ -85,7 +85,8 @@ def _generator_options(config: JobConfig, index: int) -> dict:
     return options
 
 
-def start_roles(config: JobConfig, verifier: str) -> Roles:
+def start_roles(config: JobConfig, verifier: str, resume_from: str | None = None) -> Roles:
+    """The roles of a GRPO / RAFT++ job; `resume_from`: a checkpoint the learner continues from."""
     import ray
 
     from actors.generator import GeneratorActor
@@ -106,7 +107,7 @@ def start_roles(config: JobConfig, verifier: str) -> Roles:
         config.statistics)
     learner_config = config.learner
     learner = LearnerActor.options(**_options(config, "learner", 0, learner_config.num_cpus, learner_config.num_gpus,
-                                              learner_config.resources)).remote(config)
+                                              learner_config.resources)).remote(config, resume_from)
     # Fail here, with the actor's own error, if any role could not start.
     ray.get([learner.ready.remote(), pool.num_engines.remote(), statistics.allocate.remote([0], 1)]
             + [engine.weight_version.remote() for engine in generators])

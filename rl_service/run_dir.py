@@ -1,7 +1,11 @@
 """The run directory: resolved config, metrics (JSONL + TensorBoard), checkpoints, summary.
 
-Checkpoints are written under a temporary name and renamed into place, so a reader never sees a
-half-written `step_N`; `latest` is written last and names the newest complete one.
+Checkpoints are written under a temporary name, fsynced and renamed into place, so a reader never
+sees a half-written `step_N`; `latest` is written last and names the newest complete one. A
+checkpoint holds everything a run needs to continue exactly: `model/` (safetensors + tokenizer),
+`learner_state.*` (optimizer moments, LR schedule, torch RNG, counters), `statistics.safetensors`,
+`trainer_state.json` (data cursor, weight version, totals, eval history) and the `config.yaml` it
+ran with. Generators hold no RNG state: every call is seeded from (seed, step).
 """
 from __future__ import annotations
 
@@ -23,11 +27,27 @@ def _jsonable(value):
     return value
 
 
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory (`checkpoints/latest`), or None before the
+    first. A checkpoint being written when the run was killed is still `.tmp_step_N`: never named."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    checkpoint = pointer.parent / pointer.read_text(encoding="utf-8").strip()
+    return checkpoint if (checkpoint / "trainer_state.json").is_file() else None
+
+
 class RunDirectory:
-    def __init__(self, path: str | Path, config: JobConfig):
+    def __init__(self, path: str | Path, config: JobConfig, resume_step: int | None = None):
+        """Open a run directory; `resume_step`: continue a run from its checkpoint of that step,
+        dropping the metrics rows a killed run logged after it (they are about to be redone)."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+        self.keep_last = config.checkpoint.keep_last
+        self.config_text = dump_config(config)
+        (self.path / "config.yaml").write_text(self.config_text, encoding="utf-8")
+        if resume_step is not None:
+            self._truncate_metrics(resume_step)
         self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")
         self._tensorboard = None
         if config.logging.tensorboard:
@@ -44,8 +64,20 @@ class RunDirectory:
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tensorboard.add_scalar(key, value, step)
 
-    def write_checkpoint(self, step: int, save_model: Callable[[str], None], statistics: dict[str, np.ndarray],
+    def _truncate_metrics(self, last_step: int) -> None:
+        metrics = self.path / "metrics.jsonl"
+        if not metrics.is_file():
+            return
+        kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                if line.strip() and _row_step(line) <= last_step]
+        staging = metrics.with_suffix(".jsonl.tmp")
+        staging.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(staging, metrics)
+
+    def write_checkpoint(self, step: int, save_learner: Callable[[str], None], statistics: dict[str, np.ndarray],
                          trainer_state: dict) -> Path:
+        """`save_learner(directory)` writes the learner's part (`model/`, optimizer state) into the
+        staging directory; the rest is written here."""
         from safetensors.numpy import save_file
 
         checkpoints = self.path / "checkpoints"
@@ -54,9 +86,10 @@ class RunDirectory:
         staging = checkpoints / f".tmp_step_{step}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        save_model(str(staging / "model"))
+        save_learner(str(staging))
         save_file({key: np.ascontiguousarray(value) for key, value in statistics.items()},
                   str(staging / "statistics.safetensors"))
+        (staging / "config.yaml").write_text(self.config_text, encoding="utf-8")
         (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True), encoding="utf-8")
         _fsync_tree(staging)
         if final.exists():
@@ -65,7 +98,15 @@ class RunDirectory:
         latest_tmp = checkpoints / ".latest.tmp"
         latest_tmp.write_text(final.name, encoding="utf-8")
         os.replace(latest_tmp, checkpoints / "latest")
+        if self.keep_last is not None:
+            complete = sorted((path for path in checkpoints.glob("step_*") if path.is_dir()),
+                              key=lambda path: int(path.name.removeprefix("step_")))
+            for old in complete[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def latest_checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.path)
 
     def write_summary(self, summary: dict) -> Path:
         target = self.path / "summary.json"
@@ -77,6 +118,13 @@ class RunDirectory:
         self._metrics.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def _row_step(line: str) -> float:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf   # the torn last line of a killed run: dropped
 
 
 def _fsync_tree(directory: Path) -> None:

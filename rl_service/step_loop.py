@@ -3,7 +3,7 @@ a progress bar, evaluate every `eval_every` steps, checkpoint every `checkpoint.
 collapse guard, evaluate and checkpoint at the end.
 
 A trainer provides `evaluate(step) -> metrics`, `train_step(step) -> metrics`, `checkpoint(step) ->
-path`, `collapsed() -> bool` and `eval_history` [(step, accuracy)]. Ray set-up and tear-down stay with
+path`, `collapsed() -> bool`, `eval_history` [(step, accuracy)] and `run_dir`. Ray set-up and tear-down stay with
 the caller, so this loop is the same whichever roles a job runs.
 """
 from __future__ import annotations
@@ -26,17 +26,24 @@ class LoopResult:
     initial: dict
     final: dict
     stopped_reason: str
-    checkpoint_path: Path
+    checkpoint_path: Path | None
 
 
-def run_steps(config: JobConfig, trainer) -> LoopResult:
-    initial = trainer.evaluate(step=0)
-    accuracies = ", ".join(f"{key} {value:.3f}" for key, value in initial.items() if key.startswith("eval_accuracy"))
-    log.info("initial eval: %s", accuracies or "no eval split")
-    stopped_reason, step, last_eval = "completed", 0, (0, initial)
+def run_steps(config: JobConfig, trainer, start_step: int = 0) -> LoopResult:
+    """Steps `start_step + 1` … `config.steps`; a resumed run (`start_step` > 0) does not evaluate
+    again before its first step: the run it continues already did."""
+    if start_step == 0:
+        initial = trainer.evaluate(step=0)
+        accuracies = ", ".join(f"{key} {value:.3f}" for key, value in initial.items() if key.startswith("eval_accuracy"))
+        log.info("initial eval: %s", accuracies or "no eval split")
+    else:
+        initial = {"eval_accuracy": trainer.eval_history[0][1]} if trainer.eval_history else {}
+        log.info("resuming after step %d", start_step)
+    stopped_reason, step, last_eval = "completed", start_step, (start_step, initial)
+    nonfinite_in_a_row = 0
     loop_started = time.perf_counter()
-    with StepProgress(config.steps, enabled=config.logging.progress_bar) as progress:
-        for step in range(1, config.steps + 1):
+    with StepProgress(config.steps, enabled=config.logging.progress_bar, completed=start_step) as progress:
+        for step in range(start_step + 1, config.steps + 1):
             metrics = trainer.train_step(step)
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 evaluation = trainer.evaluate(step)
@@ -45,10 +52,20 @@ def run_steps(config: JobConfig, trainer) -> LoopResult:
             progress.update(step, metrics, trainer.eval_history)
             if config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.steps:
                 trainer.checkpoint(step)
+            # NaN/Inf guard: the learner skipped every update whose gradient was not finite.
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics.get("nonfinite_update_fraction", 0.0) > 0 else 0
+            if nonfinite_in_a_row >= config.guard.max_nonfinite_steps:
+                stopped_reason = (f"{nonfinite_in_a_row} steps in a row with a non-finite loss or gradient, up to step "
+                                  f"{step} (guard.max_nonfinite_steps); the last good checkpoint is kept")
+                log.error(stopped_reason)
+                break
             if trainer.collapsed():
                 stopped_reason = f"eval accuracy collapsed at step {step} (guard.max_eval_drop={config.guard.max_eval_drop})"
                 log.warning(stopped_reason)
                 break
     train_wall_s = time.perf_counter() - loop_started
     final = trainer.evaluate(step) if last_eval[0] != step else last_eval[1]
-    return LoopResult(step, train_wall_s, initial, final, stopped_reason, trainer.checkpoint(step))
+    # After non-finite steps nothing new is worth saving: the newest checkpoint stays the newest.
+    halted = nonfinite_in_a_row >= config.guard.max_nonfinite_steps
+    checkpoint = trainer.run_dir.latest_checkpoint() if halted else trainer.checkpoint(step)
+    return LoopResult(step, train_wall_s, initial, final, stopped_reason, checkpoint)

@@ -8,6 +8,7 @@ detached; otherwise it is computed once, before updating. No Ray here: `actors/l
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -24,6 +25,7 @@ from rl_service.algorithms.policy_loss import PolicyLossConfig, loss_normalizer_
 from rl_service.config import JobConfig
 from rl_service.models.loading import load_causal_lm, load_tokenizer
 from rl_service.rollout import Rollout
+from rl_service.training.state import load_learner_state, save_learner_state
 from rl_service.training.batch import TrainingBatch, build_training_batch, micro_batches
 from rl_service.weights.flat import FlatWeights, flatten_named_tensors
 
@@ -67,14 +69,15 @@ def deepspeed_config(config: JobConfig) -> dict:
     }
 
 
-def build_engine(config: JobConfig):
-    """(tokenizer, DeepSpeed engine) of the policy: seeded, AdamW with linear warm-up, our config."""
+def build_engine(config: JobConfig, weights_from: str | None = None):
+    """(tokenizer, DeepSpeed engine) of the policy: seeded, AdamW with linear warm-up, our config;
+    weights from `model.path`, or from `weights_from` (a checkpoint's `model/`) when resuming."""
     import deepspeed
 
     torch.manual_seed(config.seed)
     init_single_process_group()
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
-    model = load_causal_lm(config.model.path, config.model.dtype, config.model.trust_remote_code)
+    model = load_causal_lm(weights_from or config.model.path, config.model.dtype, config.model.trust_remote_code)
     model.config.use_cache = False
     learner = config.learner
     optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, betas=learner.adam_betas,
@@ -107,9 +110,11 @@ class EngineWeights:
 
 
 class PolicyLearner(EngineWeights):
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, resume_from: str | Path | None = None):
+        """`resume_from`: a checkpoint directory whose weights, optimizer state, LR schedule, RNG and
+        counters this learner continues from (the reference model still comes from `model.path`)."""
         self.config = config
-        self.tokenizer, self.engine = build_engine(config)
+        self.tokenizer, self.engine = build_engine(config, str(Path(resume_from) / "model") if resume_from else None)
         self.reference_model = None
         if config.algorithm.kl_coef > 0:
             self.reference_model = load_causal_lm(config.model.path, config.model.dtype,
@@ -121,6 +126,18 @@ class PolicyLearner(EngineWeights):
             kl_bias_correction=algorithm.kl_bias_correction, aggregation=algorithm.aggregation)
         self.temperature = config.generator.temperature or 1.0
         self.optimizer_steps = 0
+        if resume_from is not None:
+            counters = load_learner_state(resume_from, self.engine, self._state_layout())
+            self.optimizer_steps, self.weight_version = counters["optimizer_steps"], counters["weight_version"]
+
+    def save_checkpoint(self, directory: str | Path) -> None:
+        self.save_pretrained(Path(directory) / "model")
+        save_learner_state(directory, self.engine, {"optimizer_steps": self.optimizer_steps,
+                                                    "weight_version": self.weight_version}, self._state_layout())
+
+    def _state_layout(self) -> dict:
+        return {"learner.zero_stage": self.config.learner.zero_stage, "learner.num_ranks": self.config.learner.num_ranks,
+                "model.dtype": self.config.model.dtype}
 
     # -- advantages -------------------------------------------------------------------------
     def advantages_and_mask(self, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -246,10 +263,17 @@ class PolicyLearner(EngineWeights):
         if self.config.learner.zero_stage == 0:
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if not math.isfinite(own_norm):
+                # NaN/Inf guard: drop the gradients, so AdamW leaves every parameter and its moments
+                # as they were. ZeRO 1-2 do the same themselves (an invalid global norm is an
+                # "overflow": the step is skipped and the norm reported as inf).
+                for parameter in self.engine.module.parameters():
+                    parameter.grad = None
         self.engine.step()
         self.optimizer_steps += 1
         grad_norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        totals["nonfinite_update_fraction"] = float(grad_norm is not None and not math.isfinite(grad_norm))
         totals["padding_fraction"] = 1.0 - real_positions / max(padded_positions, 1)
         return totals
 

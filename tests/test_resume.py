@@ -1,0 +1,134 @@
+"""Resume after a real SIGKILL (real Ray, DeepSpeed, vLLM): the continued run ends with the weights and
+metrics of an uninterrupted one; a kill during a checkpoint write leaves the previous one loadable."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import REPO, read_metrics, run_short_job, short_run_overrides
+from test_e2e_quickstart import _without_timings
+
+STEPS = 5
+EXTRA = ["checkpoint.every=2", "checkpoint.keep_last=2"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rl_service.cli", *args]
+
+
+def _kill_after_checkpoint(run_dir, step: int, timeout_s: float = 240) -> None:
+    """Start the quickstart as `rl-service run` and SIGKILL its whole process group (driver and the
+    local Ray it started) as soon as checkpoint `step` is complete."""
+    overrides = [f"--set={item}" for item in short_run_overrides(STEPS) + EXTRA]
+    process = subprocess.Popen(_cli("run", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(run_dir),
+                                    *overrides), cwd=REPO, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not (latest.is_file() and latest.read_text() == f"step_{step}"):
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    from rl_service.cli import main
+
+    uninterrupted = tmp_path / "uninterrupted"
+    run_short_job(uninterrupted, EXTRA, steps=STEPS)
+
+    killed = tmp_path / "killed"
+    _kill_after_checkpoint(killed, step=2)
+    assert not (killed / "summary.json").exists()
+    assert main(["resume", str(killed)]) == 0
+
+    assert _without_timings(read_metrics(killed)) == _without_timings(read_metrics(uninterrupted))
+    final = f"checkpoints/step_{STEPS}/model/model.safetensors"
+    got, want = load_file(str(killed / final)), load_file(str(uninterrupted / final))
+    assert got.keys() == want.keys() and all((got[name] == want[name]).all() for name in want)
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["completions"] == STEPS * 4 * 4
+    # keep_last=2: only the two newest checkpoints remain.
+    assert sorted(path.name for path in (killed / "checkpoints").glob("step_*")) == ["step_4", f"step_{STEPS}"]
+
+
+def test_resume_without_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    from rl_service.cli import main
+
+    assert main(["resume", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("job_name: x\n")
+    assert main(["resume", str(tmp_path)]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """A real process writes checkpoint 1, then is killed inside checkpoint 2's model write."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        sys.path.insert(0, {str(REPO)!r})
+        from rl_service.config import load_config
+        from rl_service.run_dir import RunDirectory
+
+        def save(directory, stall):
+            model = Path(directory) / "model"
+            model.mkdir()
+            (model / "model.safetensors").write_bytes(b"partial")
+            if stall:
+                print("writing", flush=True)
+                time.sleep(60)
+
+        run_dir = RunDirectory({str(tmp_path)!r}, load_config(None, ["logging.tensorboard=false"]))
+        state = {{"step": 1}}
+        run_dir.write_checkpoint(1, lambda d: save(d, False), {{}}, state)
+        run_dir.write_checkpoint(2, lambda d: save(d, True), {{}}, {{"step": 2}})
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "writing"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    from rl_service.config import load_config
+    from rl_service.run_dir import RunDirectory, latest_checkpoint
+
+    checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint == tmp_path / "checkpoints" / "step_1"
+    assert json.loads((checkpoint / "trainer_state.json").read_text()) == {"step": 1}
+    assert (tmp_path / "checkpoints" / ".tmp_step_2").is_dir()          # the torn write, never named
+    # Writing step 2 again (the resumed run) replaces the torn staging directory.
+    run_dir = RunDirectory(tmp_path, load_config(None, ["logging.tensorboard=false"]), resume_step=1)
+    run_dir.write_checkpoint(2, lambda d: os.makedirs(os.path.join(d, "model")), {}, {"step": 2})
+    run_dir.close()
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_2"
+    assert not (tmp_path / "checkpoints" / ".tmp_step_2").exists()
+
+
+@pytest.mark.slow
+def test_three_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+    """A reward that overflows float32 makes every update non-finite: each is skipped and counted, the
+    third in a row stops the run, and no checkpoint is written after the last good one."""
+    (tmp_path / "huge.py").write_text("def reward(completion, answer):\n    return 1e300 if len(completion) % 2 else 0.0\n")
+    summary = run_short_job(tmp_path / "run", ["checkpoint.every=2", f"reward.custom={tmp_path / 'huge.py'}:reward"],
+                            steps=6)
+    assert summary["steps"] == 3 and "non-finite" in summary["stopped_reason"]
+    assert summary["final_checkpoint"].endswith("step_2")
+    rows = [row for row in read_metrics(tmp_path / "run") if "loss" in row]
+    assert [row["nonfinite_update_fraction"] for row in rows] == [1.0, 1.0, 1.0]
+    assert not (tmp_path / "run" / "checkpoints" / "step_3").exists()
+    initial = load_file(str(REPO / "rl_service" / "models" / "builtin" / "model.safetensors"))
+    kept = load_file(str(tmp_path / "run" / "checkpoints" / "step_2" / "model" / "model.safetensors"))
+    assert all((kept[name] == initial[name]).all() for name in initial)      # no bad update reached the weights
