@@ -17,6 +17,7 @@ def short_run_overrides(steps: int = 3) -> list[str]:
     return [f"steps={steps}", "eval_every=2", "data.prompts_per_step=4", "generator.samples_per_prompt=4",
             "data.arithmetic.num_train=64", "data.arithmetic.num_eval=16", "generator.max_new_tokens=48",
             "logging.progress_bar=false", "checkpoint.every=2",
+            "schedule.mode=sync",  # the sync loop's exact invariants; tests/test_e2e_async.py covers async
             "guard.max_eval_drop=null"]  # 16 eval prompts: one prompt is 6 points of noise
 
 
