@@ -37,10 +37,10 @@ from rl_service.models.loading import load_tokenizer
 from rl_service.guard import eval_collapsed
 from rl_service.step_loop import LoopResult, run_steps
 from rl_service.pipeline import RolloutPipeline
-from rl_service.roles import Roles, ray_session, start_roles
+from rl_service.roles import Roles, is_role_failure, ray_session, start_roles
 from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
 from rl_service.rewards.custom import COUNTER_KEYS as REWARD_COUNTER_KEYS
-from rl_service.run_dir import RunDirectory
+from rl_service.run_dir import RunDirectory, latest_checkpoint
 from rl_service.tasks import PromptTokenizer, TaskData, load_task
 
 log = logging.getLogger("rl_service")
@@ -257,6 +257,7 @@ class Trainer:
         for name in ("generate", "reward", "statistics", "train", "publish", "driver"):
             self.phase_totals[name] += metrics.get(f"time_{name}_s", 0.0)
         self.run_dir.log(step, metrics)
+        self.run_dir.log_ledger(step, prompt_ids, samples.tolist())
         return metrics
 
     def collapsed(self) -> bool:
@@ -294,7 +295,12 @@ class Trainer:
 def run_training(job: PreparedJob, run_dir_path: str | Path, resume_from: Path | None = None) -> dict:
     """Run the whole job; returns the summary (also written to RUN_DIR/summary.json).
 
-    `resume_from`: a checkpoint of this run directory to continue from (`rl-service resume`)."""
+    `resume_from`: a checkpoint of this run directory to continue from (`rl-service resume`).
+    When a role's process dies (DESIGN.md "Faults"), every role is restarted from the newest
+    checkpoint and the steps after it are replayed, up to `cluster.max_role_failures` times: a replay
+    from a complete checkpoint is exact (a sync-mode run ends as if nothing had happened), where an
+    actor restarted alone would come back without the weights, moments or statistics it held.
+    """
     if job.config.algorithm.name in ("dpo", "bvpo"):
         if resume_from is not None:
             raise UserError(f"{run_dir_path}: resuming is supported for grpo and raft++ jobs, not "
@@ -302,9 +308,29 @@ def run_training(job: PreparedJob, run_dir_path: str | Path, resume_from: Path |
         from rl_service.preference_loop import run_preference_training
 
         return run_preference_training(job, run_dir_path)
+    failures, restart = 0, False
+    while True:
+        try:
+            return _run_once(job, Path(run_dir_path), resume_from, restart, failures)
+        except Exception as error:  # noqa: BLE001 - only role deaths are recovered; the rest re-raises
+            if not is_role_failure(error):
+                raise
+            failures += 1
+            if failures > job.config.cluster.max_role_failures:
+                raise RuntimeError(f"giving up after {failures} role failures "
+                                   f"(cluster.max_role_failures={job.config.cluster.max_role_failures}): {error}") from error
+            resume_from, restart = latest_checkpoint(run_dir_path), True
+            log.warning("a role died (%s: %s); restarting every role from %s (failure %d of at most %d)",
+                        type(error).__name__, str(error).splitlines()[0][:200],
+                        resume_from.name if resume_from else "the start", failures, job.config.cluster.max_role_failures)
+
+
+def _run_once(job: PreparedJob, run_dir_path: Path, resume_from: Path | None, restart: bool, failures: int) -> dict:
     config = job.config
     state = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8")) if resume_from else None
-    run_dir = RunDirectory(run_dir_path, config, resume_step=state["step"] if state else None)
+    # A restart with no checkpoint yet starts over: the rows of the failed attempt go.
+    resume_step = state["step"] if state else (-1 if restart else None)
+    run_dir = RunDirectory(run_dir_path, config, resume_step=resume_step)
     start = partial(start_roles, resume_from=str(resume_from) if resume_from else None)
     try:
         with ray_session(config, start, job.task.verifier) as roles:
@@ -312,7 +338,7 @@ def run_training(job: PreparedJob, run_dir_path: str | Path, resume_from: Path |
             if state is not None:
                 trainer.restore(resume_from, state)
             result = run_steps(config, trainer, start_step=state["step"] if state else 0)
-            summary = _summary(trainer, result)
+            summary = {**_summary(trainer, result), "role_failures_recovered": failures}
             run_dir.write_summary(summary)
             return summary
     finally:

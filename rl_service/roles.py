@@ -24,6 +24,23 @@ class Roles:
     learner: object
 
 
+def is_role_failure(error: BaseException) -> bool:
+    """Whether `error` means a role's process died (a kill, a crash, out of memory) rather than a bug
+    in its code: Ray reports the death where the actor is called, or as the cause of the task of
+    another actor that was waiting on it (a reward actor fetching a dead generator's samples)."""
+    from ray import exceptions
+
+    died = (exceptions.RayActorError, exceptions.ObjectLostError, exceptions.OwnerDiedError,
+            exceptions.WorkerCrashedError, exceptions.LocalRayletDiedError)
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, died):
+            return True
+        error = getattr(error, "cause", None) if isinstance(error, exceptions.RayTaskError) else error.__cause__
+        seen += 1
+    return False
+
+
 def start_ray(config: JobConfig) -> None:
     """Join `cluster.address` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1 only."""
     from actors.process import ACTOR_ENV

@@ -47,8 +47,10 @@ class RunDirectory:
         self.config_text = dump_config(config)
         (self.path / "config.yaml").write_text(self.config_text, encoding="utf-8")
         if resume_step is not None:
-            self._truncate_metrics(resume_step)
+            for name in ("metrics.jsonl", "ledger.jsonl"):
+                self._truncate(self.path / name, resume_step)
         self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")
+        self._ledger = open(self.path / "ledger.jsonl", "a", encoding="utf-8")
         self._tensorboard = None
         if config.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -64,15 +66,21 @@ class RunDirectory:
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tensorboard.add_scalar(key, value, step)
 
-    def _truncate_metrics(self, last_step: int) -> None:
-        metrics = self.path / "metrics.jsonl"
-        if not metrics.is_file():
+    def log_ledger(self, step: int, prompt_ids: list[int], samples: list[int]) -> None:
+        """What a step trained on: its prompts and each one's sample count. A resumed or replayed run
+        drops the rows after its checkpoint, so the ledger holds every trained step exactly once."""
+        self._ledger.write(json.dumps({"step": step, "prompt_ids": prompt_ids, "samples": samples}) + "\n")
+        self._ledger.flush()
+
+    @staticmethod
+    def _truncate(rows_file: Path, last_step: int) -> None:
+        if not rows_file.is_file():
             return
-        kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in rows_file.read_text(encoding="utf-8").splitlines()
                 if line.strip() and _row_step(line) <= last_step]
-        staging = metrics.with_suffix(".jsonl.tmp")
+        staging = rows_file.with_suffix(".jsonl.tmp")
         staging.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(staging, metrics)
+        os.replace(staging, rows_file)
 
     def write_checkpoint(self, step: int, save_learner: Callable[[str], None], statistics: dict[str, np.ndarray],
                          trainer_state: dict) -> Path:
@@ -116,6 +124,7 @@ class RunDirectory:
 
     def close(self) -> None:
         self._metrics.close()
+        self._ledger.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
 
