@@ -34,6 +34,8 @@ def is_role_failure(error: BaseException) -> bool:
             exceptions.WorkerCrashedError, exceptions.LocalRayletDiedError)
     seen = 0
     while error is not None and seen < 8:
+        if isinstance(error, exceptions.RayActorError) and error.actor_init_failed:
+            return False   # its __init__ raised: a restart would raise again
         if isinstance(error, died):
             return True
         error = getattr(error, "cause", None) if isinstance(error, exceptions.RayTaskError) else error.__cause__

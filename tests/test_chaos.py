@@ -26,7 +26,7 @@ def _ledger(run_dir) -> list[dict]:
 
 
 class Killer(threading.Thread):
-    """SIGKILLs every process titled `ray::<role>…` once the run has logged `after_step`."""
+    """SIGKILLs this run's processes titled `ray::<role>…` once the run has logged `after_step`."""
 
     def __init__(self, run_dir, role: str, after_step: int):
         super().__init__(daemon=True)
@@ -44,8 +44,12 @@ class Killer(threading.Thread):
         while not self._reached() and time.monotonic() < deadline:
             time.sleep(0.02)
         self.run_had_finished = (self.run_dir / "summary.json").exists()
-        for process in psutil.process_iter(["cmdline"]):
-            cmdline = process.info["cmdline"] or []
+        # Only this test's own run: the local Ray the driver (this process) started, and its actors.
+        for process in psutil.Process(os.getpid()).children(recursive=True):
+            try:
+                cmdline = process.cmdline()
+            except psutil.Error:
+                continue
             if cmdline and cmdline[0].startswith(self.title):
                 os.kill(process.pid, signal.SIGKILL)
                 self.killed.append(process.pid)

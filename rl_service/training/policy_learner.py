@@ -44,7 +44,9 @@ def init_single_process_group() -> None:
     if dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # Always a fresh port: an inherited MASTER_PORT (a process that ran a learner before starting
+    # Ray passes its environment on to every actor) names a port that process still listens on.
+    os.environ["MASTER_PORT"] = str(_free_port())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
