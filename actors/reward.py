@@ -7,8 +7,8 @@ import time
 import ray
 
 from actors.process import configure_process
-from rl_service.rewards.custom import COUNTER_KEYS, CustomRewardRunner, CustomRewardSpec
-from rl_service.rewards.verifiers import score_batch
+from rl_service.rewards.custom import CustomRewardRunner, CustomRewardSpec
+from rl_service.rewards.verifiers import SCORE_COUNTER_KEYS, score_batch_counted
 from rl_service.rollout import Rollout
 
 
@@ -42,13 +42,15 @@ class RewardActor:
         rollout = Rollout.concat(ray.get(shard_refs))
         started = time.perf_counter()
         gold = [answers[index] for index in rollout.request_index]
-        counts = dict.fromkeys(COUNTER_KEYS, 0)
+        counts = dict.fromkeys(SCORE_COUNTER_KEYS, 0)
         if prompts is not None and self.reward_model is not None:
             rewards = self.reward_model.score([prompts[index] for index in rollout.request_index], rollout.completion_texts)
         elif self.custom is not None and not verifier_only:
-            rewards, counts = self.custom.score(rollout.completion_texts, gold)
+            rewards, custom_counts = self.custom.score(rollout.completion_texts, gold)
+            counts.update(custom_counts)
         else:
-            rewards = score_batch(rollout.completion_texts, gold, self.verifier, self.timeout_s)
+            rewards, counts["verifier_timeouts"] = score_batch_counted(rollout.completion_texts, gold, self.verifier,
+                                                                       self.timeout_s)
         return {
             "rewards": rewards,
             "request_index": rollout.request_index,

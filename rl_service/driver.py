@@ -39,7 +39,7 @@ from rl_service.step_loop import LoopResult, run_steps
 from rl_service.pipeline import RolloutPipeline
 from rl_service.roles import Roles, is_role_failure, ray_session, start_roles
 from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
-from rl_service.rewards.custom import COUNTER_KEYS as REWARD_COUNTER_KEYS
+from rl_service.rewards.verifiers import SCORE_COUNTER_KEYS as REWARD_COUNTER_KEYS
 from rl_service.run_dir import RunDirectory, latest_checkpoint
 from rl_service.tasks import PromptTokenizer, TaskData, load_task
 

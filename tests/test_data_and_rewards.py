@@ -105,3 +105,13 @@ def test_split_requests_keeps_order_and_balances_samples():
     loads = [sum(r.num_samples for r in shard) for shard in shards]
     assert max(loads) - min(loads) <= 15 and sum(loads) == 48
     assert len(split_requests(requests[:1], 4)) == 1
+
+
+def test_a_check_past_its_time_limit_scores_0_and_is_counted():
+    from rl_service.rewards.verifiers import score_batch_counted
+
+    completions, answers = ["<think>2+2=4</think>4", "<think></think>5"], ["4", "4"]
+    assert score_batch_counted(completions, answers, "integer", timeout_s=5.0) == ([1.0, 0.0], 0)
+    assert score_batch_counted(completions, answers, "math", timeout_s=5.0) == ([1.0, 0.0], 0)
+    # A limit no check can meet: the right answer too scores 0, and both calls are counted.
+    assert score_batch_counted(completions, answers, "math", timeout_s=1e-9) == ([0.0, 0.0], 2)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 from typing import Callable, Literal, Sequence
+
+from rl_service.rewards.custom import COUNTER_KEYS as CUSTOM_COUNTER_KEYS
 
 THINK_END = "</think>"
 _INTEGER = re.compile(r"^[-+]?\d+$")
@@ -52,15 +55,29 @@ def verify_math(completion: str, answer: str, timeout_s: float = 5.0) -> float:
 
 
 VERIFIERS: dict[str, Callable[..., float]] = {"integer": verify_integer, "math": verify_math}
+# What a reward call counts besides its rewards: custom-function failures, and verifier timeouts.
+SCORE_COUNTER_KEYS = (*CUSTOM_COUNTER_KEYS, "verifier_timeouts")
 
 
 def score_batch(completions: Sequence[str], answers: Sequence[str], verifier: VerifierName,
                 timeout_s: float = 5.0) -> list[float]:
     """Score a batch; `answers[k]` is the gold answer of `completions[k]`."""
+    return score_batch_counted(completions, answers, verifier, timeout_s)[0]
+
+
+def score_batch_counted(completions: Sequence[str], answers: Sequence[str], verifier: VerifierName,
+                        timeout_s: float = 5.0) -> tuple[list[float], int]:
+    """(rewards, timeouts): a completion whose check ran past `timeout_s` scores 0 and is counted
+    (DESIGN.md "Faults"), whatever the verifier would have said after the limit."""
     if len(completions) != len(answers):
         raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
-    if verifier == "integer":
-        return [verify_integer(text, gold) for text, gold in zip(completions, answers)]
-    if verifier == "math":
-        return [verify_math(text, gold, timeout_s) for text, gold in zip(completions, answers)]
-    raise ValueError(f"unknown verifier {verifier!r}; expected one of {sorted(VERIFIERS)}")
+    if verifier not in VERIFIERS:
+        raise ValueError(f"unknown verifier {verifier!r}; expected one of {sorted(VERIFIERS)}")
+    rewards, timeouts = [], 0
+    for text, gold in zip(completions, answers):
+        started = time.perf_counter()
+        reward = verify_integer(text, gold) if verifier == "integer" else verify_math(text, gold, timeout_s)
+        if time.perf_counter() - started > timeout_s:
+            reward, timeouts = 0.0, timeouts + 1
+        rewards.append(reward)
+    return rewards, timeouts
