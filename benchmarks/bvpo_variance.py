@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,6 +37,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.common import machine  # noqa: E402
 
 from rl_service.algorithms.preference import (  # noqa: E402
     OnlineAlphaEstimator,
@@ -58,10 +58,6 @@ NUM_PARAMS = sum(torch.Size(s).numel() for s in SHAPES.values())
 TRACES = torch.cartesian_prod(torch.arange(ALPHABET), torch.arange(ALPHABET))  # [16, 2]
 CHOSEN, REJECTED = 0, 1
 
-
-def machine() -> str:
-    return (f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
 
 
 def unpack(theta: torch.Tensor) -> dict[str, torch.Tensor]:

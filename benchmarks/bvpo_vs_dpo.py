@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,6 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.common import machine  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 METHODS = {
@@ -42,10 +43,6 @@ METHODS = {
 }
 MODES = ("reasoning_on", "reasoning_off")
 
-
-def machine() -> str:
-    return (f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
 
 
 def run_one(method: str, seed: int, steps: int, overrides: list[str]) -> dict:

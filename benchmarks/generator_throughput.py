@@ -20,7 +20,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,10 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import machine  # noqa: E402
 
-def machine() -> str:
-    return (f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or 'unknown cpu'}), "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
 
 
 def parse_args() -> argparse.Namespace:

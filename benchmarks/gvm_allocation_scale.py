@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine as common_machine  # noqa: E402
 
 from rl_service.algorithms.gvm import gvm_allocation, uniform_allocation  # noqa: E402
 from rl_service.statistics.prompt_stats import PromptStatistics  # noqa: E402
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    machine = f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
+    machine = common_machine()
     print(f"machine: {machine}")
     print(f"{'prompts':>10}{'state MB':>10}{'update ms':>11}{'alloc 1024 ms':>15}{'uniform ms':>12}"
           f"{'alloc all ms':>14}")

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.common import machine as common_machine  # noqa: E402
 
 ALGORITHMS = {"raft": "raft++", "grpo": "grpo"}
 
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=["raft", "grpo"], choices=sorted(ALGORITHMS))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    machine = f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
+    machine = common_machine()
     print(f"machine: {machine}", flush=True)
     runs = []
     for algorithm in args.algorithms:
