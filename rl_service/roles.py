@@ -24,6 +24,13 @@ class Roles:
     learner: object
 
 
+# Reward actors hold no state a step depends on (scoring is a pure function of the samples), so Ray
+# itself restarts a dead one and retries its call: no replay. Generators, statistics and the learner
+# hold weights, moving averages or optimizer state; their deaths go to the driver's restart from
+# the newest checkpoint (`is_role_failure`), which brings all of it back exactly.
+STATELESS_RESTARTS = {"max_restarts": 3, "max_task_retries": 3}
+
+
 def is_role_failure(error: BaseException) -> bool:
     """Whether `error` means a role's process died (a kill, a crash, out of memory) rather than a bug
     in its code: Ray reports the death where the actor is called, or as the cause of the task of
@@ -120,7 +127,7 @@ def start_roles(config: JobConfig, verifier: str, resume_from: str | None = None
                   for index in range(generator.num_engines)]
     pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(generators)
     custom = custom_reward_spec(config.reward)  # an absolute path: actors may not share our working directory
-    rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus))
+    rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus), **STATELESS_RESTARTS)
                .remote(verifier, config.reward.timeout_s, custom=custom) for index in range(config.reward.num_actors)]
     statistics = StatisticsActor.options(**_options(config, "statistics", 0, config.statistics.num_cpus)).remote(
         config.statistics)
@@ -183,7 +190,7 @@ def start_preference_roles(config: JobConfig, verifier: str) -> Roles:
     pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(generators)
     preference = config.preference
     reward_model = preference.reward_model_path if preference.reward_source == "reward_model" else None
-    rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus))
+    rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus), **STATELESS_RESTARTS)
                .remote(verifier, config.reward.timeout_s, None, reward_model, preference.reward_model_batch_size,
                        custom=custom_reward_spec(config.reward))
                for index in range(config.reward.num_actors)]

@@ -79,4 +79,6 @@ def test_a_killed_role_is_recovered_and_every_prompt_is_trained_once(reference, 
     got, want = load_file(str(run_dir / final)), load_file(str(reference / final))
     assert all((got[name] == want[name]).all() for name in want)
     assert summary["steps"] == STEPS and summary["stopped_reason"] == "completed"
-    assert summary["role_failures_recovered"] == 1
+    # A reward actor is stateless: Ray restarts it and retries the call; the other roles hold state,
+    # so the driver restarts every role from the newest checkpoint.
+    assert summary["role_failures_recovered"] == (0 if role == "RewardActor" else 1)
