@@ -35,7 +35,7 @@ from rl_service.errors import UserError
 from rl_service.batch_source import make_batch_source, per_prompt_mean
 from rl_service.models.loading import load_tokenizer
 from rl_service.guard import eval_collapsed
-from rl_service.step_loop import LoopResult, run_steps
+from rl_service.step_loop import LoopResult, loop_outcome, run_steps
 from rl_service.pipeline import RolloutPipeline
 from rl_service.roles import Roles, is_role_failure, ray_session, start_roles
 from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
@@ -355,11 +355,6 @@ def _summary(trainer: Trainer, result: LoopResult) -> dict:
         "train_wall_s": train_wall_s,
         "completions_per_s": completions / train_wall_s if train_wall_s > 0 else 0.0,
         "tokens_per_s": trainer.totals["completion_tokens"] / train_wall_s if train_wall_s > 0 else 0.0,
-        "initial_eval_accuracy": result.initial.get("eval_accuracy"),
-        "final_eval_accuracy": result.final.get("eval_accuracy"),
-        "best_eval_accuracy": max((accuracy for _, accuracy in trainer.eval_history), default=None),
-        "weight_version": trainer.weight_version,
-        "stopped_reason": result.stopped_reason,
-        "final_checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
+        **loop_outcome(trainer, result),
         **{f"time_share_{name}": seconds / phase_total for name, seconds in trainer.phase_totals.items()},
     }

@@ -33,7 +33,7 @@ from rl_service.driver import PhaseTimer, _mean
 from rl_service.guard import eval_collapsed
 from rl_service.errors import ModelLoadError
 from rl_service.models.loading import load_tokenizer, render_prompt
-from rl_service.step_loop import LoopResult, run_steps
+from rl_service.step_loop import LoopResult, loop_outcome, run_steps
 from rl_service.roles import Roles, ray_session, start_preference_roles
 from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
 from rl_service.run_dir import RunDirectory
@@ -245,12 +245,7 @@ def _summary(trainer: PreferenceTrainer, result: LoopResult) -> dict:
         "empty_ties_skipped": int(totals["empty_ties"]),
         "nan_skipped_steps": int(last.get("nan_skipped_steps", 0)),
         "bad_rows_skipped": trainer.dataset.num_skipped if trainer.dataset is not None else 0,
-        "initial_eval_accuracy": result.initial.get("eval_accuracy"),
-        "final_eval_accuracy": result.final.get("eval_accuracy"),
-        "best_eval_accuracy": max((accuracy for _, accuracy in trainer.eval_history), default=None),
-        "weight_version": trainer.weight_version,
-        "stopped_reason": result.stopped_reason,
-        "final_checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
+        **loop_outcome(trainer, result),
     }
     for label in MODES:
         summary[f"initial_eval_accuracy_{label}"] = result.initial.get(f"eval_accuracy_{label}")

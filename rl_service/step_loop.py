@@ -29,6 +29,18 @@ class LoopResult:
     checkpoint_path: Path | None
 
 
+def loop_outcome(trainer, result: LoopResult) -> dict:
+    """The summary fields every job reports about how its loop went (RL and preference jobs alike)."""
+    return {
+        "initial_eval_accuracy": result.initial.get("eval_accuracy"),
+        "final_eval_accuracy": result.final.get("eval_accuracy"),
+        "best_eval_accuracy": max((accuracy for _, accuracy in trainer.eval_history), default=None),
+        "weight_version": trainer.weight_version,
+        "stopped_reason": result.stopped_reason,
+        "final_checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
+    }
+
+
 def run_steps(config: JobConfig, trainer, start_step: int = 0) -> LoopResult:
     """Steps `start_step + 1` … `config.steps`; a resumed run (`start_step` > 0) does not evaluate
     again before its first step: the run it continues already did."""
