@@ -6,6 +6,7 @@
     rl-service eval CHECKPOINT [CONFIG] [--set ...]             greedy eval accuracy of a model directory
     rl-service config-schema                                    the JobConfig JSON schema
     rl-service validate CONFIG [--set ...]                      check a config and its data, start nothing
+    rl-service report RUN_DIR [--out DIR]                       PNG plots of a run's metrics.jsonl (default RUN_DIR/report)
 
 A user's mistake (config, dataset, model directory) prints one line naming what is wrong and exits
 with code 2, before Ray starts; no traceback.
@@ -52,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     commands.add_parser("config-schema", help="print the JobConfig JSON schema")
+
+    report = commands.add_parser("report", help="PNG plots of a run's metrics.jsonl (reward, accuracy, throughput, ...)")
+    report.add_argument("run_dir", help="the run directory (holds metrics.jsonl)")
+    report.add_argument("--out", help="directory for the PNGs (default: RUN_DIR/report)")
     return parser
 
 
@@ -130,6 +135,17 @@ def _command_eval(args) -> int:
     return 0
 
 
+def _command_report(args) -> int:
+    from rl_service.report import write_report
+
+    result = write_report(args.run_dir, args.out)
+    for notice in result.notices:   # skipped plots: on stderr, so stdout lists only the written files
+        print(f"rl-service report: {notice}", file=sys.stderr)
+    for path in result.written:
+        print(path)
+    return 0
+
+
 def _command_config_schema(_args) -> int:
     from rl_service.config import JobConfig
 
@@ -143,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     handlers = {"run": _command_run, "resume": _command_resume, "validate": _command_validate, "eval": _command_eval,
-                "config-schema": _command_config_schema}
+                "config-schema": _command_config_schema, "report": _command_report}
     try:
         return handlers[args.command](args)
     except UserError as error:

@@ -1,0 +1,51 @@
+"""The names of the live metrics rl_service exports through `ray.util.metrics` (DESIGN.md
+"Monitoring"), in one place: the code that records them and `deploy/grafana/rl_service.json` that
+charts them must agree, and `tests/test_deploy_manifests.py` checks the dashboard against this list.
+
+Ray's Prometheus exporter puts every user metric under its `ray` namespace, so a metric recorded
+as `rl_service_reward_mean` is scraped as `ray_rl_service_reward_mean`; a histogram also gets
+`_bucket`, `_sum` and `_count` series, a counter a `_total` one. Every metric carries the tag
+`JOB_TAG` (the config's `job_name`): it is what the dashboard's `job` variable filters on. The tag
+is not called `job` because Prometheus sets its own `job` label (the scrape job) on every series
+and would rename ours to `exported_job`.
+
+Pure: no Ray import, so the dashboard test and any tool can read the names without Ray.
+"""
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+PROMETHEUS_NAMESPACE = "ray"   # Ray's exporter prefixes user metrics with "ray_"
+JOB_TAG = "job_name"
+
+
+class MetricSpec(NamedTuple):
+    name: str
+    kind: Literal["gauge", "counter", "histogram"]
+    description: str
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("rl_service_reward_mean", "gauge", "mean reward of the last step's training completions"),
+    MetricSpec("rl_service_accepted_fraction", "gauge", "fraction of the last step's completions with reward 1 (accepted)"),
+    MetricSpec("rl_service_samples_per_second", "gauge", "completions generated per second over the last step"),
+    MetricSpec("rl_service_tokens_per_second", "gauge", "completion tokens generated per second over the last step"),
+    MetricSpec("rl_service_weight_version", "gauge", "weight version the learner last published (generators serve it)"),
+    MetricSpec("rl_service_sync_seconds", "histogram", "seconds to publish one weight version to every generator"),
+    MetricSpec("rl_service_gvm_allocation_spread", "gauge",
+               "samples given to the most-served prompt minus the least-served in the last allocation (0: uniform)"),
+    MetricSpec("rl_service_alpha_hat", "gauge", "BVPO's online estimate of the trace/empty mixing weight alpha"),
+    MetricSpec("rl_service_generator_queue_depth", "gauge", "generation requests waiting in the generator pool"),
+)
+
+# name -> one-line description: the single list the metrics code and the dashboard share.
+METRIC_NAMES: dict[str, str] = {metric.name: metric.description for metric in METRICS}
+
+_SERIES_SUFFIXES = {"gauge": ("",), "counter": ("_total", ""), "histogram": ("_bucket", "_sum", "_count")}
+
+
+def prometheus_series(name: str) -> tuple[str, ...]:
+    """The series names Prometheus holds for metric `name` (a counter also keeps its old gauge
+    series unless RAY_EXPORT_COUNTER_AS_GAUGE=0, hence both for counters)."""
+    kind = {metric.name: metric.kind for metric in METRICS}[name]   # KeyError: not one of ours
+    return tuple(f"{PROMETHEUS_NAMESPACE}_{name}{suffix}" for suffix in _SERIES_SUFFIXES[kind])
