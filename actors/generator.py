@@ -7,7 +7,7 @@ from actors.process import configure_process, role_threads
 from rl_service.config import JobConfig
 from rl_service.generation.engines import make_engine
 from rl_service.rollout import GenerationRequest, Rollout, SamplingParams
-from rl_service.weights.flat import FlatWeights
+from rl_service.weights.flat import FlatWeights, PublishedWeights
 
 
 @ray.remote
@@ -20,8 +20,12 @@ class GeneratorActor:
     def generate(self, requests: list[GenerationRequest], sampling: SamplingParams, seed: int) -> Rollout:
         return self.engine.generate(requests, sampling, seed)
 
-    def load_weights(self, flat: FlatWeights) -> int:
-        return self.engine.load_weights(flat)
+    def load_weights(self, weights: PublishedWeights | FlatWeights) -> int:
+        """Load one version: published buckets (read zero-copy from this node's object store) or one
+        flat buffer. Calls to an actor run one at a time, so no generate call sees half a version."""
+        if isinstance(weights, PublishedWeights):
+            weights = ray.get(weights.bucket_refs)
+        return self.engine.load_weights(weights)
 
     def weight_version(self) -> int:
         return self.engine.weight_version

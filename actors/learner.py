@@ -1,25 +1,79 @@
-"""LearnerActor: one DeepSpeed rank applying GRPO / RAFT++ updates and publishing weights."""
+"""LearnerActor: one DeepSpeed rank applying GRPO / RAFT++ updates and publishing weights.
+
+A rank is created, then joins: `join` sets up the process group (rank 0 hands out the address,
+`actors/learner_group.py` passes it on) and builds the engine, a collective DeepSpeed step itself.
+Every call that runs collectives (train_step, grad_norms, publish_weights under ZeRO-3,
+save_checkpoint) goes to all ranks at once; rank 0 returns what the driver reads.
+"""
 from __future__ import annotations
+
+import functools
+import os
 
 import ray
 
 from actors.process import configure_process, role_threads
 from rl_service.config import JobConfig
 from rl_service.rollout import Rollout
-from rl_service.weights.flat import FlatWeights
+from rl_service.weights.flat import PublishedWeights
 
 
-@ray.remote
+def collective(method):
+    """A call the ranks make together. If it raises on rank r > 0, the rank logs the error and its
+    process exits: its sockets close, so rank 0's pending collective fails at once (gloo does not
+    notice a peer that only destroys its process group, and would wait out the collective timeout)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:
+            if self.rank > 0:
+                import traceback
+
+                traceback.print_exc()
+                print(f"learner rank {self.rank} failed in {method.__name__}; leaving the group", flush=True)
+                os._exit(1)
+            raise
+    return call
+
+
+@ray.remote(concurrency_groups={"probe": 1})
 class LearnerActor:
-    def __init__(self, config: JobConfig, resume_from: str | None = None):
-        configure_process(role_threads(config, "learner"))
+    def __init__(self, config: JobConfig, resume_from: str | None = None, rank: int = 0):
+        self.config, self.resume_from, self.rank = config, resume_from, rank
+        self.learner = None
+
+    @ray.method(concurrency_group="probe")
+    def location(self) -> dict:
+        """Where this rank runs: its node (id and Ray address) and process id. In its own concurrency
+        group, so it answers while `join` waits in the rendezvous: a rank that does not answer is hung."""
+        node_id = ray.get_runtime_context().get_node_id()
+        address = next((node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id),
+                       ray.util.get_node_ip_address())
+        return {"node_id": node_id, "node_ip": address, "pid": os.getpid()}
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0: its node's Ray address (127.0.0.1 on a local cluster) and a free port there."""
+        from rl_service.training.engine import free_port
+
+        host = self.location()["node_ip"]
+        return host, free_port(host)
+
+    def join(self, master_addr: str, master_port: int, world_size: int, ranks_on_node: int) -> bool:
+        """Join the process group and build this rank's engine (DeepSpeed broadcasts and partitions)."""
+        # The node's learner threads are shared by the ranks placed on it.
+        configure_process(max(1, role_threads(self.config, "learner") // ranks_on_node))
+        from rl_service.training.engine import init_process_group
         from rl_service.training.policy_learner import PolicyLearner
 
-        self.learner = PolicyLearner(config, resume_from)
-
-    def ready(self) -> bool:
+        init_process_group(self.rank, world_size, master_addr, master_port)
+        self.learner = PolicyLearner(self.config, self.resume_from)
         return True
 
+    def ready(self) -> bool:
+        return self.learner is not None
+
+    @collective
     def train_step(self, shard_refs: list[ray.ObjectRef], rewards: list[float],
                    with_grad_norms: bool = False) -> tuple[dict[str, float], list[float] | None]:
         """One update on a step's rollouts; with GVM also the accepted samples' gradient norms (§GVM.1),
@@ -28,16 +82,29 @@ class LearnerActor:
         grad_norms = self.learner.accepted_grad_norms(rollout, rewards) if with_grad_norms else None
         return self.learner.train_step(rollout, rewards), grad_norms
 
+    @collective
     def grad_norms(self, shard_refs: list[ray.ObjectRef], rewards: list[float]) -> list[float]:
         """Gradient norms alone: the offline pilot (§GVM.5) measures without training."""
         return self.learner.accepted_grad_norms(Rollout.concat(ray.get(shard_refs)), rewards)
 
-    def publish_weights(self, version: int) -> FlatWeights:
-        return self.learner.flat_weights(version)
+    @collective
+    def completion_logprobs(self, shard_refs: list[ray.ObjectRef]) -> list[list[float]]:
+        return self.learner.completion_logprobs(Rollout.concat(ray.get(shard_refs)))
 
+    @collective
+    def publish_weights(self, version: int) -> PublishedWeights | None:
+        """The weights in flat buckets, each `ray.put` once (DESIGN.md "Weight sync", object-store
+        transport); rank 0 returns them, the other ranks only help ZeRO-3 gather them."""
+        from actors.weight_publishing import put_buckets
+
+        return put_buckets(self.learner.weight_buckets(version), version, self.rank)
+
+    @collective
     def save_pretrained(self, directory: str) -> None:
         self.learner.save_pretrained(directory)
 
+    @collective
     def save_checkpoint(self, directory: str) -> None:
-        """The learner's part of a checkpoint: `model/` plus optimizer, schedule, RNG and counters."""
+        """The learner's part of a checkpoint: `model/` plus optimizer, schedule, RNG and counters
+        (each rank its own optimizer partition)."""
         self.learner.save_checkpoint(directory)

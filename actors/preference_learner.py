@@ -8,7 +8,7 @@ from actors.process import configure_process
 from rl_service.config import JobConfig
 from rl_service.data.preferences import PairSelection, PreferenceRow, TokenizedPair, pairs_from_rollout, tokenize_row
 from rl_service.rollout import Rollout
-from rl_service.weights.flat import FlatWeights
+from rl_service.weights.flat import PublishedWeights
 
 
 @ray.remote
@@ -37,8 +37,10 @@ class PreferenceLearnerActor:
             pairs.append(self._tokenized[row.pair_id])
         return self.learner.train_step(pairs)
 
-    def publish_weights(self, version: int) -> FlatWeights:
-        return self.learner.flat_weights(version)
+    def publish_weights(self, version: int) -> PublishedWeights:
+        from actors.weight_publishing import put_buckets
+
+        return put_buckets(self.learner.weight_buckets(version), version)
 
     def save_pretrained(self, directory: str) -> None:
         self.learner.save_pretrained(directory)

@@ -114,7 +114,10 @@ class LearnerConfig(_Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.999))
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up, optimizer steps")
     grad_clip: float = Field(1.0, ge=0.0, description="global gradient-norm clip; 0 = off")
-    zero_stage: int = Field(0, ge=0, le=2, description="DeepSpeed ZeRO stage")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage: 1 shards optimizer state over the ranks, "
+                                                       "2 also gradients, 3 also parameters")
+    offload: Literal["none", "cpu"] = Field(
+        "none", description="ZeRO 1-3: keep optimizer state (ZeRO 3: also parameters) in host memory between steps")
     micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward; gradients accumulate over a mini-batch")
     mini_batches: int = Field(1, ge=1, le=1024, description="optimizer steps per batch of rollouts (ALGORITHMS.md §GRPO.6)")
     ppo_epochs: int = Field(1, ge=1, le=100, description="passes over each batch of rollouts")
@@ -124,10 +127,27 @@ class LearnerConfig(_Section):
     group_by_length: bool = Field(
         True, description="micro-batches of similar-length sequences, each padded only to its own longest: same "
                           "gradient, far less padding (off: micro-batches in sample order)")
-    num_ranks: int = Field(1, ge=1, le=1, description="DeepSpeed ranks (multi-rank comes with the distributed learner)")
+    num_ranks: int = Field(1, ge=1, le=1024, description="DeepSpeed data-parallel ranks, one LearnerActor each; each mini-batch "
+                                                        "is split over them (must divide the rollout batch)")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy of the ranks: PACK keeps them on one node while it fits")
+    join_timeout_s: float = Field(
+        120.0, gt=0.0, le=3600.0, description="seconds for every rank to start and join the process group; a rank "
+                                              "that has not joined by then is named in the error and all ranks are released")
     num_cpus: float = Field(0.5, gt=0.0, le=1024)
     num_gpus: float = Field(0.0, ge=0.0, le=64)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray node resources per rank, e.g. {learner: 1}")
+
+
+class WeightSyncConfig(_Section):
+    """How new weights reach the generators (DESIGN.md "Weight sync")."""
+    transport: Literal["auto", "object_store", "collective"] = Field(
+        "auto", description="object_store: flat buckets through Ray's object store (any hardware); collective: "
+                            "bucketed broadcast from learner rank 0 over a process group with the engines (NCCL "
+                            "between GPUs, gloo on CPU); auto: collective where learner and generators have GPUs")
+    bucket_mb: float = Field(256.0, gt=0.0, le=65_536.0, description="bucket size, MiB: ZeRO 3 gathers one bucket of "
+                                                                     "parameters at a time, never the whole model")
+    timeout_s: float = Field(300.0, gt=0.0, le=86_400.0, description="seconds one publication may take before it is an error")
 
 
 class AlgorithmConfig(_Section):
@@ -225,6 +245,7 @@ class JobConfig(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -254,6 +275,23 @@ class JobConfig(_Section):
         if self.schedule.mode == "async" and self.algorithm.name in ("dpo", "bvpo"):
             raise ValueError(f"schedule.mode 'async' applies to grpo and raft++ jobs; algorithm.name "
                              f"'{self.algorithm.name}' runs the synchronous preference loop")
+        return self
+
+    @model_validator(mode="after")
+    def _ranks_divide_the_batch(self) -> "JobConfig":
+        learner = self.learner
+        if learner.num_ranks == 1:
+            return self
+        if self.algorithm.name in ("dpo", "bvpo"):
+            raise ValueError(f"learner.num_ranks ({learner.num_ranks}) > 1 applies to grpo and raft++ jobs; the "
+                             f"{self.algorithm.name} learner runs as one rank")
+        batch = self.data.prompts_per_step * self.generator.samples_per_prompt
+        per_mini_batch = batch // learner.mini_batches
+        if batch % learner.mini_batches or per_mini_batch % learner.num_ranks:
+            raise ValueError(
+                f"learner.num_ranks ({learner.num_ranks}) must divide each mini-batch: data.prompts_per_step × "
+                f"generator.samples_per_prompt = {batch} samples in {learner.mini_batches} mini-batch(es) of "
+                f"{batch / learner.mini_batches:g}")
         return self
 
     @model_validator(mode="after")

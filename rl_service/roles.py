@@ -117,7 +117,7 @@ def start_roles(config: JobConfig, verifier: str, resume_from: str | None = None
 
     from actors.generator import GeneratorActor
     from actors.generator_pool import GeneratorPool
-    from actors.learner import LearnerActor
+    from actors.learner_group import start_learner_group
     from actors.reward import RewardActor
     from actors.statistics import StatisticsActor
     from rl_service.rewards.custom import custom_reward_spec
@@ -131,10 +131,9 @@ def start_roles(config: JobConfig, verifier: str, resume_from: str | None = None
                .remote(verifier, config.reward.timeout_s, custom=custom) for index in range(config.reward.num_actors)]
     statistics = StatisticsActor.options(**_options(config, "statistics", 0, config.statistics.num_cpus)).remote(
         config.statistics)
-    learner_config = config.learner
-    learner = LearnerActor.options(**_options(config, "learner", 0, learner_config.num_cpus, learner_config.num_gpus,
-                                              learner_config.resources)).remote(config, resume_from)
-    # Fail here, with the actor's own error, if any role could not start.
+    # The learner's ranks join while the other roles start; fail here, with the actor's own error, if
+    # any role could not start.
+    learner = start_learner_group(config, resume_from)
     ray.get([learner.ready.remote(), pool.num_engines.remote(), statistics.allocate.remote([0], 1)]
             + [engine.weight_version.remote() for engine in generators])
     return Roles(pool=pool, generators=generators, rewards=rewards, statistics=statistics, learner=learner)

@@ -87,9 +87,12 @@ def per_sample_embedding_grad_norms(
     if tied and head is None:
         raise ValueError("tied=True but the model has no output embedding (head) module")
 
+    # Read E before any module runs: under ZeRO-3 the modules' hooks may release (re-partition) it.
+    width, compute = matrix.shape[1], torch.float64 if matrix.dtype == torch.float64 else torch.float32
     with torch.no_grad():
+        plain_lookup = F.embedding(input_ids, matrix)
         lookup = embedding(input_ids)
-        if not torch.equal(lookup, F.embedding(input_ids, matrix)):
+        if not torch.equal(lookup, plain_lookup):
             raise NotImplementedError("the input embedding is not a plain row lookup of its weight "
                                       "(e.g. a scaled embedding): §GVM.1 gradients would need its chain rule")
     embeds = lookup.detach().requires_grad_(True)  # leaf: its gradient is the per-position input part
@@ -114,14 +117,13 @@ def per_sample_embedding_grad_norms(
         if handle is not None:
             handle.remove()
 
-    compute = torch.float64 if matrix.dtype == torch.float64 else torch.float32
     grad_embeds = grads[0]
     norms = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device)
     with torch.no_grad():
         for b in range(input_ids.shape[0]):
             real = attention_mask[b].bool()
             rows, inverse = torch.unique(input_ids[b][real], return_inverse=True)
-            input_part = torch.zeros(rows.numel(), matrix.shape[1], dtype=compute, device=matrix.device)
+            input_part = torch.zeros(rows.numel(), width, dtype=compute, device=input_ids.device)
             input_part.index_add_(0, inverse, grad_embeds[b][real].to(compute))  # repeated tokens add up
             squared = input_part.double().square().sum()
             if tied:

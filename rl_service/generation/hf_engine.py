@@ -27,11 +27,14 @@ class HFGenerationEngine:
         self.eos_token_id = self.tokenizer.eos_token_id
         self.pad_token_id = self.tokenizer.pad_token_id
 
-    def load_weights(self, flat: FlatWeights) -> int:
-        if flat.version < self.weight_version:
-            raise ValueError(f"weight version went backwards: {flat.version} < {self.weight_version}")
-        load_flat_weights_(self.model, flat)
-        self.weight_version = flat.version
+    def load_weights(self, flat: FlatWeights | Sequence[FlatWeights]) -> int:
+        """One version, as one flat buffer or as its buckets (all loaded before the version changes)."""
+        buckets = [flat] if isinstance(flat, FlatWeights) else list(flat)
+        version = buckets[0].version
+        if version < self.weight_version:
+            raise ValueError(f"weight version went backwards: {version} < {self.weight_version}")
+        load_flat_weights_(self.model, buckets)
+        self.weight_version = version
         return self.weight_version
 
     @torch.no_grad()

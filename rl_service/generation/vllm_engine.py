@@ -40,7 +40,7 @@ import torch
 from rl_service.errors import ModelLoadError
 from rl_service.models.loading import load_tokenizer, resolve_model_dir
 from rl_service.rollout import GenerationRequest, Rollout, SamplingParams
-from rl_service.weights.flat import FlatWeights
+from rl_service.weights.flat import FlatWeights, named_tensors_of
 
 # Measured on the 2-core CPU machines (DESIGN.md). setdefault: an operator's value wins.
 VLLM_CPU_ENV_DEFAULTS = {
@@ -146,14 +146,18 @@ class VLLMGenerationEngine:
         self.llm.collective_rpc("rl_use_untruncated_logprobs")
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
-    def load_weights(self, flat: FlatWeights) -> int:
-        if flat.version < self.weight_version:
-            raise ValueError(f"weight version went backwards: {flat.version} < {self.weight_version}")
-        named_tensors = list(flat.tensors())
+    def load_weights(self, flat: FlatWeights | Sequence[FlatWeights]) -> int:
+        """One version, as one flat buffer or as its buckets: one reload of all of them, under the
+        lock, so no generate call sees a mix of versions."""
+        buckets = [flat] if isinstance(flat, FlatWeights) else list(flat)
+        version = buckets[0].version
+        if version < self.weight_version:
+            raise ValueError(f"weight version went backwards: {version} < {self.weight_version}")
+        named_tensors = named_tensors_of(buckets)
         with self._lock:
             self.llm.collective_rpc("rl_reload_weights", args=(named_tensors,))
             self.llm.reset_prefix_cache()   # cached KV was computed with the old weights
-            self.weight_version = flat.version
+            self.weight_version = version
         return self.weight_version
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams, seed: int) -> Rollout:

@@ -46,7 +46,7 @@ def micro_batches(batch: TrainingBatch, rows: torch.Tensor, micro_size: int, gro
     if group_by_length and len(rows) > micro_size:
         lengths = batch.attention_mask[rows].sum(dim=1)
         rows = rows[torch.sort(lengths, descending=True, stable=True).indices]
-    return list(torch.split(rows, micro_size))
+    return [chunk for chunk in torch.split(rows, micro_size) if len(chunk)]   # no rows: no micro-batch
 
 
 def build_training_batch(rollout: Rollout, advantages: torch.Tensor, keep: torch.Tensor, pad_token_id: int) -> TrainingBatch:

@@ -4,15 +4,17 @@ One rollout batch becomes `ppo_epochs × mini_batches` optimizer steps; each min
 into micro-batches whose losses are normalised by the *mini-batch's* token (or sequence) count, so
 gradient accumulation gives exactly the mini-batch gradient (ALGORITHMS.md §GRPO.5). π_old is the
 policy before the first update (§GRPO.6): with one update per batch it is the current policy
-detached; otherwise it is computed once, before updating. No Ray here: `actors/learner.py` wraps it.
+detached; otherwise it is computed once, before updating.
+
+Several ranks (`learner.num_ranks`): each takes its share of every mini-batch and of every frozen
+forward, in lock step (`rl_service/training/data_parallel.py`); their gradients add up to the one-rank
+gradient, and their metrics are summed before rank 0 reports them.
+No Ray here: `actors/learner.py` wraps it.
 """
 from __future__ import annotations
 
 import math
-import os
-import socket
 import time
-from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -23,92 +25,13 @@ from rl_service.algorithms.grad_norms import per_sample_embedding_grad_norms
 from rl_service.algorithms.logprobs import token_log_probs
 from rl_service.algorithms.policy_loss import PolicyLossConfig, loss_normalizer_for, policy_loss
 from rl_service.config import JobConfig
-from rl_service.models.loading import load_causal_lm, load_tokenizer
+from rl_service.models.loading import load_causal_lm
 from rl_service.rollout import Rollout
-from rl_service.training.state import load_learner_state, save_learner_state
 from rl_service.training.batch import TrainingBatch, build_training_batch, micro_batches
-from rl_service.weights.flat import FlatWeights, flatten_named_tensors
-
-
-def _free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init_single_process_group() -> None:
-    """A world of one for DeepSpeed (gloo on CPU); multi-rank groups come with the distributed learner."""
-    import deepspeed
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    # Always a fresh port: an inherited MASTER_PORT (a process that ran a learner before starting
-    # Ray passes its environment on to every actor) names a port that process still listens on.
-    os.environ["MASTER_PORT"] = str(_free_port())
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
-
-
-def deepspeed_config(config: JobConfig) -> dict:
-    learner = config.learner
-    return {
-        "train_micro_batch_size_per_gpu": learner.micro_batch_size,
-        "gradient_accumulation_steps": 1,
-        # Batches vary in size (GVM, filtered groups): we own the accumulation boundary and the
-        # loss normalisation, and call step() once per mini-batch.
-        "managed_gradient_accumulation": False,
-        "gradient_clipping": learner.grad_clip,
-        "zero_optimization": {"stage": learner.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": config.model.dtype == "bfloat16"},
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-
-
-def build_engine(config: JobConfig, weights_from: str | None = None):
-    """(tokenizer, DeepSpeed engine) of the policy: seeded, AdamW with linear warm-up, our config;
-    weights from `model.path`, or from `weights_from` (a checkpoint's `model/`) when resuming."""
-    import deepspeed
-
-    torch.manual_seed(config.seed)
-    init_single_process_group()
-    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
-    model = load_causal_lm(weights_from or config.model.path, config.model.dtype, config.model.trust_remote_code)
-    model.config.use_cache = False
-    learner = config.learner
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, betas=learner.adam_betas,
-                                  weight_decay=learner.weight_decay, foreach=False)
-    warmup = learner.warmup_steps
-
-    def schedule(opt):
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
-
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config))
-    return tokenizer, engine
-
-
-class EngineWeights:
-    """What every learner does with its weights: publish them flat (DESIGN.md "Weight sync") and
-    save them as a loadable HF directory (safetensors + tokenizer). Needs `engine` and `tokenizer`."""
-
-    weight_version = 0   # the version these weights were last published as (0: the initial model)
-
-    def flat_weights(self, version: int) -> FlatWeights:
-        self.weight_version = version
-        return flatten_named_tensors(self.engine.module.named_parameters(), version)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.engine.module.save_pretrained(str(directory), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(directory))
+from rl_service.training.data_parallel import (all_gather_floats, all_reduce_metrics, all_reduce_sum_, lock_step,
+                                               shard_rows, sum_gradients_)
+from rl_service.training.engine import EngineWeights, build_engine, gathered, rank_and_world
+from rl_service.training.state import load_learner_state, save_learner_state
 
 
 class PolicyLearner(EngineWeights):
@@ -117,6 +40,10 @@ class PolicyLearner(EngineWeights):
         counters this learner continues from (the reference model still comes from `model.path`)."""
         self.config = config
         self.tokenizer, self.engine = build_engine(config, str(Path(resume_from) / "model") if resume_from else None)
+        self.rank, self.world_size = rank_and_world()
+        if config.learner.zero_stage == 0 and self.world_size > 1:
+            # We sum the ranks' gradients ourselves before the norm (clip, NaN guard): see _optimizer_step.
+            self.engine.enable_backward_allreduce = False
         self.reference_model = None
         if config.algorithm.kl_coef > 0:
             self.reference_model = load_causal_lm(config.model.path, config.model.dtype,
@@ -129,13 +56,13 @@ class PolicyLearner(EngineWeights):
         self.temperature = config.generator.temperature or 1.0
         self.optimizer_steps = 0
         if resume_from is not None:
-            counters = load_learner_state(resume_from, self.engine, self._state_layout())
+            counters = load_learner_state(resume_from, self.engine, self._state_layout(), self.rank)
             self.optimizer_steps, self.weight_version = counters["optimizer_steps"], counters["weight_version"]
 
     def save_checkpoint(self, directory: str | Path) -> None:
         self.save_pretrained(Path(directory) / "model")
         save_learner_state(directory, self.engine, {"optimizer_steps": self.optimizer_steps,
-                                                    "weight_version": self.weight_version}, self._state_layout())
+                                                    "weight_version": self.weight_version}, self._state_layout(), self.rank)
 
     def _state_layout(self) -> dict:
         return {"learner.zero_stage": self.config.learner.zero_stage, "learner.num_ranks": self.config.learner.num_ranks,
@@ -170,9 +97,13 @@ class PolicyLearner(EngineWeights):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
         return token_log_probs(logits, batch.input_ids[:, 1:], temperature=self.temperature)
 
-    def _micro_batches(self, batch: TrainingBatch, rows: torch.Tensor) -> list[torch.Tensor]:
+    def _micro_batches(self, batch: TrainingBatch, rows: torch.Tensor) -> list[torch.Tensor | None]:
+        """This rank's micro-batches of `rows`, in lock step with the other ranks (None: an idle pass)."""
         learner = self.config.learner
-        return micro_batches(batch, rows, learner.micro_batch_size, learner.group_by_length)
+        lengths = batch.attention_mask.sum(dim=1)
+        per_rank = [micro_batches(batch, shard, learner.micro_batch_size, learner.group_by_length)
+                    for shard in shard_rows(rows, lengths, self.world_size)]
+        return lock_step(per_rank, self.rank)
 
     def _rows_with_gradient(self, batch: TrainingBatch, rows: torch.Tensor) -> torch.Tensor:
         """The rows of `rows` whose loss has a gradient.
@@ -189,11 +120,15 @@ class PolicyLearner(EngineWeights):
 
     @torch.no_grad()
     def _frozen_logprobs(self, model, batch: TrainingBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        rows = torch.arange(len(batch)) if rows is None else rows
         logprobs = torch.zeros_like(batch.completion_mask)
-        for micro_rows in self._micro_batches(batch, torch.arange(len(batch)) if rows is None else rows):
+        for micro_rows in self._micro_batches(batch, rows):
+            if micro_rows is None:   # idle pass: the forward's ZeRO-3 gathers, nothing kept
+                self._token_logprobs(model, batch.select(rows[:1]))
+                continue
             micro_logprobs = self._token_logprobs(model, batch.select(micro_rows))
             logprobs[micro_rows, :micro_logprobs.shape[1]] = micro_logprobs
-        return logprobs * batch.completion_mask
+        return all_reduce_sum_(logprobs * batch.completion_mask)   # each row was filled by one rank
 
     def train_step(self, rollout: Rollout, rewards: list[float]) -> dict[str, float]:
         started = time.perf_counter()
@@ -221,6 +156,10 @@ class PolicyLearner(EngineWeights):
                     sums[key] = sums.get(key, 0.0) + value
                 count += 1
         metrics.update({key: value / count for key, value in sums.items()})
+        if self.world_size > 1:
+            rank_seconds = all_gather_floats(time.perf_counter() - started)
+            metrics.update({f"train_seconds_rank_{rank}": seconds for rank, seconds in enumerate(rank_seconds)})
+            metrics["train_seconds_rank_spread"] = max(rank_seconds) - min(rank_seconds)
         metrics["stale_sample_fraction"] = float((batch.weight_versions < self.weight_version).float().mean())
         metrics["optimizer_steps"] = float(count)
         metrics["learning_rate"] = float(self.engine.get_lr()[0])
@@ -231,15 +170,20 @@ class PolicyLearner(EngineWeights):
         aggregation = self.config.algorithm.aggregation
         normalizer = loss_normalizer_for(batch.completion_mask[mini_rows], aggregation)
         active_rows = self._rows_with_gradient(batch, mini_rows)
+        # Keys summed over the ranks (each rank adds its rows' share); the rest are the same on every rank.
         totals: dict[str, float] = {"loss": 0.0, "behaviour_logprob_abs_diff": 0.0,
-                                    "forward_sample_fraction": len(active_rows) / max(len(mini_rows), 1)}
+                                    "padded_positions": 0.0, "real_positions": 0.0}
+        summed = set(totals)
         # Token-mean metrics (clip fractions, ratio, log-prob gap) are over the tokens forwarded.
         tokens = float(batch.completion_mask[active_rows].sum())
-        padded_positions = real_positions = 0
+        # ZeRO 1-3 average the ranks' gradients; ours are shares of one sum, so scale them back up.
+        # (ZeRO 0 on several ranks sums them itself below.)
+        rank_scale = self.world_size if self.config.learner.zero_stage > 0 else 1
         for micro_rows in self._micro_batches(batch, active_rows):
+            idle = micro_rows is None
+            if idle:   # the same passes as the busiest rank (ZeRO 2-3 collectives), contributing zero
+                micro_rows = mini_rows[:1]
             micro = batch.select(micro_rows)
-            padded_positions += micro.attention_mask.numel()
-            real_positions += int(micro.attention_mask.sum())
             width = micro.completion_mask.shape[1]
             logprobs = self._token_logprobs(self.engine, micro)
             old = logprobs.detach() if old_logprobs is None else old_logprobs[micro_rows][:, :width]
@@ -251,33 +195,56 @@ class PolicyLearner(EngineWeights):
             ref = None if ref_logprobs is None else ref_logprobs[micro_rows][:, :width]
             loss, loss_metrics = policy_loss(logprobs, old, micro.advantages, micro.completion_mask, self.loss_config,
                                              ref_logprobs=ref, loss_normalizer=normalizer)
+            if idle:
+                loss = loss * 0.0
+            elif rank_scale != 1:
+                loss = loss * rank_scale
             self.engine.backward(loss, scale_wrt_gas=False)
-            share = float(micro.completion_mask.sum()) / max(tokens, 1.0)
-            totals["loss"] += float(loss.detach())
-            # How far the generator's log-probs are from the learner's: a health check of the sync.
-            diff = ((micro.behaviour_logprobs - logprobs.detach()).abs() * micro.completion_mask).sum()
-            totals["behaviour_logprob_abs_diff"] += float(diff) / max(tokens, 1.0)
+            share = 0.0 if idle else float(micro.completion_mask.sum()) / max(tokens, 1.0)
             for key, value in loss_metrics.items():
                 if key not in ("loss", "num_tokens"):  # token means: weight by this micro-batch's share
                     totals[key] = totals.get(key, 0.0) + value * share
-        # ZeRO 1-2 report the (pre-clip) global norm after step(); stage 0 reports none, so take it here.
+                    summed.add(key)
+            if idle:
+                continue
+            totals["padded_positions"] += micro.attention_mask.numel()
+            totals["real_positions"] += int(micro.attention_mask.sum())
+            totals["loss"] += float(loss.detach()) / rank_scale
+            # How far the generator's log-probs are from the learner's: a health check of the sync.
+            diff = ((micro.behaviour_logprobs - logprobs.detach()).abs() * micro.completion_mask).sum()
+            totals["behaviour_logprob_abs_diff"] += float(diff) / max(tokens, 1.0)
+        totals = all_reduce_metrics(totals, summed)
+        # ZeRO 1-3 report the (pre-clip) global norm after step(); stage 0 reports none, so take it here.
         own_norm = None
         if self.config.learner.zero_stage == 0:
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            parameters = [p for p in self.engine.module.parameters() if p.requires_grad]
+            sum_gradients_(parameters)
+            grads = [p.grad for p in parameters if p.grad is not None]
             own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             if not math.isfinite(own_norm):
                 # NaN/Inf guard: drop the gradients, so AdamW leaves every parameter and its moments
-                # as they were. ZeRO 1-2 do the same themselves (an invalid global norm is an
+                # as they were. ZeRO 1-3 do the same themselves (an invalid global norm is an
                 # "overflow": the step is skipped and the norm reported as inf).
                 for parameter in self.engine.module.parameters():
                     parameter.grad = None
         self.engine.step()
         self.optimizer_steps += 1
         grad_norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
+        padded, real = totals.pop("padded_positions"), totals.pop("real_positions")
+        totals["forward_sample_fraction"] = len(active_rows) / max(len(mini_rows), 1)
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         totals["nonfinite_update_fraction"] = float(grad_norm is not None and not math.isfinite(grad_norm))
-        totals["padding_fraction"] = 1.0 - real_positions / max(padded_positions, 1)
+        totals["padding_fraction"] = 1.0 - real / max(padded, 1)
         return totals
+
+    def completion_logprobs(self, rollout: Rollout) -> list[list[float]]:
+        """Per sample, the learner's log-probs of its completion tokens at the sampling temperature:
+        what the generator that drew them reported, when both hold the same weights (the sync check)."""
+        keep = torch.ones(len(rollout), dtype=torch.bool)
+        batch = build_training_batch(rollout, torch.zeros(len(rollout)), keep, self.tokenizer.pad_token_id)
+        self.engine.eval()
+        logprobs = self._frozen_logprobs(self.engine, batch)
+        return [logprobs[row][batch.completion_mask[row] > 0].tolist() for row in range(len(batch))]
 
     # -- GVM statistics ----------------------------------------------------------------------
     def accepted_grad_norms(self, rollout: Rollout, rewards: list[float]) -> list[float]:
@@ -291,11 +258,19 @@ class PolicyLearner(EngineWeights):
         if not bool(accepted.any()):
             return norms.tolist()
         batch = build_training_batch(rollout, torch.zeros(len(rollout)), accepted, self.tokenizer.pad_token_id)
-        accepted_norms = torch.empty(len(batch), dtype=torch.float64)
-        for micro_rows in self._micro_batches(batch, torch.arange(len(batch))):
-            micro = batch.select(micro_rows)
-            accepted_norms[micro_rows] = per_sample_embedding_grad_norms(
-                self.engine.module, micro.input_ids, micro.attention_mask, micro.completion_mask).to(torch.float64)
+        accepted_norms = torch.zeros(len(batch), dtype=torch.float64)
+        module = self.engine.module
+        # §GVM.1 reads the embedding (and a tied head) itself: under ZeRO-3 it is gathered for the pass.
+        embedding_and_head = [module.get_input_embeddings().weight, module.get_output_embeddings().weight]
+        with gathered(embedding_and_head, self.config.learner.zero_stage):
+            for micro_rows in self._micro_batches(batch, torch.arange(len(batch))):
+                idle = micro_rows is None
+                micro = batch.select(torch.arange(1) if idle else micro_rows)
+                micro_norms = per_sample_embedding_grad_norms(
+                    module, micro.input_ids, micro.attention_mask, micro.completion_mask).to(torch.float64)
+                if not idle:
+                    accepted_norms[micro_rows] = micro_norms
+        all_reduce_sum_(accepted_norms)   # each row was filled by one rank
         # NaN marks "rejected" downstream; a non-finite norm of an accepted sample is a numerical
         # failure, reported as inf so the statistics actor drops and counts it (never averages it in).
         norms[accepted] = torch.where(torch.isfinite(accepted_norms), accepted_norms, torch.inf)

@@ -28,7 +28,7 @@ from rl_service.algorithms.preference import OnlineAlphaEstimator, PreferenceLog
 from rl_service.config import JobConfig
 from rl_service.data.preferences import TokenizedPair
 from rl_service.models.loading import load_causal_lm
-from rl_service.training.policy_learner import EngineWeights, build_engine
+from rl_service.training.engine import EngineWeights, build_engine
 
 # Column order of a pair's four sequences in every [B, 4] log-prob table.
 TRACE_CHOSEN, TRACE_REJECTED, EMPTY_CHOSEN, EMPTY_REJECTED = range(4)

@@ -11,12 +11,22 @@ own base optimizer over flat fp32 partitions: that optimizer is the one saved he
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 TENSORS_FILE = "learner_state.safetensors"
 META_FILE = "learner_state.json"
+
+
+def _files(directory: Path, rank: int) -> tuple[Path, Path]:
+    """Rank 0's files keep the one-rank names; rank r > 0 (its own ZeRO partition) gets `.rank{r}`."""
+    if rank == 0:
+        return directory / TENSORS_FILE, directory / META_FILE
+    return (directory / TENSORS_FILE.replace(".safetensors", f".rank{rank}.safetensors"),
+            directory / META_FILE.replace(".json", f".rank{rank}.json"))
 
 
 def base_optimizer(engine) -> torch.optim.Optimizer:
@@ -25,12 +35,29 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def save_learner_state(directory: str | Path, engine, counters: dict[str, int], layout: dict) -> None:
-    """`layout`: how the state is sharded (ZeRO stage, world size); a restore must match it."""
+@contextmanager
+def optimizer_with_params(engine) -> Iterator[torch.optim.Optimizer]:
+    """The base optimizer with its parameters in place: ZeRO-3 puts its fp32 partitions into the
+    param groups only around a step, and torch's state_dict needs them there."""
+    wrapper = engine.optimizer
+    zero3 = hasattr(wrapper, "_set_fp32_optimizer_param_groups")
+    if zero3:
+        wrapper._set_fp32_optimizer_param_groups()
+    try:
+        yield base_optimizer(engine)
+    finally:
+        if zero3:
+            wrapper._clear_fp32_optimizer_param_groups()
+
+
+def save_learner_state(directory: str | Path, engine, counters: dict[str, int], layout: dict, rank: int = 0) -> None:
+    """`layout`: how the state is sharded (ZeRO stage, world size); a restore must match it.
+    Every rank writes its own file (ZeRO 1-3 partition the optimizer state over the ranks)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    optimizer_state = base_optimizer(engine).state_dict()
+    with optimizer_with_params(engine) as optimizer:
+        optimizer_state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     numbers: dict[str, dict[str, float | int]] = {}
     for index, slots in optimizer_state["state"].items():
@@ -52,21 +79,26 @@ def save_learner_state(directory: str | Path, engine, counters: dict[str, int], 
         "counters": counters,
         "layout": layout,
     }
-    save_file(tensors, str(directory / TENSORS_FILE))
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+    tensors_file, meta_file = _files(directory, rank)
+    save_file(tensors, str(tensors_file))
+    meta_file.write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def load_learner_state(directory: str | Path, engine, layout: dict) -> dict[str, int]:
+def load_learner_state(directory: str | Path, engine, layout: dict, rank: int = 0) -> dict[str, int]:
     """Restore what `save_learner_state` wrote onto `engine`; returns the saved counters."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    tensors_file, meta_file = _files(directory, rank)
+    if not meta_file.is_file():
+        raise ValueError(f"{directory}: no optimizer state for learner rank {rank} ({meta_file.name}): the checkpoint "
+                         f"was written by fewer ranks; resume with the same learner.num_ranks")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
     for name, value in layout.items():
         if meta["layout"].get(name) != value:
             raise ValueError(f"{directory}: the checkpoint's optimizer state was written with {name} "
                              f"{meta['layout'].get(name)}, this learner has {value}; resume with the same setting")
-    tensors = load_file(str(directory / TENSORS_FILE))
+    tensors = load_file(str(tensors_file))
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         kind, *rest = key.split("/")
@@ -75,11 +107,11 @@ def load_learner_state(directory: str | Path, engine, layout: dict) -> dict[str,
             state.setdefault(int(index), {})[name] = value
     for index, numbers in meta["state_numbers"].items():
         state.setdefault(int(index), {}).update(numbers)
-    optimizer = base_optimizer(engine)
-    if len(optimizer.param_groups) != len(meta["param_groups"]):
-        raise ValueError(f"{directory}: the checkpoint's optimizer has {len(meta['param_groups'])} parameter groups, "
-                         f"this learner {len(optimizer.param_groups)} (another model, ZeRO stage or world size?)")
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    with optimizer_with_params(engine) as optimizer:
+        if len(optimizer.param_groups) != len(meta["param_groups"]):
+            raise ValueError(f"{directory}: the checkpoint's optimizer has {len(meta['param_groups'])} parameter "
+                             f"groups, this learner {len(optimizer.param_groups)} (another model, ZeRO stage or world size?)")
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     if meta["scheduler"] is not None and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     for name, value in meta["engine"].items():

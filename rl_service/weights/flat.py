@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,38 @@ class FlatWeights:
             yield name, flat.view(shape)
 
 
+@dataclass
+class PublishedWeights:
+    """One weight version as the object-store transport publishes it: the refs of its flat buckets,
+    each `ray.put` once by the learner (opaque here: rl_service/weights has no Ray)."""
+    version: int
+    bucket_refs: list
+    num_bytes: int
+
+
+def named_tensors_of(buckets: Sequence[FlatWeights]) -> list[tuple[str, torch.Tensor]]:
+    """Every (name, tensor) of one version's buckets, in order; refuses a mix of versions."""
+    versions = {bucket.version for bucket in buckets}
+    if len(versions) > 1:
+        raise ValueError(f"weight buckets of different versions {sorted(versions)} in one load")
+    return [item for bucket in buckets for item in bucket.tensors()]
+
+
+def plan_buckets(named_sizes: Iterable[tuple[str, int]], bucket_bytes: int) -> list[list[str]]:
+    """Names grouped, in order, into buckets of at most `bucket_bytes` (a larger tensor alone)."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket size must be positive, got {bucket_bytes} bytes")
+    buckets: list[list[str]] = []
+    filled = bucket_bytes
+    for name, size in named_sizes:
+        if filled + size > bucket_bytes and (not buckets or buckets[-1]):
+            buckets.append([])
+            filled = 0
+        buckets[-1].append(name)
+        filled += size
+    return buckets
+
+
 def flatten_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> FlatWeights:
     items = [(name, tensor.detach().to("cpu").contiguous()) for name, tensor in named_tensors]
     offsets, cursor = [], 0
@@ -61,11 +93,13 @@ def flatten_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], ver
 
 
 @torch.no_grad()
-def load_flat_weights_(model: torch.nn.Module, flat: FlatWeights) -> None:
-    """Copy every tensor of `flat` into the same-named parameter of `model`, in place."""
+def load_flat_weights_(model: torch.nn.Module, flat: FlatWeights | Sequence[FlatWeights]) -> None:
+    """Copy every tensor of `flat` (one buffer or one version's buckets) into the same-named
+    parameter of `model`, in place."""
+    named = named_tensors_of([flat] if isinstance(flat, FlatWeights) else flat)
     parameters = dict(model.named_parameters())
-    missing = [name for name in flat.names if name not in parameters]
+    missing = [name for name, _ in named if name not in parameters]
     if missing:
         raise KeyError(f"published weights name parameters the model lacks: {missing[:5]}")
-    for name, tensor in flat.tensors():
+    for name, tensor in named:
         parameters[name].copy_(tensor)

@@ -1,0 +1,169 @@
+"""A learner rank's DeepSpeed engine: its process group, its config, its weights going out.
+
+Every rank builds the same model from the same seed and DeepSpeed partitions what the ZeRO stage
+says (1: optimizer state, 2: + gradients, 3: + parameters). The process group is set up by the ranks
+themselves from an address rank 0 hands out (`actors/learner_group.py`): gloo on CPU, NCCL on GPU.
+No Ray here.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import closing, contextmanager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from rl_service.config import JobConfig
+from rl_service.models.loading import load_causal_lm, load_tokenizer
+from rl_service.weights.flat import FlatWeights, flatten_named_tensors, plan_buckets
+
+# How long a collective (a gradient reduction, a ZeRO-3 gather) may wait for the slowest rank.
+# Joining has its own, shorter limit (`learner.join_timeout_s`), enforced by the group.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def init_process_group(rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
+                       master_port: int | None = None) -> None:
+    """Join the learner's process group (gloo on CPU, NCCL on GPU); a world of one needs no peer."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    # Always an explicit port: an inherited MASTER_PORT (a process that ran a learner before starting
+    # Ray passes its environment on to every actor) names a port that process still listens on.
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port or free_port(master_addr)),
+                      RANK=str(rank), WORLD_SIZE=str(world_size),
+                      # Ray gives each GPU rank its own CUDA_VISIBLE_DEVICES: its one device is device 0.
+                      LOCAL_RANK="0")
+    if master_addr in ("127.0.0.1", "localhost"):
+        # A local job: gloo's own listeners stay on loopback too (they bind the hostname's address).
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=COLLECTIVE_TIMEOUT,
+                               rank=rank, world_size=world_size)
+
+
+def rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def deepspeed_config(config: JobConfig) -> dict:
+    learner = config.learner
+    zero: dict = {"stage": learner.zero_stage}
+    if learner.offload == "cpu" and learner.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if learner.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": learner.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        # Batches vary in size (GVM, filtered groups): we own the accumulation boundary and the
+        # loss normalisation, and call step() once per mini-batch.
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": learner.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        # Offload with our torch AdamW (DeepSpeedCPUAdam needs a C++ build a CPU host may lack).
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": config.model.dtype == "bfloat16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(config: JobConfig, weights_from: str | None = None):
+    """(tokenizer, DeepSpeed engine) of the policy: seeded, AdamW with linear warm-up, our config;
+    weights from `model.path`, or from `weights_from` (a checkpoint's `model/`) when resuming.
+    The process group must exist (`init_process_group`); a world of one is made here if not."""
+    import deepspeed
+
+    torch.manual_seed(config.seed)
+    init_process_group()
+    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+    # Every rank materialises the whole model before ZeRO-3 partitions it: deepspeed.zero.Init, which
+    # would build it partitioned, fails on torch 2.13 (its Tensor.__new__ patch no longer matches).
+    model = load_causal_lm(weights_from or config.model.path, config.model.dtype, config.model.trust_remote_code)
+    model.config.use_cache = False
+    learner = config.learner
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, betas=learner.adam_betas,
+                                  weight_decay=learner.weight_decay, foreach=False)
+    warmup = learner.warmup_steps
+
+    def schedule(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config))
+    return tokenizer, engine
+
+
+@contextmanager
+def gathered(parameters: list[torch.nn.Parameter], zero_stage: int) -> Iterator[None]:
+    """ZeRO-3: the full values of `parameters` on every rank inside the block (a collective: every
+    rank enters it with the same list); other stages hold them whole already."""
+    if zero_stage != 3:
+        with nullcontext():
+            yield
+        return
+    from deepspeed.runtime.zero import GatheredParameters
+
+    with GatheredParameters(parameters, modifier_rank=None):
+        yield
+
+
+def full_numel(parameter: torch.nn.Parameter) -> int:
+    return int(getattr(parameter, "ds_numel", parameter.numel()))
+
+
+class EngineWeights:
+    """What every learner does with its weights: publish them in flat buckets (DESIGN.md "Weight sync")
+    and save them as a loadable HF directory (safetensors + tokenizer). Needs `engine`, `tokenizer`
+    and `config`."""
+
+    weight_version = 0   # the version these weights were last published as (0: the initial model)
+
+    def weight_buckets(self, version: int, bucket_bytes: int | None = None) -> Iterator[FlatWeights]:
+        """The weights as flat buckets of at most `bucket_bytes` (one tensor larger than that is a
+        bucket of its own); rank 0 yields them, the other ranks only take part in ZeRO-3's gathers.
+        Under ZeRO-3 only one bucket is gathered at a time, so no rank ever holds the whole model."""
+        if bucket_bytes is None:
+            bucket_bytes = int(self.config.weight_sync.bucket_mb * 2**20)
+        self.weight_version = version
+        rank, _ = rank_and_world()
+        named = list(self.engine.module.named_parameters())
+        sizes = [(name, full_numel(parameter) * parameter.element_size()) for name, parameter in named]
+        by_name = dict(named)
+        for bucket in plan_buckets(sizes, bucket_bytes):
+            parameters = [by_name[name] for name in bucket]
+            with gathered(parameters, self.config.learner.zero_stage):
+                if rank == 0:
+                    yield flatten_named_tensors(((name, by_name[name]) for name in bucket), version)
+
+    def flat_weights(self, version: int) -> FlatWeights:
+        """All weights in one flat buffer (rank 0; a world of one, or tests)."""
+        (flat,) = list(self.weight_buckets(version, bucket_bytes=2**62))
+        return flat
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Rank 0 writes; under ZeRO-3 every rank must call it (the parameters are gathered)."""
+        directory = Path(directory)
+        rank, _ = rank_and_world()
+        with gathered(list(self.engine.module.parameters()), self.config.learner.zero_stage):
+            if rank == 0:
+                directory.mkdir(parents=True, exist_ok=True)
+                self.engine.module.save_pretrained(str(directory), safe_serialization=True)
+                self.tokenizer.save_pretrained(str(directory))
