@@ -27,6 +27,19 @@ class GeneratorActor:
             weights = ray.get(weights.bucket_refs)
         return self.engine.load_weights(weights)
 
+    def weight_group_size(self) -> int:
+        """Members this engine adds to the collective weight group (one per worker)."""
+        return self.engine.weight_group_size
+
+    def join_weight_group(self, master_addr: str, master_port: int, first_rank: int, world_size: int,
+                          device: str, timeout_s: float) -> bool:
+        self.engine.join_weight_group(master_addr, master_port, first_rank, world_size, device, timeout_s)
+        return True
+
+    def receive_weights(self, layouts: list, version: int) -> int:
+        """Collective transport: receive version `version` from learner rank 0 and load it in place."""
+        return self.engine.receive_weights(layouts, version)
+
     def weight_version(self) -> int:
         return self.engine.weight_version
 

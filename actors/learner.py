@@ -100,6 +100,37 @@ class LearnerActor:
         return put_buckets(self.learner.weight_buckets(version), version, self.rank)
 
     @collective
+    def weight_layouts(self) -> list | None:
+        """The bucket layout of the weights (rank 0; the same at every version): what the engines of
+        the collective transport allocate and receive into."""
+        from rl_service.weights.collective import BucketLayout
+
+        buckets = self.learner.weight_buckets(self.learner.weight_version)
+        layouts = [BucketLayout.of(bucket) for bucket in buckets]
+        return layouts if self.rank == 0 else None
+
+    def join_weight_group(self, master_addr: str, master_port: int, world_size: int, timeout_s: float) -> bool:
+        """Rank 0: be rank 0 of the learner-engines weight group (collective transport)."""
+        import torch
+
+        from rl_service.weights.collective import WeightBroadcastGroup
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.weight_group = WeightBroadcastGroup(master_addr, master_port, 0, world_size, device, timeout_s)
+        return True
+
+    @collective
+    def broadcast_weights(self, version: int) -> int:
+        """Collective transport: rank 0 broadcasts the weights bucket by bucket (ZeRO-3: each bucket
+        gathered by all ranks first); returns the bytes sent."""
+        buckets = self.learner.weight_buckets(version)
+        if self.rank == 0:
+            return self.weight_group.send(buckets)
+        for _ in buckets:
+            pass
+        return 0
+
+    @collective
     def save_pretrained(self, directory: str) -> None:
         self.learner.save_pretrained(directory)
 

@@ -17,7 +17,8 @@ from rl_service.config import JobConfig
 from rl_service.errors import UserError
 
 # Calls that run on every rank (collectives inside); rank 0's result is the group's.
-ALL_RANK_METHODS = ("ready", "train_step", "grad_norms", "completion_logprobs", "publish_weights", "save_pretrained", "save_checkpoint")
+ALL_RANK_METHODS = ("ready", "train_step", "grad_norms", "completion_logprobs", "publish_weights",
+                   "weight_layouts", "broadcast_weights", "save_pretrained", "save_checkpoint")
 
 
 class RankJoinTimeout(UserError):

@@ -42,6 +42,7 @@ from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
 from rl_service.rewards.verifiers import SCORE_COUNTER_KEYS as REWARD_COUNTER_KEYS
 from rl_service.run_dir import RunDirectory, latest_checkpoint
 from rl_service.tasks import PromptTokenizer, TaskData, load_task
+from rl_service.weight_sync import make_weight_sync
 
 log = logging.getLogger("rl_service")
 SCORED_KEYS = ("rewards", "request_index", "completion_lengths", "finished", "weight_versions")
@@ -112,6 +113,7 @@ class Trainer:
         self.batches = make_batch_source(self.config, self.task, self.sampler, roles, self._rollout)
         generator = self.config.generator
         self.sampling = SamplingParams(generator.temperature, generator.top_p, generator.max_new_tokens)
+        self.weight_sync = make_weight_sync(roles, self.config)
         self.weight_version = 0
         self.totals = {"completions": 0, "completion_tokens": 0}
         self.eval_history: list[tuple[int, float]] = []
@@ -223,8 +225,7 @@ class Trainer:
                 train_metrics["nonfinite_grad_norms_dropped"] = float(ray.get(
                     self.roles.statistics.update_grad_norms.remote(prompt_ids, per_prompt.tolist())))
         with timer.phase("publish"):
-            weights_ref = self.roles.learner.publish_weights.remote(self.weight_version + 1)
-            versions = ray.get(self.roles.pool.update_weights.remote([weights_ref]))
+            versions, sync_metrics = self.weight_sync.publish(self.weight_version + 1)
         self.weight_version = min(versions)
 
         step_seconds = time.perf_counter() - started
@@ -253,6 +254,7 @@ class Trainer:
             "time_driver_s": max(step_seconds - waited, 0.0),
             **statistics,
             **train_metrics,
+            **sync_metrics,
         }
         for name in ("generate", "reward", "statistics", "train", "publish", "driver"):
             self.phase_totals[name] += metrics.get(f"time_{name}_s", 0.0)
@@ -278,8 +280,8 @@ class Trainer:
         self.weight_version = int(state["weight_version"])
         self.pipeline.next_to_launch = int(state["step"]) + 1
         statistics = load_file(str(checkpoint / "statistics.safetensors"))
-        weights = self.roles.learner.publish_weights.remote(self.weight_version)
-        ray.get([self.roles.statistics.load_state_dict.remote(statistics), self.roles.pool.update_weights.remote([weights])])
+        ray.get(self.roles.statistics.load_state_dict.remote(statistics))
+        self.weight_sync.publish(self.weight_version)
 
     def checkpoint(self, step: int) -> Path:
         import ray

@@ -35,6 +35,7 @@ from rl_service.errors import ModelLoadError
 from rl_service.models.loading import load_tokenizer, render_prompt
 from rl_service.step_loop import LoopResult, loop_outcome, run_steps
 from rl_service.roles import Roles, ray_session, start_preference_roles
+from rl_service.weight_sync import ObjectStoreWeightSync
 from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
 from rl_service.run_dir import RunDirectory
 from rl_service.tasks import PromptTokenizer, TaskData, load_task
@@ -76,6 +77,7 @@ class PreferenceTrainer:
     def __init__(self, job: PreparedPreferenceJob, roles: Roles, run_dir: RunDirectory):
         self.config, self.task, self.dataset, self.roles, self.run_dir = job.config, job.task, job.dataset, roles, run_dir
         self.with_empty = self.config.algorithm.name == "bvpo"
+        self.weight_sync = ObjectStoreWeightSync(roles, self.config)   # one rank: the object store
         # Token caches are keyed by prompt id; train and eval ids come from different files and may collide.
         self.prompt_tokens = {split: {thinking: PromptTokenizer(job.tokenizer, thinking) for thinking in (True, False)}
                               for split in ("train", "eval")}
@@ -136,13 +138,11 @@ class PreferenceTrainer:
 
     def publish(self, timer: PhaseTimer) -> None:
         """Send the learner's weights to the pool if it serves older ones."""
-        import ray
-
         if self.weight_version == self.learner_version:
             return
         with timer.phase("publish"):
-            weights_ref = self.roles.learner.publish_weights.remote(self.learner_version)
-            self.weight_version = min(ray.get(self.roles.pool.update_weights.remote([weights_ref])))
+            versions, _ = self.weight_sync.publish(self.learner_version)
+            self.weight_version = min(versions)
 
     # -- one training step ---------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:

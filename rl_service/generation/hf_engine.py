@@ -37,6 +37,26 @@ class HFGenerationEngine:
         self.weight_version = version
         return self.weight_version
 
+    weight_group_size = 1   # one process: one member of the collective weight group
+
+    def join_weight_group(self, master_addr: str, master_port: int, first_rank: int, world_size: int,
+                          device: str, timeout_s: float) -> None:
+        from rl_service.weights.collective import WeightBroadcastGroup
+
+        self.weight_group = WeightBroadcastGroup(master_addr, master_port, first_rank, world_size, device, timeout_s)
+
+    @torch.no_grad()
+    def receive_weights(self, layouts: Sequence, version: int) -> int:
+        """Receive every bucket of `version` from learner rank 0 and copy it into the model in place."""
+        if version < self.weight_version:
+            raise ValueError(f"weight version went backwards: {version} < {self.weight_version}")
+        parameters = dict(self.model.named_parameters())
+        for bucket in self.weight_group.receive(layouts):
+            for name, tensor in bucket:
+                parameters[name].copy_(tensor)
+        self.weight_version = version
+        return self.weight_version
+
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams, seed: int) -> Rollout:
         rows = [(request, request.prompt_token_ids) for request in requests for _ in range(request.num_samples)]

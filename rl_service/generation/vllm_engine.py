@@ -97,6 +97,21 @@ class WeightSyncWorkerExtension:
         truncating.rl_untruncated_logprobs = True
         return True
 
+    def rl_join_weight_group(self, master_addr: str, master_port: int, first_rank: int, world_size: int,
+                             device: str, timeout_s: float) -> bool:
+        """Join the learner-engines weight group as member `first_rank` + this worker's TP rank."""
+        from rl_service.weights.collective import WeightBroadcastGroup
+
+        rank = first_rank + int(getattr(self, "rank", 0))
+        self.rl_weight_group = WeightBroadcastGroup(master_addr, master_port, rank, world_size, device, timeout_s)
+        return True
+
+    def rl_receive_weights(self, layouts) -> int:
+        """Receive every bucket from learner rank 0, then reload them all at once (as the object-store
+        path does), so the model never holds two versions."""
+        named = [item for bucket in self.rl_weight_group.receive(layouts) for item in bucket]
+        return self.rl_reload_weights(named)
+
     def rl_reload_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
         """Load checkpoint-format (HF-named) tensors in place and redo what the kernels derived from them."""
         self.reload_weights(weights_iterator=named_tensors)
@@ -156,6 +171,24 @@ class VLLMGenerationEngine:
         named_tensors = named_tensors_of(buckets)
         with self._lock:
             self.llm.collective_rpc("rl_reload_weights", args=(named_tensors,))
+            self.llm.reset_prefix_cache()   # cached KV was computed with the old weights
+            self.weight_version = version
+        return self.weight_version
+
+    @property
+    def weight_group_size(self) -> int:
+        return self.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+
+    def join_weight_group(self, master_addr: str, master_port: int, first_rank: int, world_size: int,
+                          device: str, timeout_s: float) -> None:
+        self.llm.collective_rpc("rl_join_weight_group",
+                                args=(master_addr, master_port, first_rank, world_size, device, timeout_s))
+
+    def receive_weights(self, layouts, version: int) -> int:
+        if version < self.weight_version:
+            raise ValueError(f"weight version went backwards: {version} < {self.weight_version}")
+        with self._lock:
+            self.llm.collective_rpc("rl_receive_weights", args=(layouts,))
             self.llm.reset_prefix_cache()   # cached KV was computed with the old weights
             self.weight_version = version
         return self.weight_version

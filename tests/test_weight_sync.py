@@ -1,0 +1,144 @@
+"""Weight sync's two transports behind one `publish(version)` (real Ray on 127.0.0.1, real DeepSpeed).
+
+The collective transport is the GPU one (NCCL); here it runs over gloo, the same code with CPU
+buffers: learner rank 0 of a two-rank ZeRO-3 learner broadcasts bucket by bucket to an HF and a vLLM
+engine. Afterwards every engine serves the new version and samples with the learner's log-probs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from rl_service.config import load_config
+from rl_service.data.arithmetic import make_arithmetic_split
+from rl_service.data.prompts import PromptRecord
+from rl_service.rollout import GenerationRequest, SamplingParams
+from rl_service.tasks import PromptTokenizer
+
+
+@dataclass
+class _Roles:
+    learner: object
+    generators: list
+    pool: object
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from actors.process import ACTOR_ENV
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+             runtime_env={"env_vars": dict(ACTOR_ENV)})
+    yield ray
+    ray.shutdown()
+
+
+def _config(transport: str, backend: str = "hf"):
+    return load_config(None, ["learner.num_ranks=2", "learner.zero_stage=3", "learner.lr=1e-3",
+                              "learner.micro_batch_size=8", "data.prompts_per_step=4", "generator.samples_per_prompt=4",
+                              f"weight_sync.transport={transport}", "weight_sync.bucket_mb=0.05",
+                              f"generator.backend={backend}", "cluster.torch_threads=1"])
+
+
+def _requests(count: int, samples: int, seed: int) -> list[GenerationRequest]:
+    from rl_service.models.loading import load_tokenizer
+
+    train, _ = make_arithmetic_split(seed=seed, num_train=count, num_eval=1, levels=[1, 2, 3])
+    tokenize = PromptTokenizer(load_tokenizer("builtin", False), thinking=True)
+    return [GenerationRequest(k, p.prompt_id, tokenize(PromptRecord(p.prompt_id, p.question, p.answer)), samples)
+            for k, p in enumerate(train)]
+
+
+def _sync_and_check(ray, transport: str, backends: list[str]) -> dict[str, float]:
+    from actors.generator import GeneratorActor
+    from actors.generator_pool import GeneratorPool
+    from actors.learner_group import start_learner_group
+    from rl_service.weight_sync import make_weight_sync
+
+    config = _config(transport)
+    group = start_learner_group(config)
+    engines = [GeneratorActor.options(num_cpus=0.5).remote(_config(transport, backend), index)
+               for index, backend in enumerate(backends)]
+    pool = GeneratorPool.options(num_cpus=0.1).remote(engines)
+    try:
+        sync = make_weight_sync(_Roles(group, engines, pool), config)
+        # A step of training on the engines' own samples, so version 1 differs from version 0.
+        first = ray.get(pool.generate.remote(_requests(4, 4, seed=1), SamplingParams(max_new_tokens=16), 3))
+        ray.get(group.train_step.remote(first, [float(k % 3 == 0) for k in range(16)]))
+        versions, metrics = sync.publish(1)
+        assert versions == [1] * len(engines)
+        shard_refs = ray.get(pool.generate.remote(_requests(4, 2, seed=2), SamplingParams(max_new_tokens=16), 9, True))
+        shards = ray.get(shard_refs)
+        assert {version for shard in shards for version in shard.weight_versions} == {1}
+        learner_logprobs = ray.get(group.completion_logprobs.remote(shard_refs))
+        behaviour = [row for shard in shards for row in shard.behaviour_logprobs]
+        assert len(learner_logprobs) == len(behaviour) == 8
+        for learner_row, engine_row in zip(learner_logprobs, behaviour):
+            np.testing.assert_allclose(np.asarray(engine_row), np.asarray(learner_row), atol=1e-4)
+        with pytest.raises(Exception, match="went backwards"):
+            ray.get(engines[0].load_weights.remote(ray.get(group.publish_weights.remote(0))))
+        return metrics
+    finally:
+        group.release()
+        for engine in engines:
+            ray.kill(engine)
+
+
+def test_object_store_transport_reports_bytes_and_seconds(ray_session):
+    from rl_service.models.loading import load_causal_lm
+
+    metrics = _sync_and_check(ray_session, "object_store", ["hf", "hf"])
+    parameters = sum(tensor.numel() for tensor in load_causal_lm("builtin", "float32", False).parameters())
+    assert metrics["weight_sync_bytes"] == 4 * parameters and metrics["weight_sync_seconds"] > 0
+
+
+def test_collective_transport_over_gloo_reaches_an_hf_and_a_vllm_engine(ray_session):
+    pytest.importorskip("vllm")
+    metrics = _sync_and_check(ray_session, "collective", ["hf", "vllm"])
+    assert metrics["weight_sync_bytes"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL weight broadcast needs 2 GPUs (learner rank 0 and "
+                                                            "an engine on separate devices); this host has "
+                                                            f"{torch.cuda.device_count()}")
+def test_collective_transport_over_nccl_between_two_gpus():
+    """Learner side on GPU 0, receiver on GPU 1, in two processes: the bytes arrive intact."""
+    import multiprocessing
+
+    from rl_service.training.engine import free_port
+
+    port = free_port()
+    context = multiprocessing.get_context("spawn")
+    receiver = context.Process(target=_nccl_receiver, args=(port,))
+    receiver.start()
+    from rl_service.weights.collective import WeightBroadcastGroup
+    from rl_service.weights.flat import flatten_named_tensors
+
+    torch.cuda.set_device(0)
+    group = WeightBroadcastGroup("127.0.0.1", port, 0, 2, "cuda:0", 120)
+    torch.manual_seed(0)
+    named = [("a", torch.randn(1000, 256)), ("b", torch.randn(77).to(torch.bfloat16))]
+    assert group.send([flatten_named_tensors(named, 1)]) > 0
+    receiver.join(120)
+    assert receiver.exitcode == 0
+
+
+def _nccl_receiver(port: int) -> None:
+    from rl_service.weights.collective import BucketLayout, WeightBroadcastGroup
+    from rl_service.weights.flat import flatten_named_tensors
+
+    torch.cuda.set_device(1)
+    torch.manual_seed(0)
+    named = [("a", torch.randn(1000, 256)), ("b", torch.randn(77).to(torch.bfloat16))]
+    layout = BucketLayout.of(flatten_named_tensors(named, 1))
+    group = WeightBroadcastGroup("127.0.0.1", port, 1, 2, "cuda:1", 120)
+    (bucket,) = list(group.receive([layout]))
+    for (name, want), (got_name, got) in zip(named, bucket):
+        assert name == got_name and torch.equal(want, got.cpu())
