@@ -97,7 +97,7 @@ class LearnerActor:
         transport); rank 0 returns them, the other ranks only help ZeRO-3 gather them."""
         from actors.weight_publishing import put_buckets
 
-        return put_buckets(self.learner.weight_buckets(version), version, self.rank)
+        return put_buckets(self.learner.weight_buckets(version, packed=False), version, self.rank)
 
     @collective
     def weight_layouts(self) -> list | None:

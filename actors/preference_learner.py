@@ -40,7 +40,7 @@ class PreferenceLearnerActor:
     def publish_weights(self, version: int) -> PublishedWeights:
         from actors.weight_publishing import put_buckets
 
-        return put_buckets(self.learner.weight_buckets(version), version)
+        return put_buckets(self.learner.weight_buckets(version, packed=False), version)
 
     def save_pretrained(self, directory: str) -> None:
         self.learner.save_pretrained(directory)

@@ -7,10 +7,10 @@ from typing import Iterable
 
 import ray
 
-from rl_service.weights.flat import FlatWeights, PublishedWeights
+from rl_service.weights.flat import FlatWeights, PublishedWeights, WeightViews
 
 
-def put_buckets(buckets: Iterable[FlatWeights], version: int, rank: int = 0) -> PublishedWeights | None:
+def put_buckets(buckets: Iterable[FlatWeights | WeightViews], version: int, rank: int = 0) -> PublishedWeights | None:
     refs, num_bytes = [], 0
     for bucket in buckets:   # only rank 0 gets buckets; others run the loop for ZeRO-3's gathers
         num_bytes += bucket.num_bytes

@@ -29,7 +29,7 @@ class HFGenerationEngine:
 
     def load_weights(self, flat: FlatWeights | Sequence[FlatWeights]) -> int:
         """One version, as one flat buffer or as its buckets (all loaded before the version changes)."""
-        buckets = [flat] if isinstance(flat, FlatWeights) else list(flat)
+        buckets = list(flat) if isinstance(flat, (list, tuple)) else [flat]
         version = buckets[0].version
         if version < self.weight_version:
             raise ValueError(f"weight version went backwards: {version} < {self.weight_version}")

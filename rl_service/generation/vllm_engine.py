@@ -164,7 +164,7 @@ class VLLMGenerationEngine:
     def load_weights(self, flat: FlatWeights | Sequence[FlatWeights]) -> int:
         """One version, as one flat buffer or as its buckets: one reload of all of them, under the
         lock, so no generate call sees a mix of versions."""
-        buckets = [flat] if isinstance(flat, FlatWeights) else list(flat)
+        buckets = list(flat) if isinstance(flat, (list, tuple)) else [flat]
         version = buckets[0].version
         if version < self.weight_version:
             raise ValueError(f"weight version went backwards: {version} < {self.weight_version}")

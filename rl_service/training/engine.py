@@ -18,7 +18,7 @@ import torch
 
 from rl_service.config import JobConfig
 from rl_service.models.loading import load_causal_lm, load_tokenizer
-from rl_service.weights.flat import FlatWeights, flatten_named_tensors, plan_buckets
+from rl_service.weights.flat import FlatWeights, WeightViews, flatten_named_tensors, plan_buckets, tensor_views
 
 # How long a collective (a gradient reduction, a ZeRO-3 gather) may wait for the slowest rank.
 # Joining has its own, shorter limit (`learner.join_timeout_s`), enforced by the group.
@@ -136,10 +136,13 @@ class EngineWeights:
 
     weight_version = 0   # the version these weights were last published as (0: the initial model)
 
-    def weight_buckets(self, version: int, bucket_bytes: int | None = None) -> Iterator[FlatWeights]:
-        """The weights as flat buckets of at most `bucket_bytes` (one tensor larger than that is a
-        bucket of its own); rank 0 yields them, the other ranks only take part in ZeRO-3's gathers.
-        Under ZeRO-3 only one bucket is gathered at a time, so no rank ever holds the whole model."""
+    def weight_buckets(self, version: int, bucket_bytes: int | None = None,
+                       packed: bool = True) -> Iterator[FlatWeights | WeightViews]:
+        """The weights as buckets of at most `bucket_bytes` (one tensor larger than that is a bucket
+        of its own): packed into one flat buffer each (`FlatWeights`, what a broadcast sends), or as
+        views of the parameters (`WeightViews`, valid until the next bucket: what `ray.put` copies).
+        Rank 0 yields them, the other ranks only take part in ZeRO-3's gathers. Under ZeRO-3 only one
+        bucket is gathered at a time, so no rank ever holds the whole model."""
         if bucket_bytes is None:
             bucket_bytes = int(self.config.weight_sync.bucket_mb * 2**20)
         self.weight_version = version
@@ -151,7 +154,8 @@ class EngineWeights:
             parameters = [by_name[name] for name in bucket]
             with gathered(parameters, self.config.learner.zero_stage):
                 if rank == 0:
-                    yield flatten_named_tensors(((name, by_name[name]) for name in bucket), version)
+                    make = flatten_named_tensors if packed else tensor_views
+                    yield make(((name, by_name[name]) for name in bucket), version)
 
     def flat_weights(self, version: int) -> FlatWeights:
         """All weights in one flat buffer (rank 0; a world of one, or tests)."""

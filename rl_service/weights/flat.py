@@ -30,16 +30,48 @@ class FlatWeights:
     def tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
         """(name, tensor view into the buffer); the views share memory with the buffer."""
         for name, shape, dtype_name, offset in zip(self.names, self.shapes, self.dtypes, self.offsets):
-            dtype = getattr(torch, dtype_name)
-            count = int(np.prod(shape)) if shape else 1
-            if count == 0:
-                yield name, torch.empty(shape, dtype=dtype)
-                continue
-            with warnings.catch_warnings():
-                # Object-store buffers are read-only; these views are only ever read from.
-                warnings.filterwarnings("ignore", message="The given buffer is not writable")
-                flat = torch.frombuffer(self.buffer, dtype=dtype, count=count, offset=offset)
-            yield name, flat.view(shape)
+            yield name, _tensor_from_bytes(self.buffer, dtype_name, shape, offset)
+
+
+def _tensor_from_bytes(array: np.ndarray, dtype_name: str, shape, offset: int = 0) -> torch.Tensor:
+    dtype = getattr(torch, dtype_name)
+    count = int(np.prod(shape)) if shape else 1
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # Object-store buffers are read-only; these views are only ever read from.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(array, dtype=dtype, count=count, offset=offset).view(shape)
+
+
+@dataclass
+class WeightViews:
+    """A bucket as byte views of the learner's own tensors: no packing copy. Ray's serialiser copies
+    each array into the object store once (out of band), and a generator reads them back zero-copy,
+    so the object-store transport costs one copy in and one copy out per generator (measured in
+    benchmarks/weight_sync.py: packing first cost a third copy and a fresh buffer's page faults)."""
+    version: int
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    dtypes: list[str]
+    arrays: list[np.ndarray]    # uint8, one per tensor
+
+    @property
+    def num_bytes(self) -> int:
+        return int(sum(array.nbytes for array in self.arrays))
+
+    def tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
+        for name, shape, dtype_name, array in zip(self.names, self.shapes, self.dtypes, self.arrays):
+            yield name, _tensor_from_bytes(array, dtype_name, shape)
+
+
+def tensor_views(named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> WeightViews:
+    """`WeightViews` of CPU tensors (views, valid while the tensors are); other devices are copied."""
+    items = [(name, tensor.detach().to("cpu").contiguous()) for name, tensor in named_tensors]
+    return WeightViews(
+        version=version, names=[name for name, _ in items], shapes=[tuple(t.shape) for _, t in items],
+        dtypes=[str(t.dtype).removeprefix("torch.") for _, t in items],
+        arrays=[t.reshape(-1).view(torch.uint8).numpy() for _, t in items])
 
 
 @dataclass
@@ -51,7 +83,7 @@ class PublishedWeights:
     num_bytes: int
 
 
-def named_tensors_of(buckets: Sequence[FlatWeights]) -> list[tuple[str, torch.Tensor]]:
+def named_tensors_of(buckets: Sequence[FlatWeights | WeightViews]) -> list[tuple[str, torch.Tensor]]:
     """Every (name, tensor) of one version's buckets, in order; refuses a mix of versions."""
     versions = {bucket.version for bucket in buckets}
     if len(versions) > 1:
@@ -93,10 +125,10 @@ def flatten_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], ver
 
 
 @torch.no_grad()
-def load_flat_weights_(model: torch.nn.Module, flat: FlatWeights | Sequence[FlatWeights]) -> None:
-    """Copy every tensor of `flat` (one buffer or one version's buckets) into the same-named
-    parameter of `model`, in place."""
-    named = named_tensors_of([flat] if isinstance(flat, FlatWeights) else flat)
+def load_flat_weights_(model: torch.nn.Module, flat) -> None:
+    """Copy every tensor of `flat` (one bucket, `FlatWeights` or `WeightViews`, or one version's
+    buckets) into the same-named parameter of `model`, in place."""
+    named = named_tensors_of(list(flat) if isinstance(flat, (list, tuple)) else [flat])
     parameters = dict(model.named_parameters())
     missing = [name for name, _ in named if name not in parameters]
     if missing:

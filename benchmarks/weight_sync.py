@@ -1,0 +1,145 @@
+"""Weight sync through the object store vs. a plain memcpy of the same bytes, on this machine.
+
+For models of about 1M, 10M and 100M parameters (random weights of the built-in model's Qwen2
+architecture, scaled up) and 1 and 2 generators: the production path, timed from the driver's side
+exactly as a training step does it: the learner rank publishes its weights (flat buckets, each
+`ray.put` once) and the pool has every generator (HF engine) load them in place
+(`pool.update_weights`). The baseline is `numpy.copyto` of the same number of bytes in one process.
+
+sync bandwidth = model bytes / (publish + receive seconds); `sync_vs_memcpy` = sync bandwidth /
+memcpy bandwidth (higher is better; the issue's target is >= 0.5), taken at the largest model
+with 2 generators (the case that matters), and printed for every case.
+
+    .venv/bin/python benchmarks/weight_sync.py [--sizes 1 10 100] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import machine  # noqa: E402
+
+BUILTIN = REPO / "rl_service" / "models" / "builtin"
+# (hidden size, layers) giving about 1M, 10M and 100M parameters with the built-in vocabulary.
+SHAPES = {1: (128, 4), 10: (384, 6), 100: (1024, 8)}
+
+
+def build_model(million: int, directory: Path) -> int:
+    """A random-weight Qwen2 of about `million` M parameters, saved as safetensors with the
+    built-in tokenizer; returns its parameter count."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    hidden, layers = SHAPES[million]
+    base = json.loads((BUILTIN / "config.json").read_text())
+    base.pop("layer_types", None)   # per-layer attention kinds: rebuilt for the new depth
+    config = Qwen2Config(**{**base, "hidden_size": hidden, "num_hidden_layers": layers,
+                            "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64,
+                            "intermediate_size": int(8 * hidden / 3) // 64 * 64})
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(BUILTIN / name, directory / name)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def memcpy_seconds(num_bytes: int, repeats: int) -> float:
+    source = np.random.default_rng(0).integers(0, 255, num_bytes, dtype=np.uint8)
+    target = np.empty_like(source)
+    np.copyto(target, source)   # fault the pages in first: the sync's buffers are warm too
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def sync_seconds(model_dir: Path, generators: int, repeats: int) -> tuple[float, int]:
+    import ray
+
+    from actors.generator import GeneratorActor
+    from actors.generator_pool import GeneratorPool
+    from actors.learner_group import start_learner_group
+    from rl_service.config import load_config
+
+    config = load_config(None, [f"model.path={model_dir}", "generator.backend=hf", "learner.num_cpus=0.5",
+                                f"generator.num_engines={generators}", "cluster.torch_threads=1"])
+    learner = start_learner_group(config)
+    engines = [GeneratorActor.options(num_cpus=0.5).remote(config, index) for index in range(generators)]
+    pool = GeneratorPool.options(num_cpus=0.1).remote(engines)
+    try:
+        ray.get([engine.weight_version.remote() for engine in engines])
+        best, num_bytes = math.inf, 0
+        for version in range(1, repeats + 2):   # the first round warms the object store up
+            started = time.perf_counter()
+            published = learner.publish_weights.remote(version)
+            assert ray.get(pool.update_weights.remote([published])) == [version] * generators
+            seconds = time.perf_counter() - started
+            num_bytes = ray.get(published).num_bytes
+            if version > 1:
+                best = min(best, seconds)
+            del published
+        return best, num_bytes
+    finally:
+        learner.release()
+        for engine in engines:
+            ray.kill(engine)
+        ray.kill(pool)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100], choices=sorted(SHAPES))
+    parser.add_argument("--generators", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    import ray
+
+    from actors.process import ACTOR_ENV
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    print(f"machine: {machine()}")
+    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+             runtime_env={"env_vars": dict(ACTOR_ENV)}, log_to_driver=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for million in args.sizes:
+            model_dir = Path(scratch) / f"model_{million}m"
+            parameters = build_model(million, model_dir)
+            for generators in args.generators:
+                seconds, num_bytes = sync_seconds(model_dir, generators, args.repeats)
+                copy = memcpy_seconds(num_bytes, args.repeats)
+                rows.append({"parameters": parameters, "generators": generators, "bytes": num_bytes,
+                             "sync_seconds": seconds, "memcpy_seconds": copy,
+                             "sync_gb_per_s": num_bytes / seconds / 1e9, "memcpy_gb_per_s": num_bytes / copy / 1e9,
+                             "sync_vs_memcpy": copy / seconds})
+                row = rows[-1]
+                print(f"{parameters / 1e6:7.1f}M params  {generators} generator(s)  {num_bytes / 2**20:8.1f} MiB  "
+                      f"sync {seconds * 1e3:8.1f} ms ({row['sync_gb_per_s']:5.2f} GB/s)  "
+                      f"memcpy {copy * 1e3:7.1f} ms ({row['memcpy_gb_per_s']:5.2f} GB/s)  "
+                      f"ratio {row['sync_vs_memcpy']:.3f}", flush=True)
+    ray.shutdown()
+    headline = max(rows, key=lambda row: (row["parameters"], row["generators"]))
+    print(json.dumps({"sync_vs_memcpy": round(headline["sync_vs_memcpy"], 4),
+                      "sync_seconds": round(headline["sync_seconds"], 4),
+                      "memcpy_seconds": round(headline["memcpy_seconds"], 4),
+                      "parameters": headline["parameters"], "generators": headline["generators"],
+                      "machine": machine(), "cases": rows}))
+
+
+if __name__ == "__main__":
+    main()
