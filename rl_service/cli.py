@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from rl_service.errors import UserError
+from rl_service.jobs import JOB_COMMANDS, add_job_commands
 
 EXIT_USER_ERROR = 2
 
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="PNG plots of a run's metrics.jsonl (reward, accuracy, throughput, ...)")
     report.add_argument("run_dir", help="the run directory (holds metrics.jsonl)")
     report.add_argument("--out", help="directory for the PNGs (default: RUN_DIR/report)")
+    add_job_commands(commands)
     return parser
 
 
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     handlers = {"run": _command_run, "resume": _command_resume, "validate": _command_validate, "eval": _command_eval,
-                "config-schema": _command_config_schema, "report": _command_report}
+                "config-schema": _command_config_schema, "report": _command_report, **JOB_COMMANDS}
     try:
         return handlers[args.command](args)
     except UserError as error:

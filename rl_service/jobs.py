@@ -1,0 +1,156 @@
+"""`rl-service submit | status | logs | stop | list`: jobs on a Ray cluster through the Ray Jobs SDK.
+
+`submit` validates the config here first (a typo fails before anything reaches the cluster), then
+sends `python -m rl_service.cli run CONFIG --set ...` with the working directory as the job's
+runtime env (code, configs, data, custom reward files; `.venv`, `.git`, `runs/` left out).
+
+Authentication is Ray's token auth: the token comes from `--token-file`, `RAY_AUTH_TOKEN` or
+`RAY_AUTH_TOKEN_PATH` (Ray's own variables; `~/.ray/auth_token` last), and is sent as a bearer
+header by the SDK. It is never printed: errors name the address and the cause only.
+Every failure a user can cause (unreachable address, missing or wrong token, unknown job id) is one
+line and exit code 2; nothing on the cluster is touched by a failed command.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import time
+import uuid
+from pathlib import Path
+
+from rl_service.errors import UserError
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+UPLOAD_EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.pyc", ".pytest_cache", "*.egg-info"]
+
+
+def add_job_commands(commands) -> None:
+    """The job subcommands on the CLI's subparsers."""
+    def connection(parser):
+        parser.add_argument("--address", help=f"Ray job server (dashboard) URL; default RAY_API_SERVER_ADDRESS, "
+                                              f"RAY_ADDRESS, then {DEFAULT_ADDRESS}")
+        parser.add_argument("--token-file", help="file holding the cluster's Ray auth token (else RAY_AUTH_TOKEN / "
+                                                 "RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token)")
+
+    submit = commands.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs)")
+    submit.add_argument("config", help="YAML job file inside the working directory (uploaded with it)")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    connection(submit)
+    for name, text in (("status", "a job's status"), ("stop", "stop a running job")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("job_id")
+        connection(command)
+    logs = commands.add_parser("logs", help="a job's driver log")
+    logs.add_argument("job_id")
+    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+    connection(logs)
+    connection(commands.add_parser("list", help="jobs on the cluster"))
+
+
+def _address(address: str | None) -> str:
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    if not address.startswith(("http://", "https://")):
+        raise UserError(f"--address {address}: the job server is an http(s) URL (the dashboard, e.g. {DEFAULT_ADDRESS})")
+    return address
+
+
+def _client(args):
+    address = _address(args.address)
+    if args.token_file:
+        path = Path(args.token_file).expanduser()
+        if not path.is_file():
+            raise UserError(f"--token-file {path}: no such file")
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(path.resolve())
+        os.environ.pop("RAY_AUTH_TOKEN", None)   # the file named on the command line wins
+    if args.token_file or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as error:  # noqa: BLE001 - the SDK raises ConnectionError, RuntimeError, ValueError
+        raise UserError(f"--address {address}: {_cause(error)}") from None
+
+
+def _cause(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    lowered = text.lower()
+    if "401" in text or "unauthorized" in lowered or "authentication" in lowered or "403" in text:
+        return "the job server refused the request: missing or wrong Ray auth token (--token-file, RAY_AUTH_TOKEN)"
+    if "connect" in lowered or "connection" in lowered:
+        return "cannot reach the Ray job server (is the cluster up and the address right?)"
+    return text[:300]
+
+
+def _call(args, action):
+    try:
+        return action()
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - SDK errors become one line
+        text = " ".join(str(error).split())
+        if "does not exist" in text or "not found" in text.lower():
+            raise UserError(f"job {getattr(args, 'job_id', '?')}: no such job on {_address(args.address)}") from None
+        raise UserError(f"{_address(args.address)}: {_cause(error)}") from None
+
+
+def command_submit(args) -> int:
+    from rl_service.config import load_config
+
+    config_path = Path(args.config).resolve()
+    config = load_config(config_path, args.overrides)   # fails here, before anything is submitted
+    working_dir = Path.cwd().resolve()
+    if not config_path.is_relative_to(working_dir):
+        raise UserError(f"{args.config}: the config must be inside the working directory ({working_dir}), "
+                        "which is what the job receives")
+    entrypoint = " ".join(["python", "-m", "rl_service.cli", "run", shlex.quote(str(config_path.relative_to(working_dir)))]
+                          + [f"--set {shlex.quote(override)}" for override in args.overrides])
+    client = _client(args)
+    job_id = f"{config.job_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    _call(args, lambda: client.submit_job(
+        entrypoint=entrypoint, submission_id=job_id, metadata={"rl_service_job": config.job_name},
+        runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES}))
+    print(job_id)
+    return 0
+
+
+def command_status(args) -> int:
+    client = _client(args)
+    print(_call(args, lambda: client.get_job_status(args.job_id)).value)
+    return 0
+
+
+def command_stop(args) -> int:
+    client = _client(args)
+    stopped = _call(args, lambda: client.stop_job(args.job_id))
+    print(f"{args.job_id}: {'stopping' if stopped else 'not running'}")
+    return 0
+
+
+def command_logs(args) -> int:
+    client = _client(args)
+    if not args.follow:
+        print(_call(args, lambda: client.get_job_logs(args.job_id)), end="")
+        return 0
+    _call(args, lambda: client.get_job_status(args.job_id))   # an unknown id fails here, in one line
+
+    async def follow() -> None:
+        async for chunk in client.tail_job_logs(args.job_id):
+            print(chunk, end="", flush=True)
+
+    _call(args, lambda: asyncio.run(follow()))
+    return 0
+
+
+def command_list(args) -> int:
+    client = _client(args)
+    jobs = _call(args, client.list_jobs)
+    print(f"{'job id':<48} {'status':<10} entrypoint")
+    for job in sorted(jobs, key=lambda job: job.start_time or 0):
+        print(f"{(job.submission_id or job.job_id or '?'):<48} {job.status.value:<10} {job.entrypoint[:80]}")
+    return 0
+
+
+JOB_COMMANDS = {"submit": command_submit, "status": command_status, "stop": command_stop, "logs": command_logs,
+                "list": command_list}
