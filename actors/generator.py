@@ -27,6 +27,10 @@ class GeneratorActor:
             weights = ray.get(weights.bucket_refs)
         return self.engine.load_weights(weights)
 
+    def node_id(self) -> str:
+        """The Ray node this engine runs on (placement checks, the dashboard's view)."""
+        return ray.get_runtime_context().get_node_id()
+
     def weight_group_size(self) -> int:
         """Members this engine adds to the collective weight group (one per worker)."""
         return self.engine.weight_group_size
