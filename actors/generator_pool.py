@@ -12,12 +12,17 @@ request order: concatenating the results gives the samples in request order. In 
 earlier shard has finished when the next call comes (the driver waits for them), so the split, and
 with it every shard's seed, depends only on the call: a run replays bit for bit. Async mode asks for
 an even split for the same reason.
+
+Queue depth: after each hand-out the pool records, per engine, the samples it has sent and not seen
+finish as the live metric `rl_service_generator_queue_depth` (rl_service/telemetry.py); only a
+pool named `<job>/generator_pool/<index>`, as rl_service/roles.py names it, knows its job and records.
 """
 from __future__ import annotations
 
 import ray
 
 from rl_service.rollout import GenerationRequest, SamplingParams, balance_requests, request_work
+from rl_service.telemetry import MetricRecorder, job_name_of_actor, queue_depth_values
 
 
 @ray.remote
@@ -26,21 +31,23 @@ class GeneratorPool:
         if not engines:
             raise ValueError("a GeneratorPool needs at least one engine")
         self.engines = list(engines)
-        # Per engine: (result ref, work) of every shard sent and not yet seen finished.
-        self._pending: list[list[tuple[ray.ObjectRef, int]]] = [[] for _ in self.engines]
+        # Per engine: (result ref, work, samples) of every shard sent and not yet seen finished.
+        self._pending: list[list[tuple[ray.ObjectRef, int, int]]] = [[] for _ in self.engines]
+        self._job_name = job_name_of_actor(ray.get_runtime_context().get_actor_name())
+        self._telemetry = MetricRecorder()
 
     def num_engines(self) -> int:
         return len(self.engines)
 
     def outstanding_work(self) -> list[int]:
         """Samples × max new tokens sent to each engine whose results are not ready yet."""
-        refs = [ref for pending in self._pending for ref, _ in pending]
+        refs = [ref for pending in self._pending for ref, _, _ in pending]
         if refs:
             # fetch_local=False: readiness only; the pool never pulls samples into its own process.
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
             done = set(ready)
-            self._pending = [[(ref, work) for ref, work in pending if ref not in done] for pending in self._pending]
-        return [sum(work for _, work in pending) for pending in self._pending]
+            self._pending = [[shard for shard in pending if shard[0] not in done] for pending in self._pending]
+        return [sum(work for _, work, _ in pending) for pending in self._pending]
 
     def generate(self, requests: list[GenerationRequest], sampling: SamplingParams, seed: int,
                  even_split: bool = False) -> list[ray.ObjectRef]:
@@ -57,8 +64,13 @@ class GeneratorPool:
         for index, (engine_index, shard) in enumerate(assignment):
             ref = self.engines[engine_index].generate.remote(shard, sampling, seed * 1_000_003 + index)
             work = sum(request_work(request, sampling.max_new_tokens) for request in shard)
-            self._pending[engine_index].append((ref, work))
+            self._pending[engine_index].append((ref, work, sum(request.num_samples for request in shard)))
             refs.append(ref)
+        if self._job_name is not None:
+            # Read right after a hand-out, when the queue is deepest: in sync mode every shard has
+            # finished by the time anyone could ask later in the step.
+            self._telemetry.record(queue_depth_values(
+                [sum(samples for _, _, samples in pending) for pending in self._pending], self._job_name))
         return refs
 
     def update_weights(self, weights: list[ray.ObjectRef]) -> list[int]:

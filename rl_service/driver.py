@@ -124,6 +124,9 @@ class Trainer:
                                         self.config.steps)
         self._timer = PhaseTimer()
         self.trained_sampler_state = self.sampler.state_dict()
+        from rl_service.telemetry import StepTelemetry
+
+        self.telemetry = StepTelemetry(self.config.job_name)   # live metrics for Ray's dashboard / Prometheus
 
     # -- generation + scoring, shared by training and evaluation ------------------------------
     def _launch(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer,
@@ -258,6 +261,7 @@ class Trainer:
         }
         for name in ("generate", "reward", "statistics", "train", "publish", "driver"):
             self.phase_totals[name] += metrics.get(f"time_{name}_s", 0.0)
+        self.telemetry.record_step(metrics)
         self.run_dir.log(step, metrics)
         self.run_dir.log_ledger(step, prompt_ids, samples.tolist())
         return metrics

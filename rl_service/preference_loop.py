@@ -39,6 +39,7 @@ from rl_service.weight_sync import ObjectStoreWeightSync
 from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
 from rl_service.run_dir import RunDirectory
 from rl_service.tasks import PromptTokenizer, TaskData, load_task
+from rl_service.telemetry import StepTelemetry
 
 log = logging.getLogger("rl_service")
 PREFERENCE_ALGORITHMS = ("dpo", "bvpo")
@@ -91,6 +92,7 @@ class PreferenceTrainer:
         self.totals: dict[str, float] = defaultdict(float)
         self.eval_history: list[tuple[int, float]] = []
         self.last_learner_metrics: dict[str, float] = {}
+        self.telemetry = StepTelemetry(self.config.job_name)   # live metrics, BVPO's alpha-hat among them
 
     # -- generation + scoring, both modes in one request batch (§BVPO.2) ----------------------
     def _generate_and_score(self, records, samples: int, sampling: SamplingParams, seed: int, timer: PhaseTimer,
@@ -162,6 +164,7 @@ class PreferenceTrainer:
         for key in ("pairs", "trace_ties", "empty_ties", "prompts_without_pair"):
             self.totals[key] += metrics.get(key, 0.0)
         self.last_learner_metrics = metrics
+        self.telemetry.record_step(metrics)
         self.run_dir.log(step, metrics)
         return metrics
 

@@ -1,0 +1,171 @@
+"""Live metrics through `ray.util.metrics` (DESIGN.md "Monitoring"): what a run's steps record for
+Ray's dashboard and Prometheus, next to the run directory's `metrics.jsonl`.
+
+What is recorded, and where:
+
+- The driver (`Trainer.train_step`, `PreferenceTrainer.train_step`) records each step's metrics dict
+  with `StepTelemetry.record_step`: reward mean, accepted fraction, samples/s, tokens/s, weight
+  version, weight sync seconds (a histogram), GVM allocation spread, BVPO's α̂. A key the step did
+  not produce (no GVM, no BVPO) records nothing.
+- The generator pool (actors/generator_pool.py) records its queue depth per engine each time it
+  hands out work: it alone knows what each engine still has to do, and asking it from the driver
+  after a step would always read 0 in sync mode (the driver waits for every shard first).
+
+Names and kinds are `rl_service/telemetry_names.py`. Every metric carries the `job_name` tag (the
+config's `job_name`); the queue depth also a `role` tag naming the engine the way its actor is named
+without the job (`generator/0`, `generator/1`, ...), so that per-engine series stay apart.
+
+How a user sees them: every Ray node's metrics agent (part of `ray[default]`, which the install
+brings) serves the metrics of that node's processes, driver included, in Prometheus format on the
+node's metrics export port (`ray start --metrics-export-port=8080`, or `ray.init(_metrics_export_port=...)`;
+8080 in deploy/). Ray's exporter prefixes user metrics with `ray_`: `rl_service_reward_mean` is
+scraped as `ray_rl_service_reward_mean`, the sync histogram as `ray_rl_service_sync_seconds_bucket`,
+`_sum` and `_count`. With a Prometheus scraping the cluster (`ray metrics launch-prometheus` reads the
+head's service-discovery file) and Grafana next to it, the Ray dashboard's Metrics tab charts them,
+and `deploy/grafana/rl_service.json` is a dashboard of exactly these metrics, filtered by `job_name`.
+Processes report to their agent every `metrics_report_interval_ms` (10 s by default), so a value
+appears on the endpoint within about that long after it is recorded. Ray passes histograms to the
+agent as bucket counts and rebuilds `_sum` from bucket midpoints, so a mean sync time read as
+`_sum / _count` is good to a bucket's width (hence the fairly fine buckets below).
+
+Telemetry never fails a run: if `ray.util.metrics` is missing or raises, one warning is logged and
+recording stops for that process; training goes on. `step_metric_values` and
+`queue_depth_values` are the pure mappings (no Ray), tested on their own.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Mapping, NamedTuple, Sequence
+
+from rl_service.telemetry_names import JOB_TAG, METRICS
+
+log = logging.getLogger(__name__)
+
+ROLE_TAG = "role"
+
+# Buckets of the weight sync histogram, in seconds: from the built-in model on one node (a few ms
+# through the object store) to a multi-billion-parameter model broadcast across nodes (tens of s).
+SYNC_SECONDS_BOUNDARIES = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0)
+
+# Tag keys of each metric: a Ray metric declares its keys when created and must get all of them on
+# every record. The per-engine queue depth is the one metric recorded per role instance.
+TAG_KEYS: dict[str, tuple[str, ...]] = {
+    metric.name: (JOB_TAG, ROLE_TAG) if metric.name == "rl_service_generator_queue_depth" else (JOB_TAG,)
+    for metric in METRICS
+}
+_KINDS = {metric.name: metric.kind for metric in METRICS}
+
+# One step's metrics dict key -> the live metric it feeds (read as is; the spread is derived below).
+STEP_KEY_TO_METRIC: dict[str, str] = {
+    "reward_mean": "rl_service_reward_mean",
+    "accepted_fraction": "rl_service_accepted_fraction",
+    "completions_per_s": "rl_service_samples_per_second",
+    "tokens_per_s": "rl_service_tokens_per_second",
+    "weight_version": "rl_service_weight_version",
+    "weight_sync_seconds": "rl_service_sync_seconds",    # rl_service/weight_sync.py, every publish
+    "bvpo_alpha": "rl_service_alpha_hat",                # AlphaEstimator.metrics(), BVPO's online α̂
+}
+# allocation_spread_metrics (rl_service/algorithms/gvm.py) via the statistics actor: n_i's extremes.
+ALLOCATION_MAX_KEY, ALLOCATION_MIN_KEY = "allocation_samples_max", "allocation_samples_min"
+
+
+class MetricValue(NamedTuple):
+    name: str                  # one of telemetry_names.METRIC_NAMES
+    value: float
+    tags: dict[str, str]
+
+
+def _finite(value) -> float | None:
+    """The value as a float, or None when it is missing or not finite: a NaN reward mean (an empty
+    step) would otherwise wipe the gauge's last good value and poison the histogram's sum."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def step_metric_values(metrics: Mapping[str, float], job_name: str) -> list[MetricValue]:
+    """The live metrics one training step's metrics dict (what the driver logs to metrics.jsonl)
+    records; keys the step did not produce are skipped."""
+    tags = {JOB_TAG: job_name}
+    values = []
+    for key, name in STEP_KEY_TO_METRIC.items():
+        value = _finite(metrics.get(key))
+        if value is not None:
+            values.append(MetricValue(name, value, dict(tags)))
+    most, least = _finite(metrics.get(ALLOCATION_MAX_KEY)), _finite(metrics.get(ALLOCATION_MIN_KEY))
+    if most is not None and least is not None:
+        values.append(MetricValue("rl_service_gvm_allocation_spread", most - least, dict(tags)))
+    return values
+
+
+def queue_depth_values(outstanding_samples: Sequence[int], job_name: str) -> list[MetricValue]:
+    """One queue depth per engine: samples sent to it whose results are not ready yet."""
+    return [MetricValue("rl_service_generator_queue_depth", float(samples), {JOB_TAG: job_name, ROLE_TAG: f"generator/{index}"})
+            for index, samples in enumerate(outstanding_samples)]
+
+
+def job_name_of_actor(actor_name: str | None) -> str | None:
+    """The job of an actor named `<job>/<role>/<index>` (rl_service/roles.py names every role so; job
+    names hold no '/'), or None for an unnamed actor or another name (a test's bare pool)."""
+    parts = (actor_name or "").split("/")
+    return parts[0] if len(parts) == 3 and all(parts) else None
+
+
+class MetricRecorder:
+    """Records MetricValues into `ray.util.metrics`, creating each metric on first use, in the
+    process that calls it (Ray exports a process's metrics through its node's agent).
+
+    Never raises: the first failure (no `ray.util.metrics`, Ray not up, a rejected value) logs one
+    warning and turns recording off in this process, since a broken exporter would fail every step
+    the same way and a run must not stop over its dashboards."""
+
+    def __init__(self):
+        self._metrics: dict[str, object] = {}
+        self.enabled = True
+
+    def record(self, values: Sequence[MetricValue]) -> None:
+        if not self.enabled:
+            return
+        try:
+            for name, value, tags in values:
+                metric = self._metrics.get(name) or self._create(name)
+                kind = _KINDS[name]
+                if kind == "histogram":
+                    metric.observe(value, tags=tags)
+                elif kind == "counter":
+                    metric.inc(value, tags=tags)
+                else:
+                    metric.set(value, tags=tags)
+        except Exception as error:  # noqa: BLE001 - telemetry must never fail a run
+            self.enabled = False
+            log.warning("live metrics are off for this process (%s: %s); the run goes on and still "
+                        "writes metrics.jsonl", type(error).__name__, error)
+
+    def _create(self, name: str):
+        from ray.util import metrics as ray_metrics
+
+        description = next(metric.description for metric in METRICS if metric.name == name)
+        kind = _KINDS[name]
+        if kind == "histogram":
+            metric = ray_metrics.Histogram(name, description=description, boundaries=list(SYNC_SECONDS_BOUNDARIES),
+                                           tag_keys=TAG_KEYS[name])
+        elif kind == "counter":
+            metric = ray_metrics.Counter(name, description=description, tag_keys=TAG_KEYS[name])
+        else:
+            metric = ray_metrics.Gauge(name, description=description, tag_keys=TAG_KEYS[name])
+        self._metrics[name] = metric
+        return metric
+
+
+class StepTelemetry:
+    """The driver's live metrics: `record_step(metrics)` once per training step."""
+
+    def __init__(self, job_name: str):
+        self.job_name = job_name
+        self.recorder = MetricRecorder()
+
+    def record_step(self, metrics: Mapping[str, float]) -> None:
+        self.recorder.record(step_metric_values(metrics, self.job_name))

@@ -1,0 +1,212 @@
+"""Live metrics (rl_service/telemetry.py): the pure mapping from a step's metrics dict to the
+`rl_service_*` metrics, and, with a real Ray on 127.0.0.1, that those metrics reach the node's
+Prometheus endpoint as `ray_rl_service_*` with the job tag, from the driver and from a named
+GeneratorPool actor.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import socket
+import time
+import urllib.request
+
+import pytest
+
+from rl_service.telemetry import (
+    ROLE_TAG, TAG_KEYS, MetricRecorder, MetricValue, job_name_of_actor, queue_depth_values, step_metric_values,
+)
+from rl_service.telemetry_names import JOB_TAG, METRIC_NAMES, PROMETHEUS_NAMESPACE
+
+# A local Ray binds its servers to loopback only when this is set before `ray` is first imported
+# (the same as rl_service/roles.py start_ray does for a local job).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+JOB = "telemetry_test"
+
+# One GRPO step's metrics as Trainer.train_step builds them (abridged to the keys telemetry reads,
+# plus some it must ignore), with a GVM allocation and a weight sync.
+GRPO_STEP = {
+    "reward_mean": 0.375,
+    "accepted_fraction": 0.25,
+    "completion_length_mean": 17.0,
+    "completions_per_s": 210.5,
+    "tokens_per_s": 3600.0,
+    "weight_version": 7.0,
+    "weight_sync_bytes": 4.5e6,
+    "weight_sync_seconds": 0.042,
+    "allocation_samples_min": 2.0,
+    "allocation_samples_median": 8.0,
+    "allocation_samples_max": 14.0,
+    "allocation_zero_fraction": 0.0,
+    "step_seconds": 1.2,
+}
+
+
+def by_name(values: list[MetricValue]) -> dict[str, MetricValue]:
+    names = [value.name for value in values]
+    assert len(names) == len(set(names)), names
+    return {value.name: value for value in values}
+
+
+# -- the pure mapping ----------------------------------------------------------------------------
+
+def test_a_grpo_step_maps_onto_its_live_metrics():
+    values = by_name(step_metric_values(GRPO_STEP, JOB))
+    assert {name: value.value for name, value in values.items()} == {
+        "rl_service_reward_mean": 0.375,
+        "rl_service_accepted_fraction": 0.25,
+        "rl_service_samples_per_second": 210.5,
+        "rl_service_tokens_per_second": 3600.0,
+        "rl_service_weight_version": 7.0,
+        "rl_service_sync_seconds": 0.042,
+        "rl_service_gvm_allocation_spread": 12.0,     # max - min samples per prompt
+    }
+    assert all(value.tags == {JOB_TAG: JOB} for value in values.values())
+
+
+def test_absent_and_non_finite_keys_record_nothing():
+    # A BVPO step: no accepted fraction, no allocation, no sync; alpha-hat present; a NaN reward
+    # mean (a step without samples) must not overwrite the gauge's last good value.
+    bvpo_step = {"reward_mean": math.nan, "completions_per_s": 12.0, "weight_version": 3.0, "bvpo_alpha": 0.61,
+                 "allocation_samples_max": 4.0}   # a spread needs both ends
+    values = by_name(step_metric_values(bvpo_step, "bvpo_job"))
+    assert {name: value.value for name, value in values.items()} == {
+        "rl_service_samples_per_second": 12.0, "rl_service_weight_version": 3.0, "rl_service_alpha_hat": 0.61}
+    assert step_metric_values({}, JOB) == []
+
+
+def test_queue_depth_is_one_series_per_engine():
+    values = queue_depth_values([8, 0, 3], JOB)
+    assert [(value.name, value.value, value.tags) for value in values] == [
+        ("rl_service_generator_queue_depth", float(depth), {JOB_TAG: JOB, ROLE_TAG: f"generator/{index}"})
+        for index, depth in enumerate([8, 0, 3])]
+
+
+def test_every_named_metric_is_recorded_with_the_tags_it_declares():
+    """Nothing in telemetry_names is left without a source, and every record carries exactly the tag
+    keys its metric declares (Ray rejects a record missing one)."""
+    everything = step_metric_values({**GRPO_STEP, "bvpo_alpha": 0.5}, JOB) + queue_depth_values([1, 2], JOB)
+    assert {value.name for value in everything} == set(METRIC_NAMES)
+    for value in everything:
+        assert tuple(value.tags) == TAG_KEYS[value.name] and JOB_TAG in value.tags
+
+
+def test_job_name_comes_from_the_role_actor_name():
+    assert job_name_of_actor("quickstart/generator_pool/0") == "quickstart"
+    assert job_name_of_actor(None) is None
+    assert job_name_of_actor("") is None
+    assert job_name_of_actor("some_pool") is None
+
+
+def test_a_failing_exporter_warns_once_and_never_raises(caplog):
+    class BrokenGauge:
+        calls = 0
+
+        def set(self, value, tags):
+            BrokenGauge.calls += 1
+            raise RuntimeError("metrics agent unreachable")
+
+    recorder = MetricRecorder()
+    recorder._metrics["rl_service_reward_mean"] = BrokenGauge()
+    with caplog.at_level(logging.WARNING, logger="rl_service.telemetry"):
+        for _ in range(3):
+            recorder.record(step_metric_values(GRPO_STEP, JOB))
+    assert BrokenGauge.calls == 1 and not recorder.enabled
+    assert len([record for record in caplog.records if "live metrics are off" in record.message]) == 1
+
+
+# -- the real exporter ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_with_metrics_port():
+    import ray
+
+    port = free_port()
+    # Processes report to the node's metrics agent every metrics_report_interval_ms (10 s by
+    # default); 1 s keeps the test short. The agent (ray[default]) serves them on `port`.
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=port,
+             _system_config={"metrics_report_interval_ms": 1000}, logging_level="WARNING")
+    try:
+        yield port
+    finally:
+        ray.shutdown()
+
+
+SAMPLE_LINE = re.compile(r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)\{(?P<labels>.*)\} (?P<value>\S+)$")
+
+
+def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
+    """(series name, labels, value) of every labelled sample on the node's Prometheus endpoint."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = []
+    for line in text.splitlines():
+        match = SAMPLE_LINE.match(line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"]))
+            samples.append((match["name"], labels, float(match["value"])))
+    return samples
+
+
+def wait_for_series(port: int, wanted: dict[tuple[str, tuple[tuple[str, str], ...]], float], timeout_s: float = 30.0):
+    """Poll the endpoint until every (series name, label subset) has its value; returns the last scrape."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = scrape(port)
+        found = {key: value for key in wanted for name, labels, value in samples
+                 if name == key[0] and set(key[1]) <= set(labels.items())}
+        if found == wanted or time.monotonic() > deadline:
+            return found, samples
+        time.sleep(0.5)
+
+
+def prom(name: str) -> str:
+    return f"{PROMETHEUS_NAMESPACE}_{name}"
+
+
+@pytest.mark.slow
+def test_driver_and_pool_metrics_reach_prometheus(ray_with_metrics_port):
+    import ray
+
+    from actors.generator_pool import GeneratorPool
+    from rl_service.rollout import GenerationRequest, SamplingParams
+    from rl_service.telemetry import StepTelemetry
+
+    # Engines that do no work: the pool's queue depth counts what it hands out, not what runs.
+    @ray.remote(num_cpus=0)
+    class IdleEngine:
+        def generate(self, shard, sampling, seed):
+            return len(shard)
+
+    # Named as rl_service/roles.py names it, which is how the pool learns its job.
+    pool = GeneratorPool.options(name=f"{JOB}/generator_pool/0", num_cpus=0).remote([IdleEngine.remote(), IdleEngine.remote()])
+    requests = [GenerationRequest(index, index, [1, 2, 3], 4) for index in range(4)]
+    assert ray.get(ray.get(pool.generate.remote(requests, SamplingParams(max_new_tokens=8), seed=0))) == [2, 2]
+    assert ray.get(pool.outstanding_work.remote()) == [0, 0]    # finished shards are dropped from its books
+
+    # The driver side, exactly as Trainer.train_step records a step.
+    StepTelemetry(JOB).record_step(GRPO_STEP)
+
+    job = ((JOB_TAG, JOB),)
+    wanted = {
+        (prom("rl_service_reward_mean"), job): 0.375,
+        (prom("rl_service_weight_version"), job): 7.0,
+        (prom("rl_service_gvm_allocation_spread"), job): 12.0,
+        (prom("rl_service_sync_seconds_count"), job): 1.0,
+        (prom("rl_service_sync_seconds_bucket"), job + (("le", "0.05"),)): 1.0,   # 0.042 s lands at or below 0.05
+        (prom("rl_service_sync_seconds_bucket"), job + (("le", "0.025"),)): 0.0,
+        # 16 samples split evenly over two idle engines.
+        (prom("rl_service_generator_queue_depth"), job + ((ROLE_TAG, "generator/0"),)): 8.0,
+        (prom("rl_service_generator_queue_depth"), job + ((ROLE_TAG, "generator/1"),)): 8.0,
+    }
+    found, samples = wait_for_series(ray_with_metrics_port, wanted)
+    ours = sorted({name for name, _, _ in samples if "rl_service" in name})
+    assert found == wanted, f"missing or wrong: {set(wanted.items()) - set(found.items())}; rl_service series seen: {ours}"
