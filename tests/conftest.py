@@ -38,3 +38,49 @@ def short_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("short_run")
     summary = run_short_job(run_dir)
     return run_dir, summary
+
+
+def arithmetic_requests(count: int, samples: int, seed: int, levels=(1, 2, 3)) -> list:
+    """Generation requests for `count` prompts of the built-in task, `samples` completions each."""
+    from rl_service.data.arithmetic import make_arithmetic_split
+    from rl_service.data.prompts import PromptRecord
+    from rl_service.models.loading import load_tokenizer
+    from rl_service.rollout import GenerationRequest
+    from rl_service.tasks import PromptTokenizer
+
+    train, _ = make_arithmetic_split(seed=seed, num_train=count, num_eval=1, levels=list(levels))
+    tokenize = PromptTokenizer(load_tokenizer("builtin", False), thinking=True)
+    return [GenerationRequest(k, p.prompt_id, tokenize(PromptRecord(p.prompt_id, p.question, p.answer)), samples)
+            for k, p in enumerate(train)]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """Ray on 127.0.0.1 for one test module, with the actors' environment (DS_ACCELERATOR, ...)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    from actors.process import ACTOR_ENV
+
+    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+             runtime_env={"env_vars": dict(ACTOR_ENV)})
+    yield ray
+    ray.shutdown()
+
+
+def assert_engines_match_the_learner(ray, pool, learner_group, version: int, atol: float = 1e-4) -> None:
+    """The pool's engines sample with weights `version`, and each sampled token's log-prob is the
+    learner's own to `atol` (the weights arrived whole)."""
+    import numpy as np
+
+    from rl_service.rollout import SamplingParams
+
+    shard_refs = ray.get(pool.generate.remote(arithmetic_requests(4, 2, seed=2), SamplingParams(max_new_tokens=16),
+                                              9, True))
+    shards = ray.get(shard_refs)
+    assert {weights for shard in shards for weights in shard.weight_versions} == {version}
+    learner_logprobs = ray.get(learner_group.completion_logprobs.remote(shard_refs))
+    behaviour = [row for shard in shards for row in shard.behaviour_logprobs]
+    assert len(learner_logprobs) == len(behaviour) == 8
+    for learner_row, engine_row in zip(learner_logprobs, behaviour):
+        np.testing.assert_allclose(np.asarray(engine_row), np.asarray(learner_row), atol=atol)

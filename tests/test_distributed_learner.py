@@ -15,27 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import arithmetic_requests, assert_engines_match_the_learner
 from rl_service.config import load_config
-from rl_service.data.arithmetic import make_arithmetic_split
-from rl_service.data.prompts import PromptRecord
-from rl_service.rollout import GenerationRequest, SamplingParams
-from rl_service.tasks import PromptTokenizer
+from rl_service.rollout import SamplingParams
 
 STEPS = 2
 METRICS_SUMMED_OVER_RANKS = ("loss", "behaviour_logprob_abs_diff", "clip_frac_low", "ratio_mean", "grad_norm")
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from actors.process import ACTOR_ENV
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
-             runtime_env={"env_vars": dict(ACTOR_ENV)})
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +28,7 @@ def rollout_ref(ray_session):
     from rl_service.generation.hf_engine import HFGenerationEngine
 
     engine = HFGenerationEngine("builtin")
-    train, _ = make_arithmetic_split(seed=11, num_train=6, num_eval=1, levels=[1, 2, 3])
-    tokenize = PromptTokenizer(engine.tokenizer, thinking=True)
-    requests = [GenerationRequest(k, p.prompt_id, tokenize(PromptRecord(p.prompt_id, p.question, p.answer)), 4)
-                for k, p in enumerate(train)]
-    rollout = engine.generate(requests, SamplingParams(max_new_tokens=24), seed=5)
+    rollout = engine.generate(arithmetic_requests(6, 4, seed=11), SamplingParams(max_new_tokens=24), seed=5)
     return ray_session.put(rollout), len(rollout)
 
 
@@ -146,21 +127,7 @@ def test_generators_serve_the_new_version_with_the_learners_logprobs(ray_session
         published = ray.get(published_ref)
         assert len(published.bucket_refs) > 10          # small buckets: many gathers, one at a time
         assert ray.get(pool.update_weights.remote([published_ref])) == [1, 1]
-        train, _ = make_arithmetic_split(seed=3, num_train=4, num_eval=1, levels=[1, 2])
-        from rl_service.models.loading import load_tokenizer
-
-        tokenize = PromptTokenizer(load_tokenizer("builtin", False), thinking=True)
-        requests = [GenerationRequest(k, p.prompt_id, tokenize(PromptRecord(p.prompt_id, p.question, p.answer)), 2)
-                    for k, p in enumerate(train)]
-        shard_refs = ray.get(pool.generate.remote(requests, SamplingParams(max_new_tokens=16), 9))
-        shards = ray.get(shard_refs)
-        assert {version for shard in shards for version in shard.weight_versions} == {1}
-        learner_logprobs = ray.get(group.completion_logprobs.remote(shard_refs))
-        behaviour = [row for shard in shards for row in shard.behaviour_logprobs]
-        assert len(learner_logprobs) == len(behaviour) == 8
-        for learner_row, generator_row in zip(learner_logprobs, behaviour):
-            assert len(learner_row) == len(generator_row)
-            assert np.abs(np.asarray(learner_row) - np.asarray(generator_row)).max() < 1e-4
+        assert_engines_match_the_learner(ray, pool, group, version=1)
     finally:
         group.release()
         for engine in engines:

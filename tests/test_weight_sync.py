@@ -6,18 +6,14 @@ engine. Afterwards every engine serves the new version and samples with the lear
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import torch
 
+from conftest import arithmetic_requests, assert_engines_match_the_learner
 from rl_service.config import load_config
-from rl_service.data.arithmetic import make_arithmetic_split
-from rl_service.data.prompts import PromptRecord
-from rl_service.rollout import GenerationRequest, SamplingParams
-from rl_service.tasks import PromptTokenizer
+from rl_service.rollout import SamplingParams
 
 
 @dataclass
@@ -27,33 +23,11 @@ class _Roles:
     pool: object
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from actors.process import ACTOR_ENV
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
-             runtime_env={"env_vars": dict(ACTOR_ENV)})
-    yield ray
-    ray.shutdown()
-
-
 def _config(transport: str, backend: str = "hf"):
     return load_config(None, ["learner.num_ranks=2", "learner.zero_stage=3", "learner.lr=1e-3",
                               "learner.micro_batch_size=8", "data.prompts_per_step=4", "generator.samples_per_prompt=4",
                               f"weight_sync.transport={transport}", "weight_sync.bucket_mb=0.05",
                               f"generator.backend={backend}", "cluster.torch_threads=1"])
-
-
-def _requests(count: int, samples: int, seed: int) -> list[GenerationRequest]:
-    from rl_service.models.loading import load_tokenizer
-
-    train, _ = make_arithmetic_split(seed=seed, num_train=count, num_eval=1, levels=[1, 2, 3])
-    tokenize = PromptTokenizer(load_tokenizer("builtin", False), thinking=True)
-    return [GenerationRequest(k, p.prompt_id, tokenize(PromptRecord(p.prompt_id, p.question, p.answer)), samples)
-            for k, p in enumerate(train)]
 
 
 def _sync_and_check(ray, transport: str, backends: list[str]) -> dict[str, float]:
@@ -70,18 +44,11 @@ def _sync_and_check(ray, transport: str, backends: list[str]) -> dict[str, float
     try:
         sync = make_weight_sync(_Roles(group, engines, pool), config)
         # A step of training on the engines' own samples, so version 1 differs from version 0.
-        first = ray.get(pool.generate.remote(_requests(4, 4, seed=1), SamplingParams(max_new_tokens=16), 3))
+        first = ray.get(pool.generate.remote(arithmetic_requests(4, 4, seed=1), SamplingParams(max_new_tokens=16), 3))
         ray.get(group.train_step.remote(first, [float(k % 3 == 0) for k in range(16)]))
         versions, metrics = sync.publish(1)
         assert versions == [1] * len(engines)
-        shard_refs = ray.get(pool.generate.remote(_requests(4, 2, seed=2), SamplingParams(max_new_tokens=16), 9, True))
-        shards = ray.get(shard_refs)
-        assert {version for shard in shards for version in shard.weight_versions} == {1}
-        learner_logprobs = ray.get(group.completion_logprobs.remote(shard_refs))
-        behaviour = [row for shard in shards for row in shard.behaviour_logprobs]
-        assert len(learner_logprobs) == len(behaviour) == 8
-        for learner_row, engine_row in zip(learner_logprobs, behaviour):
-            np.testing.assert_allclose(np.asarray(engine_row), np.asarray(learner_row), atol=1e-4)
+        assert_engines_match_the_learner(ray, pool, group, version=1)
         with pytest.raises(Exception, match="went backwards"):
             ray.get(engines[0].load_weights.remote(ray.get(group.publish_weights.remote(0))))
         return metrics
