@@ -27,7 +27,9 @@ from rl_service.telemetry import MetricRecorder, job_name_of_actor, queue_depth_
 
 @ray.remote
 class GeneratorPool:
-    def __init__(self, engines: list):
+    def __init__(self, engines: list, engine_resources: dict[str, float] | None = None):
+        """`engine_resources`: what one more engine needs from the cluster (a scale-up is checked
+        against the free resources before it is accepted)."""
         if not engines:
             raise ValueError("a GeneratorPool needs at least one engine")
         self.engines = list(engines)
@@ -35,6 +37,44 @@ class GeneratorPool:
         self._pending: list[list[tuple[ray.ObjectRef, int, int]]] = [[] for _ in self.engines]
         self._job_name = job_name_of_actor(ray.get_runtime_context().get_actor_name())
         self._telemetry = MetricRecorder()
+        self._target: int | None = None   # engines asked for by `rl-service scale`, applied by the driver
+        self._engine_resources = dict(engine_resources or {})
+
+    # -- elasticity (rl_service/elastic.py drives it at step boundaries) --------------------------
+    def request_engines(self, count: int) -> int:
+        """Record a wish for `count` engines; the driver applies it before its next launch."""
+        if count < 1:
+            raise ValueError(f"--generators {count}: a pool needs at least one engine")
+        extra = count - len(self.engines)
+        free = ray.available_resources()
+        short = {name: amount * extra for name, amount in self._engine_resources.items()
+                 if extra > 0 and amount * extra > free.get(name, 0.0) + 1e-9}
+        if short:
+            raise ValueError(f"--generators {count}: {extra} more engine(s) need {short}, the cluster has "
+                             f"{ {name: round(free.get(name, 0.0), 3) for name in short} } free")
+        self._target = count
+        return count
+
+    def requested_engines(self) -> int | None:
+        """The engine count asked for and not yet applied (None: nothing asked)."""
+        return self._target if self._target != len(self.engines) else None
+
+    def add_engines(self, engines: list) -> int:
+        """Take engines that already serve the current weights; they get requests from the next call."""
+        self.engines.extend(engines)
+        self._pending.extend([] for _ in engines)
+        return len(self.engines)
+
+    def retire_engines(self, count: int) -> list:
+        """Stop sending to the last `count` engines; returns [(engine, refs of its unfinished shards)]
+        so the caller kills each only after its work is done (nothing in flight is lost)."""
+        if count >= len(self.engines):
+            raise ValueError(f"cannot retire {count} of {len(self.engines)} engines: one must remain")
+        self.outstanding_work()
+        retired = [(engine, [ref for ref, _, _ in pending])
+                   for engine, pending in zip(self.engines[-count:], self._pending[-count:])]
+        del self.engines[-count:], self._pending[-count:]
+        return retired
 
     def num_engines(self) -> int:
         return len(self.engines)

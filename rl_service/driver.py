@@ -43,6 +43,7 @@ from rl_service.rewards.verifiers import SCORE_COUNTER_KEYS as REWARD_COUNTER_KE
 from rl_service.run_dir import RunDirectory, latest_checkpoint
 from rl_service.tasks import PromptTokenizer, TaskData, load_task
 from rl_service.weight_sync import make_weight_sync
+from rl_service.elastic import apply_requested_scale
 
 log = logging.getLogger("rl_service")
 SCORED_KEYS = ("rewards", "request_index", "completion_lengths", "finished", "weight_versions")
@@ -171,7 +172,9 @@ class Trainer:
 
     def _launch_step(self, step: int) -> LaunchedRollout:
         """The pipeline's launcher: step `step`'s prompts, allocation and rollout, timed in the step
-        that launches it."""
+        that launches it. A pending `rl-service scale` is applied first, between two hand-outs."""
+        with self._timer.phase("scale"):
+            apply_requested_scale(self.roles, self.config, self.weight_version)
         records, counts = self.batches.next(step, self._timer)
         launched = self._launch(records, counts, self.sampling, _seed_for(self.config, step, 0), self._timer)
         launched.sampler_state = self.sampler.state_dict()
@@ -251,6 +254,7 @@ class Trainer:
             "weight_version": float(self.weight_version),
             "sample_staleness_mean": _mean(staleness),
             "rollouts_in_flight": float(self.pipeline.in_flight),
+            "generator_engines": float(len(self.roles.generators)),
             "step_seconds": step_seconds,
             "driver_overhead_fraction": max(step_seconds - waited, 0.0) / step_seconds,
             **{f"time_{name}_s": seconds for name, seconds in timer.seconds.items()},

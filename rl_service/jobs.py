@@ -2,7 +2,9 @@
 
 `submit` validates the config here first (a typo fails before anything reaches the cluster), then
 sends `python -m rl_service.cli run CONFIG --set ...` with the working directory as the job's
-runtime env (code, configs, data, custom reward files; `.venv`, `.git`, `runs/` left out).
+runtime env (code, configs, data, custom reward files; `.venv`, `.git`, `runs/` left out), and
+the submission id in `RL_SERVICE_SUBMISSION_ID`, which names the job's Ray namespace: `scale` finds
+the job's generator pool there (rl_service/elastic.py).
 
 Authentication is Ray's token auth: the token comes from `--token-file`, `RAY_AUTH_TOKEN` or
 `RAY_AUTH_TOKEN_PATH` (Ray's own variables; `~/.ray/auth_token` last), and is sent as a bearer
@@ -20,9 +22,10 @@ import uuid
 from pathlib import Path
 
 from rl_service.errors import UserError
+from rl_service.roles import SUBMISSION_ID_ENV
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-UPLOAD_EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.pyc", ".pytest_cache", "*.egg-info"]
+UPLOAD_EXCLUDES = [".venv", "runs", "**/__pycache__", "*.pyc", ".pytest_cache", "*.egg-info"]
 
 
 def add_job_commands(commands) -> None:
@@ -46,6 +49,10 @@ def add_job_commands(commands) -> None:
     logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     connection(logs)
     connection(commands.add_parser("list", help="jobs on the cluster"))
+    scale = commands.add_parser("scale", help="grow or shrink a running job's generator pool")
+    scale.add_argument("job_id")
+    scale.add_argument("--generators", type=int, required=True, help="engines from the job's next step on")
+    connection(scale)
 
 
 def _address(address: str | None) -> str:
@@ -65,7 +72,14 @@ def _client(args):
         os.environ.pop("RAY_AUTH_TOKEN", None)   # the file named on the command line wins
     if args.token_file or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import logging
+
     from ray.job_submission import JobSubmissionClient
+
+    # Ray's packaging notes (files left out of the upload, packages reused) would bury our one-line
+    # results; some of its modules set their own levels, so every Ray logger is quietened.
+    for name in [name for name in logging.root.manager.loggerDict if name == "ray" or name.startswith("ray.")]:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     try:
         return JobSubmissionClient(address)
@@ -110,7 +124,8 @@ def command_submit(args) -> int:
     job_id = f"{config.job_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     _call(args, lambda: client.submit_job(
         entrypoint=entrypoint, submission_id=job_id, metadata={"rl_service_job": config.job_name},
-        runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES}))
+        runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES,
+                     "env_vars": {SUBMISSION_ID_ENV: job_id}}))
     print(job_id)
     return 0
 
@@ -152,5 +167,31 @@ def command_list(args) -> int:
     return 0
 
 
+def command_scale(args) -> int:
+    """Runs `python -m rl_service.elastic` on the cluster as a small job of its own (it joins the
+    cluster, finds the job's pool in the job's namespace and asks it), then reports its one line."""
+    if args.generators < 1:
+        raise UserError(f"--generators {args.generators}: a job needs at least one generator engine")
+    client = _client(args)
+    status = _call(args, lambda: client.get_job_status(args.job_id)).value
+    if status != "RUNNING":
+        raise UserError(f"job {args.job_id} is {status}, not running: nothing to scale")
+    helper_id = f"scale-{args.job_id}-{uuid.uuid4().hex[:6]}"
+    _call(args, lambda: client.submit_job(
+        entrypoint=f"python -m rl_service.elastic {shlex.quote(args.job_id)} {args.generators}", submission_id=helper_id,
+        runtime_env={"working_dir": str(Path.cwd().resolve()), "excludes": UPLOAD_EXCLUDES}))
+    deadline = time.monotonic() + 300
+    while (status := _call(args, lambda: client.get_job_status(helper_id)).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        if time.monotonic() > deadline:
+            raise UserError(f"job {args.job_id}: the scale request ({helper_id}) did not finish in 300 s")
+        time.sleep(1)
+    lines = [line for line in _call(args, lambda: client.get_job_logs(helper_id)).splitlines() if line.strip()]
+    answer = next((line for line in reversed(lines) if line.startswith(("rl-service: error:", args.job_id))), None)
+    if status != "SUCCEEDED" or answer is None or answer.startswith("rl-service: error:"):
+        raise UserError((answer or f"the scale request failed ({status})").removeprefix("rl-service: error: "))
+    print(answer)
+    return 0
+
+
 JOB_COMMANDS = {"submit": command_submit, "status": command_status, "stop": command_stop, "logs": command_logs,
-                "list": command_list}
+                "list": command_list, "scale": command_scale}

@@ -29,6 +29,7 @@ class Roles:
 # hold weights, moving averages or optimizer state; their deaths go to the driver's restart from
 # the newest checkpoint (`is_role_failure`), which brings all of it back exactly.
 STATELESS_RESTARTS = {"max_restarts": 3, "max_task_retries": 3}
+SUBMISSION_ID_ENV = "RL_SERVICE_SUBMISSION_ID"   # set by `rl-service submit` in the job's runtime env
 
 
 def is_role_failure(error: BaseException) -> bool:
@@ -50,6 +51,13 @@ def is_role_failure(error: BaseException) -> bool:
     return False
 
 
+def job_namespace(config: JobConfig) -> str:
+    """A submitted job's namespace is its submission id (`rl-service scale` finds its pool there);
+    a local run gets a fresh one."""
+    submission_id = os.environ.get(SUBMISSION_ID_ENV)
+    return f"rl_service-{submission_id}" if submission_id else f"rl_service-{config.job_name}-{uuid.uuid4().hex[:8]}"
+
+
 def start_ray(config: JobConfig) -> None:
     """Join `cluster.address` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1 only."""
     from actors.process import ACTOR_ENV
@@ -63,7 +71,7 @@ def start_ray(config: JobConfig) -> None:
     import ray
 
     kwargs = {
-        "namespace": f"rl_service-{config.job_name}-{uuid.uuid4().hex[:8]}",
+        "namespace": job_namespace(config),
         "runtime_env": {"env_vars": dict(ACTOR_ENV)},
         "logging_level": "WARNING",
         "log_to_driver": True,
@@ -93,7 +101,20 @@ def tensor_parallel_bundles(generator) -> list[dict] | None:
     return bundles
 
 
-def _generator_options(config: JobConfig, index: int) -> dict:
+def engine_resources(config: JobConfig) -> dict[str, float]:
+    """What one more generator engine takes from the cluster (its whole TP group on GPUs)."""
+    generator = config.generator
+    bundles = tensor_parallel_bundles(generator) or [{"CPU": float(generator.num_cpus), "GPU": float(generator.num_gpus),
+                                                      **{name: float(amount) for name, amount in generator.resources.items()}}]
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for name, amount in bundle.items():
+            if amount:
+                total[name] = total.get(name, 0.0) + amount
+    return total
+
+
+def generator_options(config: JobConfig, index: int) -> dict:
     """Ray options of generator `index`: plain resources, or (tensor parallel on GPUs) its own
     STRICT_PACK placement group, which vLLM finds from inside the actor
     (`ray.util.get_current_placement_group`) and fills with its Ray-executor TP workers."""
@@ -123,9 +144,10 @@ def start_roles(config: JobConfig, verifier: str, resume_from: str | None = None
     from rl_service.rewards.custom import custom_reward_spec
 
     generator = config.generator
-    generators = [GeneratorActor.options(**_generator_options(config, index)).remote(config, index)
+    generators = [GeneratorActor.options(**generator_options(config, index)).remote(config, index)
                   for index in range(generator.num_engines)]
-    pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(generators)
+    pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(
+        generators, engine_resources=engine_resources(config))
     custom = custom_reward_spec(config.reward)  # an absolute path: actors may not share our working directory
     rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus), **STATELESS_RESTARTS)
                .remote(verifier, config.reward.timeout_s, custom=custom) for index in range(config.reward.num_actors)]
@@ -184,9 +206,10 @@ def start_preference_roles(config: JobConfig, verifier: str) -> Roles:
     from rl_service.rewards.custom import custom_reward_spec
 
     generator = config.generator
-    generators = [GeneratorActor.options(**_generator_options(config, index)).remote(config, index)
+    generators = [GeneratorActor.options(**generator_options(config, index)).remote(config, index)
                   for index in range(generator.num_engines)]
-    pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(generators)
+    pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(
+        generators, engine_resources=engine_resources(config))
     preference = config.preference
     reward_model = preference.reward_model_path if preference.reward_source == "reward_model" else None
     rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus), **STATELESS_RESTARTS)

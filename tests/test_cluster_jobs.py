@@ -116,6 +116,17 @@ def test_submit_status_logs_list_and_stop(head):
     assert long_job.returncode == 0, long_job.stderr
     long_id = long_job.stdout.strip().splitlines()[-1]
     _wait_status(long_id, address, env_with_token, {"RUNNING"}, 120)
+    # Scale the running job's pool: refused for 0 and for more than the head's CPUs, done for 2.
+    for count, expected in ((0, "at least one"), (100, "free")):
+        refused = cli(["scale", long_id, "--generators", str(count), "--address", address], env_with_token, timeout=300)
+        assert refused.returncode == 2 and expected in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    scaled = cli(["scale", long_id, "--generators", "2", "--address", address], env_with_token, timeout=300)
+    assert scaled.returncode == 0 and "2 generator engine(s)" in scaled.stdout, scaled.stderr
+    deadline = time.monotonic() + 120
+    while "generator pool: 1 -> 2 engines" not in cli(["logs", long_id, "--address", address], env_with_token).stdout:
+        assert time.monotonic() < deadline, "the job never applied the scale request"
+        time.sleep(2)
     stopped = cli(["stop", long_id, "--address", address], env_with_token)
     assert stopped.returncode == 0 and "stopping" in stopped.stdout
     assert _wait_status(long_id, address, env_with_token, {"STOPPED", "FAILED", "SUCCEEDED"}, 120) == "STOPPED"
@@ -139,6 +150,7 @@ def test_bad_addresses_and_job_ids_are_one_line_errors(head):
     address, env, token_file = head
     authenticated = {**env, "RAY_AUTH_TOKEN_PATH": str(token_file)}
     cases = [(["status", "no-such-job", "--address", address], authenticated, "no such job"),
+             (["scale", "no-such-job", "--generators", "2", "--address", address], authenticated, "no such job"),
              (["logs", "no-such-job", "--address", address], authenticated, "no such job"),
              (["status", "x", "--address", f"http://127.0.0.1:{_free_port()}"], authenticated, "cannot reach"),
              (["submit", "configs/quickstart.yaml", "--address", address, "--set", "learner.lr=-1"], authenticated,

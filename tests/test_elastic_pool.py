@@ -1,0 +1,86 @@
+"""The generator pool grows and shrinks while a job runs (`rl-service scale`'s request, applied by
+the driver between two hand-outs), on a `ray.cluster_utils.Cluster` with a rollout node and a
+learner node: the run completes and its ledger holds every step's prompts exactly once, the same
+prompts an unscaled run trains on. A scale to 0 or beyond the rollout node's resources is refused."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from conftest import REPO, read_metrics, short_run_overrides
+from rl_service.config import load_config
+from rl_service.data.sampler import PromptSampler
+
+NAMESPACE_ID = "elastic-test"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=2, resources={"rollout": 2})
+    cluster.add_node(num_cpus=2, resources={"learner": 1})
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def _wait_for_step(run_dir, step: int, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and any(json.loads(line).get("step", -1) >= step and "reward_mean" in line
+                                     for line in metrics.read_text().splitlines() if line.strip()):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_scaling_from_one_to_two_generators_and_back_trains_every_prompt_once(cluster, tmp_path, monkeypatch):
+    from rl_service.driver import prepare_job, run_training
+    from rl_service.elastic import request_scale
+
+    monkeypatch.setenv("RL_SERVICE_SUBMISSION_ID", NAMESPACE_ID)
+    config = load_config(REPO / "configs" / "quickstart.yaml", short_run_overrides(steps=7) + [
+        f"cluster.address={cluster.address}", "generator.backend=hf", "generator.num_engines=1",
+        "generator.resources={rollout: 1}", "generator.num_cpus=0.5", "learner.resources={learner: 1}",
+        "cluster.torch_threads=1", "eval_every=0", "checkpoint.every=0"])
+    namespace = f"rl_service-{NAMESPACE_ID}"
+    refusals: list[str] = []
+    failures: list[BaseException] = []
+
+    def scale_during_the_run():
+        try:
+            _wait_for_step(tmp_path, 2)
+            for count in (0, 3):   # 0 engines; 2 more engines than the rollout node's {rollout: 2}
+                with pytest.raises(ValueError) as refused:
+                    request_scale(namespace, count)
+                refusals.append(str(refused.value))
+            request_scale(namespace, 2)
+            _wait_for_step(tmp_path, 4)
+            request_scale(namespace, 1)
+        except BaseException as error:  # noqa: BLE001 - reported by the test thread below
+            failures.append(error)
+
+    scaler = threading.Thread(target=scale_during_the_run, daemon=True)
+    scaler.start()
+    job = prepare_job(config)
+    summary = run_training(job, tmp_path)
+    scaler.join(60)
+    assert not failures, failures
+    assert summary["stopped_reason"] == "completed"
+    assert "at least one engine" in refusals[0] and "rollout" in refusals[1] and "free" in refusals[1]
+
+    engines = [row["generator_engines"] for row in read_metrics(tmp_path) if "generator_engines" in row]
+    assert len(engines) == 7 and engines[0] == 1.0 and 2.0 in engines and engines[-1] == 1.0
+    ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    sampler = PromptSampler(len(job.task.train), config.data.prompts_per_step, config.seed)
+    expected = [[job.task.train[index].prompt_id for index in sampler.next_batch()] for _ in range(7)]
+    assert [row["step"] for row in ledger] == list(range(1, 8))
+    assert [row["prompt_ids"] for row in ledger] == expected
+    budget = config.data.prompts_per_step * config.generator.samples_per_prompt
+    assert all(sum(row["samples"]) == budget for row in ledger)
