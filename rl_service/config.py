@@ -102,6 +102,8 @@ class RewardConfig(_Section):
     custom_memory_mb: int = Field(
         1024, ge=64, le=1_048_576, description="address-space limit (RLIMIT_AS) of the custom reward subprocess, MiB")
     num_cpus: float = Field(0.25, gt=0.0, le=1024)
+    num_gpus: float = Field(0.0, ge=0.0, le=64, description="GPUs per reward actor (a reward model on GPU)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray node resources per reward actor")
 
 
 class StatisticsConfig(_Section):
@@ -124,6 +126,7 @@ class StatisticsConfig(_Section):
     chunk_steps: int = Field(10, ge=1, le=10_000, description="offline_pilot: steps trained per chunk before the next pilot (§GVM.5: about 10)")
     skip_singleton_groups: bool = Field(False, description="GVM-GRPO: drop prompts given n_i < 2 from the loss (ours; §GVM.7)")
     num_cpus: float = Field(0.1, gt=0.0, le=1024)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray node resources of the statistics actor")
 
     @model_validator(mode="after")
     def _bounds_ordered(self) -> "StatisticsConfig":

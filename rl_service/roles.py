@@ -149,9 +149,11 @@ def start_roles(config: JobConfig, verifier: str, resume_from: str | None = None
     pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(
         generators, engine_resources=engine_resources(config))
     custom = custom_reward_spec(config.reward)  # an absolute path: actors may not share our working directory
-    rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus), **STATELESS_RESTARTS)
+    rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus, config.reward.num_gpus,
+                                                 config.reward.resources), **STATELESS_RESTARTS)
                .remote(verifier, config.reward.timeout_s, custom=custom) for index in range(config.reward.num_actors)]
-    statistics = StatisticsActor.options(**_options(config, "statistics", 0, config.statistics.num_cpus)).remote(
+    statistics = StatisticsActor.options(**_options(config, "statistics", 0, config.statistics.num_cpus, 0.0,
+                                                      config.statistics.resources)).remote(
         config.statistics)
     # The learner's ranks join while the other roles start; fail here, with the actor's own error, if
     # any role could not start.
@@ -212,7 +214,8 @@ def start_preference_roles(config: JobConfig, verifier: str) -> Roles:
         generators, engine_resources=engine_resources(config))
     preference = config.preference
     reward_model = preference.reward_model_path if preference.reward_source == "reward_model" else None
-    rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus), **STATELESS_RESTARTS)
+    rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus, config.reward.num_gpus,
+                                                 config.reward.resources), **STATELESS_RESTARTS)
                .remote(verifier, config.reward.timeout_s, None, reward_model, preference.reward_model_batch_size,
                        custom=custom_reward_spec(config.reward))
                for index in range(config.reward.num_actors)]
