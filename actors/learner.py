@@ -60,13 +60,21 @@ class LearnerActor:
         return host, free_port(host)
 
     def join(self, master_addr: str, master_port: int, world_size: int, ranks_on_node: int) -> bool:
-        """Join the process group and build this rank's engine (DeepSpeed broadcasts and partitions)."""
+        """Join the process group: returns once every rank has (the rendezvous waits for all)."""
         # The node's learner threads are shared by the ranks placed on it.
         configure_process(max(1, role_threads(self.config, "learner") // ranks_on_node))
         from rl_service.training.engine import init_process_group
-        from rl_service.training.policy_learner import PolicyLearner
 
         init_process_group(self.rank, world_size, master_addr, master_port)
+        return True
+
+    @collective
+    def build(self) -> bool:
+        """Build this rank's engine (every rank together: DeepSpeed broadcasts and partitions). Not
+        under the join time limit: loading a large model may take long, and a peer that dies here
+        fails the others at once."""
+        from rl_service.training.policy_learner import PolicyLearner
+
         self.learner = PolicyLearner(self.config, self.resume_from)
         return True
 

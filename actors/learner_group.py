@@ -6,7 +6,8 @@ collectives need all of them) and returns rank 0's result ref; the other ranks' 
 the next call, so a rank that failed alone is still reported.
 
 Joining: every rank is started, rank 0 hands out an address, and all ranks join the process group
-and build their engines within `learner.join_timeout_s`. A rank that has not joined by then (its
+within `learner.join_timeout_s`; then they build their engines together (no time limit: a large
+model loads slowly). A rank that has not joined by then (its
 node unreachable, its process hung) is named with its node, and every rank is released: no hang.
 """
 from __future__ import annotations
@@ -136,6 +137,7 @@ def join_learner_group(group: LearnerGroup, config: JobConfig) -> None:
             f"joined; all {group.world_size} ranks were released")
     try:
         ray.get(joins)
+        ray.get([rank.build.remote() for rank in group.ranks])
     except Exception:
         group.release()
         raise

@@ -49,6 +49,15 @@ def init_process_group(rank: int = 0, world_size: int = 1, master_addr: str = "1
         # A local job: gloo's own listeners stay on loopback too (they bind the hostname's address).
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op that only its inference
+        # path uses. The build holds a file lock in ~/.cache/torch_extensions: a process killed while
+        # building leaves the lock behind and every later learner waits on it forever (seen after a
+        # killed test run). Training never calls the op, so it is not built.
+        import importlib
+
+        # (`deepspeed.comm.torch` as an attribute is torch itself: take the module by its name.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=COLLECTIVE_TIMEOUT,
                                rank=rank, world_size=world_size)
 
