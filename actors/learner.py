@@ -1,7 +1,7 @@
 """LearnerActor: one DeepSpeed rank applying GRPO / RAFT++ updates and publishing weights.
 
 A rank is created, then joins: `join` sets up the process group (rank 0 hands out the address,
-`actors/learner_group.py` passes it on) and builds the engine, a collective DeepSpeed step itself.
+`actors/learner_group.py` passes it on), and `build` makes the engine, a collective DeepSpeed step.
 Every call that runs collectives (train_step, grad_norms, publish_weights under ZeRO-3,
 save_checkpoint) goes to all ranks at once; rank 0 returns what the driver reads.
 """

@@ -7,8 +7,8 @@ the next call, so a rank that failed alone is still reported.
 
 Joining: every rank is started, rank 0 hands out an address, and all ranks join the process group
 within `learner.join_timeout_s`; then they build their engines together (no time limit: a large
-model loads slowly). A rank that has not joined by then (its
-node unreachable, its process hung) is named with its node, and every rank is released: no hang.
+model loads slowly). A rank that has not joined by then (its node unreachable, its process hung)
+is named with its node, and every rank is released: no hang.
 """
 from __future__ import annotations
 
