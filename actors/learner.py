@@ -107,6 +107,44 @@ class LearnerActor:
 
         return put_buckets(self.learner.weight_buckets(version, packed=False), version, self.rank)
 
+    def open_weight_mailbox(self, tag: str) -> tuple[str, str, object] | None:
+        """Rank 0: create this node's weight mailbox (shared-memory transport); returns (path, node
+        id, layout), or None when /dev/shm has no room for two copies of the weights. A rank has one
+        mailbox: asked again, it returns the one it has."""
+        from rl_service.weights.shared_memory import WeightMailbox, room_for
+
+        if getattr(self, "mailbox", None) is None:
+            layout = self.learner.mailbox_layout()
+            if not room_for(layout):
+                return None
+            self.mailbox = WeightMailbox.create(layout, tag)
+        return str(self.mailbox.path), ray.get_runtime_context().get_node_id(), self.mailbox.layout
+
+    @collective
+    def write_weight_mailbox(self, version: int):
+        """Shared-memory transport: copy version `version` into the mailbox's free slot (ZeRO-3: bucket
+        by bucket, each gathered by all ranks first); rank 0 returns where the engines read it."""
+        from rl_service.weights.shared_memory import MailboxWeights
+
+        buckets = self.learner.weight_buckets(version, packed=False)
+        if self.rank > 0:
+            for _ in buckets:
+                pass
+            return None
+        # Each bucket's views are valid until the next one is gathered: consumed in order.
+        slot = self.mailbox.write(((name, array) for bucket in buckets
+                                   for name, array in zip(bucket.names, bucket.arrays)), version)
+        path, layout = str(self.mailbox.path), self.mailbox.layout
+        return MailboxWeights(path=path, node_id=ray.get_runtime_context().get_node_id(), slot=slot,
+                              version=version, num_bytes=layout.num_bytes, layout=layout)
+
+    def close_weight_mailbox(self) -> None:
+        """Remove the mailbox file (engines that still map it keep their mapping)."""
+        mailbox = getattr(self, "mailbox", None)
+        if mailbox is not None:
+            mailbox.close()
+            self.mailbox = None
+
     @collective
     def weight_layouts(self) -> list | None:
         """The bucket layout of the weights (rank 0; the same at every version): what the engines of

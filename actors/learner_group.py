@@ -19,7 +19,7 @@ from rl_service.errors import UserError
 
 # Calls that run on every rank (collectives inside); rank 0's result is the group's.
 ALL_RANK_METHODS = ("ready", "train_step", "grad_norms", "completion_logprobs", "publish_weights",
-                   "weight_layouts", "broadcast_weights", "save_pretrained", "save_checkpoint")
+                   "write_weight_mailbox", "weight_layouts", "broadcast_weights", "save_pretrained", "save_checkpoint")
 
 
 class RankJoinTimeout(UserError):
@@ -61,7 +61,10 @@ class LearnerGroup:
         ray.get(done)
 
     def release(self) -> None:
-        """Kill every rank and free the placement group."""
+        """Kill every rank and free the placement group (rank 0 first removes its weight mailbox,
+        if it has one: a killed process cannot, and the file holds two copies of the weights)."""
+        closing = self.ranks[0].close_weight_mailbox.remote()
+        ray.wait([closing], timeout=10)
         for rank in self.ranks:
             ray.kill(rank, no_restart=True)
         if self.placement is not None:
@@ -82,6 +85,7 @@ def start_learner_group(config: JobConfig, resume_from: str | None = None, *, jo
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from actors.learner import LearnerActor
+    from actors.process import LEARNER_ENV
 
     learner = config.learner
     placement = None
@@ -98,7 +102,8 @@ def start_learner_group(config: JobConfig, resume_from: str | None = None, *, jo
     ranks = []
     for rank in range(learner.num_ranks):
         options = {"name": f"{config.job_name}/learner/{rank}", "num_cpus": learner.num_cpus,
-                   "num_gpus": learner.num_gpus, "resources": dict(learner.resources)}
+                   "num_gpus": learner.num_gpus, "resources": dict(learner.resources),
+                   "runtime_env": {"env_vars": dict(LEARNER_ENV)}}
         if placement is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=placement, placement_group_bundle_index=rank)

@@ -11,6 +11,14 @@ ACTOR_ENV = {
     "HF_HUB_OFFLINE": "1",                # models are local directories; never reach for a hub
 }
 
+# The learner copies every weight version into the weight mailbox tensor by tensor, a few MiB each.
+# glibc's memcpy streams past the cache (non-temporal stores) only above ~3/4 of the L3 size (181
+# MiB on the CI machine), so those copies ran through the cache at about half the bandwidth of one
+# large copy: 381 MiB in 10 MiB pieces took 60 ms against 35 ms in one piece, and 35 ms in pieces
+# with the threshold at 1 MiB (benchmarks/README.md, weight sync). Other architectures and libcs
+# ignore the variable.
+LEARNER_ENV = {**ACTOR_ENV, "GLIBC_TUNABLES": "glibc.cpu.x86_non_temporal_threshold=0x100000"}
+
 
 def role_threads(config, role: str) -> int:
     """Torch threads of a generator or learner process on this node.

@@ -168,10 +168,12 @@ class LearnerConfig(_Section):
 
 class WeightSyncConfig(_Section):
     """How new weights reach the generators (DESIGN.md "Weight sync")."""
-    transport: Literal["auto", "object_store", "collective"] = Field(
-        "auto", description="object_store: flat buckets through Ray's object store (any hardware); collective: "
-                            "bucketed broadcast from learner rank 0 over a process group with the engines (NCCL "
-                            "between GPUs, gloo on CPU); auto: collective where learner and generators have GPUs")
+    transport: Literal["auto", "object_store", "shared_memory", "collective"] = Field(
+        "auto", description="object_store: flat buckets through Ray's object store (any hardware); shared_memory: "
+                            "a mailbox in /dev/shm on the learner's node that the engines there map (one node); "
+                            "collective: bucketed broadcast from learner rank 0 over a process group with the "
+                            "engines (NCCL between GPUs, gloo on CPU); auto: collective where learner and "
+                            "generators have GPUs, else shared_memory on a one-node cluster, else object_store")
     bucket_mb: float = Field(256.0, gt=0.0, le=65_536.0, description="bucket size, MiB: ZeRO 3 gathers one bucket of "
                                                                      "parameters at a time, never the whole model")
     timeout_s: float = Field(300.0, gt=0.0, le=86_400.0, description="seconds one publication may take before it is an error")
@@ -307,9 +309,11 @@ class JobConfig(_Section):
     @model_validator(mode="after")
     def _ranks_divide_the_batch(self) -> "JobConfig":
         learner = self.learner
-        if self.algorithm.name in ("dpo", "bvpo") and (learner.zero_stage == 3 or self.weight_sync.transport == "collective"):
-            raise ValueError(f"learner.zero_stage 3 and weight_sync.transport 'collective' apply to grpo and raft++ "
-                             f"jobs; the {self.algorithm.name} learner runs as one ZeRO 0-2 rank on the object store")
+        if self.algorithm.name in ("dpo", "bvpo") and (
+                learner.zero_stage == 3 or self.weight_sync.transport in ("collective", "shared_memory")):
+            raise ValueError(f"learner.zero_stage 3 and weight_sync.transport 'collective' or 'shared_memory' apply to "
+                             f"grpo and raft++ jobs; the {self.algorithm.name} learner runs as one ZeRO 0-2 rank on "
+                             "the object store")
         if learner.num_ranks == 1:
             return self
         if self.algorithm.name in ("dpo", "bvpo"):
@@ -327,7 +331,7 @@ class JobConfig(_Section):
     @model_validator(mode="after")
     def _autoscale_needs_the_object_store(self) -> "JobConfig":
         if self.generator.autoscale is not None and self.weight_sync.transport == "collective":
-            raise ValueError("generator.autoscale needs weight_sync.transport 'object_store' or 'auto' on CPU: a "
+            raise ValueError("generator.autoscale needs weight_sync.transport 'object_store', 'shared_memory' or 'auto' on CPU: a "
                              "collective weight group has a fixed membership")
         return self
 

@@ -187,6 +187,10 @@ def stop_roles(roles: Roles, timeout_s: float = 30.0) -> None:
     import ray
 
     refs = [engine.shutdown.remote() for engine in roles.generators]
+    # The learner's weight mailbox is a file in /dev/shm: removed here, since Ray's shutdown kills
+    # the process without running its cleanup (a later mailbox would remove the orphan anyway).
+    ranks = getattr(roles.learner, "ranks", [])
+    refs += [ranks[0].close_weight_mailbox.remote()] if ranks else []
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     for ref in ready:
         try:

@@ -1,4 +1,4 @@
-"""The driver's side of weight sync (DESIGN.md "Weight sync"): one `publish(version)` per step, two
+"""The driver's side of weight sync (DESIGN.md "Weight sync"): one `publish(version)` per step, three
 transports behind it.
 
 - `ObjectStoreWeightSync` (any hardware): the learner `ray.put`s flat buckets once; the pool has
@@ -6,14 +6,21 @@ transports behind it.
 - `CollectiveWeightSync` (GPU clusters; gloo on CPU for tests): learner rank 0 and every engine
   worker form one process group at start; each publication is a bucketed broadcast from rank 0.
 
-Both return the versions the generators now serve, and what the step's metrics report: bytes
+- `SharedMemoryWeightSync` (one node, CPU): the learner copies each version into a mailbox in
+  /dev/shm mapped by it and every engine for the whole run; engines serve from it or copy from it.
+
+All return the versions the generators now serve, and what the step's metrics report: bytes
 published and seconds taken. Versions are monotone: an engine refuses an older one.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 from rl_service.config import JobConfig
+from rl_service.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def use_collective(config: JobConfig) -> bool:
@@ -24,6 +31,8 @@ def use_collective(config: JobConfig) -> bool:
 
 
 class ObjectStoreWeightSync:
+    learner_method = "publish_weights"   # what the learner ranks run; rank 0 returns what engines load
+
     def __init__(self, roles, config: JobConfig):
         self.roles, self.config = roles, config
 
@@ -31,10 +40,30 @@ class ObjectStoreWeightSync:
         import ray
 
         started = time.perf_counter()
-        published = self.roles.learner.publish_weights.remote(version)
+        published = getattr(self.roles.learner, self.learner_method).remote(version)
         versions = ray.get(self.roles.pool.update_weights.remote([published]), timeout=self.config.weight_sync.timeout_s)
         num_bytes = ray.get(published).num_bytes
         return versions, {"weight_sync_bytes": float(num_bytes), "weight_sync_seconds": time.perf_counter() - started}
+
+
+class SharedMemoryWeightSync(ObjectStoreWeightSync):
+    """One node: learner rank 0 copies each version into a mailbox in /dev/shm that it and the
+    engines keep mapped (rl_service/weights/shared_memory.py); the HF engine serves its parameters
+    from it directly, vLLM reloads from it. The same publish as the object store's, minus Ray's
+    per-version object and its fresh pages."""
+    learner_method = "write_weight_mailbox"
+
+    def __init__(self, roles, config: JobConfig, mailbox: tuple):
+        super().__init__(roles, config)
+        self.path, self.node_id, _ = mailbox
+
+
+def open_mailbox(roles, config: JobConfig) -> tuple | None:
+    """Have learner rank 0 create the job's mailbox: (path, node id, layout), or None (no room)."""
+    import ray
+
+    return ray.get(roles.learner.ranks[0].open_weight_mailbox.remote(config.job_name),
+                   timeout=config.weight_sync.timeout_s)
 
 
 class CollectiveWeightSync:
@@ -70,5 +99,25 @@ class CollectiveWeightSync:
         return versions, {"weight_sync_bytes": float(num_bytes), "weight_sync_seconds": time.perf_counter() - started}
 
 
+def single_node() -> bool:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node["Alive"]) == 1
+
+
 def make_weight_sync(roles, config: JobConfig):
-    return (CollectiveWeightSync if use_collective(config) else ObjectStoreWeightSync)(roles, config)
+    """The transport `weight_sync.transport` names; `auto`: collective between GPUs, else the
+    shared-memory mailbox on a one-node cluster with room in /dev/shm, else the object store."""
+    if use_collective(config):
+        return CollectiveWeightSync(roles, config)
+    transport = config.weight_sync.transport
+    if transport == "shared_memory" or (transport == "auto" and single_node()):
+        mailbox = open_mailbox(roles, config)
+        if mailbox is not None:
+            log.info("weight sync: shared-memory mailbox %s", mailbox[0])
+            return SharedMemoryWeightSync(roles, config, mailbox)
+        if transport == "shared_memory":
+            raise UserError("weight_sync.transport shared_memory: /dev/shm on the learner's node has no room for "
+                            "two copies of the weights; enlarge it (docker --shm-size) or use object_store")
+        log.warning("weight sync: /dev/shm has no room for the weight mailbox; using the object store")
+    return ObjectStoreWeightSync(roles, config)

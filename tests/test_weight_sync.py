@@ -1,4 +1,4 @@
-"""Weight sync's two transports behind one `publish(version)` (real Ray on 127.0.0.1, real DeepSpeed).
+"""Weight sync's transports behind one `publish(version)` (real Ray on 127.0.0.1, real DeepSpeed).
 
 The collective transport is the GPU one (NCCL); here it runs over gloo, the same code with CPU
 buffers: learner rank 0 of a two-rank ZeRO-3 learner broadcasts bucket by bucket to an HF and a vLLM
@@ -49,6 +49,8 @@ def _sync_and_check(ray, transport: str, backends: list[str]) -> dict[str, float
         versions, metrics = sync.publish(1)
         assert versions == [1] * len(engines)
         assert_engines_match_the_learner(ray, pool, group, version=1)
+        if transport == "shared_memory":
+            _check_the_mailbox(ray, sync, group, pool, first, backends)
         with pytest.raises(Exception, match="went backwards"):
             ray.get(engines[0].load_weights.remote(ray.get(group.publish_weights.remote(0))))
         return metrics
@@ -70,6 +72,32 @@ def test_collective_transport_over_gloo_reaches_an_hf_and_a_vllm_engine(ray_sess
     pytest.importorskip("vllm")
     metrics = _sync_and_check(ray_session, "collective", ["hf", "vllm"])
     assert metrics["weight_sync_bytes"] > 0
+
+
+def _check_the_mailbox(ray, sync, group, pool, rollout, backends) -> None:
+    """HF engines serve from the slot of the latest version, vLLM engines from their own copy; the
+    next versions go to the other slot, each time served whole."""
+    from rl_service.weights.shared_memory import MailboxLayout, WeightMailbox
+
+    path, _, layout = ray.get(group.ranks[0].open_weight_mailbox.remote("again"))   # one mailbox per learner
+    assert path == sync.path and isinstance(layout, MailboxLayout)
+    mailbox = WeightMailbox.open(sync.path, layout)
+    for version in (2, 3):
+        ray.get(group.train_step.remote(rollout, [float(k % 2 == 0) for k in range(16)]))
+        versions, metrics = sync.publish(version)
+        assert versions == [version] * len(backends) and metrics["weight_sync_bytes"] == layout.num_bytes
+        latest = int(mailbox.header[4])
+        held = {index: slot for index, _, slot in mailbox.readers()}
+        assert held == {index: latest if backend == "hf" else None for index, backend in enumerate(backends)}
+        assert_engines_match_the_learner(ray, pool, group, version=version)
+
+
+def test_shared_memory_transport_serves_hf_from_the_mailbox_and_reloads_vllm(ray_session):
+    pytest.importorskip("vllm")
+    from rl_service.weight_sync import SharedMemoryWeightSync
+
+    metrics = _sync_and_check(ray_session, "shared_memory", ["hf", "vllm"])
+    assert metrics["weight_sync_bytes"] > 0 and SharedMemoryWeightSync.learner_method == "write_weight_mailbox"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL weight broadcast needs 2 GPUs (learner rank 0 and "

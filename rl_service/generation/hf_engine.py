@@ -14,7 +14,7 @@ import torch
 
 from rl_service.models.loading import load_causal_lm, load_tokenizer
 from rl_service.rollout import GenerationRequest, Rollout, SamplingParams
-from rl_service.weights.flat import FlatWeights, load_flat_weights_
+from rl_service.weights.flat import FlatWeights, copy_into_, load_flat_weights_
 
 
 class HFGenerationEngine:
@@ -31,11 +31,51 @@ class HFGenerationEngine:
         """One version, as one flat buffer or as its buckets (all loaded before the version changes)."""
         buckets = list(flat) if isinstance(flat, (list, tuple)) else [flat]
         version = buckets[0].version
-        if version < self.weight_version:
-            raise ValueError(f"weight version went backwards: {version} < {self.weight_version}")
+        self._check_version(version)
+        self._own_weights()
         load_flat_weights_(self.model, buckets)
         self.weight_version = version
         return self.weight_version
+
+    @torch.no_grad()
+    def load_shared_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]], version: int,
+                            share: bool = True) -> bool:
+        """One version as read-only views of the node's weight mailbox (rl_service/weights/shared_memory.py).
+        With `share`, and where every parameter is a CPU tensor of the views' dtype and shape, the
+        parameters become the views: no copy, and the engines of a node hold one copy of the weights.
+        Otherwise they are copied. Returns whether the model now serves from the views."""
+        self._check_version(version)
+        parameters = dict(self.model.named_parameters())
+        shareable = share and len(named_tensors) == len(parameters) and all(
+            name in parameters and parameters[name].device.type == "cpu" and parameters[name].dtype == tensor.dtype
+            and parameters[name].shape == tensor.shape for name, tensor in named_tensors)
+        if shareable:
+            for name, tensor in named_tensors:
+                parameters[name].data = tensor
+        else:
+            self._own_weights()
+            missing = [name for name, _ in named_tensors if name not in parameters]
+            if missing:
+                raise KeyError(f"published weights name parameters the model lacks: {missing[:5]}")
+            for name, tensor in named_tensors:
+                copy_into_(parameters[name], tensor)
+        self.shares_weights = shareable
+        self.weight_version = version
+        return shareable
+
+    shares_weights = False   # whether the parameters are views of a weight mailbox (read-only memory)
+
+    def _own_weights(self) -> None:
+        """Give the parameters memory of their own again before copying into them (a mailbox view
+        is read-only, and its slot will be overwritten by a later version)."""
+        if self.shares_weights:
+            for parameter in self.model.parameters():
+                parameter.data = parameter.data.clone()
+            self.shares_weights = False
+
+    def _check_version(self, version: int) -> None:
+        if version < self.weight_version:
+            raise ValueError(f"weight version went backwards: {version} < {self.weight_version}")
 
     weight_group_size = 1   # one process: one member of the collective weight group
 
@@ -48,12 +88,12 @@ class HFGenerationEngine:
     @torch.no_grad()
     def receive_weights(self, layouts: Sequence, version: int) -> int:
         """Receive every bucket of `version` from learner rank 0 and copy it into the model in place."""
-        if version < self.weight_version:
-            raise ValueError(f"weight version went backwards: {version} < {self.weight_version}")
+        self._check_version(version)
+        self._own_weights()
         parameters = dict(self.model.named_parameters())
         for bucket in self.weight_group.receive(layouts):
             for name, tensor in bucket:
-                parameters[name].copy_(tensor)
+                copy_into_(parameters[name], tensor)
         self.weight_version = version
         return self.weight_version
 
@@ -102,3 +142,4 @@ class HFGenerationEngine:
             rollout.finished.append(finished)
             rollout.weight_versions.append(self.weight_version)
         return rollout
+

@@ -165,10 +165,17 @@ class VLLMGenerationEngine:
         """One version, as one flat buffer or as its buckets: one reload of all of them, under the
         lock, so no generate call sees a mix of versions."""
         buckets = list(flat) if isinstance(flat, (list, tuple)) else [flat]
-        version = buckets[0].version
+        return self._reload(named_tensors_of(buckets), buckets[0].version)
+
+    def load_shared_weights(self, named_tensors, version: int, share: bool = True) -> bool:
+        """One version as views of the node's weight mailbox: reloaded (one copy), never shared, since
+        vLLM keeps its own weight layout (on CPU, GEMM weights repacked for its kernels)."""
+        self._reload(list(named_tensors), version)
+        return False
+
+    def _reload(self, named_tensors: list, version: int) -> int:
         if version < self.weight_version:
             raise ValueError(f"weight version went backwards: {version} < {self.weight_version}")
-        named_tensors = named_tensors_of(buckets)
         with self._lock:
             self.llm.collective_rpc("rl_reload_weights", args=(named_tensors,))
             self.llm.reset_prefix_cache()   # cached KV was computed with the old weights

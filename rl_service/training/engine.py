@@ -19,6 +19,7 @@ import torch
 from rl_service.config import JobConfig
 from rl_service.models.loading import load_causal_lm, load_tokenizer
 from rl_service.weights.flat import FlatWeights, WeightViews, flatten_named_tensors, plan_buckets, tensor_views
+from rl_service.weights.shared_memory import MailboxLayout
 
 # How long a collective (a gradient reduction, a ZeRO-3 gather) may wait for the slowest rank.
 # Joining has its own, shorter limit (`learner.join_timeout_s`), enforced by the group.
@@ -165,6 +166,11 @@ class EngineWeights:
                 if rank == 0:
                     make = flatten_named_tensors if packed else tensor_views
                     yield make(((name, by_name[name]) for name in bucket), version)
+
+    def mailbox_layout(self) -> MailboxLayout:
+        """Where each parameter sits in a weight-mailbox slot: from full shapes, nothing gathered."""
+        return MailboxLayout.of((name, tuple(getattr(parameter, "ds_shape", parameter.shape)), parameter.dtype)
+                                for name, parameter in self.engine.module.named_parameters())
 
     def flat_weights(self, version: int) -> FlatWeights:
         """All weights in one flat buffer (rank 0; a world of one, or tests)."""

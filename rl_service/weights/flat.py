@@ -134,4 +134,18 @@ def load_flat_weights_(model: torch.nn.Module, flat) -> None:
     if missing:
         raise KeyError(f"published weights name parameters the model lacks: {missing[:5]}")
     for name, tensor in named:
-        parameters[name].copy_(tensor)
+        copy_into_(parameters[name], tensor)
+
+
+@torch.no_grad()
+def copy_into_(target: torch.Tensor, source: torch.Tensor) -> None:
+    """`target.copy_(source)`, as one `memcpy` where both are contiguous CPU tensors of one dtype and
+    shape: torch's copy on the one thread an engine has runs at half memcpy's bandwidth (measured:
+    400 MB in 64 ms against 34 ms), and loading weights is all copying."""
+    if (target.device.type == source.device.type == "cpu" and target.dtype == source.dtype
+            and target.shape == source.shape and target.is_contiguous() and source.is_contiguous()
+            and target.numel() > 0):
+        np.copyto(target.detach().reshape(-1).view(torch.uint8).numpy(),
+                  source.reshape(-1).view(torch.uint8).numpy())
+    else:
+        target.copy_(source)
