@@ -1,0 +1,109 @@
+"""`JobConfig`: the whole job, its sections, and the checks that span several of them."""
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from rl_service.config.sections import (
+    ModelConfig, DataConfig, GeneratorConfig, RewardConfig, StatisticsConfig, LearnerConfig,
+    WeightSyncConfig, AlgorithmConfig, PreferenceConfig, ClusterConfig, ScheduleConfig,
+    LoggingConfig, CheckpointConfig, GuardConfig, _Section)
+
+
+class JobConfig(_Section):
+    job_name: str = Field("rl_service", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="one seed for data, sampling and init: same seed, same CPU run")
+    steps: int = Field(50, ge=1, le=10_000_000, description="training steps (one batch of rollouts each)")
+    eval_every: int = Field(10, ge=0, description="evaluate every N steps (and before and after); 0 = only before and after")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+
+    @model_validator(mode="after")
+    def _preference_job_is_complete(self) -> "JobConfig":
+        if self.algorithm.name not in ("dpo", "bvpo"):
+            return self
+        preference = self.preference
+        if preference.mode == "offline" and not preference.dataset_path:
+            raise ValueError("preference.dataset_path is required when preference.mode is 'offline'")
+        if preference.reward_source == "reward_model" and not preference.reward_model_path:
+            raise ValueError("preference.reward_model_path is required when preference.reward_source is 'reward_model'")
+        if preference.alpha_mode == "online" and (self.algorithm.name != "bvpo" or preference.mode != "online"):
+            raise ValueError("preference.alpha_mode 'online' needs algorithm.name 'bvpo' and preference.mode 'online' "
+                             "(α̂ comes from resampled generated traces, §BVPO.6)")
+        if preference.mode == "online" and self.generator.samples_per_prompt < 2:
+            raise ValueError("generator.samples_per_prompt must be >= 2 for online dpo/bvpo (a pair needs two samples)")
+        return self
+
+    @model_validator(mode="after")
+    def _async_is_for_policy_jobs(self) -> "JobConfig":
+        if self.schedule.mode == "async" and self.algorithm.name in ("dpo", "bvpo"):
+            raise ValueError(f"schedule.mode 'async' applies to grpo and raft++ jobs; algorithm.name "
+                             f"'{self.algorithm.name}' runs the synchronous preference loop")
+        return self
+
+    @model_validator(mode="after")
+    def _ranks_divide_the_batch(self) -> "JobConfig":
+        learner = self.learner
+        if self.algorithm.name in ("dpo", "bvpo") and (
+                learner.zero_stage == 3 or self.weight_sync.transport in ("collective", "shared_memory")):
+            raise ValueError(f"learner.zero_stage 3 and weight_sync.transport 'collective' or 'shared_memory' apply to "
+                             f"grpo and raft++ jobs; the {self.algorithm.name} learner runs as one ZeRO 0-2 rank on "
+                             "the object store")
+        if learner.num_ranks == 1:
+            return self
+        if self.algorithm.name in ("dpo", "bvpo"):
+            raise ValueError(f"learner.num_ranks ({learner.num_ranks}) > 1 applies to grpo and raft++ jobs; the "
+                             f"{self.algorithm.name} learner runs as one rank")
+        batch = self.data.prompts_per_step * self.generator.samples_per_prompt
+        per_mini_batch = batch // learner.mini_batches
+        if batch % learner.mini_batches or per_mini_batch % learner.num_ranks:
+            raise ValueError(
+                f"learner.num_ranks ({learner.num_ranks}) must divide each mini-batch: data.prompts_per_step × "
+                f"generator.samples_per_prompt = {batch} samples in {learner.mini_batches} mini-batch(es) of "
+                f"{batch / learner.mini_batches:g}")
+        return self
+
+    @model_validator(mode="after")
+    def _autoscale_needs_the_object_store(self) -> "JobConfig":
+        if self.generator.autoscale is not None and self.weight_sync.transport == "collective":
+            raise ValueError("generator.autoscale needs weight_sync.transport 'object_store', 'shared_memory' or 'auto' on CPU: a "
+                             "collective weight group has a fixed membership")
+        return self
+
+    @model_validator(mode="after")
+    def _tensor_parallel_needs_gpus(self) -> "JobConfig":
+        generator = self.generator
+        if generator.tensor_parallel > 1 and generator.num_gpus == 0:
+            raise ValueError(f"generator.tensor_parallel ({generator.tensor_parallel}) > 1 needs GPUs: tensor-parallel "
+                             "engines run on GPU clusters only (set generator.num_gpus > 0, or tensor_parallel 1 on CPU)")
+        return self
+
+    @model_validator(mode="after")
+    def _algorithm_fits_sampling(self) -> "JobConfig":
+        per_prompt = self.generator.samples_per_prompt
+        if self.algorithm.name == "grpo" and per_prompt < 2:
+            raise ValueError("generator.samples_per_prompt must be >= 2 for GRPO (a group needs a spread)")
+        statistics = self.statistics
+        if statistics.allocation == "gvm":
+            # The budget per step is prompts × samples_per_prompt; these bounds must leave it spendable.
+            if statistics.n_min > per_prompt:
+                raise ValueError(f"statistics.n_min ({statistics.n_min}) exceeds generator.samples_per_prompt "
+                                 f"({per_prompt}): the budget cannot give every prompt n_min samples")
+            if statistics.n_max is not None and statistics.n_max < per_prompt:
+                raise ValueError(f"statistics.n_max ({statistics.n_max}) is below generator.samples_per_prompt "
+                                 f"({per_prompt}): the budget cannot be spent")
+            if statistics.mode == "online" and statistics.n_pilot > per_prompt:
+                raise ValueError(f"statistics.n_pilot ({statistics.n_pilot}) exceeds generator.samples_per_prompt "
+                                 f"({per_prompt}): a batch of unseen prompts would overspend the budget")
+        return self

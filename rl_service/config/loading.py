@@ -1,0 +1,114 @@
+"""Reading a job: YAML file, `--set` overrides, validation into `JobConfig` with errors naming the
+field, file and line; and writing a resolved job back as YAML."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from rl_service.config.job import JobConfig
+from rl_service.errors import ConfigError
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = re.sub(r" or instance of \w+$", "", item["msg"])  # pydantic's class names mean nothing to a user
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "value_error":
+            # Our validators' messages name their fields already; drop pydantic's "Value error, " prefix.
+            message = str(item.get("ctx", {}).get("error", message))
+            if field == "(top level)" or field in message:
+                problems.append(message)
+                continue
+        elif not isinstance(item.get("input"), (dict, list)):
+            message += f" (got {item.get('input')!r})"  # the value as parsed, e.g. 'many' for an integer
+        problems.append(f"{field}: {message}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """`a.b=c` → (['a', 'b'], c) with `c` parsed as a YAML scalar/list (so `1e-5`, `true`, `[1,2]` work)."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. learner.lr=1e-5")
+    key, raw_value = override.split("=", 1)
+    path = [part for part in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"--set {override!r}: empty field name in {key!r}")
+    try:
+        value = _load_yaml(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {override!r}: value is not valid YAML ({exc.problem})") from None
+    return path, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for override in overrides:
+        path, value = parse_override(override)
+        node = raw
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {override!r}: {'.'.join(path[:depth + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-5` (no dot) as a float, as YAML 1.2 and every user do."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job file (or defaults when `path` is None), apply `--set` overrides, validate."""
+    source = str(path) if path is not None else "(defaults)"
+    raw: dict = {}
+    if path is not None:
+        file = Path(path)
+        if file.is_dir():
+            raise ConfigError(f"{source}: is a directory, not a config file")
+        if not file.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        raw_bytes = file.read_bytes()
+        try:
+            text = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw_bytes.count(b"\n", 0, exc.start) + 1
+            raise ConfigError(f"{source}: line {line} is not UTF-8 text (byte 0x{raw_bytes[exc.start]:02x}); "
+                              "save the file as UTF-8") from None
+        try:
+            loaded = _load_yaml(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{source}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from None
+
+
+def dump_config(config: JobConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
