@@ -145,15 +145,10 @@ class LearnerActor:
             mailbox.close()
             self.mailbox = None
 
-    @collective
     def weight_layouts(self) -> list | None:
-        """The bucket layout of the weights (rank 0; the same at every version): what the engines of
-        the collective transport allocate and receive into."""
-        from rl_service.weights.collective import BucketLayout
-
-        buckets = self.learner.weight_buckets(self.learner.weight_version)
-        layouts = [BucketLayout.of(bucket) for bucket in buckets]
-        return layouts if self.rank == 0 else None
+        """The bucket layout of the weights (the same at every version), from the parameters' shapes:
+        what the engines of the collective transport allocate and receive into (rank 0 answers)."""
+        return self.learner.bucket_layouts() if self.rank == 0 else None
 
     def join_weight_group(self, master_addr: str, master_port: int, world_size: int, timeout_s: float) -> bool:
         """Rank 0: be rank 0 of the learner-engines weight group (collective transport)."""

@@ -78,7 +78,7 @@ class CollectiveWeightSync:
         world_size = 1 + sum(group_sizes)
         master_addr, master_port = ray.get(roles.learner.ranks[0].rendezvous_address.remote(), timeout=timeout)
         # The layout is the same at every version: fetched once, passed by reference afterwards.
-        self.layouts = ray.put(ray.get(roles.learner.weight_layouts.remote(), timeout=timeout))
+        self.layouts = ray.put(ray.get(roles.learner.ranks[0].weight_layouts.remote(), timeout=timeout))
         device = "cuda" if config.generator.num_gpus > 0 else "cpu"
         joins = [roles.learner.ranks[0].join_weight_group.remote(master_addr, master_port, world_size, timeout)]
         first_rank = 1

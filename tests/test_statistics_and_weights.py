@@ -58,6 +58,18 @@ def test_flat_weights_round_trip_mixed_dtypes_in_place():
         load_flat_weights_(torch.nn.Linear(3, 5), flat)
 
 
+def test_bucket_layout_planned_from_shapes_matches_the_packed_buffer():
+    """The collective transport's receivers allocate from `BucketLayout.plan` (shapes only); the
+    sender packs with `flatten_named_tensors`: the two must agree byte for byte, odd sizes included."""
+    from rl_service.weights.collective import BucketLayout
+
+    named = [("a", torch.randn(3, 5)), ("b", torch.randn(7).to(torch.bfloat16)), ("c", torch.randn(1, 3)),
+             ("d", torch.arange(3, dtype=torch.int64)), ("e", torch.empty(0, 2)), ("f", torch.randn(()))]
+    packed = BucketLayout.of(flatten_named_tensors(named, 1))
+    assert BucketLayout.plan((name, tensor.shape, tensor.dtype) for name, tensor in named) == packed
+    assert packed.offsets == (0, 60, 76, 88, 112, 112) and packed.num_bytes == 116
+
+
 def test_grad_norm_ema_skips_nan_and_counts_infinite():
     stats = PromptStatistics(ema_weight=0.5, capacity=4)
     # NaN: the prompt had no accepted sample (nothing to fold in); inf: a numerical failure (counted).

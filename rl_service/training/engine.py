@@ -19,6 +19,7 @@ import torch
 from rl_service.config import JobConfig
 from rl_service.models.loading import load_causal_lm, load_tokenizer
 from rl_service.weights.flat import FlatWeights, WeightViews, flatten_named_tensors, plan_buckets, tensor_views
+from rl_service.weights.collective import BucketLayout
 from rl_service.weights.shared_memory import MailboxLayout
 
 # How long a collective (a gradient reduction, a ZeRO-3 gather) may wait for the slowest rank.
@@ -166,6 +167,17 @@ class EngineWeights:
                 if rank == 0:
                     make = flatten_named_tensors if packed else tensor_views
                     yield make(((name, by_name[name]) for name in bucket), version)
+
+    def bucket_layouts(self) -> list[BucketLayout]:
+        """The layout of every bucket `weight_buckets` packs (the same at every version), from the
+        parameters' full shapes: nothing is packed or gathered."""
+        bucket_bytes = int(self.config.weight_sync.bucket_mb * 2**20)
+        entries = {name: (tuple(getattr(parameter, "ds_shape", parameter.shape)), parameter.dtype)
+                   for name, parameter in self.engine.module.named_parameters()}
+        sizes = [(name, full_numel(parameter) * parameter.element_size())
+                 for name, parameter in self.engine.module.named_parameters()]
+        return [BucketLayout.plan((name, *entries[name]) for name in bucket)
+                for bucket in plan_buckets(sizes, bucket_bytes)]
 
     def mailbox_layout(self) -> MailboxLayout:
         """Where each parameter sits in a weight-mailbox slot: from full shapes, nothing gathered."""

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from rl_service.weights.flat import FlatWeights
+from rl_service.weights.flat import FlatWeights, packed_offsets
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,18 @@ class BucketLayout:
     def of(flat: FlatWeights) -> "BucketLayout":
         return BucketLayout(tuple(flat.names), tuple(tuple(shape) for shape in flat.shapes), tuple(flat.dtypes),
                             tuple(flat.offsets), flat.num_bytes)
+
+    @staticmethod
+    def plan(entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> "BucketLayout":
+        """The layout `flatten_named_tensors` gives tensors of these (name, shape, dtype), worked out
+        from the shapes alone: nothing is packed or gathered to learn it."""
+        entries = [(name, tuple(int(size) for size in shape), dtype) for name, shape, dtype in entries]
+        sizes = [(int(torch.Size(shape).numel()), torch.empty((), dtype=dtype).element_size())
+                 for _, shape, dtype in entries]
+        offsets, num_bytes = packed_offsets(sizes)
+        return BucketLayout(tuple(name for name, _, _ in entries), tuple(shape for _, shape, _ in entries),
+                            tuple(str(dtype).removeprefix("torch.") for _, _, dtype in entries),
+                            tuple(offsets), num_bytes)
 
     def views(self, buffer: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """(name, tensor) views into a uint8 `buffer` holding this bucket's bytes."""

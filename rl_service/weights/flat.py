@@ -106,14 +106,20 @@ def plan_buckets(named_sizes: Iterable[tuple[str, int]], bucket_bytes: int) -> l
     return buckets
 
 
+def packed_offsets(sizes: Iterable[tuple[int, int]]) -> tuple[list[int], int]:
+    """Byte offsets of tensors of (element count, element size) packed back to back, each aligned
+    to its element size (`frombuffer` needs that), and the total bytes: the layout of `FlatWeights`."""
+    offsets, cursor = [], 0
+    for count, element_size in sizes:
+        cursor = (cursor + element_size - 1) // element_size * element_size
+        offsets.append(cursor)
+        cursor += count * element_size
+    return offsets, cursor
+
+
 def flatten_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> FlatWeights:
     items = [(name, tensor.detach().to("cpu").contiguous()) for name, tensor in named_tensors]
-    offsets, cursor = [], 0
-    for _, tensor in items:
-        alignment = tensor.element_size()
-        cursor = (cursor + alignment - 1) // alignment * alignment  # frombuffer needs aligned offsets
-        offsets.append(cursor)
-        cursor += tensor.numel() * tensor.element_size()
+    offsets, cursor = packed_offsets((tensor.numel(), tensor.element_size()) for _, tensor in items)
     buffer = np.empty(cursor, dtype=np.uint8)
     for (_, tensor), offset in zip(items, offsets):
         nbytes = tensor.numel() * tensor.element_size()
