@@ -1,4 +1,4 @@
-"""The HF generation engine and the DeepSpeed learner in-process, on the shipped tiny model."""
+"""The HF and torch generation engines and the DeepSpeed learner in-process, on the shipped tiny model."""
 from __future__ import annotations
 
 import copy
@@ -15,11 +15,14 @@ from rl_service.tasks import PromptTokenizer
 from rl_service.data.prompts import PromptRecord
 
 
-@pytest.fixture(scope="module")
-def engine():
+@pytest.fixture(scope="module", params=["hf", "torch"])
+def engine(request):
+    """HF `generate` (the reference) and our own decode loop over the same model: both must give
+    per-prompt counts, seeded replay and behaviour log-probs equal to a teacher-forced forward."""
     from rl_service.generation.hf_engine import HFGenerationEngine
+    from rl_service.generation.torch_engine import TorchGenerationEngine
 
-    return HFGenerationEngine("builtin")
+    return (HFGenerationEngine if request.param == "hf" else TorchGenerationEngine)("builtin")
 
 
 @pytest.fixture(scope="module")

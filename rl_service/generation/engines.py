@@ -11,6 +11,10 @@ def make_engine(config: JobConfig):
         from rl_service.generation.hf_engine import HFGenerationEngine
 
         return HFGenerationEngine(model.path, model.dtype, model.trust_remote_code)
+    if generator.backend == "torch":
+        from rl_service.generation.torch_engine import TorchGenerationEngine
+
+        return TorchGenerationEngine(model.path, model.dtype, model.trust_remote_code)
     from rl_service.generation.vllm_engine import VLLMGenerationEngine
 
     engine_kwargs = {} if generator.kv_cache_blocks is None else {"num_gpu_blocks_override": generator.kv_cache_blocks}

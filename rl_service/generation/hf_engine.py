@@ -131,15 +131,19 @@ class HFGenerationEngine:
             completion = generated[row].tolist()
             finished = self.eos_token_id in completion
             length = completion.index(self.eos_token_id) + 1 if finished else len(completion)
-            completion = completion[:length]
-            rollout.request_index.append(request.request_index)
-            rollout.prompt_token_ids.append(tokens)
-            rollout.completion_token_ids.append(completion)
-            rollout.behaviour_logprobs.append(logprobs[row, :length].numpy().astype(np.float32))
-            # Keep <think>/</think> (they may be special tokens): verifiers find the answer after them.
-            text_tokens = completion[:-1] if finished else completion
-            rollout.completion_texts.append(self.tokenizer.decode(text_tokens, skip_special_tokens=False))
-            rollout.finished.append(finished)
-            rollout.weight_versions.append(self.weight_version)
+            self._append_sample(rollout, request, completion[:length],
+                                logprobs[row, :length].numpy().astype(np.float32), finished)
         return rollout
+
+    def _append_sample(self, rollout: Rollout, request: GenerationRequest, completion: list[int],
+                       logprobs: np.ndarray, finished: bool) -> None:
+        rollout.request_index.append(request.request_index)
+        rollout.prompt_token_ids.append(request.prompt_token_ids)
+        rollout.completion_token_ids.append(completion)
+        rollout.behaviour_logprobs.append(logprobs)
+        # Keep <think>/</think> (they may be special tokens): verifiers find the answer after them.
+        text_tokens = completion[:-1] if finished else completion
+        rollout.completion_texts.append(self.tokenizer.decode(text_tokens, skip_special_tokens=False))
+        rollout.finished.append(finished)
+        rollout.weight_versions.append(self.weight_version)
 
