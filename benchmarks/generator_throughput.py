@@ -1,5 +1,6 @@
 """Generation throughput: the same prompts through (a) a bare vLLM engine in this process, (b) our
-GeneratorPool over one GeneratorActor (vLLM) through Ray, (c) the HF `generate` backend in this process.
+GeneratorPool over one GeneratorActor (vLLM) through Ray, (c) the HF `generate` backend and (d) the
+`torch` backend (our decode loop over the same HF model), both in this process.
 
     .venv/bin/python benchmarks/generator_throughput.py [--prompts 64] [--samples 8] [--max-new-tokens 64]
         [--temperature 1.0] [--repeats 3] [--threads N] [--model builtin]
@@ -141,7 +142,17 @@ def main() -> None:
     hf = None
     gc.collect()
 
-    labels = {"bare_vllm": "(a) bare vLLM", "pool_vllm": "(b) pool, 1 engine, Ray", "hf": "(c) HF generate"}
+    # (d) our decode loop over the same HF model (the `torch` backend), in this process.
+    from rl_service.generation.torch_engine import TorchGenerationEngine
+
+    configure_process(threads)
+    loop = TorchGenerationEngine(config.model.path, config.model.dtype, config.model.trust_remote_code)
+    results["torch"] = timed_runs(lambda seed: [loop.generate(requests, sampling, seed * 1_000_003)], seeds)
+    loop = None
+    gc.collect()
+
+    labels = {"bare_vllm": "(a) bare vLLM", "pool_vllm": "(b) pool, 1 engine, Ray", "hf": "(c) HF generate",
+              "torch": "(d) torch decode loop"}
     print(f"{'backend':<26}{'s/call':>9}{'tokens/s':>11}{'completions/s':>15}{'tokens':>9}")
     for key, label in labels.items():
         row = results[key]
@@ -149,11 +160,13 @@ def main() -> None:
     same_samples = results["bare_vllm"]["all_tokens"] == results["pool_vllm"]["all_tokens"]
     pool_vs_bare = results["pool_vllm"]["tokens_per_s"] / results["bare_vllm"]["tokens_per_s"]
     vllm_vs_hf = results["bare_vllm"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
+    torch_vs_vllm = results["torch"]["completions_per_s"] / results["bare_vllm"]["completions_per_s"]
     print(f"pool / bare vLLM: {pool_vs_bare:.3f} (target >= 0.9; same tokens sampled: {same_samples}); "
-          f"vLLM / HF: {vllm_vs_hf:.2f}")
+          f"vLLM / HF: {vllm_vs_hf:.2f}; torch loop / bare vLLM (completions/s): {torch_vs_vllm:.2f}")
     summary = {"machine": machine(), "threads": threads, "prompts": len(requests), "samples": args.samples,
                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "repeats": args.repeats,
-               "pool_vs_bare_vllm": pool_vs_bare, "vllm_vs_hf": vllm_vs_hf, "same_samples_bare_and_pool": same_samples}
+               "pool_vs_bare_vllm": pool_vs_bare, "vllm_vs_hf": vllm_vs_hf, "torch_vs_vllm": torch_vs_vllm,
+               "same_samples_bare_and_pool": same_samples}
     for key in labels:
         for field in ("tokens_per_s", "completions_per_s", "seconds", "tokens", "all_seconds"):
             summary[f"{key}_{field}"] = results[key][field]
