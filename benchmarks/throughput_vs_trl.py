@@ -8,7 +8,8 @@ Both sides train the built-in model with GRPO on the same prompts, in the same o
 limit, sampling, learning rate, clip range, loss aggregation and one optimizer step per batch; every
 setting of the TRL side is derived from our job config, so `--set` overrides reach both
 (`--set schedule.mode=async` only concerns ours). Each side runs in its own child process, one
-after the other (ours first), with the whole machine: ours as configured (Ray, vLLM, DeepSpeed),
+after the other (ours first), with the whole machine: ours as configured (Ray, the config's
+generator backend, DeepSpeed),
 TRL in-process with `torch.set_num_threads(os.cpu_count())` and its default HF `generate` path
 (`use_vllm=False`: TRL's vLLM colocate mode needs CUDA). A step is one batch of rollouts and its optimizer step; the first
 step of each side is skipped as warm-up. Prints completions/s, tokens/s, their ratio and our step
@@ -76,6 +77,7 @@ def run_ours(args) -> dict:
         result[f"{phase}_s"], result[f"{phase}_share"] = seconds, seconds / step_s
     result["reward_mean"] = float(np.mean([row["reward_mean"] for row in steps]))
     result["schedule"] = config.schedule.mode
+    result["generator_backend"] = config.generator.backend
     return result
 
 
@@ -212,7 +214,7 @@ def main() -> None:
     print(f"job: {config.data.prompts_per_step} prompts x {config.generator.samples_per_prompt} samples = {per_step} "
           f"completions/step, <= {config.generator.max_new_tokens} new tokens, {args.steps} steps (first skipped)")
     print(f"{'side':<26}{'s/step':>8}{'compl/s':>9}{'tok/s':>9}{'mean len':>10}{'reward':>8}{'wall s':>8}")
-    for name, side in ((f"TRL {trl['version']} (HF generate)", trl), (f"rl_service ({ours['schedule']})", ours)):
+    for name, side in ((f"TRL {trl['version']} (HF generate)", trl), (f"rl_service ({ours['schedule']}, {ours['generator_backend']})", ours)):
         print(f"{name:<26}{side['step_s']:>8.3f}{side['completions_per_s']:>9.1f}{side['tokens_per_s']:>9.0f}"
               f"{side['completion_length_mean']:>10.1f}{side['reward_mean']:>8.3f}{side['wall_s']:>8.1f}")
     ratio = ours["completions_per_s"] / trl["completions_per_s"]
@@ -224,7 +226,7 @@ def main() -> None:
         print(f"{phase:<12}{ours[f'{phase}_s']:>10.4f}{ours[f'{phase}_share']:>9.1%}")
     result = {"machine": machine(), "steps": args.steps, "steps_measured": ours["steps_measured"],
               "completions_per_step": per_step, "max_new_tokens": config.generator.max_new_tokens,
-              "schedule": ours["schedule"], "trl_version": trl["version"], "trl_generation": "hf_generate",
+              "schedule": ours["schedule"], "generator_backend": ours["generator_backend"], "trl_version": trl["version"], "trl_generation": "hf_generate",
               "ratio_vs_trl": ratio, "tokens_ratio_vs_trl": token_ratio,
               "trl_completions_per_s": trl["completions_per_s"], "ours_completions_per_s": ours["completions_per_s"],
               "trl_tokens_per_s": trl["tokens_per_s"], "ours_tokens_per_s": ours["tokens_per_s"],
