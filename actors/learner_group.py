@@ -64,7 +64,7 @@ class LearnerGroup:
         """Kill every rank and free the placement group (rank 0 first removes its weight mailbox,
         if it has one: a killed process cannot, and the file holds two copies of the weights)."""
         closing = self.ranks[0].close_weight_mailbox.remote()
-        ray.wait([closing], timeout=10)
+        ray.wait([closing], timeout=2)   # a hung rank 0 must not hold the release up
         for rank in self.ranks:
             ray.kill(rank, no_restart=True)
         if self.placement is not None:

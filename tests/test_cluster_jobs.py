@@ -7,7 +7,11 @@ from __future__ import annotations
 import secrets
 import time
 
+import pytest
+
 from conftest import SHORT_JOB, _free_port, _wait_status, cli
+
+pytestmark = pytest.mark.cluster   # own Ray head or multi-node Cluster: `pytest -m cluster`
 
 
 def test_submit_status_logs_list_and_stop(head):

@@ -9,6 +9,8 @@ import pytest
 
 from rl_service.config import load_config
 
+pytestmark = pytest.mark.cluster   # own Ray head or multi-node Cluster: `pytest -m cluster`
+
 
 @pytest.fixture(scope="module")
 def cluster():

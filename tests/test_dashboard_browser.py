@@ -15,6 +15,8 @@ import pytest
 
 from conftest import SHORT_JOB, _wait_status, cli
 
+pytestmark = pytest.mark.cluster   # own Ray head or multi-node Cluster: `pytest -m cluster`
+
 COOKIE = "ray-authentication-token"          # ray/_private/authentication/authentication_constants.py
 ROLE_ACTORS = ("quickstart/learner/0", "quickstart/generator/0", "quickstart/generator_pool/0")
 

@@ -15,6 +15,8 @@ from conftest import REPO, read_metrics, short_run_overrides
 from rl_service.config import load_config
 from rl_service.data.sampler import PromptSampler
 
+pytestmark = pytest.mark.cluster   # own Ray head or multi-node Cluster: `pytest -m cluster`
+
 NAMESPACE_ID = "elastic-test"
 STEPS = 10
 

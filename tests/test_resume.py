@@ -120,9 +120,12 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
 @pytest.mark.slow
 def test_three_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
     """A reward that overflows float32 makes every update non-finite: each is skipped and counted, the
-    third in a row stops the run, and no checkpoint is written after the last good one."""
+    third in a row stops the run, and no checkpoint is written after the last good one. A group whose
+    samples all share one length parity has no reward spread and so no update at all; 8 prompts × 8
+    samples make every step hold groups with a spread (4 × 4 left a step without one, by chance)."""
     (tmp_path / "huge.py").write_text("def reward(completion, answer):\n    return 1e300 if len(completion) % 2 else 0.0\n")
-    summary = run_short_job(tmp_path / "run", ["checkpoint.every=2", f"reward.custom={tmp_path / 'huge.py'}:reward"],
+    summary = run_short_job(tmp_path / "run", ["checkpoint.every=2", f"reward.custom={tmp_path / 'huge.py'}:reward",
+                                               "data.prompts_per_step=8", "generator.samples_per_prompt=8"],
                             steps=6)
     assert summary["steps"] == 3 and "non-finite" in summary["stopped_reason"]
     assert summary["final_checkpoint"].endswith("step_2")
