@@ -144,3 +144,32 @@ def test_the_torch_engine_batches_rows_and_keeps_request_order():
     greedy = engine.generate(requests, SamplingParams(temperature=0.0, max_new_tokens=12), seed=2)
     for k in range(5):
         assert len({tuple(tokens) for i, tokens in zip(greedy.request_index, greedy.completion_token_ids) if i == k}) == 1
+
+
+def _tiny_models():
+    """Random tiny models of other families: rotary with grouped KV heads (Llama), a sliding window
+    shorter than prompt + completion (Mistral: HF's own sliding static layers stay in place), and
+    learned absolute positions (GPT-2: the left-padding position ids must be right)."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM)
+
+    shared = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    return {"llama": lambda: LlamaForCausalLM(LlamaConfig(**shared)),
+            "mistral-sliding-window": lambda: MistralForCausalLM(MistralConfig(**shared, sliding_window=8)),
+            "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=128))}
+
+
+@pytest.mark.parametrize("family", sorted(_tiny_models()))
+def test_greedy_decoding_equals_hf_generate_for_other_model_families(family):
+    torch.manual_seed(0)
+    model = _tiny_models()[family]().eval()
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    ours = sample_completions(model, prompts, [1, 2, 1], max_new_tokens=20, greedy=True, eos_token_id=1, pad_token_id=0)
+    expected = []
+    for prompt in prompts:
+        with torch.no_grad():
+            output = model.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=20,
+                                    eos_token_id=1, pad_token_id=0)
+        expected.append(output[0, len(prompt):].tolist())
+    assert ours.token_ids == [expected[0], expected[1], expected[1], expected[2]]
