@@ -174,10 +174,15 @@ class VLLMGenerationEngine:
         return False
 
     def _reload(self, named_tensors: list, version: int) -> int:
+        return self._update_weights("rl_reload_weights", (named_tensors,), version)
+
+    def _update_weights(self, worker_method: str, args: tuple, version: int) -> int:
+        """Run a weight-loading worker method under the lock, so no generate call sees a mix of
+        versions; refuses a version older than the one served."""
         if version < self.weight_version:
             raise ValueError(f"weight version went backwards: {version} < {self.weight_version}")
         with self._lock:
-            self.llm.collective_rpc("rl_reload_weights", args=(named_tensors,))
+            self.llm.collective_rpc(worker_method, args=args)
             self.llm.reset_prefix_cache()   # cached KV was computed with the old weights
             self.weight_version = version
         return self.weight_version
@@ -192,13 +197,7 @@ class VLLMGenerationEngine:
                                 args=(master_addr, master_port, first_rank, world_size, device, timeout_s))
 
     def receive_weights(self, layouts, version: int) -> int:
-        if version < self.weight_version:
-            raise ValueError(f"weight version went backwards: {version} < {self.weight_version}")
-        with self._lock:
-            self.llm.collective_rpc("rl_receive_weights", args=(layouts,))
-            self.llm.reset_prefix_cache()   # cached KV was computed with the old weights
-            self.weight_version = version
-        return self.weight_version
+        return self._update_weights("rl_receive_weights", (layouts,), version)
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams, seed: int) -> Rollout:
         from vllm import SamplingParams as VLLMSamplingParams

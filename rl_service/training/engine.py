@@ -172,11 +172,10 @@ class EngineWeights:
         """The layout of every bucket `weight_buckets` packs (the same at every version), from the
         parameters' full shapes: nothing is packed or gathered."""
         bucket_bytes = int(self.config.weight_sync.bucket_mb * 2**20)
-        entries = {name: (tuple(getattr(parameter, "ds_shape", parameter.shape)), parameter.dtype)
-                   for name, parameter in self.engine.module.named_parameters()}
-        sizes = [(name, full_numel(parameter) * parameter.element_size())
-                 for name, parameter in self.engine.module.named_parameters()]
-        return [BucketLayout.plan((name, *entries[name]) for name in bucket)
+        named = dict(self.engine.module.named_parameters())
+        sizes = [(name, full_numel(parameter) * parameter.element_size()) for name, parameter in named.items()]
+        return [BucketLayout.plan((name, tuple(getattr(named[name], "ds_shape", named[name].shape)), named[name].dtype)
+                                  for name in bucket)
                 for bucket in plan_buckets(sizes, bucket_bytes)]
 
     def mailbox_layout(self) -> MailboxLayout:
