@@ -8,7 +8,7 @@ import ray
 
 from actors.process import configure_process
 from rl_service.rewards.custom import CustomRewardRunner, CustomRewardSpec
-from rl_service.rewards.verifiers import SCORE_COUNTER_KEYS, score_batch_counted
+from rl_service.rewards.verifiers import SCORE_COUNTER_KEYS, clip_rewards, score_batch_counted
 from rl_service.rollout import Rollout
 
 
@@ -16,10 +16,11 @@ from rl_service.rollout import Rollout
 class RewardActor:
     def __init__(self, verifier: str, timeout_s: float, torch_threads: int | None = None,
                  reward_model_path: str | None = None, reward_model_batch_size: int = 32,
-                 custom: CustomRewardSpec | None = None):
+                 custom: CustomRewardSpec | None = None, clip: tuple[float, float] = (-1e6, 1e6)):
         configure_process(1)
         self.verifier = verifier
         self.timeout_s = timeout_s
+        self.clip = clip     # reward.clip: a custom function's or reward model's reward stays in range
         self.reward_model = None
         if reward_model_path is not None:
             from rl_service.rewards.reward_model import RewardModelScorer
@@ -45,9 +46,11 @@ class RewardActor:
         counts = dict.fromkeys(SCORE_COUNTER_KEYS, 0)
         if prompts is not None and self.reward_model is not None:
             rewards = self.reward_model.score([prompts[index] for index in rollout.request_index], rollout.completion_texts)
+            rewards, counts["rewards_clipped"] = clip_rewards(rewards, *self.clip)
         elif self.custom is not None and not verifier_only:
             rewards, custom_counts = self.custom.score(rollout.completion_texts, gold)
             counts.update(custom_counts)
+            rewards, counts["rewards_clipped"] = clip_rewards(rewards, *self.clip)
         else:
             rewards, counts["verifier_timeouts"] = score_batch_counted(rollout.completion_texts, gold, self.verifier,
                                                                        self.timeout_s)

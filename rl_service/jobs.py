@@ -76,6 +76,11 @@ def _client(args):
 
     from ray.job_submission import JobSubmissionClient
 
+    if args.address:
+        # Ray's SDK lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given; the
+        # one typed on the command line must win (deploy/README.md has users export RAY_ADDRESS).
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        os.environ.pop("RAY_ADDRESS", None)
     # Ray's packaging notes (files left out of the upload, packages reused) would bury our one-line
     # results; some of its modules set their own levels, so every Ray logger is quietened.
     for name in [name for name in logging.root.manager.loggerDict if name == "ray" or name.startswith("ray.")]:

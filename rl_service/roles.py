@@ -79,7 +79,9 @@ def start_ray(config: JobConfig) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=config.cluster.num_cpus, include_dashboard=config.cluster.include_dashboard,
+        # "local", never None: without an address Ray follows `ray_current_cluster`, which any
+        # `ray start --head` on this machine writes, and a local run would join a stranger's cluster.
+        ray.init(address="local", num_cpus=config.cluster.num_cpus, include_dashboard=config.cluster.include_dashboard,
                  dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
 
 
@@ -151,7 +153,8 @@ def start_roles(config: JobConfig, verifier: str, resume_from: str | None = None
     custom = custom_reward_spec(config.reward)  # an absolute path: actors may not share our working directory
     rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus, config.reward.num_gpus,
                                                  config.reward.resources), **STATELESS_RESTARTS)
-               .remote(verifier, config.reward.timeout_s, custom=custom) for index in range(config.reward.num_actors)]
+               .remote(verifier, config.reward.timeout_s, custom=custom, clip=tuple(config.reward.clip))
+               for index in range(config.reward.num_actors)]
     statistics = StatisticsActor.options(**_options(config, "statistics", 0, config.statistics.num_cpus, 0.0,
                                                       config.statistics.resources)).remote(
         config.statistics)
@@ -221,7 +224,7 @@ def start_preference_roles(config: JobConfig, verifier: str) -> Roles:
     rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus, config.reward.num_gpus,
                                                  config.reward.resources), **STATELESS_RESTARTS)
                .remote(verifier, config.reward.timeout_s, None, reward_model, preference.reward_model_batch_size,
-                       custom=custom_reward_spec(config.reward))
+                       custom=custom_reward_spec(config.reward), clip=tuple(config.reward.clip))
                for index in range(config.reward.num_actors)]
     learner_config = config.learner
     learner = PreferenceLearnerActor.options(**_options(config, "learner", 0, learner_config.num_cpus,

@@ -32,5 +32,15 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
             >/dev/null 2>&1 || echo "chromium/chromium-driver not installed (apt-get failed); the dashboard browser test will skip"
     fi
 fi
+# The custom reward's sandbox (rl_service/rewards/sandbox.py) uses bubblewrap where it is installed;
+# without it the reward still runs, isolated from the network and signals only, with a warning.
+if ! command -v bwrap >/dev/null; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } \
+            >/dev/null 2>&1 || echo "bubblewrap not installed (apt-get failed); custom rewards run with the unshare fallback"
+    else
+        echo "bubblewrap (bwrap) not found: install it (Debian: apt-get install bubblewrap) for the custom-reward sandbox"
+    fi
+fi
 echo "$want" > "$stamp"
 echo "rl_service installed in $venv"

@@ -22,7 +22,9 @@ from rl_service.rewards.custom import (COUNTER_KEYS, CustomRewardRunner, CustomR
 
 # Behaviour chosen by the completion text, so one batch mixes good and failing calls.
 MIXED = '''
-import math, os, resource, time
+import math, os, random, resource, time
+
+PROCESS_TOKEN = random.random()    # one per process: the same token means the same process
 
 def reward(completion, answer):
     if completion == "boom":
@@ -33,10 +35,12 @@ def reward(completion, answer):
         return len(bytearray(4 * 2**30))
     if completion == "nan":
         return math.nan
+    if completion == "huge":
+        return 1e308
     if completion == "text":
         return "high"
     if completion == "pid":
-        return os.getpid()
+        return PROCESS_TOKEN
     if completion == "limit":
         return resource.getrlimit(resource.RLIMIT_AS)[0] / 2**20
     return len(completion) + int(answer) / 10
@@ -58,8 +62,7 @@ def test_good_calls_run_in_one_limited_subprocess(mixed):
         runner.close()
     assert rewards[:3] == [2.1, 4.2, 3.0]
     assert counts == {"custom_reward_errors": 0, "custom_reward_timeouts": 0}
-    assert rewards[3] != os.getpid()                 # not in this process ...
-    assert again == [rewards[3]] and runner.starts == 1  # ... but one long-lived one
+    assert again == [rewards[3]] and runner.starts == 1  # one long-lived process
     assert rewards[4] == 256                         # under the address-space limit
 
 
@@ -107,26 +110,50 @@ def test_a_module_that_stops_importing_fails_the_batch_once_not_per_completion(t
     assert recovered == [1.0] and runner.starts == 3
 
 
-def test_close_and_a_dead_parent_both_end_the_subprocess(mixed):
-    runner = CustomRewardRunner(mixed)
-    pid = int(runner.score(["pid"], ["0"])[0][0])
+@pytest.mark.parametrize("sandbox", ["auto", "off"])
+def test_close_and_a_dead_parent_both_end_the_subprocess(mixed, sandbox):
+    spec = CustomRewardSpec(mixed.path, "reward", 1.0, 256, sandbox)
+    runner = CustomRewardRunner(spec)
+    runner.score(["pid"], ["0"])
+    assert reward_processes(mixed.path)
     runner.close()
-    assert _gone(pid, within_s=2)
+    assert _all_gone(mixed.path, within_s=2)
     # A parent killed with SIGKILL cannot clean up, even while a call is stuck in user code (a 30 s
     # sleep under a 60 s limit here): the subprocess notices it is orphaned and exits by itself.
     parent = subprocess.Popen(
         [sys.executable, "-c", "from rl_service.rewards.custom import *\n"
-         f"r = CustomRewardRunner(CustomRewardSpec({mixed.path!r}, 'reward', 60.0, 256))\n"
-         "print(int(r.score(['pid'], ['0'])[0][0]), flush=True)\nr.score(['slow'], ['0'])"],
+         f"r = CustomRewardRunner(CustomRewardSpec({mixed.path!r}, 'reward', 60.0, 256, {sandbox!r}))\n"
+         "print(r.score(['pid'], ['0'])[0][0], flush=True)\nr.score(['slow'], ['0'])"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
-        worker_pid = int(parent.stdout.readline())
+        parent.stdout.readline()
         time.sleep(0.3)  # the slow call has started
-        assert not _gone(worker_pid, within_s=0)
+        assert reward_processes(mixed.path)
     finally:
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
-    assert _gone(worker_pid, within_s=5)
+    assert _all_gone(mixed.path, within_s=5)
+
+
+def reward_processes(path: str) -> list[int]:
+    """Live (not zombie) processes running the reward file `path`: the sandbox, the reward process
+    and anything it forked (a fork keeps its parent's command line)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline", "status"]):
+        if process.info["status"] != psutil.STATUS_ZOMBIE and path in (process.info["cmdline"] or []):
+            found.append(process.info["pid"])
+    return found
+
+
+def _all_gone(path: str, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while reward_processes(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _gone(pid: int, within_s: float) -> bool:
@@ -184,14 +211,14 @@ def test_reward_actor_uses_the_function_returns_counters_and_keeps_the_verifier_
     from actors.reward import RewardActor
     from rl_service.rollout import Rollout
 
-    texts = ["<think>1+1=2</think> 2", "boom", "slow", "<think>x</think> 3"]
-    rollout = Rollout(request_index=[0, 0, 1, 1], prompt_token_ids=[[1]] * 4, completion_token_ids=[[5]] * 4,
-                      behaviour_logprobs=[None] * 4, completion_texts=texts, finished=[True] * 4,
-                      weight_versions=[0] * 4)
+    texts = ["<think>1+1=2</think> 2", "boom", "slow", "<think>x</think> 3", "huge"]
+    rollout = Rollout(request_index=[0, 0, 1, 1, 1], prompt_token_ids=[[1]] * 5, completion_token_ids=[[5]] * 5,
+                      behaviour_logprobs=[None] * 5, completion_texts=texts, finished=[True] * 5,
+                      weight_versions=[0] * 5)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
     try:
-        actor = RewardActor.remote("integer", 5.0, custom=mixed)
+        actor = RewardActor.remote("integer", 5.0, custom=mixed, clip=(-100.0, 100.0))
         shard = ray.put(rollout)
         scored = ray.get(actor.score.remote([shard], ["2", "3"]))
         verified = ray.get(actor.score.remote([shard], ["2", "3"], verifier_only=True))
@@ -199,11 +226,13 @@ def test_reward_actor_uses_the_function_returns_counters_and_keeps_the_verifier_
         plain = ray.get(RewardActor.remote("integer", 5.0).score.remote([shard], ["2", "3"]))
     finally:
         ray.shutdown()
-    assert scored["rewards"] == [len(texts[0]) + 0.2, 0.0, 0.0, len(texts[3]) + 0.3]
-    assert (scored["custom_reward_errors"], scored["custom_reward_timeouts"]) == (1, 1)
-    assert verified["rewards"] == [1.0, 0.0, 0.0, 1.0] and verified["custom_reward_errors"] == 0
+    # 1e308 from the function is clipped to reward.clip's 100 and counted (issue #19: it made reward_mean null).
+    assert scored["rewards"] == [len(texts[0]) + 0.2, 0.0, 0.0, len(texts[3]) + 0.3, 100.0]
+    assert (scored["custom_reward_errors"], scored["custom_reward_timeouts"], scored["rewards_clipped"]) == (1, 1, 1)
+    assert verified["rewards"] == [1.0, 0.0, 0.0, 1.0, 0.0] and verified["custom_reward_errors"] == 0
+    assert verified["rewards_clipped"] == 0
     assert totals == {"custom_reward_errors": 1, "custom_reward_timeouts": 1, "custom_reward_process_starts": 2}
-    assert plain["rewards"] == [1.0, 0.0, 0.0, 1.0] and plain["custom_reward_timeouts"] == 0
+    assert plain["rewards"] == [1.0, 0.0, 0.0, 1.0, 0.0] and plain["custom_reward_timeouts"] == 0
 
 
 @pytest.mark.slow
@@ -219,7 +248,8 @@ def test_a_short_training_run_is_rewarded_by_the_custom_function(tmp_path):
         "        log.write(json.dumps({'pid': os.getpid(), 'answer': answer}) + '\\n')\n"
         "    return 0.5\n")
     config = load_config(REPO / "configs" / "custom_reward_example.yaml", short_run_overrides(steps=2) + [
-        "generator.backend=hf", f"reward.custom={tmp_path / 'half.py'}:reward", "checkpoint.every=0"])
+        "generator.backend=hf", f"reward.custom={tmp_path / 'half.py'}:reward", "checkpoint.every=0",
+        "reward.custom_sandbox=off"])   # the function logs its calls to a host file, which the sandbox forbids
     summary = run_training(prepare_job(config), tmp_path / "run")
 
     assert summary["steps"] == 2

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No field takes inf or NaN (`reward.timeout_s: .inf` passed, then overflowed in the run).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -97,9 +98,25 @@ class RewardConfig(_Section):
     custom_timeout_s: float = Field(5.0, gt=0.0, le=3600.0, description="time limit of one custom reward call, seconds")
     custom_memory_mb: int = Field(
         1024, ge=64, le=1_048_576, description="address-space limit (RLIMIT_AS) of the custom reward subprocess, MiB")
+    custom_sandbox: Literal["auto", "bwrap", "off"] = Field(
+        "auto", description="isolation of the custom reward subprocess (rl_service/rewards/sandbox.py). auto: bubblewrap "
+                            "(no files outside a scratch dir, no network, no signals out), else unshare (no network or "
+                            "signals; files not confined) with a warning; bwrap: refuse to run without bubblewrap; off: "
+                            "process group and limits only (a function that needs the network)")
+    clip: tuple[float, float] = Field(
+        (-1e6, 1e6), description="[low, high] finite range of a reward (custom function or reward model); one outside "
+                                 "is clipped to it and counted in rewards_clipped, a non-finite one scores 0 and is "
+                                 "counted too")
     num_cpus: float = Field(0.25, gt=0.0, le=1024)
     num_gpus: float = Field(0.0, ge=0.0, le=64, description="GPUs per reward actor (a reward model on GPU)")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray node resources per reward actor")
+
+    @model_validator(mode="after")
+    def _finite_clip(self):
+        low, high = self.clip   # finite already: no section takes inf or NaN
+        if not low < high:
+            raise ValueError(f"clip: [{low}, {high}] must be two finite numbers, low < high")
+        return self
 
 
 class StatisticsConfig(_Section):

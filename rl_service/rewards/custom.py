@@ -12,15 +12,17 @@ keeps evaluation on the verifier, so eval accuracy stays an accuracy).
 
 User code never runs in the RewardActor's process: it runs in one long-lived subprocess per
 `CustomRewardRunner`, started with the actor and started again after it dies or times out. The two
-talk JSON lines over pipes (no pickle of user data). The subprocess has an address-space limit
-(`RLIMIT_AS`, `reward.custom_memory_mb`) and each call a time limit (`reward.custom_timeout_s`).
+talk JSON lines over pipes (no pickle of user data). The subprocess is sandboxed
+(`reward.custom_sandbox`, rl_service/rewards/sandbox.py: no files outside a scratch directory, no
+network, no signals out), in its own process group (killed whole at the time limit; whatever a call
+forked is killed when the call returns), with an address-space and file-size limit (`RLIMIT_AS`,
+`RLIMIT_FSIZE`: `reward.custom_memory_mb`) and each call a time limit (`reward.custom_timeout_s`).
 A call that raises, returns something that is not a finite number, runs past its limit, runs out
 of memory or kills its process scores 0 and is counted (`COUNTER_KEYS`); the first of each kind is
 logged with its message, later ones only counted.
 
 `check_custom_reward` finds what can be known before Ray starts (file, syntax, function) and raises
-a one-line `UserError` naming `reward.custom`. This module imports only the standard library: it
-is also the subprocess's entry point (`python custom.py FILE FUNCTION MEMORY_MB`).
+a one-line `UserError` naming `reward.custom`. The subprocess's side is custom_worker.py.
 """
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ import logging
 import math
 import os
 import selectors
+import shutil
+import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +47,6 @@ FIELD = "reward.custom"
 COUNTER_KEYS = ("custom_reward_errors", "custom_reward_timeouts")
 # Importing the user's module may load heavy libraries (sympy, numpy): allowed more than one call.
 STARTUP_TIMEOUT_S = 60.0
-_PARENT_POLL_S = 1.0
 # Kinds of failure (each logged once); "timeout" is counted apart, the rest are errors. After these
 # the subprocess is stuck, gone or in doubt, so it is replaced before the next call.
 _TIMEOUT = "timeout"
@@ -58,12 +60,14 @@ class CustomRewardSpec:
     function: str
     timeout_s: float = 5.0
     memory_mb: int = 1024
+    sandbox: str = "auto"          # reward.custom_sandbox: auto, bwrap or off
 
     def __str__(self) -> str:
         return f"{self.path}:{self.function}"
 
 
-def parse_custom_reward(value: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> CustomRewardSpec:
+def parse_custom_reward(value: str, timeout_s: float = 5.0, memory_mb: int = 1024,
+                        sandbox: str = "auto") -> CustomRewardSpec:
     """`"dir/file.py:name"` → a spec with an absolute path (relative paths are from the working
     directory, like the data paths). Checks the form only, not the file."""
     path, separator, function = value.rpartition(":")
@@ -71,14 +75,15 @@ def parse_custom_reward(value: str, timeout_s: float = 5.0, memory_mb: int = 102
         raise _user_error(f"{value!r} must be 'path/to/file.py:function_name'")
     if not path.endswith(".py"):
         raise _user_error(f"{path} must be a .py file (got {value!r}; expected 'path/to/file.py:function_name')")
-    return CustomRewardSpec(str(Path(path).expanduser().resolve()), function, timeout_s, memory_mb)
+    return CustomRewardSpec(str(Path(path).expanduser().resolve()), function, timeout_s, memory_mb, sandbox)
 
 
 def custom_reward_spec(reward_config) -> CustomRewardSpec | None:
     """The spec of a `RewardConfig`, or None when it names no custom function."""
     if not reward_config.custom:
         return None
-    return parse_custom_reward(reward_config.custom, reward_config.custom_timeout_s, reward_config.custom_memory_mb)
+    return parse_custom_reward(reward_config.custom, reward_config.custom_timeout_s, reward_config.custom_memory_mb,
+                               reward_config.custom_sandbox)
 
 
 def check_custom_reward(spec: CustomRewardSpec) -> None:
@@ -124,16 +129,25 @@ class _Worker:
     def __init__(self, spec: CustomRewardSpec):
         self.spec = spec
         self.process: subprocess.Popen | None = None
+        self.scratch: str | None = None
         self._buffer = bytearray()
 
     def start(self) -> str | None:
         """Start the subprocess and import the function; None when ready, else what went wrong."""
-        env = dict(os.environ)
-        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(name, "1")  # one call at a time: threads would only reserve address space
-        self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), self.spec.path, self.spec.function, str(self.spec.memory_mb)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+        from rl_service.rewards.sandbox import choose, sandboxed_command
+
+        try:
+            kind = choose(self.spec.sandbox)
+        except RuntimeError as exc:
+            return str(exc)
+        entry = str(Path(__file__).resolve().with_name("custom_worker.py"))
+        command, self.scratch, env = sandboxed_command(
+            kind, [sys.executable, entry, self.spec.path, self.spec.function, str(self.spec.memory_mb)], entry,
+            self.spec.path)
+        # Its own session and process group: a time-out kills the whole group (in a sandbox, the
+        # namespace's pid 1 dies with it and takes every process inside along).
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=self.scratch,
+                                        close_fds=True, start_new_session=True)
         self._buffer.clear()
         reply = self._read_reply(time.monotonic() + max(STARTUP_TIMEOUT_S, self.spec.timeout_s))
         if reply is None:
@@ -158,8 +172,7 @@ class _Worker:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.kill()
+        self._kill_group()
         self.process.wait()
         for pipe in (self.process.stdin, self.process.stdout):
             try:
@@ -167,12 +180,21 @@ class _Worker:
             except OSError:
                 pass
         self.process = None
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)   # the group leader's pid names the group
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def _died(self) -> dict:
         try:
             code = self.process.wait(timeout=1.0)
         except subprocess.TimeoutExpired:  # closed its pipe but lives on: finish it
-            self.process.kill()
+            self._kill_group()
             code = self.process.wait()
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         return {"kind": "died", "error": f"the reward process {how}"}
@@ -287,99 +309,3 @@ def _reward_of(reply: dict) -> tuple[float, dict | None]:
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         return 0.0, {"kind": "returned", "error": f"returned {score!r}, not a finite number"}
     return float(score), None
-
-
-# -- the subprocess side ----------------------------------------------------------------------------
-
-def _describe(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _call(function, request: dict, memory_mb: int) -> dict:
-    try:
-        value = function(request["completion"], request["answer"])
-    except MemoryError:
-        return {"kind": "memory", "error": f"ran out of memory (reward.custom_memory_mb={memory_mb})"}
-    except BaseException as exc:  # noqa: BLE001 - SystemExit and friends from user code score 0 too
-        detail = " ".join(str(exc).split())[:300]
-        return {"kind": "raised", "error": f"raised {type(exc).__name__}" + (f": {detail}" if detail else "")}
-    # Strings convert with float() too, but "0.5" is a bug in the function, not a reward.
-    if isinstance(value, (str, bytes)) or not hasattr(type(value), "__float__"):
-        return {"kind": "returned", "error": f"returned {type(value).__name__} {_describe(value)}, not a number"}
-    try:
-        score = float(value)
-    except Exception as exc:  # noqa: BLE001 - e.g. a multi-element array
-        return {"kind": "returned", "error": f"returned {type(value).__name__} that is not a number ({exc})"}
-    if not math.isfinite(score):
-        return {"kind": "returned", "error": f"returned {score}, not a finite number"}
-    return {"score": score}
-
-
-def _exit_with_parent() -> None:
-    """Stop when the process that started us is gone, even if a user call is stuck in a loop."""
-    parent = os.getppid()
-
-    def watch():
-        while True:
-            time.sleep(_PARENT_POLL_S)
-            if os.getppid() != parent:
-                os._exit(0)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _load_function(path: str, name: str):
-    import importlib.util
-
-    sys.path[0] = str(Path(path).parent)  # the user's file may import its neighbours
-    module_spec = importlib.util.spec_from_file_location("_rl_service_custom_reward", path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = module
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, name):
-        raise LookupError(f"no function {name!r} in the module")
-    function = getattr(module, name)
-    if not callable(function):
-        raise LookupError(f"{name!r} is not callable (it is {type(function).__name__} {_describe(function)})")
-    return function
-
-
-def _worker_main(argv: list[str]) -> int:
-    import resource
-
-    path, name, memory_mb = argv[0], argv[1], int(argv[2])
-    limit = memory_mb * 2**20
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    # The pipes are ours: the user's prints go to stderr, and their stdin reads see nothing.
-    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
-    requests = os.fdopen(os.dup(0), "r", encoding="utf-8")
-    os.dup2(2, 1)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    _exit_with_parent()
-
-    def reply(message: dict) -> None:
-        replies.write(json.dumps(message) + "\n")
-        replies.flush()
-
-    try:
-        function = _load_function(path, name)
-    except LookupError as exc:
-        reply({"error": str(exc)})
-        return 1
-    except MemoryError:
-        reply({"error": f"importing the module ran out of memory (reward.custom_memory_mb={memory_mb})"})
-        return 1
-    except BaseException as exc:  # noqa: BLE001 - whatever the import raised is the user's to see
-        detail = " ".join(str(exc).split())[:300]
-        reply({"error": f"importing the module raised {type(exc).__name__}" + (f": {detail}" if detail else "")})
-        return 1
-    reply({"ready": True})
-    for line in requests:
-        reply(_call(function, json.loads(line), memory_mb))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))

@@ -55,8 +55,22 @@ def verify_math(completion: str, answer: str, timeout_s: float = 5.0) -> float:
 
 
 VERIFIERS: dict[str, Callable[..., float]] = {"integer": verify_integer, "math": verify_math}
-# What a reward call counts besides its rewards: custom-function failures, and verifier timeouts.
-SCORE_COUNTER_KEYS = (*CUSTOM_COUNTER_KEYS, "verifier_timeouts")
+# What a reward call counts besides its rewards: custom-function failures, verifier timeouts, and
+# rewards that were outside `reward.clip` or not finite.
+SCORE_COUNTER_KEYS = (*CUSTOM_COUNTER_KEYS, "verifier_timeouts", "rewards_clipped")
+
+
+def clip_rewards(rewards: Sequence[float], low: float, high: float) -> tuple[list[float], int]:
+    """(rewards in [low, high], how many were changed): one outside is clipped to the range, a
+    non-finite one (NaN, ±inf) becomes 0. Without this a reward of 1e308 makes the group's mean
+    and std overflow: every advantage 0 and inf in the checkpointed statistics."""
+    clipped, changed = [], 0
+    for reward in rewards:
+        value = float(reward)
+        kept = (0.0 if not math.isfinite(value) else min(max(value, low), high))
+        changed += kept != value or not math.isfinite(value)
+        clipped.append(kept)
+    return clipped, changed
 
 
 def score_batch(completions: Sequence[str], answers: Sequence[str], verifier: VerifierName,

@@ -60,8 +60,28 @@ def init_process_group(rank: int = 0, world_size: int = 1, master_addr: str = "1
 
         # (`deepspeed.comm.torch` as an attribute is torch itself: take the module by its name.)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    # The rendezvous store made here, not by torch's env:// (whose server listens on every interface,
+    # without authentication): rank 0 serves it from a socket bound to `master_addr` only (loopback
+    # for a local job). DeepSpeed then finds the group already initialised and wraps it.
+    store = rendezvous_store(master_addr, int(os.environ["MASTER_PORT"]), world_size, rank == 0, COLLECTIVE_TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=COLLECTIVE_TIMEOUT,
                                rank=rank, world_size=world_size)
+
+
+def rendezvous_store(host: str, port: int, world_size: int, is_master: bool, timeout: timedelta):
+    """A torch TCPStore whose server (on the master) listens on `host` only, not on all interfaces."""
+    import torch.distributed as dist
+
+    if not is_master:
+        return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(max(128, world_size))
+    # The store's server takes the descriptor over; the Python object must not close it.
+    return dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, master_listen_fd=listener.detach())
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -67,7 +67,9 @@ class WeightBroadcastGroup:
 
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         timeout = timedelta(seconds=timeout_s)
-        store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout)
+        from rl_service.training.engine import rendezvous_store  # here: engine imports this module
+
+        store = rendezvous_store(master_addr, master_port, world_size, rank == 0, timeout)  # served on master_addr only
         if self.device.type == "cuda":
             self.group = dist.ProcessGroupNCCL(store, rank, world_size)
         else:

@@ -1,0 +1,145 @@
+"""Isolation of the custom-reward subprocess (`reward.custom_sandbox`), with what Linux gives without root.
+
+`bwrap` (bubblewrap, Debian's `bubblewrap` package, installed best effort by scripts/install.sh): the
+function runs in its own user, pid, network, IPC and UTS namespaces as an unprivileged user with no
+capabilities, on a read-only root that holds only the system's libraries, the Python installation
+(interpreter, site-packages) and the reward file's directory; `/tmp` (also HOME and the working
+directory) is a scratch directory of its own, removed when the process stops. So no file outside the
+scratch directory can be written or read (no /etc/passwd, no runs, no tokens), there is no network
+but an empty loopback (a connection to a server on the host's 127.0.0.1 is refused), no process
+outside the sandbox can be seen or signalled, and the environment is cleared (no RAY_AUTH_TOKEN).
+The reward process is pid 1 of its namespace: its own children die with it, by the kernel.
+
+`unshare` (util-linux, always on Debian): the fallback where bubblewrap is missing or refused: user,
+pid and network namespaces (no network, no signals outside, children die with it) but the file
+system is not confined. A one-line warning says so. Where neither works (user namespaces disabled):
+its own process group and the resource limits only, with a warning.
+
+`off`: the process group and the resource limits only, for a function that needs the network (a
+remote judge); `bwrap`: refuse to run (a UserError before Ray starts) where bubblewrap does not work.
+Standard library only.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger("rl_service")
+
+MODES = ("auto", "bwrap", "off")
+SCRATCH = "/tmp"            # the scratch directory as the sandboxed function sees it
+_PROBE_TIMEOUT_S = 20.0
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_warned: set[str] = set()
+
+
+def _readable_roots(entry_script: str, reward_file: str) -> list[str]:
+    """What the sandboxed interpreter needs to see: the Python installation and the user's file's directory."""
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             str(Path(sys.executable).resolve().parent.parent), str(Path(reward_file).parent)}
+    roots |= {entry for entry in sys.path if ("site-packages" in entry or "dist-packages" in entry) and os.path.isdir(entry)}
+    roots = sorted(str(Path(root).resolve()) for root in roots if os.path.isdir(root))
+    # A root inside another is bound with it already.
+    kept = [root for root in roots if not any(root != other and root.startswith(other.rstrip("/") + "/")
+                                              for other in roots)]
+    return kept + [str(Path(entry_script).resolve())]
+
+
+def _bwrap_prefix(entry_script: str, reward_file: str, scratch: str) -> list[str]:
+    command = ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
+               "--die-with-parent", "--new-session", "--as-pid-1", "--ro-bind", "/usr", "/usr",
+               # The scratch directory first: a reward file under the host's /tmp is bound over it.
+               "--bind", scratch, SCRATCH]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):       # merged /usr: the same links as the host
+            command += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            command += ["--ro-bind", top, top]
+    # The dynamic loader's cache and the time zone; nothing else of /etc (no passwd, no hosts).
+    for name in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime"):
+        command += ["--ro-bind-try", name, name]
+    for root in _readable_roots(entry_script, reward_file):
+        command += ["--ro-bind", root, root]
+    command += ["--proc", "/proc", "--dev", "/dev", "--chdir", SCRATCH,
+                "--remount-ro", "/", "--clearenv"]
+    environment = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": SCRATCH, "TMPDIR": SCRATCH,
+                   "PYTHONDONTWRITEBYTECODE": "1", **dict.fromkeys(_THREAD_VARIABLES, "1")}
+    for name in ("LANG", "LC_ALL", *_THREAD_VARIABLES):
+        if os.environ.get(name):
+            environment[name] = os.environ[name]
+    for name, value in environment.items():
+        command += ["--setenv", name, value]
+    return command + ["--"]
+
+
+_UNSHARE_PREFIX = ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
+                   "--"]
+
+
+@functools.lru_cache(maxsize=None)
+def _works(kind: str) -> str | None:
+    """None when `kind` can start Python here, else why not (missing, user namespaces refused, ...)."""
+    tool = "bwrap" if kind == "bwrap" else "unshare"
+    if shutil.which(tool) is None:
+        return f"{tool} is not installed"
+    scratch = Path(_make_scratch())
+    try:
+        prefix = (_bwrap_prefix(__file__, __file__, str(scratch)) if kind == "bwrap" else _UNSHARE_PREFIX)
+        probe = subprocess.run(prefix + [sys.executable, "-c", "import os; assert os.getpid() == 1"],
+                               capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{tool} failed ({exc})"
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if probe.returncode != 0:
+        detail = " ".join(probe.stderr.split())[:200]
+        return f"{tool} could not start a sandbox ({detail or f'exit {probe.returncode}'})"
+    return None
+
+
+def choose(mode: str) -> str:
+    """The isolation to use for `mode`: "bwrap", "unshare" or "none". Warns once per process on a fallback;
+    raises RuntimeError for mode "bwrap" where bubblewrap does not work."""
+    if mode == "off":
+        return "none"
+    problem = _works("bwrap")
+    if problem is None:
+        return "bwrap"
+    if mode == "bwrap":
+        raise RuntimeError(f"reward.custom_sandbox is bwrap but {problem} (Debian: apt-get install bubblewrap)")
+    fallback_problem = _works("unshare")
+    kind = "unshare" if fallback_problem is None else "none"
+    if kind not in _warned:
+        _warned.add(kind)
+        if kind == "unshare":
+            log.warning("reward.custom: %s, so the custom reward's file access is NOT confined (network and "
+                        "signals are, with unshare); install bubblewrap for the full sandbox", problem)
+        else:
+            log.warning("reward.custom: no sandbox (%s; %s): the custom reward runs with this user's file, network "
+                        "and signal access, limited in time and memory only", problem, fallback_problem)
+    return kind
+
+
+def _make_scratch() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="rl_reward_")
+
+
+def sandboxed_command(kind: str, argv: list[str], entry_script: str, reward_file: str) -> tuple[list[str], str, dict]:
+    """(command, scratch directory, environment) running `argv` (the interpreter and the entry
+    script first) isolated as `kind`; the caller removes the scratch directory when the process is gone."""
+    scratch = _make_scratch()
+    environment = {**os.environ, "HOME": scratch, "TMPDIR": scratch}
+    for name in _THREAD_VARIABLES:
+        environment.setdefault(name, "1")   # one call at a time: threads would only reserve address space
+    if kind == "bwrap":
+        return _bwrap_prefix(entry_script, reward_file, scratch) + argv + ["--own-pid-namespace"], scratch, environment
+    if kind == "unshare":
+        return _UNSHARE_PREFIX + argv + ["--own-pid-namespace"], scratch, environment
+    return list(argv), scratch, environment
