@@ -1,11 +1,18 @@
-"""StatisticsActor: per-prompt moving averages and the sample allocation for each batch."""
+"""StatisticsActor: per-prompt moving averages and the sample allocation for each batch.
+
+The allocation policies are pure functions of `rl_service.algorithms.gvm` (§GVM.3–6); this role
+stores the moving averages they read. Each allocation returns its spread metrics with its counts,
+so the driver logs them on the step that trains those counts (in async mode the next allocation
+happens before this step's statistics come back).
+"""
 from __future__ import annotations
 
 import numpy as np
 import ray
 
 from actors.process import configure_process
-from rl_service.algorithms.gvm import allocation_spread_metrics, gvm_allocation, uniform_allocation
+from rl_service.algorithms.gvm import (allocation_spread_metrics, gvm_allocation, online_gvm_allocation,
+                                       uniform_allocation)
 from rl_service.config import StatisticsConfig
 from rl_service.statistics.prompt_stats import PromptStatistics
 
@@ -16,40 +23,42 @@ class StatisticsActor:
         configure_process(1)
         self.config = config
         self.stats = PromptStatistics(ema_weight=config.ema_weight)
-        self.last_allocation_metrics: dict[str, float] = {}
 
-    def allocate(self, prompt_ids: list[int], budget: int) -> list[int]:
-        """Samples per prompt for the next batch (ALGORITHMS.md §GVM.3–4 and §GVM.6, or uniform)."""
+    def allocate(self, prompt_ids: list[int], budget: int) -> tuple[list[int], dict[str, float]]:
+        """Samples per prompt for the next batch (§GVM.6 online policy, or uniform), and its spread."""
         config = self.config
         if config.allocation == "uniform":
             counts = np.asarray(uniform_allocation(len(prompt_ids), budget))
         else:
-            counts = self.stats.gvm_allocate(prompt_ids, budget, alpha=config.alpha, beta=config.beta,
-                                             n_min=config.n_min, n_max=config.n_max, n_pilot=config.n_pilot,
-                                             laplace=config.laplace_smoothing)
-        self._record_spread(prompt_ids, counts)
-        return counts.tolist()
+            counts = online_gvm_allocation(**self.stats.allocation_inputs(prompt_ids, config.laplace_smoothing),
+                                           budget=budget, alpha=config.alpha, beta=config.beta, n_min=config.n_min,
+                                           n_max=config.n_max, n_pilot=config.n_pilot)
+        return counts.tolist(), self._spread(prompt_ids, counts)
 
     def allocate_from_pilot(self, prompt_ids: list[int], acceptance: list[float], grad_norms: list[float],
-                            budget: int) -> list[int]:
-        """The paper's offline allocation (§GVM.5): p and G from this chunk's pilot only, no memory.
+                            budget: int, n_max: int | None = None) -> tuple[list[int], dict[str, float]]:
+        """GVM on a pilot's p and G alone, no memory (§GVM.5; the step pilot uses it for the rest of a step).
 
         A prompt whose pilot accepted nothing has p = 0 and so weight 0 (§GVM.4); G of such a prompt
-        is irrelevant. Bounds stay the paper's (none) unless the config sets n_max.
+        is irrelevant. No lower bound; `n_max` (default `statistics.n_max`) caps each prompt.
         """
         grad = np.nan_to_num(np.asarray(grad_norms, dtype=np.float64), nan=0.0, posinf=0.0)
+        cap = self.config.n_max if n_max is None else n_max
+        if cap is not None and cap * len(prompt_ids) < budget:
+            cap = None   # the cap cannot hold the budget: §GVM.4's unbounded rule
         counts = gvm_allocation(acceptance, grad, budget, alpha=self.config.alpha, beta=self.config.beta,
-                                n_min=0, n_max=self.config.n_max)
-        self._record_spread(prompt_ids, counts)
-        return counts.tolist()
+                                n_min=0, n_max=cap)
+        return counts.tolist(), self._spread(prompt_ids, counts, acceptance)
 
-    def _record_spread(self, prompt_ids: list[int], counts: np.ndarray) -> None:
-        acceptance = self.stats.acceptance_rate_of(prompt_ids)
-        self.last_allocation_metrics = allocation_spread_metrics(counts, acceptance)
+    def _spread(self, prompt_ids: list[int], counts: np.ndarray, acceptance=None) -> dict[str, float]:
+        if acceptance is None:
+            acceptance = self.stats.acceptance_rate_of(prompt_ids)
+        return allocation_spread_metrics(counts, acceptance)
 
-    def update_acceptance(self, prompt_ids: list[int], accepted: list[float], samples: list[int]) -> dict[str, float]:
+    def update_acceptance(self, prompt_ids: list[int], accepted: list[int], samples: list[int]) -> dict[str, float]:
+        """Fold in a step's accepted counts (`rl_service.algorithms.acceptance`); returns the summary."""
         self.stats.update_acceptance(np.asarray(prompt_ids), np.asarray(accepted), np.asarray(samples))
-        return {**self.stats.summary(), **self.last_allocation_metrics}
+        return self.stats.summary()
 
     def update_grad_norms(self, prompt_ids: list[int], grad_norms: list[float]) -> int:
         return self.stats.update_grad_norms(prompt_ids, grad_norms)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine as common_machine  # noqa: E402
 
-from rl_service.algorithms.gvm import gvm_allocation, uniform_allocation  # noqa: E402
+from rl_service.algorithms.gvm import gvm_allocation, online_gvm_allocation, uniform_allocation  # noqa: E402
 from rl_service.statistics.prompt_stats import PromptStatistics  # noqa: E402
 
 
@@ -65,11 +65,12 @@ def main() -> None:
             stats.update_grad_norms(batch_ids, rng.exponential(1.0, args.batch))
 
         update_s = best_of(args.repeats, update)
-        allocate_s = best_of(args.repeats, lambda: stats.gvm_allocate(
-            batch_ids, batch_budget, alpha=1e-3, beta=2.0, n_min=1, n_max=64, n_pilot=4, laplace=True))
+        allocate_s = best_of(args.repeats, lambda: online_gvm_allocation(
+            **stats.allocation_inputs(batch_ids, laplace=True), budget=batch_budget, alpha=1e-3, beta=2.0, n_min=1,
+            n_max=64, n_pilot=4))
         uniform_s = best_of(args.repeats, lambda: uniform_allocation(args.batch, batch_budget))
         acceptance = stats.acceptance_for_allocation(all_ids, laplace=True)
-        grad = stats.grad_norm_ema.astype(np.float64)[:size]
+        grad = stats.get("grad_norm_ema", all_ids).astype(np.float64)
         joint_s = best_of(max(1, args.repeats // 2), lambda: gvm_allocation(acceptance, grad, 8 * size, n_min=1, n_max=64))
         print(f"{size:>10}{state_mb:>10.1f}{update_s * 1e3:>11.3f}{allocate_s * 1e3:>15.3f}{uniform_s * 1e3:>12.3f}"
               f"{joint_s * 1e3:>14.1f}")

@@ -1,10 +1,13 @@
 """Where each step's prompts and per-prompt sample counts come from (driver side).
 
-Two sources, one interface (`next(step, timer) -> (records, counts)`):
+Three sources, one interface (`next(step, timer) -> (records, counts, allocation_metrics)`):
 
 - `OnlineBatches` — the default. Each step takes the sampler's next batch and asks the statistics
   actor how to spread the step's budget (`prompts_per_step × samples_per_prompt`): uniform, or
   GVM from the per-prompt moving averages (ALGORITHMS.md §GVM.6, ours).
+- `StepPilotBatches` — GVM with the statistics measured when they are needed (ours): the step's
+  first round is a pilot of `n_pilot` samples per prompt; the driver then spreads the rest of the
+  budget by GVM on the pilot's p and G (`Trainer._spend_rest_after_pilot`) and trains on all of it.
 - `OfflinePilotBatches` — the GVM paper's two-stage procedure (§GVM.5), for a faithful comparison:
   every `chunk_steps` steps it takes the next chunk of prompts, samples a pilot of `n_pilot` per
   prompt at `pilot_temperature`, measures p and G from the pilot alone (no moving average), spreads
@@ -17,6 +20,8 @@ from collections import deque
 
 import numpy as np
 
+from rl_service.algorithms.acceptance import acceptance_threshold, accepted_per_prompt
+from rl_service.algorithms.gvm import allocation_spread_metrics
 from rl_service.config import JobConfig
 from rl_service.rollout import SamplingParams, step_seed
 
@@ -38,6 +43,8 @@ def per_prompt_mean(values: list[float], request_index: np.ndarray, num_prompts:
 
 
 class OnlineBatches:
+    step_pilot = False
+
     def __init__(self, config: JobConfig, task, sampler, roles):
         self.config, self.task, self.sampler, self.roles = config, task, sampler, roles
         self.wants_grad_norms = config.statistics.allocation == "gvm"
@@ -48,15 +55,30 @@ class OnlineBatches:
         records = [self.task.train[index] for index in self.sampler.next_batch()]
         budget = len(records) * self.config.generator.samples_per_prompt
         with timer.phase("statistics"):
-            counts = ray.get(self.roles.statistics.allocate.remote([r.prompt_id for r in records], budget))
-        return records, counts
+            counts, spread = ray.get(self.roles.statistics.allocate.remote([r.prompt_id for r in records], budget))
+        return records, counts, spread
 
     def pop_pilot_completions(self) -> int:
         return 0   # no pilot: every sample generated is a training sample
 
 
+class StepPilotBatches(OnlineBatches):
+    """Step pilot (ours): `n_pilot` per prompt now, the rest of the budget after the pilot is scored."""
+    step_pilot = True
+
+    def __init__(self, config: JobConfig, task, sampler, roles):
+        super().__init__(config, task, sampler, roles)
+        self.wants_grad_norms = False   # G comes from each step's own pilot, not from the moving averages
+
+    def next(self, step: int, timer):
+        records = [self.task.train[index] for index in self.sampler.next_batch()]
+        per_prompt = min(self.config.statistics.n_pilot, self.config.generator.samples_per_prompt)
+        return records, [per_prompt] * len(records), {}
+
+
 class OfflinePilotBatches:
     wants_grad_norms = False   # p and G come from the pilot; training batches leave them alone
+    step_pilot = False
 
     def __init__(self, config: JobConfig, task, sampler, roles, rollout):
         self.config, self.task, self.sampler, self.roles, self.rollout = config, task, sampler, roles, rollout
@@ -85,21 +107,25 @@ class OfflinePilotBatches:
                                           step_seed(self.config.seed, step, 2), timer)
         index = np.asarray(scored["request_index"])
         rewards = np.asarray(scored["rewards"], dtype=np.float64)
-        acceptance = np.bincount(index, weights=rewards == 1, minlength=len(chunk)) / statistics.n_pilot
+        acceptance = accepted_per_prompt(rewards, index, len(chunk), acceptance_threshold(self.config)) / statistics.n_pilot
         self.pilot_completions += len(rewards)
         with timer.phase("statistics"):
             sample_norms = ray.get(self.roles.learner.grad_norms.remote(shard_refs, scored["rewards"]))
             grad_norms = per_prompt_mean(sample_norms, index, len(chunk))
             budget = self.config.generator.samples_per_prompt * len(chunk)
-            counts = ray.get(self.roles.statistics.allocate_from_pilot.remote(
+            counts, _ = ray.get(self.roles.statistics.allocate_from_pilot.remote(
                 [record.prompt_id for record in chunk], acceptance.tolist(), grad_norms.tolist(), budget))
         start = 0
         for batch in batches:
-            self.queue.append((batch, counts[start:start + len(batch)]))
+            batch_counts = counts[start:start + len(batch)]
+            spread = allocation_spread_metrics(batch_counts, acceptance[start:start + len(batch)])
+            self.queue.append((batch, batch_counts, spread))
             start += len(batch)
 
 
 def make_batch_source(config: JobConfig, task, sampler, roles, rollout):
     if config.statistics.allocation == "gvm" and config.statistics.mode == "offline_pilot":
         return OfflinePilotBatches(config, task, sampler, roles, rollout)
+    if config.statistics.allocation == "gvm" and config.statistics.mode == "step_pilot":
+        return StepPilotBatches(config, task, sampler, roles)
     return OnlineBatches(config, task, sampler, roles)

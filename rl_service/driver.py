@@ -32,6 +32,8 @@ import numpy as np
 from rl_service.config import JobConfig
 from rl_service.data.sampler import PromptSampler
 from rl_service.errors import UserError
+from rl_service.algorithms.acceptance import acceptance_threshold, accepted, accepted_per_prompt
+from rl_service.algorithms.dynamic_sampling import groups_with_spread, selected_groups, train_mask
 from rl_service.batch_source import make_batch_source, per_prompt_mean
 from rl_service.models.loading import load_tokenizer
 from rl_service.guard import eval_collapsed
@@ -47,6 +49,14 @@ from rl_service.elastic import Autoscaler, apply_requested_scale
 
 log = logging.getLogger("rl_service")
 SCORED_KEYS = ("rewards", "request_index", "completion_lengths", "finished", "weight_versions")
+
+
+def _merge_scored(scored: dict, more: dict | None) -> dict:
+    """Two rounds' scores as one, in sample order (the shards are appended in the same order)."""
+    if more is None:
+        return scored
+    return {**{key: scored[key] + more[key] for key in SCORED_KEYS},
+            **{key: scored[key] + more[key] for key in REWARD_COUNTER_KEYS}}
 
 
 def _mean(values) -> float:
@@ -76,6 +86,7 @@ class LaunchedRollout:
     shard_refs: list
     score_refs: list
     sampler_state: dict | None = None   # data cursor right after this batch was drawn
+    allocation_metrics: dict = field(default_factory=dict)   # spread of this batch's counts (§GVM)
 
 
 @dataclass
@@ -115,6 +126,7 @@ class Trainer:
         generator = self.config.generator
         self.sampling = SamplingParams(generator.temperature, generator.top_p, generator.max_new_tokens)
         self.weight_sync = make_weight_sync(roles, self.config)
+        self.accept_threshold = acceptance_threshold(self.config)
         self.autoscaler = Autoscaler(roles, self.config) if self.config.generator.autoscale else None
         self.weight_version = 0
         self.totals = {"completions": 0, "completion_tokens": 0}
@@ -176,10 +188,62 @@ class Trainer:
         that launches it. A pending `rl-service scale` is applied first, between two hand-outs."""
         with self._timer.phase("scale"):
             apply_requested_scale(self.roles, self.config, self.weight_version)
-        records, counts = self.batches.next(step, self._timer)
+        records, counts, allocation_metrics = self.batches.next(step, self._timer)
         launched = self._launch(records, counts, self.sampling, _seed_for(self.config, step, 0), self._timer)
         launched.sampler_state = self.sampler.state_dict()
+        launched.allocation_metrics = allocation_metrics
         return launched
+
+    # -- rounds after the first: step pilot (§GVM, ours) and dynamic sampling (§DAPO) -------------
+    def _round(self, step: int, round_: int, records, counts, timer: PhaseTimer):
+        """Generate and score `counts[i]` samples of `records[i]`; request index = position in
+        `records`, so a prompt's new samples join its group in the step's rollout."""
+        launched = self._launch(records, counts, self.sampling, _seed_for(self.config, step, 10 + round_), timer)
+        return self._collect(launched, timer)
+
+    def _rest_after_pilot(self, step: int, round_: int, records, first: int, pilot_refs, pilot, timer: PhaseTimer):
+        """Step pilot (ours; §GVM.3–5 inside a step): `records[first:]` had their pilot (`pilot_refs`,
+        `pilot`); spread the rest of their budget by GVM on the pilot's p and G and generate it."""
+        import ray
+
+        new = len(records) - first
+        index = np.asarray(pilot["request_index"], dtype=np.int64) - first
+        pilot_counts = np.bincount(index, minlength=new)
+        budget = new * self.config.generator.samples_per_prompt - int(pilot_counts.sum())
+        if budget <= 0 or not pilot_refs:
+            return [], None, {}
+        acceptance = accepted_per_prompt(pilot["rewards"], index, new, self.accept_threshold) / np.maximum(pilot_counts, 1)
+        n_max = self.config.statistics.n_max
+        with timer.phase("statistics"):
+            norms = ray.get(self.roles.learner.grad_norms.remote(pilot_refs, pilot["rewards"]))
+            rest, spread = ray.get(self.roles.statistics.allocate_from_pilot.remote(
+                [record.prompt_id for record in records[first:]], acceptance.tolist(),
+                per_prompt_mean(norms, index, new).tolist(), budget,
+                None if n_max is None else max(n_max - int(pilot_counts.max()), 1)))
+        refs, scored = self._round(step, round_, records, [0] * first + rest, timer)
+        return refs, scored, spread
+
+    def _dynamic_sampling(self, step: int, records, shard_refs, scored, timer: PhaseTimer):
+        """§DAPO: more rounds of prompts until `prompts_per_step` groups have a reward spread (or the
+        round cap); returns the grown rollout and which samples train."""
+        target, rounds = self.config.data.prompts_per_step, 1
+        spread = groups_with_spread(scored["rewards"], scored["request_index"], len(records))
+        while spread.sum() < target and rounds < self.config.algorithm.dynamic_sampling_max_rounds:
+            first = len(records)
+            new_records, new_counts, _ = self.batches.next(step, timer)
+            records = records + new_records
+            refs, more = self._round(step, rounds, records, [0] * first + list(new_counts), timer)
+            shard_refs, scored = shard_refs + refs, _merge_scored(scored, more)
+            if self.batches.step_pilot:
+                refs, more, _ = self._rest_after_pilot(step, 100 + rounds, records, first, refs, more, timer)
+                shard_refs, scored = shard_refs + refs, _merge_scored(scored, more)
+            rounds += 1
+            spread = groups_with_spread(scored["rewards"], scored["request_index"], len(records))
+        self.trained_sampler_state = self.sampler.state_dict()   # sync mode only: nothing drawn ahead
+        chosen = selected_groups(spread, target)
+        metrics = {"dynamic_sampling_rounds": float(rounds), "groups_with_spread": float(spread.sum()),
+                   "trained_groups": float(chosen.sum())}
+        return records, shard_refs, scored, train_mask(scored["request_index"], chosen), metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Greedy accuracy on the eval split (one completion per prompt, reasoning as configured)."""
@@ -210,8 +274,17 @@ class Trainer:
         timer = self._timer = PhaseTimer()
         launched = self.pipeline.take(step)
         shard_refs, scored = self._collect(launched, timer)
-        records = launched.records
+        records, round_metrics = launched.records, dict(launched.allocation_metrics)
         self.trained_sampler_state = launched.sampler_state
+        if self.batches.step_pilot:   # the rest of the step's budget, by GVM on its own pilot
+            refs, more, spread = self._rest_after_pilot(step, 1, records, 0, shard_refs, scored, timer)
+            shard_refs, scored = shard_refs + refs, _merge_scored(scored, more)
+            round_metrics.update(spread)
+        mask = None
+        if self.config.algorithm.dynamic_sampling:
+            records, shard_refs, scored, mask, sampling_metrics = self._dynamic_sampling(step, records, shard_refs,
+                                                                                       scored, timer)
+            round_metrics.update(sampling_metrics)
         prompt_ids = [record.prompt_id for record in records]
         staleness = self.weight_version - np.asarray(scored["weight_versions"], dtype=np.int64)
         if staleness.size and int(staleness.max()) > self.pipeline.max_staleness:
@@ -219,18 +292,23 @@ class Trainer:
                                f"beyond the bound of {self.pipeline.max_staleness}")
         rewards = np.asarray(scored["rewards"], dtype=np.float64)
         request_index = np.asarray(scored["request_index"], dtype=np.int64)
-        accepted = np.bincount(request_index, weights=rewards, minlength=len(records))
+        is_accepted = accepted(rewards, self.accept_threshold)
         samples = np.bincount(request_index, minlength=len(records))
+        # Dynamic sampling may draw a prompt twice in one step: the statistics see it once.
+        unique_ids, record_slot = np.unique(prompt_ids, return_inverse=True)
+        sample_slot = record_slot[request_index]
         with timer.phase("statistics"):
-            statistics = ray.get(self.roles.statistics.update_acceptance.remote(prompt_ids, accepted.tolist(), samples.tolist()))
+            statistics = ray.get(self.roles.statistics.update_acceptance.remote(
+                unique_ids.tolist(), np.bincount(sample_slot, weights=is_accepted, minlength=len(unique_ids)).tolist(),
+                np.bincount(sample_slot, minlength=len(unique_ids)).tolist()))
         with timer.phase("train"):
             train_metrics, sample_grad_norms = ray.get(self.roles.learner.train_step.remote(
-                shard_refs, scored["rewards"], self.batches.wants_grad_norms))
+                shard_refs, scored["rewards"], self.batches.wants_grad_norms, mask))
         if sample_grad_norms is not None:
             with timer.phase("statistics"):
-                per_prompt = per_prompt_mean(sample_grad_norms, request_index, len(records))
+                per_prompt = per_prompt_mean(sample_grad_norms, sample_slot, len(unique_ids))
                 train_metrics["nonfinite_grad_norms_dropped"] = float(ray.get(
-                    self.roles.statistics.update_grad_norms.remote(prompt_ids, per_prompt.tolist())))
+                    self.roles.statistics.update_grad_norms.remote(unique_ids.tolist(), per_prompt.tolist())))
         with timer.phase("publish"):
             versions, sync_metrics = self.weight_sync.publish(self.weight_version + 1)
         self.weight_version = min(versions)
@@ -244,7 +322,7 @@ class Trainer:
         waited = sum(timer.seconds.values())
         metrics = {
             "reward_mean": _mean(rewards),
-            "accepted_fraction": _mean(rewards == 1),
+            "accepted_fraction": _mean(is_accepted),
             "completion_length_mean": _mean(lengths),
             "truncated_fraction": 1.0 - _mean(scored["finished"]),
             "completions": float(completions),   # pilot samples included (§GVM.6 cost accounting)
@@ -261,6 +339,7 @@ class Trainer:
             **{f"time_{name}_s": seconds for name, seconds in timer.seconds.items()},
             "time_driver_s": max(step_seconds - waited, 0.0),
             **statistics,
+            **round_metrics,
             **train_metrics,
             **sync_metrics,
         }

@@ -1,6 +1,8 @@
 """GVM end to end on real Ray + DeepSpeed + the shipped model: online EMAs and the offline pilot."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from safetensors.numpy import load_file
 
@@ -20,7 +22,7 @@ def test_online_gvm_raft_allocates_the_budget_and_tracks_grad_norms(tmp_path):
     # 8 train prompts, 4 per step: step 3 revisits prompts, so the actor allocates from its statistics.
     # Recompute that allocation independently from the step-2 checkpoint's statistics and step 3's
     # prompts (the sampler's third batch), and compare with what the run logged.
-    from rl_service.algorithms.gvm import allocation_spread_metrics
+    from rl_service.algorithms.gvm import allocation_spread_metrics, online_gvm_allocation
     from rl_service.data.sampler import PromptSampler
     from rl_service.statistics.prompt_stats import PromptStatistics
 
@@ -29,8 +31,8 @@ def test_online_gvm_raft_allocates_the_budget_and_tracks_grad_norms(tmp_path):
     step_3_prompts = sampler.next_batch()
     after_step_2 = PromptStatistics()
     after_step_2.load_state_dict(load_file(str(tmp_path / "checkpoints" / "step_2" / "statistics.safetensors")))
-    counts = after_step_2.gvm_allocate(step_3_prompts, 16, alpha=1e-3, beta=2.0, n_min=1, n_max=None, n_pilot=2,
-                                       laplace=False)
+    counts = online_gvm_allocation(**after_step_2.allocation_inputs(step_3_prompts, laplace=False), budget=16,
+                                   alpha=1e-3, beta=2.0, n_min=1, n_max=None, n_pilot=2)
     expected = allocation_spread_metrics(counts, after_step_2.acceptance_rate_of(step_3_prompts))
     assert {key: rows[2][key] for key in expected} == pytest.approx(expected)
     statistics = load_file(str(tmp_path / "checkpoints" / "step_4" / "statistics.safetensors"))
@@ -51,3 +53,31 @@ def test_offline_pilot_counts_pilot_samples_and_spends_the_chunk_budget(tmp_path
     pilot = 8 * 4
     assert rows[0]["completions"] + rows[1]["completions"] == pilot + 32
     assert summary["completions"] == pilot + 32
+
+
+def test_step_pilot_spends_the_budget_after_its_own_pilot(tmp_path):
+    summary = run_short_job(tmp_path, ["algorithm.name=grpo", "statistics.allocation=gvm", "statistics.mode=step_pilot",
+                                       "statistics.n_pilot=2", "generator.samples_per_prompt=6"], steps=3)
+    rows = [row for row in read_metrics(tmp_path) if "step_seconds" in row]
+    ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    for row, entry in zip(rows, ledger):
+        # Pilot (4 prompts × 2) plus the rest spread by GVM: the step's budget, 4 × 6, exactly.
+        assert row["completions"] == 24 and sum(entry["samples"]) == 24
+        # Every prompt keeps its pilot; a prompt whose pilot accepted nothing gets no more (§GVM.4).
+        assert min(entry["samples"]) >= 2 and row["allocation_samples_min"] >= 0
+    assert summary["completions"] == 3 * 24
+
+
+def test_dynamic_sampling_counts_every_sample_and_trains_groups_with_a_spread(tmp_path):
+    summary = run_short_job(tmp_path, ["algorithm.name=grpo", "algorithm.dynamic_sampling=true",
+                                       "algorithm.dynamic_sampling_max_rounds=3"], steps=3)
+    rows = [row for row in read_metrics(tmp_path) if "step_seconds" in row]
+    ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert sum(row["completions"] for row in rows) == summary["completions"]
+    for row, entry in zip(rows, ledger):
+        rounds = int(row["dynamic_sampling_rounds"])
+        assert 1 <= rounds <= 3 and len(entry["prompt_ids"]) == 4 * rounds
+        assert row["completions"] == 16 * rounds == sum(entry["samples"])   # dropped groups still cost
+        assert row["trained_groups"] == min(row["groups_with_spread"], 4)
+        assert row["trained_groups"] == 4 or rounds == 3                      # short only at the round cap
+        assert row["trained_samples"] == 4 * row["trained_groups"]

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from rl_service.algorithms import PolicyLossConfig, loss_normalizer_for, policy_loss, token_log_probs
+from rl_service.algorithms.logprobs import token_log_probs
+from rl_service.algorithms.policy_loss import PolicyLossConfig, loss_normalizer_for, policy_loss
 
 F64 = torch.float64
 

@@ -19,11 +19,11 @@ def test_acceptance_ema_hand_computed():
     stats = PromptStatistics(ema_weight=0.5, capacity=2)
     stats.update_acceptance(np.array([3, 7]), np.array([2, 0]), np.array([8, 8]))
     # First visit takes the batch rate: 2/8 and 0/8.
-    assert stats.acceptance_rate_ema[3] == pytest.approx(0.25)
+    assert stats.get("acceptance_rate_ema", [3])[0] == pytest.approx(0.25)
     stats.update_acceptance(np.array([3]), np.array([6]), np.array([8]))
     # 0.5 * 0.25 + 0.5 * 0.75 = 0.5
-    assert stats.acceptance_rate_ema[3] == pytest.approx(0.5)
-    assert stats.visit_count[3] == 2 and stats.sample_count[3] == 16 and stats.visit_count[7] == 1
+    assert stats.get("acceptance_rate_ema", [3])[0] == pytest.approx(0.5)
+    assert stats.get("visit_count", [3, 7]).tolist() == [2, 1] and stats.get("sample_count", [3])[0] == 16
     summary = stats.summary()
     assert summary["prompts_seen"] == 2 and summary["never_accepted_fraction"] == 0.5
     with pytest.raises(ValueError, match="once"):
@@ -37,7 +37,15 @@ def test_statistics_state_round_trip():
     restored.load_state_dict(stats.state_dict())
     assert restored.ema_weight == pytest.approx(0.3)
     for name in ("acceptance_rate_ema", "visit_count", "sample_count"):
-        np.testing.assert_array_equal(getattr(restored, name)[:2001], getattr(stats, name)[:2001])
+        np.testing.assert_array_equal(restored.get(name, range(2001)), stats.get(name, range(2001)))
+    # Ids are mapped to slots, not used as indices: the largest id costs one slot.
+    huge = PromptStatistics()
+    huge.update_acceptance([2**40 - 1, 3], [1, 0], [4, 4])
+    assert huge.size == 2 and len(huge.visit_count) <= 1024
+    assert huge.get("acceptance_rate_ema", [2**40 - 1, 3, 5]).tolist() == [0.25, 0.0, 0.0]
+    again = PromptStatistics()
+    again.load_state_dict(huge.state_dict())
+    assert again.get("visit_count", [3, 2**40 - 1]).tolist() == [1, 1]
 
 
 def test_flat_weights_round_trip_mixed_dtypes_in_place():
@@ -74,10 +82,10 @@ def test_grad_norm_ema_skips_nan_and_counts_infinite():
     stats = PromptStatistics(ema_weight=0.5, capacity=4)
     # NaN: the prompt had no accepted sample (nothing to fold in); inf: a numerical failure (counted).
     assert stats.update_grad_norms([1, 2, 3], [2.0, float("nan"), float("inf")]) == 1
-    assert stats.grad_norm_ema[1] == pytest.approx(2.0) and stats.grad_norm_count[2] == 0
-    assert stats.grad_norm_count[3] == 0 and stats.nonfinite_grad_norms == 1
+    assert stats.get("grad_norm_ema", [1])[0] == pytest.approx(2.0) and stats.get("grad_norm_count", [2])[0] == 0
+    assert stats.get("grad_norm_count", [3])[0] == 0 and stats.nonfinite_grad_norms == 1
     stats.update_grad_norms([1], [4.0])
-    assert stats.grad_norm_ema[1] == pytest.approx(0.5 * 2.0 + 0.5 * 4.0)
+    assert stats.get("grad_norm_ema", [1])[0] == pytest.approx(0.5 * 2.0 + 0.5 * 4.0)
 
 
 def test_discounted_counts_give_laplace_smoothed_acceptance():
@@ -93,13 +101,18 @@ def test_discounted_counts_give_laplace_smoothed_acceptance():
 def test_online_gvm_allocation_pilots_new_prompts_and_spends_the_budget():
     from rl_service.algorithms.gvm import gvm_allocation
 
+    from rl_service.algorithms.gvm import online_gvm_allocation
+
     stats = PromptStatistics(ema_weight=1.0)
     stats.update_acceptance([10, 11, 12], [1, 7, 0], [8, 8, 8])
     stats.update_grad_norms([10, 11], [3.0, 1.0])
-    kwargs = dict(alpha=1e-3, beta=2.0, n_min=1, n_max=None, n_pilot=4, laplace=False)
+    kwargs = dict(alpha=1e-3, beta=2.0, n_min=1, n_max=None, n_pilot=4)
+
+    def allocate(ids, budget):
+        return online_gvm_allocation(**stats.allocation_inputs(ids, laplace=False), budget=budget, **kwargs)
     # All unseen: the budget spreads uniformly.
-    assert stats.gvm_allocate([20, 21], 16, **kwargs).tolist() == [8, 8]
-    counts = stats.gvm_allocate([10, 11, 12, 99], 32, **kwargs)
+    assert allocate([20, 21], 16).tolist() == [8, 8]
+    counts = allocate([10, 11, 12, 99], 32)
     assert counts[3] == 4 and counts.sum() == 32          # the unseen prompt gets its pilot
     # Prompt 12 never accepted (p = 0 → weight 0) but n_min keeps it visible; prompt 12 has no G and
     # takes the batch median of G; the rest follows §GVM.3 exactly.
@@ -114,8 +127,8 @@ def test_statistics_round_trip_keeps_grad_norms():
     stats.update_grad_norms([1, 7], [0.5, float("inf")])
     restored = PromptStatistics()
     restored.load_state_dict(stats.state_dict())
-    assert restored.grad_norm_ema[1] == pytest.approx(0.5) and restored.nonfinite_grad_norms == 1
-    assert restored.accepted_ema_count[1] == pytest.approx(1.0)
+    assert restored.get("grad_norm_ema", [1])[0] == pytest.approx(0.5) and restored.nonfinite_grad_norms == 1
+    assert restored.get("accepted_ema_count", [1])[0] == pytest.approx(1.0)
 
 
 def test_per_prompt_mean_of_accepted_norms_keeps_failures_visible():
@@ -127,7 +140,7 @@ def test_per_prompt_mean_of_accepted_norms_keeps_failures_visible():
     assert means[0] == pytest.approx(2.0) and np.isnan(means[1]) and np.isinf(means[2]) and np.isnan(means[3])
     stats = PromptStatistics()
     assert stats.update_grad_norms([10, 11, 12, 13], means) == 1     # the failure is counted, not averaged
-    assert stats.grad_norm_count[[10, 11, 12, 13]].tolist() == [1, 0, 0, 0]
+    assert stats.get("grad_norm_count", [10, 11, 12, 13]).tolist() == [1, 0, 0, 0]
 
 
 def test_length_grouped_micro_batches_cover_each_row_once_and_pad_less():

@@ -27,7 +27,8 @@ pytest.importorskip("trl", reason="TRL (extra `ref`) is the independent referenc
 from trl import GRPOConfig  # noqa: E402
 from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
 
-from rl_service.algorithms import PolicyLossConfig, grpo_advantages, loss_normalizer_for, policy_loss  # noqa: E402
+from rl_service.algorithms.advantages import grpo_advantages  # noqa: E402
+from rl_service.algorithms.policy_loss import PolicyLossConfig, loss_normalizer_for, policy_loss  # noqa: E402
 
 TOL = 1e-6  # ALGORITHMS.md §GRPO reference check; float64 inputs make the actual gap ~1e-15.
 

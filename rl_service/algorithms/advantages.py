@@ -97,17 +97,18 @@ def zero_variance_groups(rewards: Tensor, group_index: Tensor) -> Tensor:
     return all_equal & (size >= 2)
 
 
-def raft_plus_plus_advantages(rewards: Tensor) -> Tensor:
-    """RAFT++ advantages, ALGORITHMS.md §RAFT: ``A = 1`` where ``r = 1`` (accepted), else ``A = 0``.
+def raft_plus_plus_advantages(rewards: Tensor, accept_threshold: float = 1.0) -> Tensor:
+    """RAFT++ advantages, ALGORITHMS.md §RAFT: ``A = 1`` for an accepted sample, else ``A = 0``.
 
-    Used with :func:`rl_service.algorithms.policy_loss.policy_loss` (§GRPO steps 3–6, token-mean).
+    Accepted is ``r >= accept_threshold`` (`rl_service.algorithms.acceptance`; 1.0: the verifier
+    says correct). Used with :func:`rl_service.algorithms.policy_loss.policy_loss` (§GRPO steps 3–6, token-mean).
     Returned in ``rewards``' floating dtype (float32 for integer/bool rewards).
     """
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
-    return (rewards == 1).to(out_dtype)
+    return (rewards >= accept_threshold).to(out_dtype)
 
 
-def raft_plus_plus_keep_mask(rewards: Tensor, drop_rejected: bool = False) -> Tensor:
+def raft_plus_plus_keep_mask(rewards: Tensor, drop_rejected: bool = False, accept_threshold: float = 1.0) -> Tensor:
     """bool [N]: which samples enter the RAFT++ loss, ALGORITHMS.md §RAFT.
 
     The GVM code keeps rejected samples (A = 0): they stay in the token-mean denominator and in the
@@ -116,5 +117,5 @@ def raft_plus_plus_keep_mask(rewards: Tensor, drop_rejected: bool = False) -> Te
     computing ``loss_normalizer_for`` (policy_loss.py), so the denominator counts only kept tokens.
     """
     if drop_rejected:
-        return rewards == 1
+        return rewards >= accept_threshold
     return torch.ones_like(rewards, dtype=torch.bool)

@@ -4,6 +4,9 @@ Pipeline: per-prompt acceptance rate ``p_i`` and gradient norm ``G_i`` (§GVM.1,
 :mod:`rl_service.algorithms.grad_norms`) → weights ``w_i`` (:func:`gvm_weights`, §GVM.3) → real targets
 ``n_i*`` → integer counts with ``Σ n_i = N`` exactly (:func:`round_preserving_sum`, §GVM.4), all in
 :func:`gvm_allocation`, which also applies the **(ours)** bounds ``n_min ≤ n_i ≤ n_max``.
+:func:`online_gvm_allocation` is the §GVM.6 online policy around it (pilot for unseen prompts, a G
+for prompts with no accepted sample yet, bounds, fallback): the statistics role only stores the
+moving averages and calls it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ __all__ = [
     "gvm_allocation",
     "gvm_weights",
     "laplace_smoothed_acceptance",
+    "online_gvm_allocation",
     "round_preserving_sum",
     "uniform_allocation",
 ]
@@ -214,6 +218,56 @@ def gvm_allocation(acceptance_rate, grad_norm, budget: int, alpha: float = 1e-3,
     if n_star.min() < n_min or n_star.max() > upper:
         n_star = _clipped_targets(weights, budget, n_min, upper)
     return round_preserving_sum(n_star, budget, lower=n_min, upper=n_max)
+
+
+def online_gvm_allocation(seen, acceptance_rate, grad_norm, has_grad_norm, budget: int, *, alpha: float = 1e-3,
+                          beta: float = 2.0, n_min: int = 1, n_max: int | None = None, n_pilot: int = 4) -> np.ndarray:
+    """The online GVM policy, ALGORITHMS.md §GVM.6 (ours): counts ``n_i`` with ``Σ n_i = budget``.
+
+    Args (all [B], one entry per prompt of the batch):
+        seen: whether the prompt has statistics (was sampled before).
+        acceptance_rate: its p̃ (EMA, or the Laplace-smoothed counts when that option is on).
+        grad_norm, has_grad_norm: its G̃ and whether it has one (an accepted sample with a finite norm).
+
+    Rules, in order:
+    - a prompt never seen gets a pilot of ``n_pilot``; if the budget cannot pilot every new prompt,
+      it pilots as many as fit, spread uniformly in batch order, and the seen prompts get nothing;
+    - a batch with no seen prompt is spread uniformly;
+    - a seen prompt with no G takes the median G of the seen prompts that have one (§GVM.6); if none
+      has, every G is 1 and the allocation follows acceptance alone;
+    - the rest of the budget goes to the seen prompts by :func:`gvm_allocation` (§GVM.3–4) with
+      ``n_min`` (lowered to what the rest can give each) and ``n_max`` (dropped when it cannot hold
+      the rest).
+    """
+    seen = np.asarray(seen, dtype=bool)
+    p = _finite_vector("acceptance_rate", acceptance_rate)
+    g = np.asarray(grad_norm, dtype=np.float64)
+    has_g = np.asarray(has_grad_norm, dtype=bool)
+    if not (seen.shape == p.shape == g.shape == has_g.shape) or seen.ndim != 1:
+        raise ValueError(f"seen, acceptance_rate, grad_norm and has_grad_norm must be 1-D and of one shape: "
+                         f"{seen.shape}, {p.shape}, {g.shape}, {has_g.shape}")
+    if seen.size == 0:
+        raise ValueError("allocation needs at least one prompt")
+    budget = _count("budget", budget)
+    n_pilot = _count("n_pilot", n_pilot, 1)
+    counts = np.zeros(seen.size, dtype=np.int64)
+    unseen = ~seen
+    pilot_total = n_pilot * int(unseen.sum())
+    if pilot_total > budget:
+        counts[unseen] = uniform_allocation(int(unseen.sum()), budget)
+        return counts
+    if not seen.any():
+        return np.asarray(uniform_allocation(seen.size, budget), dtype=np.int64)
+    counts[unseen] = n_pilot
+    g_seen, has_g_seen = g[seen], has_g[seen]
+    fill = float(np.median(g_seen[has_g_seen])) if has_g_seen.any() else 1.0
+    g_seen = np.where(has_g_seen, g_seen, fill)
+    remaining = budget - pilot_total
+    prompts = int(seen.sum())
+    low = min(_count("n_min", n_min), remaining // prompts)
+    high = n_max if n_max is None or n_max * prompts >= remaining else None
+    counts[seen] = gvm_allocation(p[seen], g_seen, remaining, alpha=alpha, beta=beta, n_min=low, n_max=high)
+    return counts
 
 
 def laplace_smoothed_acceptance(accepted_ema_count, sample_ema_count):

@@ -46,6 +46,30 @@ class JobConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _acceptance_is_defined(self) -> "JobConfig":
+        """GVM, the pilots and RAFT++ train on "accepted" samples; a custom reward has no "correct"."""
+        uses_acceptance = self.statistics.allocation == "gvm" or self.algorithm.name == "raft++"
+        if self.reward.custom and uses_acceptance and self.statistics.accept_threshold is None:
+            what = "statistics.allocation 'gvm'" if self.statistics.allocation == "gvm" else "algorithm.name 'raft++'"
+            raise ValueError(f"statistics.accept_threshold is required with reward.custom and {what}: it says which "
+                             "rewards count as accepted (ALGORITHMS.md §GVM.1)")
+        return self
+
+    @model_validator(mode="after")
+    def _dynamic_sampling_is_for_grpo(self) -> "JobConfig":
+        if not self.algorithm.dynamic_sampling:
+            return self
+        if self.algorithm.name != "grpo":
+            raise ValueError(f"algorithm.dynamic_sampling applies to grpo (groups with a reward spread), not "
+                             f"algorithm.name '{self.algorithm.name}'")
+        if self.generator.samples_per_prompt < 2:
+            raise ValueError("algorithm.dynamic_sampling needs generator.samples_per_prompt >= 2 (a spread needs two samples)")
+        if self.schedule.mode == "async" and self.schedule.max_staleness > 0:
+            raise ValueError("algorithm.dynamic_sampling draws more prompts after a batch is scored: it needs "
+                             "schedule.mode 'sync' (or schedule.max_staleness 0)")
+        return self
+
+    @model_validator(mode="after")
     def _async_is_for_policy_jobs(self) -> "JobConfig":
         if self.schedule.mode == "async" and self.algorithm.name in ("dpo", "bvpo"):
             raise ValueError(f"schedule.mode 'async' applies to grpo and raft++ jobs; algorithm.name "

@@ -123,8 +123,14 @@ class StatisticsConfig(_Section):
     """Per-prompt statistics and the sample allocation (ALGORITHMS.md §GVM)."""
     allocation: Literal["uniform", "gvm"] = Field(
         "uniform", description="how a step's budget (prompts_per_step × samples_per_prompt) is spread: uniform or GVM §GVM.3–4")
-    mode: Literal["online", "offline_pilot"] = Field(
-        "online", description="online: EMAs from every batch (§GVM.6, ours); offline_pilot: the paper's two-stage chunks (§GVM.5)")
+    mode: Literal["online", "offline_pilot", "step_pilot"] = Field(
+        "online", description="online: EMAs from every batch (§GVM.6, ours); offline_pilot: the paper's two-stage chunks "
+                              "(§GVM.5); step_pilot: each step pilots n_pilot samples per prompt, then spreads the rest "
+                              "of its budget by GVM on the pilot's p and G (ours); pilot samples are trained on")
+    accept_threshold: float | None = Field(
+        None, allow_inf_nan=False, description="a sample is accepted when its reward is >= this (custom reward / reward "
+                                               "model); none = the verifier says correct (reward 1). One definition for "
+                                               "acceptance rates, GVM, the pilot, RAFT++ and metrics (§GVM.1)")
     ema_weight: float = Field(0.5, gt=0.0, le=1.0, description="λ of the EMAs: p ← (1−λ)p + λ p_batch (§GVM.6)")
     alpha: float = Field(1e-3, ge=0.0, le=1e3, description="α of the regularised weight w = G/√(p + α/p^(β−1)) (§GVM.3)")
     beta: float = Field(2.0, ge=1.0, le=10.0, description="β of the regularised weight (§GVM.3)")
@@ -199,6 +205,13 @@ class AlgorithmConfig(_Section):
     advantage_epsilon: float = Field(1e-6, gt=0.0, description="ε in A = (r − mean)/(std + ε), §GRPO.2")
     scale_rewards: bool = Field(True, description="divide by the group std (False: Dr. GRPO)")
     filter_zero_variance_groups: bool = Field(False, description="drop groups whose rewards are all equal (§GRPO.2)")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO dynamic sampling (§DAPO): drop groups whose rewards are all equal and sample more "
+                           "prompts until the batch holds data.prompts_per_step groups with a spread; every generated "
+                           "sample counts in the step's completions")
+    dynamic_sampling_max_rounds: int = Field(
+        3, ge=1, le=64, description="dynamic sampling: most rounds of generation in one step (the first included); "
+                                    "a step that still lacks groups trains on those it has")
     clip_low: float = Field(0.2, ge=0.0, le=1.0, description="ε_low of the ratio clip")
     clip_high: float = Field(0.28, ge=0.0, le=10.0, description="ε_high of the ratio clip (clip-higher)")
     dual_clip: float | None = Field(None, gt=1.0, description="dual-clip constant c for A < 0; none = off")
@@ -215,7 +228,14 @@ class PreferenceConfig(_Section):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="BVPO weight α of the trace loss in [0, 1] (§BVPO.3; paper: 0.5); dpo uses 1")
     alpha_mode: Literal["fixed", "online"] = Field(
         "fixed", description="fixed: use `alpha`; online: α̂ from trace resamples each step (§BVPO.6, ours; online mode, bvpo only)")
-    alpha_resamples: int = Field(4, ge=2, le=256, description="K, trace-pair resamples per prompt for α̂ (§BVPO.6)")
+    alpha_resamples: int = Field(4, ge=2, le=256, description="K, trace-pair resamples per prompt for α̂ (§BVPO.6); "
+                                                              "needs generator.samples_per_prompt >= 3 so they can differ")
+    pairing: Literal["same_prompts", "per_term"] = Field(
+        "per_term", description="same_prompts: train only prompts with a pair in both modes; per_term: every pair, "
+                                "L = α·mean(trace pairs) + (1 − α)·mean(empty pairs), each over its own pairs (§BVPO.3)")
+    off_samples_per_prompt: int | None = Field(
+        None, ge=2, le=1024, description="online bvpo: reasoning-off samples per prompt (the budget split between "
+                                         "modes); none = generator.samples_per_prompt, as reasoning on")
     alpha_ema: float = Field(0.9, ge=0.0, lt=1.0, description="EMA weight of the past in α̂'s numerator/denominator (§BVPO.6; 0 = none)")
     alpha_min: float = Field(0.0, ge=0.0, le=1.0, description="lower clip of α̂ (§BVPO.6)")
     alpha_max: float = Field(1.0, ge=0.0, le=1.0, description="upper clip of α̂ (§BVPO.6)")
@@ -258,11 +278,27 @@ class ScheduleConfig(_Section):
 
 class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="write TensorBoard events to RUN_DIR/tb")
-    progress_bar: bool = Field(True, description="rich progress bar on the terminal")
+    progress_bar: bool = Field(True, description="rich progress bar when stdout is a terminal (a job log or pipe gets "
+                                                 "log lines instead, see log_every)")
+    log_every: int = Field(
+        1, ge=0, le=1_000_000, description="one log line every N steps (step, reward, accepted fraction, loss, KL, grad "
+                                           "norm, completions/s, phase shares) when stdout is not a terminal or the bar "
+                                           "is off; every evaluation is logged with its step; 0 = no step lines")
+    output_dir: str = Field(
+        "runs", min_length=1, description="where run directories go: <output_dir>/<job_name>-<timestamp> for `run`, "
+                                          "<output_dir>/<job id> for `submit` (made absolute on the submitting "
+                                          "machine; on a multi-node cluster use storage every node mounts); "
+                                          "--run-dir names the run directory itself")
+
+
+CLUSTER_CHECKPOINT_EVERY = 10   # steps between checkpoints of a cluster run that names none
 
 
 class CheckpointConfig(_Section):
-    every: int = Field(0, ge=0, description="save every N steps; 0 = only at the end")
+    every: int | None = Field(
+        None, ge=0, description="save every N steps; 0 = only at the end; none (default): every "
+                                f"{CLUSTER_CHECKPOINT_EVERY} steps when the run joins a cluster (a submitted job, "
+                                "cluster.address or RAY_ADDRESS), so a stopped job can resume, else only at the end")
     keep_last: int | None = Field(
         None, ge=1, description="keep only the newest N checkpoints (older ones are deleted after a new one is "
                                 "complete); none = keep all")

@@ -1,6 +1,8 @@
-"""Per-prompt statistics as flat arrays indexed by prompt id (DESIGN.md, statistics role).
+"""Per-prompt statistics as flat arrays, one dense slot per prompt seen (DESIGN.md, statistics role).
 
 Arrays, not dicts, so a million prompts cost a few tens of bytes each and updates are vectorised.
+Prompt ids are mapped to slots in the order they first appear (a sorted id index, looked up with
+`searchsorted`), never used as array indices: an id of 2**40 − 1 costs one slot, not 4 TiB.
 Tracked per prompt (ALGORITHMS.md §GVM.6, the online variant):
 
 - `acceptance_rate_ema`  p̃ ← (1 − λ) p̃ + λ p̂_batch, initialised by the first observation;
@@ -10,12 +12,18 @@ Tracked per prompt (ALGORITHMS.md §GVM.6, the online variant):
 - `grad_norm_ema`  G̃ over accepted samples (§GVM.1), same EMA rule, updated only from batches
   in which the prompt had an accepted sample with a finite gradient norm;
 - visit and sample counts.
+
+"Accepted" is the one definition of `rl_service.algorithms.acceptance`; the caller counts it.
+The allocation policy itself is `rl_service.algorithms.gvm.online_gvm_allocation`: this class only
+stores and hands over the moving averages.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from rl_service.algorithms.gvm import gvm_allocation, laplace_smoothed_acceptance, uniform_allocation
+from rl_service.algorithms.gvm import laplace_smoothed_acceptance, uniform_allocation
+
+__all__ = ["PromptStatistics", "uniform_allocation"]
 
 _ARRAYS = {
     "acceptance_rate_ema": np.float32,
@@ -38,47 +46,89 @@ class PromptStatistics:
             raise ValueError("ema_weight must be in (0, 1]")
         self.ema_weight = ema_weight
         self.nonfinite_grad_norms = 0
+        self.size = 0                                        # slots in use
+        self.slot_ids = np.zeros(capacity, dtype=np.int64)   # prompt id of each slot
+        self._sorted_ids = np.zeros(0, dtype=np.int64)       # ids in use, ascending …
+        self._sorted_slots = np.zeros(0, dtype=np.int64)     # … and their slots
         for name, dtype in _ARRAYS.items():
             setattr(self, name, np.zeros(capacity, dtype=dtype))
 
-    def _grow_to(self, max_id: int) -> None:
-        if max_id < len(self.visit_count):
+    # -- id → slot ---------------------------------------------------------------------------
+    def _lookup(self, prompt_ids: np.ndarray) -> np.ndarray:
+        """Slot of each id, −1 for an id never stored."""
+        if self._sorted_ids.size == 0:
+            return np.full(prompt_ids.shape, -1, dtype=np.int64)
+        position = np.searchsorted(self._sorted_ids, prompt_ids)
+        found = position < self._sorted_ids.size
+        found[found] = self._sorted_ids[position[found]] == prompt_ids[found]
+        return np.where(found, self._sorted_slots[np.minimum(position, self._sorted_ids.size - 1)], -1)
+
+    def _slots(self, prompt_ids: np.ndarray) -> np.ndarray:
+        """Slot of each id, giving new ids fresh slots (in batch order)."""
+        slots = self._lookup(prompt_ids)
+        new = slots < 0
+        if new.any():
+            new_ids = prompt_ids[new]
+            fresh = np.arange(self.size, self.size + new_ids.size, dtype=np.int64)
+            self._reserve(self.size + new_ids.size)
+            self.slot_ids[fresh] = new_ids
+            self.size += new_ids.size
+            slots[new] = fresh
+            ids = np.concatenate([self._sorted_ids, new_ids])
+            order = np.argsort(ids, kind="stable")
+            self._sorted_ids, self._sorted_slots = ids[order], np.concatenate([self._sorted_slots, fresh])[order]
+        return slots
+
+    def _reserve(self, size: int) -> None:
+        if size <= len(self.visit_count):
             return
-        capacity = max(max_id + 1, 2 * len(self.visit_count))
-        for name in _ARRAYS:
+        capacity = max(size, 2 * len(self.visit_count))
+        for name in (*_ARRAYS, "slot_ids"):
             old = getattr(self, name)
             new = np.zeros(capacity, dtype=old.dtype)
             new[:len(old)] = old
             setattr(self, name, new)
 
+    def get(self, name: str, prompt_ids) -> np.ndarray:
+        """The values of array `name` for `prompt_ids` (0 for an id never seen)."""
+        prompt_ids = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        slots = self._lookup(prompt_ids)
+        values = np.zeros(prompt_ids.size, dtype=_ARRAYS[name])
+        values[slots >= 0] = getattr(self, name)[slots[slots >= 0]]
+        return values
+
     @staticmethod
     def _unique_ids(prompt_ids) -> np.ndarray:
-        prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
+        prompt_ids = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
         if len(np.unique(prompt_ids)) != len(prompt_ids):
             raise ValueError("a batch must list each prompt id once")
         if len(prompt_ids) and prompt_ids.min() < 0:
             raise ValueError("prompt ids must be >= 0")
         return prompt_ids
 
+    # -- updates -------------------------------------------------------------------------------
     def update_acceptance(self, prompt_ids, accepted, samples) -> None:
         """Fold one batch in: `accepted[k]` of `samples[k]` completions of prompt `prompt_ids[k]` passed."""
         prompt_ids = self._unique_ids(prompt_ids)
         accepted = np.asarray(accepted, dtype=np.float64)
         samples = np.asarray(samples, dtype=np.int64)
+        if ((accepted < 0) | (accepted > samples) | ~np.isfinite(accepted)).any():
+            bad = int(np.flatnonzero((accepted < 0) | (accepted > samples) | ~np.isfinite(accepted))[0])
+            raise ValueError(f"accepted[{bad}] = {accepted[bad]} is not a count within [0, samples={samples[bad]}]")
         seen = samples > 0
         prompt_ids, accepted, samples = prompt_ids[seen], accepted[seen], samples[seen]
         if len(prompt_ids) == 0:
             return
-        self._grow_to(int(prompt_ids.max()))
-        first_visit = self.visit_count[prompt_ids] == 0
-        previous = self.acceptance_rate_ema[prompt_ids].astype(np.float64)
+        slots = self._slots(prompt_ids)
+        first_visit = self.visit_count[slots] == 0
+        previous = self.acceptance_rate_ema[slots].astype(np.float64)
         updated = _ema(previous, accepted / samples, first_visit, self.ema_weight)
-        self.acceptance_rate_ema[prompt_ids] = updated.astype(np.float32)
+        self.acceptance_rate_ema[slots] = updated.astype(np.float32)
         decay = 1.0 - self.ema_weight
-        self.accepted_ema_count[prompt_ids] = decay * self.accepted_ema_count[prompt_ids] + accepted
-        self.sample_ema_count[prompt_ids] = decay * self.sample_ema_count[prompt_ids] + samples
-        self.visit_count[prompt_ids] += 1
-        self.sample_count[prompt_ids] += samples
+        self.accepted_ema_count[slots] = decay * self.accepted_ema_count[slots] + accepted
+        self.sample_ema_count[slots] = decay * self.sample_ema_count[slots] + samples
+        self.visit_count[slots] += 1
+        self.sample_count[slots] += samples
 
     def update_grad_norms(self, prompt_ids, grad_norms) -> int:
         """Fold in each prompt's mean gradient norm over its accepted samples (§GVM.1).
@@ -96,63 +146,35 @@ class PromptStatistics:
         usable = np.isfinite(grad_norms) & ~infinite
         prompt_ids, grad_norms = prompt_ids[usable], grad_norms[usable]
         if len(prompt_ids):
-            self._grow_to(int(prompt_ids.max()))
-            first = self.grad_norm_count[prompt_ids] == 0
-            previous = self.grad_norm_ema[prompt_ids].astype(np.float64)
-            self.grad_norm_ema[prompt_ids] = _ema(previous, grad_norms, first, self.ema_weight).astype(np.float32)
-            self.grad_norm_count[prompt_ids] += 1
+            slots = self._slots(prompt_ids)
+            first = self.grad_norm_count[slots] == 0
+            previous = self.grad_norm_ema[slots].astype(np.float64)
+            self.grad_norm_ema[slots] = _ema(previous, grad_norms, first, self.ema_weight).astype(np.float32)
+            self.grad_norm_count[slots] += 1
         return dropped
 
+    # -- what the allocator reads ----------------------------------------------------------------
     def acceptance_rate_of(self, prompt_ids) -> np.ndarray:
         """p̃ of each prompt (0 for a prompt never seen), float64."""
-        prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
-        self._grow_to(int(prompt_ids.max(initial=0)))
-        return self.acceptance_rate_ema[prompt_ids].astype(np.float64)
+        return self.get("acceptance_rate_ema", prompt_ids).astype(np.float64)
 
-    def acceptance_for_allocation(self, prompt_ids: np.ndarray, laplace: bool) -> np.ndarray:
+    def acceptance_for_allocation(self, prompt_ids, laplace: bool) -> np.ndarray:
         if laplace:
-            return laplace_smoothed_acceptance(self.accepted_ema_count[prompt_ids], self.sample_ema_count[prompt_ids])
-        return self.acceptance_rate_ema[prompt_ids].astype(np.float64)
+            return laplace_smoothed_acceptance(self.get("accepted_ema_count", prompt_ids),
+                                               self.get("sample_ema_count", prompt_ids))
+        return self.acceptance_rate_of(prompt_ids)
 
-    def gvm_allocate(self, prompt_ids, budget: int, *, alpha: float, beta: float, n_min: int, n_max: int | None,
-                     n_pilot: int, laplace: bool) -> np.ndarray:
-        """Online GVM allocation of `budget` samples over a batch (ALGORITHMS.md §GVM.3–4, §GVM.6).
-
-        Prompts never seen get a pilot of `n_pilot`; the rest of the budget goes to the seen prompts
-        by `gvm_allocation` on p̃ (optionally Laplace-smoothed) and G̃. A seen prompt with no
-        accepted sample yet takes the batch median of G̃ over prompts that have one (§GVM.6); if
-        none has, every G is 1 and the allocation follows acceptance alone.
-        """
+    def allocation_inputs(self, prompt_ids, laplace: bool) -> dict[str, np.ndarray]:
+        """The keyword arguments of `online_gvm_allocation` for a batch: seen, p̃, G̃ and whether G̃ exists."""
         prompt_ids = self._unique_ids(prompt_ids)
-        if len(prompt_ids) == 0:
-            raise ValueError("allocation needs at least one prompt")
-        self._grow_to(int(prompt_ids.max()))
-        counts = np.zeros(len(prompt_ids), dtype=np.int64)
-        seen = self.visit_count[prompt_ids] > 0
-        unseen = ~seen
-        pilot_total = n_pilot * int(unseen.sum())
-        if pilot_total > budget:
-            # More new prompts than the budget can pilot: pilot as many as fit, in batch order.
-            counts[unseen] = uniform_allocation(int(unseen.sum()), budget)
-            return counts
-        if not seen.any():
-            return np.asarray(uniform_allocation(len(prompt_ids), budget), dtype=np.int64)
-        counts[unseen] = n_pilot
-        seen_ids = prompt_ids[seen]
-        acceptance = self.acceptance_for_allocation(seen_ids, laplace)
-        has_grad = self.grad_norm_count[seen_ids] > 0
-        grad = self.grad_norm_ema[seen_ids].astype(np.float64)
-        fill = float(np.median(grad[has_grad])) if has_grad.any() else 1.0
-        grad = np.where(has_grad, grad, fill)
-        remaining = budget - pilot_total
-        low = min(n_min, remaining // len(seen_ids))
-        counts[seen] = gvm_allocation(acceptance, grad, remaining, alpha=alpha, beta=beta, n_min=low,
-                                      n_max=n_max if n_max is None or n_max * len(seen_ids) >= remaining else None)
-        return counts
+        return {"seen": self.get("visit_count", prompt_ids) > 0,
+                "acceptance_rate": self.acceptance_for_allocation(prompt_ids, laplace),
+                "grad_norm": self.get("grad_norm_ema", prompt_ids).astype(np.float64),
+                "has_grad_norm": self.get("grad_norm_count", prompt_ids) > 0}
 
     def summary(self) -> dict[str, float]:
-        visited = self.visit_count > 0
-        rates = self.acceptance_rate_ema[visited]
+        visited = self.visit_count[:self.size] > 0
+        rates = self.acceptance_rate_ema[:self.size][visited]
         if rates.size == 0:
             return {"prompts_seen": 0.0}
         histogram, _ = np.histogram(rates, bins=5, range=(0.0, 1.0))
@@ -163,16 +185,17 @@ class PromptStatistics:
             "always_accepted_fraction": float((rates == 1).mean()),
             "nonfinite_grad_norms": float(self.nonfinite_grad_norms),
         }
-        with_grad = self.grad_norm_count > 0
+        with_grad = self.grad_norm_count[:self.size] > 0
         if with_grad.any():
-            summary["grad_norm_ema_mean"] = float(self.grad_norm_ema[with_grad].mean())
+            summary["grad_norm_ema_mean"] = float(self.grad_norm_ema[:self.size][with_grad].mean())
         summary.update({f"acceptance_rate_ema_hist_{k}": float(count) for k, count in enumerate(histogram)})
         return summary
 
+    # -- checkpoint -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
-        used = int(np.flatnonzero(self.visit_count | self.grad_norm_count).max()) + 1 \
-            if (self.visit_count.any() or self.grad_norm_count.any()) else 0
-        state = {name: getattr(self, name)[:used].copy() for name in _ARRAYS}
+        """Slot order: `prompt_ids[k]` is the id whose values sit at index k of every array."""
+        state = {name: getattr(self, name)[:self.size].copy() for name in _ARRAYS}
+        state["prompt_ids"] = self.slot_ids[:self.size].copy()
         state["ema_weight"] = np.array([self.ema_weight], dtype=np.float64)
         state["nonfinite_grad_norms"] = np.array([self.nonfinite_grad_norms], dtype=np.int64)
         return state
@@ -180,9 +203,16 @@ class PromptStatistics:
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         self.ema_weight = float(state["ema_weight"][0])
         self.nonfinite_grad_norms = int(state.get("nonfinite_grad_norms", np.zeros(1))[0])
-        used = len(state["visit_count"])
-        self._grow_to(max(used - 1, 0))
+        size = len(state["visit_count"])
+        # Checkpoints written before slots existed indexed the arrays by prompt id.
+        ids = np.asarray(state["prompt_ids"], dtype=np.int64) if "prompt_ids" in state else np.arange(size)
+        self.size = 0
+        self._sorted_ids = np.zeros(0, dtype=np.int64)
+        self._sorted_slots = np.zeros(0, dtype=np.int64)
+        self._reserve(size)
         for name in _ARRAYS:
             getattr(self, name)[:] = 0
+        slots = self._slots(self._unique_ids(ids))
+        for name in _ARRAYS:
             if name in state:
-                getattr(self, name)[:used] = state[name]
+                getattr(self, name)[slots] = state[name]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from rl_service.algorithms.acceptance import acceptance_threshold, accepted
 from rl_service.algorithms.advantages import (grpo_advantages, raft_plus_plus_advantages, raft_plus_plus_keep_mask,
                                                zero_variance_groups)
 from rl_service.algorithms.grad_norms import per_sample_embedding_grad_norms
@@ -69,11 +70,16 @@ class PolicyLearner(EngineWeights):
                 "model.dtype": self.config.model.dtype}
 
     # -- advantages -------------------------------------------------------------------------
-    def advantages_and_mask(self, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Per-sample advantages and which samples train (ALGORITHMS.md §GRPO.2, §RAFT)."""
+    def advantages_and_mask(self, rollout: Rollout, rewards: torch.Tensor,
+                            train_mask: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Per-sample advantages and which samples train (ALGORITHMS.md §GRPO.2, §RAFT).
+
+        `train_mask` (the driver's dynamic sampling, §DAPO): samples outside it do not train."""
         algorithm = self.config.algorithm
         group_index = torch.tensor(rollout.request_index, dtype=torch.long)
         keep = torch.ones(len(rollout), dtype=torch.bool)
+        if train_mask is not None:
+            keep &= torch.tensor(train_mask, dtype=torch.bool)
         metrics: dict[str, float] = {}
         if self.config.statistics.skip_singleton_groups:
             # GVM can give a prompt one sample; §GVM.7 lets us drop such groups (ours).
@@ -87,8 +93,9 @@ class PolicyLearner(EngineWeights):
             if algorithm.filter_zero_variance_groups:
                 keep &= ~flat_groups
         else:
-            advantages = raft_plus_plus_advantages(rewards)
-            keep &= raft_plus_plus_keep_mask(rewards, algorithm.drop_rejected)
+            threshold = acceptance_threshold(self.config)
+            advantages = raft_plus_plus_advantages(rewards, threshold)
+            keep &= raft_plus_plus_keep_mask(rewards, algorithm.drop_rejected, threshold)
         metrics["trained_samples"] = float(keep.sum())
         return advantages, keep, metrics
 
@@ -130,11 +137,11 @@ class PolicyLearner(EngineWeights):
             logprobs[micro_rows, :micro_logprobs.shape[1]] = micro_logprobs
         return all_reduce_sum_(logprobs * batch.completion_mask)   # each row was filled by one rank
 
-    def train_step(self, rollout: Rollout, rewards: list[float]) -> dict[str, float]:
+    def train_step(self, rollout: Rollout, rewards: list[float], train_mask: list[bool] | None = None) -> dict[str, float]:
         started = time.perf_counter()
         learner = self.config.learner
         reward_tensor = torch.tensor(rewards, dtype=torch.float32)
-        advantages, keep, metrics = self.advantages_and_mask(rollout, reward_tensor)
+        advantages, keep, metrics = self.advantages_and_mask(rollout, reward_tensor, train_mask)
         if not bool(keep.any()):
             metrics.update(skipped_step=1.0, train_seconds=time.perf_counter() - started)
             return metrics
@@ -253,11 +260,11 @@ class PolicyLearner(EngineWeights):
         Batched (one forward and one autograd.grad per micro-batch, no per-sample backward), at
         temperature 1 (the policy itself), on the weights that generated the samples.
         """
-        accepted = torch.tensor([reward == 1 for reward in rewards], dtype=torch.bool)
+        accepted_samples = torch.as_tensor(accepted(rewards, acceptance_threshold(self.config)), dtype=torch.bool)
         norms = torch.full((len(rollout),), float("nan"), dtype=torch.float64)
-        if not bool(accepted.any()):
+        if not bool(accepted_samples.any()):
             return norms.tolist()
-        batch = build_training_batch(rollout, torch.zeros(len(rollout)), accepted, self.tokenizer.pad_token_id)
+        batch = build_training_batch(rollout, torch.zeros(len(rollout)), accepted_samples, self.tokenizer.pad_token_id)
         accepted_norms = torch.zeros(len(batch), dtype=torch.float64)
         module = self.engine.module
         # §GVM.1 reads the embedding (and a tied head) itself: under ZeRO-3 it is gathered for the pass.
@@ -273,6 +280,6 @@ class PolicyLearner(EngineWeights):
         all_reduce_sum_(accepted_norms)   # each row was filled by one rank
         # NaN marks "rejected" downstream; a non-finite norm of an accepted sample is a numerical
         # failure, reported as inf so the statistics actor drops and counts it (never averages it in).
-        norms[accepted] = torch.where(torch.isfinite(accepted_norms), accepted_norms, torch.inf)
+        norms[accepted_samples] = torch.where(torch.isfinite(accepted_norms), accepted_norms, torch.inf)
         return norms.tolist()
 

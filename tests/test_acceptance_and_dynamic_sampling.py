@@ -1,0 +1,85 @@
+"""One definition of acceptance (§GVM.1), the §GVM.6 online policy as a pure function, and §DAPO's
+dynamic-sampling selection, each against hand cases."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rl_service.algorithms.acceptance import acceptance_threshold, accepted, accepted_per_prompt
+from rl_service.algorithms.advantages import raft_plus_plus_advantages
+from rl_service.algorithms.dynamic_sampling import groups_with_spread, selected_groups, train_mask
+from rl_service.algorithms.gvm import gvm_allocation, online_gvm_allocation
+from rl_service.statistics.prompt_stats import PromptStatistics
+
+
+def test_acceptance_counts_samples_not_reward_sums():
+    # A custom reward of 6.0 used to be fed in as "6 accepted samples" and raised at the next allocation.
+    rewards = [6.0, 0.4, 0.0, 0.7]
+    assert accepted_per_prompt(rewards, [0, 0, 1, 1], 2, threshold=0.5).tolist() == [1, 1]
+    assert accepted_per_prompt(rewards, [0, 0, 1, 1], 2).tolist() == [1, 0]          # verifier: reward ≥ 1
+    stats = PromptStatistics()
+    stats.update_acceptance([0, 1], accepted_per_prompt(rewards, [0, 0, 1, 1], 2), [2, 2])
+    assert stats.acceptance_rate_of([0, 1]).tolist() == [0.5, 0.0]
+    with pytest.raises(ValueError, match=r"accepted\[0\] = 6.0"):
+        stats.update_acceptance([0, 1], [6.0, 0.4], [4, 4])
+    # A format bonus (0.1 for a well-formed wrong answer) is not an acceptance.
+    assert accepted([0.1, 0.1, 1.1], 1.0).tolist() == [False, False, True]
+    # The same rule on tensors, and RAFT++'s advantages follow it.
+    assert accepted(torch.tensor([0.3, 0.7]), 0.5).tolist() == [False, True]
+    assert raft_plus_plus_advantages(torch.tensor([0.3, 0.7, 1.0]), 0.5).tolist() == [0.0, 1.0, 1.0]
+    assert raft_plus_plus_advantages(torch.tensor([0.0, 1.0])).tolist() == [0.0, 1.0]
+
+
+def test_acceptance_threshold_comes_from_the_config_and_custom_rewards_must_set_it(tmp_path):
+    from rl_service.config import load_config
+    from rl_service.config.loading import ConfigError
+
+    quickstart = "configs/quickstart.yaml"
+    assert acceptance_threshold(load_config(quickstart)) == 1.0
+    assert acceptance_threshold(load_config(quickstart, ["statistics.accept_threshold=0.5"])) == 0.5
+    reward = tmp_path / "reward.py"
+    reward.write_text("def fn(completion, answer):\n    return 0.0\n")
+    with pytest.raises(ConfigError, match="statistics.accept_threshold is required"):
+        load_config(quickstart, [f"reward.custom={reward}:fn", "statistics.allocation=gvm"])
+    with pytest.raises(ConfigError, match="statistics.accept_threshold is required"):
+        load_config(quickstart, [f"reward.custom={reward}:fn", "algorithm.name=raft++"])
+    load_config(quickstart, [f"reward.custom={reward}:fn", "statistics.allocation=gvm", "statistics.accept_threshold=0.5"])
+    with pytest.raises(ConfigError, match="schedule.mode 'sync'"):
+        load_config(quickstart, ["algorithm.dynamic_sampling=true"])
+    with pytest.raises(ConfigError, match="applies to grpo"):
+        load_config(quickstart, ["algorithm.dynamic_sampling=true", "schedule.mode=sync", "algorithm.name=raft++"])
+
+
+def test_online_policy_hand_case():
+    seen = [True, True, True, False]
+    p = [1 / 8, 7 / 8, 0.0, 0.0]
+    g = [3.0, 1.0, 0.0, 0.0]
+    has_g = [True, True, False, False]
+    counts = online_gvm_allocation(seen, p, g, has_g, 32, n_min=1, n_pilot=4)
+    assert counts[3] == 4 and counts.sum() == 32
+    # Prompt 2 has no G: it takes the median of the others' (2.0), but p = 0 gives it weight 0 (n_min = 1).
+    assert counts[:3].tolist() == gvm_allocation(p[:3], [3.0, 1.0, 2.0], 28, n_min=1).tolist()
+    # w = G/√(p + α/p): prompt 0 ≈ 3/√0.133 = 8.2, prompt 1 ≈ 1/√0.876 = 1.07 → 27 · (8.2, 1.07)/9.3 + n_min.
+    assert counts[:3].tolist() == [24, 3, 1]
+    # A budget too small to pilot every new prompt pilots as many as fit, uniformly, seen prompts get 0.
+    assert online_gvm_allocation([False, False, True], [0, 0, 0.5], [0, 0, 1], [False, False, True], 5,
+                                 n_pilot=4).tolist() == [3, 2, 0]
+    assert online_gvm_allocation([False, False], [0, 0], [0, 0], [False, False], 9, n_pilot=2).tolist() == [5, 4]
+    with pytest.raises(ValueError, match="one shape"):
+        online_gvm_allocation([True], [0.5, 0.5], [1.0], [True], 4)
+
+
+def test_dynamic_sampling_keeps_the_first_groups_with_a_spread():
+    rewards = [1, 1, 0, 1, 0, 0, 1, 0, 1]
+    index = [0, 0, 1, 1, 2, 2, 3, 3, 4]            # prompt 4 has one sample: no spread possible
+    spread = groups_with_spread(rewards, index, 6)  # prompt 5 has no sample
+    assert spread.tolist() == [False, True, False, True, False, False]
+    chosen = selected_groups(spread, 1)
+    assert chosen.tolist() == [False, True, False, False, False, False]
+    assert train_mask(index, chosen) == [False, False, True, True, False, False, False, False, False]
+    assert selected_groups(spread, 5).sum() == 2      # fewer than the target: all of them
+    assert groups_with_spread([0.5, 0.5000001], [0, 0], 1).tolist() == [True]
+    with pytest.raises(ValueError):
+        groups_with_spread([1, 0], [0], 1)
+    assert np.array_equal(groups_with_spread([], [], 2), [False, False])
