@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", help="output directory (default: runs/<job_name>-<timestamp>)")
     run.add_argument("--resume", action="store_true",
                      help="continue from --run-dir's latest checkpoint if it has one (else start there)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in --run-dir (without this or --resume such a run is refused)")
 
     resume = commands.add_parser("resume", help="continue a stopped or killed run from its latest checkpoint")
     resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
@@ -71,9 +73,11 @@ def _command_run(args) -> int:
     from rl_service.driver import prepare_job, run_training
     from rl_service.progress import print_summary
 
-    from rl_service.run_dir import latest_checkpoint
+    from rl_service.run_dir import latest_checkpoint, prepare_run_dir
 
     config = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config.job_name)
+    prepare_run_dir(run_dir, args.resume, args.overwrite, clear=False)   # a file, /proc, an existing run
     if args.resume:
         if not args.run_dir:
             raise UserError("run --resume needs --run-dir: the run directory to continue")
@@ -84,7 +88,7 @@ def _command_run(args) -> int:
                                 f"with `rl-service resume {args.run_dir} [--set KEY=VALUE]` to change a field")
             return _resume(Path(args.run_dir), config)
     job = prepare_job(config)  # user-input errors surface here, before Ray starts
-    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config.job_name)
+    prepare_run_dir(run_dir, args.resume, args.overwrite)   # only now: replacing a run, once the new one can start
     logging.getLogger("rl_service").info("run directory: %s", run_dir)
     summary = run_training(job, run_dir)
     print_summary(summary, str(run_dir))

@@ -43,7 +43,7 @@ from rl_service.roles import Roles, is_role_failure, ray_session, start_roles
 from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
 from rl_service.rewards.verifiers import SCORE_COUNTER_KEYS as REWARD_COUNTER_KEYS
 from rl_service.run_dir import RunDirectory, latest_checkpoint
-from rl_service.tasks import PromptTokenizer, TaskData, load_task
+from rl_service.tasks import PromptTokenizer, TaskData, check_job_inputs, load_task
 from rl_service.weight_sync import make_weight_sync
 from rl_service.elastic import Autoscaler, apply_requested_scale
 
@@ -104,6 +104,7 @@ def prepare_job(config: JobConfig) -> PreparedJob:
         return prepare_preference_job(config)
     task = load_task(config)
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+    check_job_inputs(config, task, tokenizer)   # weights vs config, batch size, prompt lengths
     return PreparedJob(config=config, task=task, tokenizer=tokenizer)
 
 
@@ -119,7 +120,7 @@ class Trainer:
         self.run_dir = run_dir
         # One cache per split: JSONL train and eval files number their prompts independently, so a
         # shared cache keyed by prompt id would serve a train prompt's tokens for an eval prompt.
-        self.prompt_tokens = {split: PromptTokenizer(job.tokenizer, job.config.model.thinking)
+        self.prompt_tokens = {split: PromptTokenizer(job.tokenizer, job.config.model.thinking, job.task.max_prompt_tokens)
                               for split in ("train", "eval")}
         self.sampler = PromptSampler(len(self.task.train), self.config.data.prompts_per_step, self.config.seed)
         self.batches = make_batch_source(self.config, self.task, self.sampler, roles, self._rollout)

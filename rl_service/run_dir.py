@@ -37,6 +37,45 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return checkpoint if (checkpoint / "trainer_state.json").is_file() else None
 
 
+# What a run writes into its directory (`--overwrite` removes these and nothing else).
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "ledger.jsonl", "summary.json", "checkpoints", "tb", "report")
+_KERNEL_FILE_SYSTEMS = ("/proc", "/sys", "/dev")
+
+
+def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = False, clear: bool = True) -> None:
+    """Check (and create) a run directory before Ray starts; a UserError names the problem.
+
+    A directory that already holds a run is continued only with `resume` (from its checkpoint),
+    replaced only with `overwrite`; without either the run is refused, since appending to it
+    mixed two runs' metrics and ledgers (steps 1, 2, 1, 2) and overwrote their checkpoints.
+    `resume` on a run that never checkpointed starts it over: nothing of it can be continued.
+    `clear=False` checks only (call it again with True once the job's inputs are known good)."""
+    from rl_service.errors import UserError
+
+    directory = Path(path).expanduser().absolute()
+    if any(directory == Path(top) or Path(top) in directory.parents for top in _KERNEL_FILE_SYSTEMS):
+        raise UserError(f"--run-dir {path}: under {next(t for t in _KERNEL_FILE_SYSTEMS if str(directory).startswith(t))}, "
+                        "a kernel file system, not a place for results")
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"--run-dir {path}: exists and is not a directory")
+    existing = [name for name in RUN_ENTRIES if (directory / name).exists()]
+    if existing and not overwrite and not (resume and latest_checkpoint(directory) is not None):
+        if not resume:
+            raise UserError(f"--run-dir {path}: already holds a run ({', '.join(existing[:3])}); continue it with "
+                            f"`rl-service resume {path}` (or run --resume), or replace it with --overwrite")
+    if clear and existing and (overwrite or latest_checkpoint(directory) is None):
+        for name in existing:
+            entry = directory / name
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".rl_service_write_check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--run-dir {path}: cannot write there ({exc.strerror or exc})") from None
+
+
 class RunDirectory:
     def __init__(self, path: str | Path, config: JobConfig, resume_step: int | None = None):
         """Open a run directory; `resume_step`: continue a run from its checkpoint of that step,

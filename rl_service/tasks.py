@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from rl_service.config import JobConfig
 from rl_service.data.arithmetic import make_arithmetic_split
 from rl_service.data.prompts import PromptRecord, load_prompt_file
-from rl_service.models.loading import render_prompt
+from rl_service.errors import DataError, UserError
+from rl_service.models.loading import check_weights_match_config, model_context_length, render_prompt
 from rl_service.rewards.custom import check_custom_reward, custom_reward_spec
 
 
@@ -20,6 +21,7 @@ class TaskData:
     eval: list[PromptRecord]
     verifier: str                                   # "integer" | "math"
     eval_groups: dict[int, str] = field(default_factory=dict)  # eval prompt id -> group name (difficulty level)
+    max_prompt_tokens: int | None = None            # data.long_prompts=truncate: prompts are cut to this
 
 
 def load_task(config: JobConfig) -> TaskData:
@@ -49,6 +51,47 @@ def load_task(config: JobConfig) -> TaskData:
     return TaskData(train=train, eval=evaluation, verifier=verifier, eval_groups=groups)
 
 
+# No token of a real vocabulary spans more characters than this: a prompt longer than the token budget
+# times it cannot fit, and is refused (or cut) without tokenizing megabytes.
+_MAX_CHARS_PER_TOKEN = 64
+
+
+def check_job_inputs(config: JobConfig, task: TaskData, tokenizer) -> None:
+    """What would fail only inside the run, checked before Ray starts: the weights against the
+    model's config, a batch the train split can fill, and every prompt (train and eval) against
+    the model's context with `generator.max_new_tokens` (refused, or `data.long_prompts: truncate`)."""
+    check_weights_match_config(config.model.path, config.model.trust_remote_code)
+    if config.data.prompts_per_step > len(task.train):
+        raise DataError(f"data.prompts_per_step: {config.data.prompts_per_step} but the train split has "
+                        f"{len(task.train)} prompts (a batch lists each prompt once)")
+    context = model_context_length(config.model.path, config.model.trust_remote_code)
+    if context is None:
+        return
+    max_new = config.generator.max_new_tokens
+    budget = context - max_new
+    if budget < 1:
+        raise UserError(f"generator.max_new_tokens: {max_new} leaves no room for a prompt in the model's "
+                        f"{context}-position context (max_position_embeddings in {config.model.path}/config.json)")
+    if config.data.long_prompts == "truncate":
+        task.max_prompt_tokens = budget
+        return
+    overhead = len(tokenizer(render_prompt(tokenizer, "", config.model.thinking), add_special_tokens=False)["input_ids"])
+    source = {"train": config.data.train_path, "eval": config.data.eval_path} if config.data.source == "jsonl" else {}
+    for split, records in (("train", task.train), ("eval", task.eval)):
+        for record in records:
+            # Each token is at least one byte: a prompt within the budget in bytes fits untokenized.
+            if overhead + len(record.prompt.encode("utf-8")) <= budget:
+                continue
+            length = (None if len(record.prompt) > budget * _MAX_CHARS_PER_TOKEN else
+                      len(tokenizer(render_prompt(tokenizer, record.prompt, config.model.thinking),
+                                    add_special_tokens=False, verbose=False)["input_ids"]))
+            if length is None or length > budget:
+                size = f"{len(record.prompt)} characters" if length is None else f"{length} tokens"
+                raise DataError(f"{source.get(split, 'data.arithmetic')}: {split} prompt id {record.prompt_id} is {size}, "
+                                f"more than the {budget} the model's {context}-position context leaves beside "
+                                f"generator.max_new_tokens {max_new} (shorten it or set data.long_prompts: truncate)")
+
+
 class PromptTokenizer:
     """Chat-formats and tokenizes each prompt once, then serves it from a cache by prompt id."""
 
@@ -61,7 +104,10 @@ class PromptTokenizer:
     def __call__(self, record: PromptRecord) -> list[int]:
         tokens = self._cache.get(record.prompt_id)
         if tokens is None:
-            text = render_prompt(self.tokenizer, record.prompt, self.thinking)
+            prompt = record.prompt
+            if self.max_prompt_tokens is not None:   # cut megabytes before tokenizing; the end is kept
+                prompt = prompt[-self.max_prompt_tokens * _MAX_CHARS_PER_TOKEN:]
+            text = render_prompt(self.tokenizer, prompt, self.thinking)
             tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if self.max_prompt_tokens is not None and len(tokens) > self.max_prompt_tokens:
                 tokens = tokens[-self.max_prompt_tokens:]  # keep the end: the generation prompt must survive

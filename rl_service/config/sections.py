@@ -34,6 +34,9 @@ class DataConfig(_Section):
     arithmetic: ArithmeticDataConfig = Field(default_factory=ArithmeticDataConfig)
     prompts_per_step: int = Field(16, ge=1, le=65_536, description="prompts in each training batch")
     eval_limit: int | None = Field(None, ge=1, description="evaluate on at most this many eval prompts")
+    long_prompts: Literal["refuse", "truncate"] = Field(
+        "refuse", description="a prompt that does not fit the model's context with generator.max_new_tokens: refuse "
+                              "the job before it starts (naming the prompt), or truncate it (its end kept), tokens")
 
     @model_validator(mode="after")
     def _paths_match_source(self) -> "DataConfig":

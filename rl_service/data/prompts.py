@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,15 @@ def _record_from_row(row: object, where: str, index: int) -> PromptRecord:
         raise DataError(f"{where}: field 'prompt' must be a non-empty string")
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
         raise DataError(f"{where}: field 'answer' must be a non-empty string or number")
+    if isinstance(answer, float) and not math.isfinite(answer):   # JSON's NaN / Infinity: would train against "nan"
+        raise DataError(f"{where}: field 'answer' is {answer}, not a finite number")
+    for field, text in (("prompt", prompt), ("answer", answer)):
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:   # a lone surrogate ("\ud800"): valid JSON, not text
+                raise DataError(f"{where}: field '{field}' holds {text[exc.start]!r} at character {exc.start}, "
+                                "a lone surrogate that is not text") from None
     prompt_id = row.get("id", index)
     if isinstance(prompt_id, bool) or not isinstance(prompt_id, int) or not 0 <= prompt_id < _MAX_PROMPT_ID:
         raise DataError(f"{where}: field 'id' must be an integer in [0, 2**40)")
@@ -62,6 +72,8 @@ def _read_json_rows(path: Path) -> list[tuple[object, str]]:
             if text.lstrip().startswith("["):
                 raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
             document = None  # not one JSON value: read it as JSON Lines below
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply (records are objects inside one array)") from None
         if isinstance(document, list):
             return [(row, f"{path}: record {k}") for k, row in enumerate(document)]
         if document is not None and not (isinstance(document, dict) and "prompt" in document):
@@ -76,6 +88,8 @@ def _read_json_rows(path: Path) -> list[tuple[object, str]]:
             rows.append((json.loads(text), f"{path}:{line_number}"))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line_number}: JSON nested too deeply (a record is one flat object)") from None
     return rows
 
 

@@ -154,6 +154,44 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
     return model
 
 
+def model_context_length(path: str, trust_remote_code: bool = False) -> int | None:
+    """The most positions the model attends over (`max_position_embeddings` and its aliases), or None."""
+    config = _read_json(resolve_model_dir(path, trust_remote_code=trust_remote_code) / "config.json", "model.path")
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_weights_match_config(path: str, trust_remote_code: bool = False, field: str = "model.path") -> None:
+    """Every tensor in the safetensors files has the shape the config.json's model gives it (the model
+    built on the meta device: no memory, no weights read). A config that disagrees with its weights
+    is named here, before Ray starts, instead of failing inside every actor."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = resolve_model_dir(path, field, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers says about the config is the user's to see
+        raise ModelLoadError(f"{field}: {directory}/config.json does not build a causal LM ({_reason(exc)})") from None
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    for file in sorted(directory.glob("*.safetensors")):
+        for name, shape in _safetensors_shapes(file).items():
+            if name in expected and expected[name] != shape:
+                raise ModelLoadError(f"{field}: {file.name} holds {name} of shape {list(shape)} but config.json makes "
+                                     f"it {list(expected[name])}: the config does not describe these weights")
+
+
+def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    with file.open("rb") as handle:   # the header only (checked whole by _check_safetensors)
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+
+
 def _reason(exc: Exception) -> str:
     """A library's exception as one line: its type when the message says little (a bare KeyError)."""
     message = " ".join(str(exc).split())

@@ -1,0 +1,80 @@
+"""Input rules checked before Ray starts (issue #19, findings 4-5): the run-directory rule (an existing
+run is continued with --resume or replaced with --overwrite, never appended to) and prompts against
+the model's context (refused by default, cut to the budget with `data.long_prompts: truncate`).
+The refusals themselves, one line and exit 2, are in tests/bad_inputs (test_bad_inputs.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO
+from rl_service.errors import UserError
+from rl_service.run_dir import prepare_run_dir
+
+
+def _fake_run(path, checkpoint: bool):
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text("job_name: x\n")
+    (path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (path / "notes.txt").write_text("the user's own file")
+    if checkpoint:
+        step = path / "checkpoints" / "step_1"
+        step.mkdir(parents=True)
+        (step / "trainer_state.json").write_text("{}")
+        (path / "checkpoints" / "latest").write_text("step_1")
+
+
+def test_an_existing_run_is_refused_without_resume_or_overwrite(tmp_path):
+    _fake_run(tmp_path / "run", checkpoint=True)
+    with pytest.raises(UserError, match="already holds a run .*--overwrite"):
+        prepare_run_dir(tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()      # refused: nothing touched
+
+
+def test_overwrite_removes_the_run_and_only_the_run(tmp_path):
+    run = tmp_path / "run"
+    _fake_run(run, checkpoint=True)
+    prepare_run_dir(run, overwrite=True, clear=False)           # the check before the job's inputs are known
+    assert (run / "metrics.jsonl").is_file()
+    prepare_run_dir(run, overwrite=True)
+    assert sorted(entry.name for entry in run.iterdir()) == ["notes.txt"]
+
+
+def test_resume_keeps_a_checkpointed_run_and_restarts_one_without_a_checkpoint(tmp_path):
+    _fake_run(tmp_path / "kept", checkpoint=True)
+    prepare_run_dir(tmp_path / "kept", resume=True)
+    assert (tmp_path / "kept" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    _fake_run(tmp_path / "fresh", checkpoint=False)
+    prepare_run_dir(tmp_path / "fresh", resume=True)            # nothing to continue: start over, not append
+    assert not (tmp_path / "fresh" / "metrics.jsonl").exists()
+
+
+def test_new_and_empty_directories_are_fine_and_created(tmp_path):
+    prepare_run_dir(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()
+    prepare_run_dir(tmp_path / "a" / "b")                       # empty: not a run yet
+    assert list((tmp_path / "a" / "b").iterdir()) == []
+
+
+def test_long_prompts_truncate_cuts_each_prompt_to_the_context_budget(tmp_path):
+    from rl_service.config import load_config
+    from rl_service.driver import prepare_job
+    from rl_service.tasks import PromptTokenizer
+
+    data = tmp_path / "long.jsonl"
+    rows = [{"prompt": "add: " + " + ".join(map(str, range(150))), "answer": "11175"},
+            {"prompt": "1 + " * 5000 + "1?", "answer": "5001"}, {"prompt": "2 + 2?", "answer": "4"}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    overrides = ["data.source=jsonl", f"data.train_path={data}", "data.prompts_per_step=1",
+                 "generator.max_new_tokens=56"]
+    with pytest.raises(UserError, match="train prompt id 0 is .* tokens, more than the 200"):
+        prepare_job(load_config(REPO / "configs" / "quickstart.yaml", overrides))
+    job = prepare_job(load_config(REPO / "configs" / "quickstart.yaml", overrides + ["data.long_prompts=truncate"]))
+    assert job.task.max_prompt_tokens == 256 - 56
+    tokenize = PromptTokenizer(job.tokenizer, True, job.task.max_prompt_tokens)
+    full = PromptTokenizer(job.tokenizer, True)
+    lengths = [len(tokenize(record)) for record in job.task.train]
+    assert lengths[0] == lengths[1] == 200 and lengths[2] == len(full(job.task.train[2])) < 200
+    # The end survives (the chat template's generation prompt, what the model continues from).
+    assert tokenize(job.task.train[0])[-20:] == full(job.task.train[0])[-20:]
