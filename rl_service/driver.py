@@ -131,6 +131,9 @@ class Trainer:
         self.autoscaler = Autoscaler(roles, self.config) if self.config.generator.autoscale else None
         self.weight_version = 0
         self.totals = {"completions": 0, "completion_tokens": 0}
+        # Training wall time of the run before this attempt (from the checkpoint it resumed), and this
+        # attempt's loop clock (started by its first step): throughput is over the whole run.
+        self.wall_before_s, self.loop_started, self.loop_s_at_checkpoint = 0.0, None, 0.0
         self.eval_history: list[tuple[int, float]] = []
         self.phase_totals: dict[str, float] = defaultdict(float)
         schedule = self.config.schedule
@@ -272,6 +275,8 @@ class Trainer:
         import ray
 
         started = time.perf_counter()
+        if self.loop_started is None:
+            self.loop_started = started
         timer = self._timer = PhaseTimer()
         launched = self.pipeline.take(step)
         shard_refs, scored = self._collect(launched, timer)
@@ -358,6 +363,10 @@ class Trainer:
         return eval_collapsed([accuracy for _, accuracy in self.eval_history], self.config.guard.max_eval_drop,
                               len(self.task.eval))
 
+    def loop_seconds(self) -> float:
+        """Wall seconds since this attempt's first step."""
+        return time.perf_counter() - self.loop_started if self.loop_started is not None else 0.0
+
     def restore(self, checkpoint: Path, state: dict) -> None:
         """Continue from `checkpoint` (the learner already holds its weights and optimizer state):
         data cursor, statistics, counters, and the generators serving the checkpoint's weights."""
@@ -367,6 +376,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.trained_sampler_state = state["sampler"]
         self.totals = dict(state["totals"])
+        self.wall_before_s = float(self.totals.pop("train_wall_s", 0.0))   # absent in older checkpoints
         self.eval_history = [tuple(entry) for entry in state["eval_history"]]
         self.weight_version = int(state["weight_version"])
         self.pipeline.next_to_launch = int(state["step"]) + 1
@@ -379,8 +389,10 @@ class Trainer:
 
         statistics = ray.get(self.roles.statistics.state_dict.remote())
         # The cursor after the last trained batch: async mode has drawn batches ahead of it.
+        self.loop_s_at_checkpoint = self.loop_seconds()
+        totals = {**self.totals, "train_wall_s": self.wall_before_s + self.loop_s_at_checkpoint}
         state = {"step": step, "weight_version": self.weight_version, "sampler": self.trained_sampler_state,
-                 "totals": self.totals, "eval_history": self.eval_history}
+                 "totals": totals, "eval_history": self.eval_history}
         return self.run_dir.write_checkpoint(
             step, lambda directory: ray.get(self.roles.learner.save_checkpoint.remote(directory)), statistics, state)
 
@@ -402,12 +414,16 @@ def run_training(job: PreparedJob, run_dir_path: str | Path, resume_from: Path |
 
         return run_preference_training(job, run_dir_path)
     failures, restart = 0, False
+    attempts: dict = {"lost_s": 0.0}   # training time of failed attempts after their newest checkpoint
     while True:
         try:
-            return _run_once(job, Path(run_dir_path), resume_from, restart, failures)
+            return _run_once(job, Path(run_dir_path), resume_from, restart, failures, attempts)
         except Exception as error:  # noqa: BLE001 - only role deaths are recovered; the rest re-raises
             if not is_role_failure(error):
                 raise
+            failed = attempts.pop("trainer", None)
+            if failed is not None:   # replayed from the checkpoint: the time after it was spent, and is counted
+                attempts["lost_s"] += failed.loop_seconds() - failed.loop_s_at_checkpoint
             failures += 1
             if failures > job.config.cluster.max_role_failures:
                 raise RuntimeError(f"giving up after {failures} role failures "
@@ -418,7 +434,8 @@ def run_training(job: PreparedJob, run_dir_path: str | Path, resume_from: Path |
                         resume_from.name if resume_from else "the start", failures, job.config.cluster.max_role_failures)
 
 
-def _run_once(job: PreparedJob, run_dir_path: Path, resume_from: Path | None, restart: bool, failures: int) -> dict:
+def _run_once(job: PreparedJob, run_dir_path: Path, resume_from: Path | None, restart: bool, failures: int,
+              attempts: dict | None = None) -> dict:
     config = job.config
     state = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8")) if resume_from else None
     # A restart with no checkpoint yet starts over: the rows of the failed attempt go.
@@ -428,24 +445,32 @@ def _run_once(job: PreparedJob, run_dir_path: Path, resume_from: Path | None, re
     try:
         with ray_session(config, start, job.task.verifier) as roles:
             trainer = Trainer(job, roles, run_dir)
+            attempts = attempts if attempts is not None else {"lost_s": 0.0}
+            attempts["trainer"] = trainer
             if state is not None:
                 trainer.restore(resume_from, state)
             result = run_steps(config, trainer, start_step=state["step"] if state else 0)
-            summary = {**_summary(trainer, result), "role_failures_recovered": failures}
+            summary = {**_summary(trainer, result, attempts["lost_s"]), "role_failures_recovered": failures}
             run_dir.write_summary(summary)
             return summary
     finally:
         run_dir.close()
 
 
-def _summary(trainer: Trainer, result: LoopResult) -> dict:
-    completions, train_wall_s = trainer.totals["completions"], result.train_wall_s
+def _summary(trainer: Trainer, result: LoopResult, lost_s: float = 0.0) -> dict:
+    """Throughput over the whole run: every completion of its trained steps over the training wall
+    time summed over its attempts (before the checkpoint it resumed, replays after a role's death,
+    this attempt), not over this attempt's time alone. The time a SIGKILLed process spent after its
+    newest checkpoint is not known to a later `resume`, and is not counted."""
+    completions = trainer.totals["completions"]
+    train_wall_s = trainer.wall_before_s + lost_s + result.train_wall_s
     phase_total = sum(trainer.phase_totals.values()) or 1.0
     return {
         "steps": result.steps,
         "completions": completions,
         "completion_tokens": trainer.totals["completion_tokens"],
         "train_wall_s": train_wall_s,
+        "train_wall_s_this_attempt": result.train_wall_s,
         "completions_per_s": completions / train_wall_s if train_wall_s > 0 else 0.0,
         "tokens_per_s": trainer.totals["completion_tokens"] / train_wall_s if train_wall_s > 0 else 0.0,
         **loop_outcome(trainer, result),

@@ -58,8 +58,9 @@ def job_namespace(config: JobConfig) -> str:
     return f"rl_service-{submission_id}" if submission_id else f"rl_service-{config.job_name}-{uuid.uuid4().hex[:8]}"
 
 
-def start_ray(config: JobConfig) -> None:
-    """Join `cluster.address` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1 only."""
+def start_ray(config: JobConfig):
+    """Join `cluster.address` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1 only. Returns
+    the local Ray's reaper (`reap_if_driver_dies`; stop it after `ray.shutdown()`), else None."""
     from actors.process import ACTOR_ENV
 
     address = config.cluster.address or os.environ.get("RAY_ADDRESS")
@@ -83,6 +84,28 @@ def start_ray(config: JobConfig) -> None:
         # `ray start --head` on this machine writes, and a local run would join a stranger's cluster.
         ray.init(address="local", num_cpus=config.cluster.num_cpus, include_dashboard=config.cluster.include_dashboard,
                  dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
+        return reap_if_driver_dies()
+    return None
+
+
+def reap_if_driver_dies():
+    """A local Ray is this driver's: its GCS and raylet die with a SIGKILLed driver, but the dashboard,
+    its agents and the runtime-env agent lingered for minutes. A shell loop in its own session
+    waits for this process to end and SIGKILLs every process the local Ray had started by then
+    (workers die with their raylet). Killed after a clean `ray.shutdown()`, so it never signals
+    pids that were reused. None where psutil or a shell is missing."""
+    import subprocess
+
+    try:
+        import psutil
+
+        pids = [str(child.pid) for child in psutil.Process().children(recursive=True)]
+        script = 'driver=$1; shift; while kill -0 "$driver" 2>/dev/null; do sleep 1; done; kill -9 "$@" 2>/dev/null; exit 0'
+        return subprocess.Popen(["sh", "-c", script, "rl_service-ray-reaper", str(os.getpid()), *pids],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                close_fds=True, start_new_session=True)
+    except (ImportError, OSError):
+        return None
 
 
 def _options(config: JobConfig, role: str, index: int, num_cpus: float, num_gpus: float = 0.0,
@@ -169,7 +192,7 @@ def start_roles(config: JobConfig, verifier: str, resume_from: str | None = None
 @contextmanager
 def ray_session(config: JobConfig, start: Callable[[JobConfig, str], Roles], verifier: str) -> Iterator[Roles]:
     """Ray up, the job's roles placed; on the way out engines stopped first, then Ray."""
-    start_ray(config)
+    reaper = start_ray(config)
     roles = None
     try:
         roles = start(config, verifier)
@@ -180,6 +203,9 @@ def ray_session(config: JobConfig, start: Callable[[JobConfig, str], Roles], ver
         if roles is not None:
             stop_roles(roles)
         ray.shutdown()
+        if reaper is not None:   # a clean end: nothing left to reap
+            reaper.kill()
+            reaper.wait()
 
 
 def stop_roles(roles: Roles, timeout_s: float = 30.0) -> None:

@@ -124,6 +124,21 @@ def remove_orphans(directory: Path = DEFAULT_DIRECTORY) -> list[Path]:
     return removed
 
 
+def _remove_when_gone(pid: int, path: Path) -> None:
+    """Remove `path` once process `pid` has exited, however it ends: a SIGKILLed driver takes its
+    local Ray and this learner with it, and no cleanup of ours runs then. A tiny shell loop in its
+    own session (so the kill of the actor's process group spares it), polling once a second."""
+    import subprocess
+
+    script = 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; rm -f -- "$2"'
+    try:
+        subprocess.Popen(["sh", "-c", script, "rl_service-mailbox-cleanup", str(pid), str(path)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         close_fds=True, start_new_session=True)
+    except OSError:   # no shell: the next mailbox's remove_orphans still finds it
+        pass
+
+
 def _array_view(mapping: mmap.mmap, offset: int, count: int) -> np.ndarray:
     return np.frombuffer(mapping, dtype=np.uint8, count=count, offset=offset)
 
@@ -165,6 +180,7 @@ class WeightMailbox:
             os.pwrite(descriptor, header.tobytes(), 0)
         finally:
             os.close(descriptor)
+        _remove_when_gone(os.getpid(), path)
         mailbox = cls(path, layout, writer=True)
         # Fault every page in now, at start-up: the first two publications would otherwise pay it
         # (381 MiB: 280 ms instead of 42).

@@ -1,0 +1,106 @@
+"""A SIGKILLed driver leaves nothing behind (issue #19, finding 6): the learner's /dev/shm weight
+mailbox is removed once its creator is gone, and the local Ray the driver started (GCS, raylet,
+dashboard, its agents, workers) is gone within seconds, not minutes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, SHORT_JOB
+
+
+def test_a_killed_creator_s_mailbox_is_removed(tmp_path):
+    # The creator is a real process holding a real mailbox; SIGKILL runs none of its cleanup.
+    creator = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from rl_service.weights.shared_memory import MailboxLayout, WeightMailbox
+        mailbox = WeightMailbox.create(MailboxLayout.of([("w", (4,), "float32")]), "death", Path({str(tmp_path)!r}))
+        print(mailbox.path, flush=True)
+        time.sleep(600)
+    """)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        path = Path(creator.stdout.readline().strip())
+        assert path.is_file()
+        time.sleep(1.5)
+        assert path.is_file()                       # kept while its creator lives
+    finally:
+        creator.send_signal(signal.SIGKILL)
+        creator.wait()
+    deadline = time.monotonic() + 5
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not path.exists()
+
+
+@pytest.mark.slow
+def test_a_sigkilled_driver_leaves_no_ray_process_and_no_mailbox(tmp_path):
+    job = f"driverdeath{os.getpid()}"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "rl_service.cli", "run", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "run"),
+         *SHORT_JOB, "--set", "steps=1000", "--set", f"job_name={job}", "--set", "weight_sync.transport=shared_memory",
+         "--set", "cluster.include_dashboard=true"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mailboxes: list[Path] = []
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "run" / "metrics.jsonl").is_file() or not mailboxes:   # training, mailbox up
+            assert driver.poll() is None and time.monotonic() < deadline, "the run never started training"
+            mailboxes = list(Path("/dev/shm").glob(f"rl_service-weights-{job}*"))
+            time.sleep(0.5)
+        ray_processes = psutil.Process(driver.pid).children(recursive=True)
+        assert len(ray_processes) >= 4                   # GCS, raylet, dashboard, agents, workers
+    finally:
+        driver.send_signal(signal.SIGKILL)              # the driver alone, as `kill -9 PID` does
+        driver.wait()
+    deadline = time.monotonic() + 30
+    alive = ray_processes
+    while time.monotonic() < deadline:
+        alive = [process for process in ray_processes if process.is_running()
+                 and process.status() != psutil.STATUS_ZOMBIE]
+        if not alive and not any(path.exists() for path in mailboxes):
+            break
+        time.sleep(0.5)
+    names = [process.name() for process in alive if process.is_running()]
+    for process in alive:   # never leave them to the next test
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert names == [], names
+    assert not any(path.exists() for path in mailboxes)
+
+
+@pytest.mark.slow
+def test_summary_throughput_covers_the_whole_run_after_a_resume(short_run, tmp_path):
+    """Issue #19 finding 7: after a resume, completions/s divided every completion of the run by the
+    time since the resume (352/s reported for ~40/s). Now the training wall time before the
+    checkpoint (kept in it) is added to this attempt's."""
+    import json
+    import shutil
+
+    from conftest import short_run_overrides
+    from rl_service.config import load_config
+    from rl_service.driver import prepare_job, run_training
+
+    source, _ = short_run
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(source, run_dir)
+    checkpoint = run_dir / "checkpoints" / "step_2"
+    before = json.loads((checkpoint / "trainer_state.json").read_text())["totals"]["train_wall_s"]
+    assert before > 0
+    config = load_config(REPO / "configs" / "quickstart.yaml", short_run_overrides(3))
+    summary = run_training(prepare_job(config), run_dir, resume_from=checkpoint)
+    assert summary["completions"] == 3 * 4 * 4                    # all three steps' completions ...
+    assert summary["train_wall_s"] == pytest.approx(before + summary["train_wall_s_this_attempt"])   # ... all their time
+    assert summary["completions_per_s"] == pytest.approx(summary["completions"] / summary["train_wall_s"])
