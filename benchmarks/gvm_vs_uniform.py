@@ -1,25 +1,53 @@
-"""GVM vs uniform sample allocation, for RAFT++ and for GRPO (ALGORITHMS.md §GVM, miniature experiment).
+"""GVM vs uniform allocation vs DAPO dynamic sampling, GRPO and RAFT++ (ALGORITHMS.md §GVM, §DAPO).
 
-    .venv/bin/python benchmarks/gvm_vs_uniform.py --seeds 3 [--steps 40] [--target-gain 0.08]
+    .venv/bin/python benchmarks/gvm_vs_uniform.py [--seeds 5] [--steps 50] [--workers 2]
+    .venv/bin/python benchmarks/gvm_vs_uniform.py --summarise benchmarks/results/gvm_vs_uniform_DATE.jsonl
 
-Every run starts from the same shipped model on the built-in task with all five difficulty levels
-mixed, and spends the same budget per step (prompts_per_step × samples_per_prompt). The only change
-between the paired runs is `statistics.allocation: uniform | gvm` (online GVM, §GVM.6). For each run
-we record the steps **and** the generated samples (pilot included: every completion counts) until
-greedy eval accuracy first reaches `initial + target_gain`; a run that never reaches it is counted at
-its full length and flagged (so ratios are then a lower bound on GVM's cost or gain).
-Seeds change data order, sampling and the train split; the eval split is fixed per seed.
-The last line is one JSON object: `raft_samples_ratio`, `raft_steps_ratio`, `grpo_samples_ratio`,
-`grpo_steps_ratio` (GVM / uniform, lower is better), plus the per-run figures.
+Every run starts from the shipped model on the built-in task (levels 2-5 mixed: level 1 has only 200
+distinct questions, too few for a 1,024-prompt eval split) with the same budget per step
+(prompts_per_step × samples_per_prompt) and differs from its uniform twin only in how samples are
+allocated or filtered. Arms (GRPO: all; RAFT++: those without dynamic sampling, which is a GRPO
+filter):
+
+- uniform: every prompt gets samples_per_prompt (token-mean loss, the shipped default);
+- uniform_prompt_mean: the same with the prompt-mean loss the GVM arms use (RAFT++: over accepted
+  samples), so a GVM gain cannot be the loss's alone;
+- dynamic: DAPO dynamic sampling (§DAPO), extra rounds of prompts until every group has a spread;
+- gvm_online: §GVM.6 moving averages over a train pool the run revisits (num_train prompts);
+- gvm_offline: the paper's procedure (§GVM.5): pilot 8 per prompt of a 10-step chunk, joint budget;
+- gvm_step_pilot: each step pilots n_pilot per prompt, then spreads the rest by GVM (ours);
+- gvm_dynamic: GVM online allocation, then dynamic sampling.
+Every GVM arm uses the prompt-mean loss (algorithm.aggregation=prompt_mean; RAFT++ also
+drop_rejected): §GVM.2's per-prompt estimator, whose variance the allocation minimises.
+
+Each run logs, per evaluation (greedy, `--eval-prompts` held-out prompts): the step, the samples
+generated so far (every completion, pilots included) and the samples trained on. From those we
+report, per arm, mean and 95% t-interval over seeds of: final accuracy at equal steps, accuracy at
+equal generated samples (each curve interpolated at the uniform run's total), and samples to the
+target (initial + `--target-gain`, interpolated; a run that misses it counts at its total and is
+flagged). Paired differences against uniform (same seed: same data, same eval split, same initial
+model) have their own intervals. Runs go to a JSONL file as they finish, so a cut-short benchmark
+can still be summarised.
+
+The last line is one JSON object: `grpo_samples_ratio`, `raft_samples_ratio` (GVM online / uniform,
+samples to target, every generated sample counted), `paper_steps_ratio_grpo`,
+`paper_steps_ratio_raft` (offline pilot / uniform, training steps to target, pilot not counted),
+`dynamic_sampling_samples_ratio`, `gvm_grad_variance_ratio_grpo` / `_raft` (from the newest
+`benchmarks/results/gvm_variance*.json` if `gvm_variance.py` has run), and per-arm figures.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,90 +55,239 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine as common_machine  # noqa: E402
 
-ALGORITHMS = {"raft": "raft++", "grpo": "grpo"}
+ALGORITHMS = {"grpo": "grpo", "raft": "raft++"}
+GVM = ["statistics.allocation=gvm"]
+# The per-prompt estimator §GVM.2 minimises: a prompt's weight must not grow with its sample count
+# (benchmarks/gvm_variance.py measures why); for RAFT++ the mean over its accepted samples.
+PROMPT_MEAN = {"grpo": ["algorithm.aggregation=prompt_mean"],
+               "raft": ["algorithm.aggregation=prompt_mean", "algorithm.drop_rejected=true"]}
+ARMS = {
+    "uniform": lambda algorithm: [],
+    "uniform_prompt_mean": lambda algorithm: PROMPT_MEAN[algorithm],
+    "dynamic": lambda algorithm: ["algorithm.dynamic_sampling=true"],
+    "gvm_online": lambda algorithm: [*GVM, "statistics.mode=online", *PROMPT_MEAN[algorithm]],
+    "gvm_offline": lambda algorithm: [*GVM, "statistics.mode=offline_pilot", "statistics.n_pilot=8",
+                                      "statistics.chunk_steps=10", *PROMPT_MEAN[algorithm]],
+    "gvm_step_pilot": lambda algorithm: [*GVM, "statistics.mode=step_pilot", "statistics.n_pilot=4",
+                                         *PROMPT_MEAN[algorithm]],
+    "gvm_dynamic": lambda algorithm: [*GVM, "statistics.mode=online", "algorithm.dynamic_sampling=true",
+                                      *PROMPT_MEAN[algorithm]],
+}
+GRPO_ONLY = {"dynamic", "gvm_dynamic"}
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def run_once(algorithm: str, allocation: str, seed: int, args) -> dict:
+def run_overrides(algorithm: str, arm: str, seed: int, args) -> list[str]:
+    return [f"seed={seed}", f"steps={args.steps}", f"eval_every={args.eval_every}",
+            f"algorithm.name={ALGORITHMS[algorithm]}", f"data.prompts_per_step={args.prompts}",
+            f"generator.samples_per_prompt={args.samples}", f"data.arithmetic.num_train={args.num_train}",
+            "data.arithmetic.levels=[2,3,4,5]", f"data.arithmetic.num_eval={args.eval_prompts}",
+            "schedule.mode=sync", "logging.progress_bar=false", "logging.tensorboard=false",
+            "guard.max_eval_drop=null", f"statistics.n_min={2 if algorithm == 'grpo' else 1}",
+            f"statistics.n_max={4 * args.samples}", *ARMS[arm](algorithm), *args.overrides]
+
+
+def run_once(algorithm: str, arm: str, seed: int, args) -> dict:
+    """One training run in this process; returns its eval curve and sample counts."""
     from rl_service.config import load_config
     from rl_service.driver import prepare_job, run_training
 
-    overrides = [f"seed={seed}", f"steps={args.steps}", f"eval_every={args.eval_every}",
-                 f"algorithm.name={ALGORITHMS[algorithm]}", f"statistics.allocation={allocation}",
-                 f"data.prompts_per_step={args.prompts}", f"generator.samples_per_prompt={args.samples}",
-                 f"data.arithmetic.num_train={args.num_train}", f"data.eval_limit={args.eval_prompts}",
-                 "logging.progress_bar=false", "logging.tensorboard=false", "guard.max_eval_drop=null",
-                 f"statistics.n_min={2 if algorithm == 'grpo' else 1}", f"statistics.n_max={4 * args.samples}",
-                 *args.overrides]
-    config = load_config(REPO / "configs" / "quickstart.yaml", overrides)
+    config = load_config(REPO / "configs" / "quickstart.yaml", run_overrides(algorithm, arm, seed, args))
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()
         run_training(prepare_job(config), run_dir)
         wall = time.perf_counter() - started
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    evals = [(row["step"], row["eval_accuracy"]) for row in rows if "eval_accuracy" in row]
-    samples_by_step, total = {0: 0}, 0
+    generated = trained = 0
+    counts_at = {0: (0, 0)}
+    zero_adv, steps = [], 0
     for row in rows:
         if "step_seconds" in row:
-            total += int(row["completions"])
-            samples_by_step[row["step"]] = total
-    initial = evals[0][1]
-    target = initial + args.target_gain
-    reached = next(((step, accuracy) for step, accuracy in evals if accuracy >= target), None)
-    step = reached[0] if reached else max(samples_by_step)
-    return {"algorithm": algorithm, "allocation": allocation, "seed": seed, "initial": initial,
-            "final": evals[-1][1], "best": max(accuracy for _, accuracy in evals), "target": target,
-            "reached": reached is not None, "steps_to_target": step, "samples_to_target": samples_by_step[step],
-            "wall_s": wall, "eval_curve": evals,
-            "samples_at_eval": [samples_by_step[eval_step] for eval_step, _ in evals]}
+            generated += int(row["completions"])
+            trained += int(row["completions"] - row.get("pilot_completions", 0.0))
+            counts_at[row["step"]] = (generated, trained)
+            steps = row["step"]
+            if "zero_variance_sample_fraction" in row:
+                zero_adv.append(row["zero_variance_sample_fraction"])
+    curve = [{"step": row["step"], "accuracy": row["eval_accuracy"], "generated": counts_at[row["step"]][0],
+              "trained": counts_at[row["step"]][1]} for row in rows if "eval_accuracy" in row]
+    return {"algorithm": algorithm, "arm": arm, "seed": seed, "steps": steps, "wall_s": wall, "curve": curve,
+            "zero_advantage_fraction": statistics.mean(zero_adv) if zero_adv else None}
 
 
-def summarise(runs: list[dict], algorithm: str, allocation: str, key: str) -> tuple[float, float]:
-    values = [run[key] for run in runs if run["algorithm"] == algorithm and run["allocation"] == allocation]
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def interpolate(xs: list[float], ys: list[float], x: float) -> float:
+    """y at x on the piecewise-linear curve (xs ascending); the last y beyond the end."""
+    for k in range(1, len(xs)):
+        if x <= xs[k]:
+            share = (x - xs[k - 1]) / (xs[k] - xs[k - 1]) if xs[k] > xs[k - 1] else 1.0
+            return ys[k - 1] + share * (ys[k] - ys[k - 1])
+    return ys[-1]
+
+
+def first_crossing(xs: list[float], ys: list[float], target: float) -> float | None:
+    """Smallest x where the curve reaches `target` (linear between evaluations), None if never."""
+    if ys[0] >= target:
+        return xs[0]
+    for k in range(1, len(xs)):
+        if ys[k] >= target:
+            return xs[k - 1] + (target - ys[k - 1]) / (ys[k] - ys[k - 1]) * (xs[k] - xs[k - 1])
+    return None
+
+
+def mean_ci(values: list[float]) -> dict:
+    values = [value for value in values if value is not None and math.isfinite(value)]
+    if not values:
+        return {"mean": None, "ci95": None, "n": 0}
+    mean = statistics.mean(values)
+    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return {"mean": mean, "ci95": half, "n": len(values)}
+
+
+def per_run_figures(run: dict, uniform: dict, target_gain: float) -> dict:
+    curve = run["curve"]
+    steps = [point["step"] for point in curve]
+    accuracy = [point["accuracy"] for point in curve]
+    generated = [point["generated"] for point in curve]
+    trained = [point["trained"] for point in curve]
+    target = accuracy[0] + target_gain
+    reached_at = first_crossing(generated, accuracy, target)
+    step_at = first_crossing(steps, accuracy, target)
+    trained_at = first_crossing(trained, accuracy, target)
+    equal_samples = uniform["curve"][-1]["generated"]
+    return {"final": accuracy[-1], "initial": accuracy[0], "best": max(accuracy),
+            "at_equal_samples": interpolate(generated, accuracy, equal_samples),
+            "reached": reached_at is not None,
+            "samples_to_target": reached_at if reached_at is not None else generated[-1],
+            "steps_to_target": step_at if step_at is not None else steps[-1],
+            "trained_samples_to_target": trained_at if trained_at is not None else trained[-1],
+            "generated": generated[-1], "zero_advantage_fraction": run["zero_advantage_fraction"]}
+
+
+def summarise(runs: list[dict], target_gain: float) -> dict:
+    result: dict = {}
+    for algorithm in ALGORITHMS:
+        uniform_runs = {run["seed"]: run for run in runs if run["algorithm"] == algorithm and run["arm"] == "uniform"}
+        for arm in ARMS:
+            mine = [run for run in runs if run["algorithm"] == algorithm and run["arm"] == arm
+                    and run["seed"] in uniform_runs]
+            if not mine:
+                continue
+            figures = [per_run_figures(run, uniform_runs[run["seed"]], target_gain) for run in mine]
+            base = [per_run_figures(uniform_runs[run["seed"]], uniform_runs[run["seed"]], target_gain) for run in mine]
+            entry = {key: mean_ci([figure[key] for figure in figures])
+                     for key in ("final", "at_equal_samples", "samples_to_target", "steps_to_target",
+                                 "trained_samples_to_target", "generated", "zero_advantage_fraction")}
+            entry["reached"] = sum(figure["reached"] for figure in figures)
+            entry["seeds"] = len(figures)
+            for key in ("final", "at_equal_samples"):
+                entry[f"{key}_minus_uniform"] = mean_ci([f[key] - b[key] for f, b in zip(figures, base)])
+            result[f"{algorithm}_{arm}"] = entry
+    for algorithm in ALGORITHMS:
+        def ratio(arm: str, key: str) -> float | None:
+            a, u = result.get(f"{algorithm}_{arm}"), result.get(f"{algorithm}_uniform")
+            return a[key]["mean"] / u[key]["mean"] if a and u and a[key]["mean"] and u[key]["mean"] else None
+        result[f"{algorithm}_samples_ratio"] = ratio("gvm_online", "samples_to_target")
+        result[f"paper_steps_ratio_{algorithm}"] = ratio("gvm_offline", "steps_to_target")
+        result[f"{algorithm}_step_pilot_samples_ratio"] = ratio("gvm_step_pilot", "samples_to_target")
+        result[f"{algorithm}_offline_samples_ratio"] = ratio("gvm_offline", "samples_to_target")
+    result["dynamic_sampling_samples_ratio"] = (result["grpo_dynamic"]["samples_to_target"]["mean"]
+                                                / result["grpo_uniform"]["samples_to_target"]["mean"]
+                                                if "grpo_dynamic" in result and "grpo_uniform" in result else None)
+    return result
+
+
+def variance_ratios() -> dict:
+    """The mechanism measured directly, from the newest gvm_variance.py result if there is one."""
+    found = sorted((REPO / "benchmarks" / "results").glob("gvm_variance*.json"))
+    if not found:
+        return {"gvm_grad_variance_ratio_grpo": None, "gvm_grad_variance_ratio_raft": None}
+    data = json.loads(found[-1].read_text().strip().splitlines()[-1])
+    return {key: data.get(key) for key in ("gvm_grad_variance_ratio_grpo", "gvm_grad_variance_ratio_raft")} | {
+        "gvm_variance_source": found[-1].name}
+
+
+def print_table(result: dict) -> None:
+    def show(entry: dict, scale: float = 1.0, digits: int = 3) -> str:
+        if entry["mean"] is None:
+            return "—"
+        ci = f" ± {entry['ci95'] * scale:.{digits}f}" if entry["ci95"] is not None else ""
+        return f"{entry['mean'] * scale:.{digits}f}{ci}"
+    print("\n| algorithm | arm | final acc. | Δ final vs uniform | acc. at equal samples | Δ vs uniform "
+          "| samples → target | steps → target | reached | zero-adv. fraction |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for key, entry in result.items():
+        if not isinstance(entry, dict) or "final" not in entry:
+            continue
+        algorithm, arm = key.split("_", 1)
+        print(f"| {algorithm} | {arm} | {show(entry['final'])} | {show(entry['final_minus_uniform'], 100, 1)} pt "
+              f"| {show(entry['at_equal_samples'])} | {show(entry['at_equal_samples_minus_uniform'], 100, 1)} pt "
+              f"| {show(entry['samples_to_target'], 1, 0)} | {show(entry['steps_to_target'], 1, 1)} "
+              f"| {entry['reached']}/{entry['seeds']} | {show(entry['zero_advantage_fraction'], 1, 2)} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--eval-every", type=int, default=4)
-    parser.add_argument("--eval-prompts", type=int, default=128)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-prompts", type=int, default=1024)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--num-train", type=int, default=256,
-                        help="a small pool so prompts recur and the moving averages have something to remember")
-    parser.add_argument("--target-gain", type=float, default=0.06)
-    parser.add_argument("--algorithms", nargs="+", default=["raft", "grpo"], choices=sorted(ALGORITHMS))
+    parser.add_argument("--num-train", type=int, default=160,
+                        help="a pool the run revisits (every 10 steps at 16 prompts a step) so GVM online allocates "
+                             "from its moving averages for most of the run")
+    parser.add_argument("--target-gain", type=float, default=0.03)
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--workers", type=int, default=2, help="runs at once, each in its own process and Ray")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", type=Path, default=None, help="JSONL of finished runs (appended; reused on restart)")
+    parser.add_argument("--summarise", type=Path, default=None, help="only summarise this JSONL of runs")
+    parser.add_argument("--single", nargs=3, metavar=("ALGORITHM", "ARM", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.single:
+        algorithm, arm, seed = args.single
+        print(json.dumps(run_once(algorithm, arm, int(seed), args)))
+        return
     machine = common_machine()
     print(f"machine: {machine}", flush=True)
-    runs = []
-    for algorithm in args.algorithms:
-        for seed in range(args.seeds):
-            for allocation in ("uniform", "gvm"):
-                run = run_once(algorithm, allocation, seed, args)
-                runs.append(run)
-                print(json.dumps(run), flush=True)
-    print(f"\n{'algorithm':<10}{'allocation':<11}{'steps→target':>16}{'samples→target':>20}{'final acc':>14}{'reached':>9}")
-    result: dict = {"machine": machine, "seeds": args.seeds, "steps": args.steps, "target_gain": args.target_gain,
-                    "budget_per_step": args.prompts * args.samples}
-    for algorithm in args.algorithms:
-        for allocation in ("uniform", "gvm"):
-            steps_mean, steps_sd = summarise(runs, algorithm, allocation, "steps_to_target")
-            samples_mean, samples_sd = summarise(runs, algorithm, allocation, "samples_to_target")
-            final_mean, final_sd = summarise(runs, algorithm, allocation, "final")
-            reached = sum(run["reached"] for run in runs if run["algorithm"] == algorithm and run["allocation"] == allocation)
-            print(f"{algorithm:<10}{allocation:<11}{steps_mean:>9.1f} ± {steps_sd:<4.1f}{samples_mean:>12.0f} ± {samples_sd:<5.0f}"
-                  f"{final_mean:>8.3f} ± {final_sd:.3f}{reached:>5}/{args.seeds}")
-            result[f"{algorithm}_{allocation}"] = {"steps_mean": steps_mean, "steps_sd": steps_sd,
-                                                   "samples_mean": samples_mean, "samples_sd": samples_sd,
-                                                   "final_accuracy_mean": final_mean, "reached": reached}
-        for key, name in (("samples", "samples"), ("steps", "steps")):
-            uniform = result[f"{algorithm}_uniform"][f"{key}_mean"]
-            result[f"{algorithm}_{name}_ratio"] = result[f"{algorithm}_gvm"][f"{key}_mean"] / uniform if uniform else None
-    result["runs"] = runs
-    print(json.dumps(result))
+    if args.summarise:
+        runs = [json.loads(line) for line in args.summarise.read_text().splitlines() if line.strip()]
+    else:
+        out = args.out or REPO / "benchmarks" / "results" / f"gvm_vs_uniform_{datetime.date.today()}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        done = {(r["algorithm"], r["arm"], r["seed"]) for r in
+                (json.loads(line) for line in out.read_text().splitlines() if line.strip())} if out.exists() else set()
+        todo = [(algorithm, arm, seed) for seed in range(args.seeds) for algorithm in args.algorithms
+                for arm in args.arms if not (algorithm != "grpo" and arm in GRPO_ONLY)
+                and (algorithm, arm, seed) not in done]
+        print(f"{len(done)} runs already in {out}, {len(todo)} to go, {args.workers} at a time", flush=True)
+
+        def launch(job: tuple[str, str, int]) -> None:
+            algorithm, arm, seed = job
+            passthrough = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in
+                           ("steps", "eval_every", "eval_prompts", "prompts", "samples", "num_train")]
+            env = {**os.environ, "RAY_TMPDIR": f"{os.environ.get('RAY_TMPDIR', '/tmp/ray')}_gvmbench_{arm}_{seed}"}
+            command = [sys.executable, __file__, *passthrough, *sum((["--set", o] for o in args.overrides), []),
+                       "--single", algorithm, arm, str(seed)]
+            finished = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+            if finished.returncode != 0:
+                print(f"FAILED {job}: {finished.stderr[-2000:]}", flush=True)
+                return
+            line = finished.stdout.strip().splitlines()[-1]
+            with out.open("a") as handle:
+                handle.write(line + "\n")
+            run = json.loads(line)
+            print(f"{algorithm:<5} {arm:<15} seed {seed}: accuracy {run['curve'][0]['accuracy']:.3f} → "
+                  f"{run['curve'][-1]['accuracy']:.3f}, {run['curve'][-1]['generated']} samples, {run['wall_s']:.0f} s",
+                  flush=True)
+
+        with ThreadPoolExecutor(args.workers) as pool:
+            list(pool.map(launch, todo))
+        runs = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    result = {"machine": machine, "target_gain": args.target_gain, **summarise(runs, args.target_gain)}
+    print_table(result)
+    print(json.dumps({**variance_ratios(), **result}))
 
 
 if __name__ == "__main__":

@@ -321,8 +321,8 @@ class Trainer:
 
         step_seconds = time.perf_counter() - started
         lengths = np.asarray(scored["completion_lengths"])
-        completions, tokens = len(rewards), int(lengths.sum())
-        completions += self.batches.pop_pilot_completions()
+        pilot_completions = self.batches.pop_pilot_completions()   # offline pilot: generated, not trained on
+        completions, tokens = len(rewards) + pilot_completions, int(lengths.sum())
         self.totals["completions"] += completions
         self.totals["completion_tokens"] += tokens
         waited = sum(timer.seconds.values())
@@ -332,6 +332,7 @@ class Trainer:
             "completion_length_mean": _mean(lengths),
             "truncated_fraction": 1.0 - _mean(scored["finished"]),
             "completions": float(completions),   # pilot samples included (§GVM.6 cost accounting)
+            "pilot_completions": float(pilot_completions),
             "completion_tokens": float(tokens),
             "completions_per_s": completions / step_seconds,
             "tokens_per_s": tokens / step_seconds,

@@ -83,3 +83,33 @@ def test_dynamic_sampling_keeps_the_first_groups_with_a_spread():
     with pytest.raises(ValueError):
         groups_with_spread([1, 0], [0], 1)
     assert np.array_equal(groups_with_spread([], [], 2), [False, False])
+
+
+def test_prompt_mean_aggregation_weighs_prompts_equally_whatever_their_sample_counts():
+    from rl_service.algorithms.policy_loss import PolicyLossConfig, loss_normalizer_for, policy_loss, prompt_mean_weights
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.float64)
+    groups = torch.tensor([7, 7, 7, 3, 9])            # prompt 7: 3 samples, 6 tokens; prompt 3: 4 tokens; 9: none
+    weights = prompt_mean_weights(mask, groups)
+    assert weights.tolist() == pytest.approx([1 / 12, 1 / 12, 1 / 12, 1 / 8, 0.0])
+    logprobs = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    old = logprobs.detach() + 0.1 * torch.randn(5, 4, dtype=torch.float64)
+    advantages = torch.tensor([1.0, -0.5, 2.0, 0.7, 3.0], dtype=torch.float64)
+    config = PolicyLossConfig(clip_low=0.2, clip_high=0.28, aggregation="prompt_mean")
+    assert loss_normalizer_for(mask, "prompt_mean") == 1.0
+    loss, _ = policy_loss(logprobs, old, advantages, mask, config, sequence_weights=weights)
+    # Independent float64 reference: per-token clipped surrogate, token mean within each prompt, mean over prompts.
+    ratio = torch.exp(logprobs - old)
+    surrogate = torch.minimum(ratio * advantages[:, None], ratio.clamp(0.8, 1.28) * advantages[:, None]) * mask
+    expected = -0.5 * (surrogate[:3].sum() / 6 + surrogate[3].sum() / 4)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-12)
+    # Micro-batches with the mini-batch's weights sum to the mini-batch loss and gradient.
+    (grad_full,) = torch.autograd.grad(loss, logprobs)
+    parts = [policy_loss(logprobs[rows], old[rows], advantages[rows], mask[rows], config,
+                         sequence_weights=weights[rows])[0] for rows in (slice(0, 2), slice(2, 5))]
+    (grad_parts,) = torch.autograd.grad(parts[0] + parts[1], logprobs)
+    assert float(parts[0] + parts[1]) == pytest.approx(float(loss), rel=1e-12)
+    assert torch.allclose(grad_parts, grad_full, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="sequence_weights"):
+        policy_loss(logprobs, old, advantages, mask, config)

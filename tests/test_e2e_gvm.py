@@ -57,7 +57,8 @@ def test_offline_pilot_counts_pilot_samples_and_spends_the_chunk_budget(tmp_path
 
 def test_step_pilot_spends_the_budget_after_its_own_pilot(tmp_path):
     summary = run_short_job(tmp_path, ["algorithm.name=grpo", "statistics.allocation=gvm", "statistics.mode=step_pilot",
-                                       "statistics.n_pilot=2", "generator.samples_per_prompt=6"], steps=3)
+                                       "statistics.n_pilot=2", "generator.samples_per_prompt=6",
+                                       "algorithm.aggregation=prompt_mean"], steps=3)
     rows = [row for row in read_metrics(tmp_path) if "step_seconds" in row]
     ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
     for row, entry in zip(rows, ledger):

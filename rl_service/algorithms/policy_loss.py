@@ -24,6 +24,15 @@ $$
 \frac{\sum_t m_{i,t}\,(s_t - \beta\, k3_t)}{\sum_t m_{i,t}}
 $$
 
+and **prompt_mean** (ours, for GVM): a token mean within each prompt's group g, then a mean over the
+P prompts of the mini-batch, $\mathcal{L} = -\frac{1}{P}\sum_g \frac{\sum_{i \in g,t} m_{i,t}(s_t - \beta k3_t)}
+{\sum_{i \in g,t} m_{i,t}}$. Token and sequence means weight a prompt by its sample count, so an
+allocation that gives a prompt more samples also gives it more weight: it changes *what* the batch
+estimates, not only how noisily. Prompt-mean keeps every prompt's weight fixed, which is the
+estimator whose variance §GVM.2 minimises (with `drop_rejected`, RAFT++'s per-prompt mean over the
+accepted samples, exactly §GVM.2's). Pass ``sequence_weights=prompt_mean_weights(...)`` of the
+mini-batch; the normaliser is then 1.
+
 Gradient accumulation: pass ``loss_normalizer=loss_normalizer_for(minibatch_mask, aggregation)`` to
 every micro-batch; the micro-batch losses (and gradients) then sum to the mini-batch loss exactly.
 §GRPO.6 (π_old log-probs computed once per rollout batch, before the first update) is the
@@ -37,9 +46,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["PolicyLossConfig", "policy_loss", "loss_normalizer_for", "AGGREGATIONS"]
+__all__ = ["PolicyLossConfig", "policy_loss", "loss_normalizer_for", "prompt_mean_weights", "AGGREGATIONS"]
 
-AGGREGATIONS = ("token_mean", "sequence_mean")
+AGGREGATIONS = ("token_mean", "sequence_mean", "prompt_mean")
 
 
 @dataclass
@@ -55,7 +64,8 @@ class PolicyLossConfig:
         kl_clamp: clamp k3 to [−v, v] (the GVM runs use 10), or None.
         kl_bias_correction: multiply k3 by ρ_t (TRL ``use_bias_correction_kl``): same value at
             ρ = 1, different gradient.
-        aggregation: "token_mean" (default; GRPO-DAPO and RAFT++) or "sequence_mean" (original GRPO).
+        aggregation: "token_mean" (default; GRPO-DAPO and RAFT++), "sequence_mean" (original GRPO) or
+            "prompt_mean" (ours: token mean per prompt, mean over prompts; see the module docstring).
     """
 
     clip_low: float = 0.2
@@ -89,6 +99,8 @@ def loss_normalizer_for(completion_mask: Tensor, aggregation: str) -> float:
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     mask = completion_mask.to(torch.float64)
+    if aggregation == "prompt_mean":
+        return 1.0   # the weights (prompt_mean_weights) already divide by P and by each prompt's tokens
     if aggregation == "token_mean":
         total = mask.sum()
     else:
@@ -104,6 +116,7 @@ def policy_loss(
     config: PolicyLossConfig,
     ref_logprobs: Tensor | None = None,
     loss_normalizer: float | None = None,
+    sequence_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped-surrogate loss ``L = −Σ m (s_t − β k3_t) / normalizer`` (ALGORITHMS.md §GRPO.3–5).
 
@@ -119,6 +132,8 @@ def policy_loss(
         ref_logprobs: [B, T] log π_ref; required iff ``config.kl_coef != 0``.
         loss_normalizer: replaces the local denominator (see :func:`loss_normalizer_for`) so that
             micro-batch losses sum to the mini-batch loss.
+        sequence_weights: [B] per-sequence weights of the prompt_mean aggregation (required for it,
+            from :func:`prompt_mean_weights` over the whole mini-batch).
 
     Returns:
         ``(loss, metrics)``; metrics are python floats over this call's completion tokens:
@@ -162,7 +177,11 @@ def policy_loss(
 
     # §GRPO.5: aggregation.
     masked = per_token_objective * mask
-    if config.aggregation == "token_mean":
+    if config.aggregation == "prompt_mean":
+        if sequence_weights is None or sequence_weights.shape != (mask.shape[0],):
+            raise ValueError("prompt_mean aggregation needs sequence_weights of shape [B]")
+        numerator = (masked.sum(-1) * sequence_weights.detach().to(masked.dtype)).sum()
+    elif config.aggregation == "token_mean":
         numerator = masked.sum()
     else:
         numerator = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
@@ -172,6 +191,24 @@ def policy_loss(
     metrics = _metrics(ratio, adv, mask, k3, config)
     metrics["loss"] = float(loss.detach().item())
     return loss, metrics
+
+
+def prompt_mean_weights(completion_mask: Tensor, groups: Tensor) -> Tensor:
+    """Per-sequence weights ``1 / (P · T_g)`` of the prompt_mean aggregation, float64 [B].
+
+    ``groups[i]`` is sequence i's prompt; ``T_g`` the completion tokens of prompt g's sequences and
+    ``P`` the prompts with at least one token, all within the given (mini-)batch. A sequence with no
+    completion token gets weight 0.
+    """
+    tokens = completion_mask.to(torch.float64).sum(-1)
+    _, group = torch.unique(groups, return_inverse=True)
+    per_group = torch.zeros(int(group.max()) + 1 if group.numel() else 0, dtype=torch.float64)
+    per_group.index_add_(0, group, tokens)
+    prompts = int((per_group > 0).sum())
+    if prompts == 0:
+        return torch.zeros_like(tokens)
+    group_tokens = per_group[group]
+    return torch.where(group_tokens > 0, 1.0 / (prompts * group_tokens.clamp(min=1.0)), torch.zeros_like(tokens))
 
 
 @torch.no_grad()

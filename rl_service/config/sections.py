@@ -221,7 +221,9 @@ class AlgorithmConfig(_Section):
     kl_coef: float = Field(0.0, ge=0.0, description="β_kl of the k3 KL penalty; >0 loads a frozen reference model")
     kl_clamp: float | None = Field(None, gt=0.0, description="clamp k3 to [−v, v]")
     kl_bias_correction: bool = Field(False, description="multiply k3 by the ratio (TRL's use_bias_correction_kl)")
-    aggregation: Literal["token_mean", "sequence_mean"] = Field("token_mean", description="§GRPO.5")
+    aggregation: Literal["token_mean", "sequence_mean", "prompt_mean"] = Field(
+        "token_mean", description="§GRPO.5; prompt_mean (ours): token mean per prompt, then mean over prompts, so a "
+                                  "prompt's weight does not grow with its GVM sample count (the §GVM.2 estimator)")
     drop_rejected: bool = Field(False, description="RAFT++: drop rejected samples instead of A = 0 (ours)")
 
 

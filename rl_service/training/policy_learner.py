@@ -24,7 +24,7 @@ from rl_service.algorithms.advantages import (grpo_advantages, raft_plus_plus_ad
                                                zero_variance_groups)
 from rl_service.algorithms.grad_norms import per_sample_embedding_grad_norms
 from rl_service.algorithms.logprobs import token_log_probs
-from rl_service.algorithms.policy_loss import PolicyLossConfig, loss_normalizer_for, policy_loss
+from rl_service.algorithms.policy_loss import PolicyLossConfig, loss_normalizer_for, policy_loss, prompt_mean_weights
 from rl_service.config import JobConfig
 from rl_service.models.loading import load_causal_lm
 from rl_service.rollout import Rollout
@@ -146,6 +146,8 @@ class PolicyLearner(EngineWeights):
             metrics.update(skipped_step=1.0, train_seconds=time.perf_counter() - started)
             return metrics
         batch = build_training_batch(rollout, advantages, keep, self.tokenizer.pad_token_id)
+        # Each kept row's prompt: the prompt_mean aggregation weighs prompts, not samples.
+        self._row_groups = torch.tensor(rollout.request_index, dtype=torch.long)[keep]
         self.engine.train()
         single_update = learner.mini_batches == 1 and learner.ppo_epochs == 1
         old_logprobs = None if single_update else self._frozen_logprobs(
@@ -176,6 +178,10 @@ class PolicyLearner(EngineWeights):
     def _optimizer_step(self, batch: TrainingBatch, mini_rows: torch.Tensor, old_logprobs, ref_logprobs) -> dict[str, float]:
         aggregation = self.config.algorithm.aggregation
         normalizer = loss_normalizer_for(batch.completion_mask[mini_rows], aggregation)
+        weights = None
+        if aggregation == "prompt_mean":   # over the whole mini-batch, indexed by row
+            weights = torch.zeros(len(batch), dtype=torch.float64)
+            weights[mini_rows] = prompt_mean_weights(batch.completion_mask[mini_rows], self._row_groups[mini_rows])
         active_rows = self._rows_with_gradient(batch, mini_rows)
         # Keys summed over the ranks (each rank adds its rows' share); the rest are the same on every rank.
         totals: dict[str, float] = {"loss": 0.0, "behaviour_logprob_abs_diff": 0.0,
@@ -201,7 +207,8 @@ class PolicyLearner(EngineWeights):
                 old = torch.where(stale[:, None], micro.behaviour_logprobs, old)
             ref = None if ref_logprobs is None else ref_logprobs[micro_rows][:, :width]
             loss, loss_metrics = policy_loss(logprobs, old, micro.advantages, micro.completion_mask, self.loss_config,
-                                             ref_logprobs=ref, loss_normalizer=normalizer)
+                                             ref_logprobs=ref, loss_normalizer=normalizer,
+                                             sequence_weights=None if weights is None else weights[micro_rows])
             if idle:
                 loss = loss * 0.0
             elif rank_scale != 1:
