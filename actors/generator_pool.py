@@ -15,14 +15,14 @@ an even split for the same reason.
 
 Queue depth: after each hand-out the pool records, per engine, the samples it has sent and not seen
 finish as the live metric `rl_service_generator_queue_depth` (rl_service/telemetry.py); only a
-pool named `<job>/generator_pool/<index>`, as rl_service/roles.py names it, knows its job and records.
+pool of a run (rl_service/roles.py puts the run's ids in its actors' environment) records.
 """
 from __future__ import annotations
 
 import ray
 
 from rl_service.rollout import GenerationRequest, SamplingParams, balance_requests, request_work
-from rl_service.telemetry import MetricRecorder, job_name_of_actor, queue_depth_values
+from rl_service.telemetry import MetricRecorder, queue_depth_values, run_tags_from_env
 
 
 @ray.remote
@@ -35,7 +35,7 @@ class GeneratorPool:
         self.engines = list(engines)
         # Per engine: (result ref, work, samples) of every shard sent and not yet seen finished.
         self._pending: list[list[tuple[ray.ObjectRef, int, int]]] = [[] for _ in self.engines]
-        self._job_name = job_name_of_actor(ray.get_runtime_context().get_actor_name())
+        self._tags = run_tags_from_env()   # None outside a run (a bare pool): no metrics
         self._telemetry = MetricRecorder()
         self._target: int | None = None   # engines asked for by `rl-service scale`, applied by the driver
         self._engine_resources = dict(engine_resources or {})
@@ -106,11 +106,11 @@ class GeneratorPool:
             work = sum(request_work(request, sampling.max_new_tokens) for request in shard)
             self._pending[engine_index].append((ref, work, sum(request.num_samples for request in shard)))
             refs.append(ref)
-        if self._job_name is not None:
+        if self._tags is not None:
             # Read right after a hand-out, when the queue is deepest: in sync mode every shard has
             # finished by the time anyone could ask later in the step.
             self._telemetry.record(queue_depth_values(
-                [sum(samples for _, _, samples in pending) for pending in self._pending], self._job_name))
+                [sum(samples for _, _, samples in pending) for pending in self._pending], self._tags))
         return refs
 
     def update_weights(self, weights: list[ray.ObjectRef]) -> list[int]:

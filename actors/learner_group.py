@@ -86,12 +86,13 @@ def start_learner_group(config: JobConfig, resume_from: str | None = None, *, jo
 
     from actors.learner import LearnerActor
     from actors.process import LEARNER_ENV
+    from rl_service.roles import submission_id
 
     learner = config.learner
     placement = None
     if learner.num_ranks > 1:
         placement = placement_group(learner_bundles(config), strategy=learner.placement,
-                                    name=f"{config.job_name}/learner")
+                                    name=f"{submission_id(config.job_name)}/learner")
         ready, _ = ray.wait([placement.ready()], timeout=learner.join_timeout_s)
         if not ready:
             ray.util.remove_placement_group(placement)
@@ -101,7 +102,7 @@ def start_learner_group(config: JobConfig, resume_from: str | None = None, *, jo
                 f"has {ray.available_resources()} free")
     ranks = []
     for rank in range(learner.num_ranks):
-        options = {"name": f"{config.job_name}/learner/{rank}", "num_cpus": learner.num_cpus,
+        options = {"name": f"{submission_id(config.job_name)}/learner/{rank}", "num_cpus": learner.num_cpus,
                    "num_gpus": learner.num_gpus, "resources": dict(learner.resources),
                    "runtime_env": {"env_vars": dict(LEARNER_ENV)}}
         if placement is not None:

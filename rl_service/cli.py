@@ -2,11 +2,12 @@
 
     rl-service run CONFIG [--set a.b=c ...] [--run-dir DIR [--resume]]
                                                                 train (local Ray on 127.0.0.1, or RAY_ADDRESS)
-    rl-service resume RUN_DIR [--set a.b=c ...]                 continue a stopped or killed run from its last checkpoint
+    rl-service resume RUN_DIR|JOB_ID [--set a.b=c ...]          continue a stopped or killed run from its last checkpoint
+                                                                (a job id: as a new job on the job's cluster)
     rl-service eval CHECKPOINT [CONFIG] [--set ...]             greedy eval accuracy of a model directory
     rl-service config-schema                                    the JobConfig JSON schema
     rl-service validate CONFIG [--set ...]                      check a config and its data, start nothing
-    rl-service report RUN_DIR [--out DIR]                       PNG plots of a run's metrics.jsonl (default RUN_DIR/report)
+    rl-service report RUN_DIR|JOB_ID [--out DIR]                PNG plots of a run's metrics.jsonl (default RUN_DIR/report)
 
 A user's mistake (config, dataset, model directory) prints one line naming what is wrong and exits
 with code 2, before Ray starts; no traceback.
@@ -18,11 +19,10 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from rl_service.errors import UserError
-from rl_service.jobs import JOB_COMMANDS, add_job_commands
+from rl_service.jobs import JOB_COMMANDS, add_job_commands, connection
 
 EXIT_USER_ERROR = 2
 
@@ -35,14 +35,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML job file (see configs/)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. --set learner.lr=1e-5 (repeatable)")
-    run.add_argument("--run-dir", help="output directory (default: runs/<job_name>-<timestamp>)")
+    run.add_argument("--run-dir", help="output directory (default: <logging.output_dir>/<job_name>-<time>-<id>)")
     run.add_argument("--resume", action="store_true",
                      help="continue from --run-dir's latest checkpoint if it has one (else start there)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the run already in --run-dir (without this or --resume such a run is refused)")
 
     resume = commands.add_parser("resume", help="continue a stopped or killed run from its latest checkpoint")
-    resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
+    resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/), or the id of a "
+                                        "submitted job: resumed as a new job on its cluster (prints the new id)")
     resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change a field for the rest of the run, e.g. --set steps=200")
 
@@ -58,14 +59,37 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("config-schema", help="print the JobConfig JSON schema")
 
     report = commands.add_parser("report", help="PNG plots of a run's metrics.jsonl (reward, accuracy, throughput, ...)")
-    report.add_argument("run_dir", help="the run directory (holds metrics.jsonl)")
+    report.add_argument("run_dir", help="the run directory (holds metrics.jsonl), or a submitted job's id")
     report.add_argument("--out", help="directory for the PNGs (default: RUN_DIR/report)")
+    connection(resume)   # used only with a job id
+    connection(report)
     add_job_commands(commands)
     return parser
 
 
-def _default_run_dir(job_name: str) -> Path:
-    return Path("runs") / f"{job_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def _run_id(config) -> str:
+    """One id per run (a submitted job's is its submission id), shared by its default run directory,
+    actor names and metric tags (rl_service/roles.py)."""
+    from rl_service.roles import SUBMISSION_ID_ENV, new_submission_id
+
+    return os.environ.setdefault(SUBMISSION_ID_ENV, new_submission_id(config.job_name))
+
+
+def _default_run_dir(config) -> Path:
+    run_dir = Path(config.logging.output_dir) / _run_id(config)
+    if not run_dir.is_absolute() and os.environ.get("RAY_ADDRESS"):
+        logging.getLogger("rl_service").warning(
+            "run directory %s is inside the job's working directory, which Ray deletes: pass --run-dir or set "
+            "logging.output_dir to an absolute path (rl-service submit does)", run_dir.resolve())
+    return run_dir
+
+
+def _announce(run_dir: Path) -> None:
+    """The run directory, absolute, on stdout before anything else is done: the first line of a
+    job's log (`rl-service report JOB_ID` reads it from there for a job submitted without our CLI)."""
+    from rl_service.job_runs import RUN_DIR_LOG_PREFIX
+
+    print(f"{RUN_DIR_LOG_PREFIX}{run_dir.resolve()}", flush=True)
 
 
 def _command_run(args) -> int:
@@ -76,8 +100,10 @@ def _command_run(args) -> int:
     from rl_service.run_dir import latest_checkpoint, prepare_run_dir
 
     config = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config.job_name)
+    _run_id(config)
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config)
     prepare_run_dir(run_dir, args.resume, args.overwrite, clear=False)   # a file, /proc, an existing run
+    _announce(run_dir)
     if args.resume:
         if not args.run_dir:
             raise UserError("run --resume needs --run-dir: the run directory to continue")
@@ -89,16 +115,19 @@ def _command_run(args) -> int:
             return _resume(Path(args.run_dir), config)
     job = prepare_job(config)  # user-input errors surface here, before Ray starts
     prepare_run_dir(run_dir, args.resume, args.overwrite)   # only now: replacing a run, once the new one can start
-    logging.getLogger("rl_service").info("run directory: %s", run_dir)
     summary = run_training(job, run_dir)
-    print_summary(summary, str(run_dir))
+    print_summary(summary, str(run_dir.resolve()))
     return 0
 
 
 def _command_resume(args) -> int:
     from rl_service.config import load_config
+    from rl_service.job_runs import is_job_id, resume_job
 
+    if is_job_id(args.run_dir):
+        return resume_job(args)
     run_dir = Path(args.run_dir)
+    _announce(run_dir)
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
@@ -113,10 +142,11 @@ def _resume(run_dir: Path, config) -> int:
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise UserError(f"{run_dir}: no complete checkpoint to resume from (checkpoints/latest)")
+    _run_id(config)
     job = prepare_job(config)
     logging.getLogger("rl_service").info("resuming %s from %s", run_dir, checkpoint.name)
     summary = run_training(job, run_dir, resume_from=checkpoint)
-    print_summary(summary, str(run_dir))
+    print_summary(summary, str(run_dir.resolve()))
     return 0
 
 
@@ -142,9 +172,11 @@ def _command_eval(args) -> int:
 
 
 def _command_report(args) -> int:
+    from rl_service.job_runs import is_job_id, report_job
     from rl_service.report import write_report
 
-    result = write_report(args.run_dir, args.out)
+    run_dir = report_job(args) if is_job_id(args.run_dir) else args.run_dir
+    result = write_report(run_dir, args.out)
     for notice in result.notices:   # skipped plots: on stderr, so stdout lists only the written files
         print(f"rl-service report: {notice}", file=sys.stderr)
     for path in result.written:

@@ -1,7 +1,12 @@
 """Elastic generator pool: `rl-service scale JOB --generators N` while the job runs.
 
-The request goes to the job's `GeneratorPool` (found by name in the job's namespace, which is its
-submission id) and is checked there against the cluster's free resources. The driver applies it at
+`rl-service scale` runs no Ray job: it writes the request into Ray's internal KV store through the
+job server's authenticated package-upload endpoint (`PUT /api/packages/gcs/<key>`, the one HTTP
+route that writes the KV; see `scale_request_key`), and the job's driver, which polls its own keys
+(`ScaleListener`), hands it to the job's `GeneratorPool`, which checks it against the cluster's free
+resources; the driver's answer is one log line, `scale <request id>: ...`, which the command waits
+for in the job's log. So `list` and the dashboard show only real jobs, and a refused scale fails
+nothing. The driver applies it at
 its next launch, between steps' hand-outs, so no request is ever split across a change:
 - growing: each new engine is placed like the others, loads the weights the pool serves *before*
   the pool sends it anything, then joins;
@@ -9,13 +14,12 @@ its next launch, between steps' hand-outs, so no request is ever split across a 
   samples are kept: they belong to steps that will be trained), then the engines are shut down.
 So no prompt is lost or sampled twice for a step; `ledger.jsonl` records what each step trained.
 Scaling needs the object-store weight transport (a collective group has a fixed membership).
-
-    python -m rl_service.elastic SUBMISSION_ID N     (what `rl-service scale` runs on the cluster)
 """
 from __future__ import annotations
 
+import json
 import logging
-import sys
+import threading
 
 from rl_service.config import JobConfig
 
@@ -110,21 +114,77 @@ def request_scale(namespace: str, count: int) -> str:
     return f"{count} generator engine(s) from the next step"
 
 
-def main(argv: list[str]) -> int:
-    import ray
-
-    submission_id, count = argv[0], int(argv[1])
-    namespace = f"rl_service-{submission_id}"
-    ray.init(address="auto", namespace=namespace, logging_level="ERROR", log_to_driver=False)
-    try:
-        print(f"{submission_id}: {request_scale(namespace, count)}")
-        return 0
-    except ValueError as error:
-        print(f"rl-service: error: {error}")
-        return 2
-    finally:
-        ray.shutdown()
+SCALE_KEY_PREFIX = "gcs://rl_service_scale_"
+SCALE_POLL_S = 1.0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def scale_request_key(submission_id: str, request_id: str) -> str:
+    """The KV key of one scale request of a job. The `gcs://` form is what the upload endpoint
+    stores under (`ray._private.runtime_env.packaging.upload_package_to_gcs`); nothing else reads
+    these keys, and the driver deletes each one it answers."""
+    return f"{SCALE_KEY_PREFIX}{submission_id}.{request_id}"
+
+
+def scale_answer(request_id: str, text: str) -> str:
+    """The driver's log line answering a request; `rl-service scale` looks for its prefix."""
+    return f"scale {request_id}: {text}"
+
+
+class ScaleListener:
+    """A daemon thread of the driver that answers the job's scale requests from the KV store, one
+    a second, until `stop()`: each is passed to the pool (`request_engines`, applied by the driver
+    at its next launch) and answered in the log."""
+
+    def __init__(self, pool, submission_id: str, refusal: str | None = None):
+        self.pool, self.prefix, self.refusal = pool, scale_request_key(submission_id, ""), refusal
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rl_service-scale-listener", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def for_trainer(cls, config: JobConfig, trainer) -> "ScaleListener | None":
+        roles = getattr(trainer, "roles", None)
+        if roles is None or getattr(roles, "pool", None) is None:
+            return None
+        from rl_service.roles import submission_id
+
+        refusal = None
+        if config.algorithm.name in ("dpo", "bvpo"):
+            refusal = f"scaling applies to grpo and raft++ jobs; a {config.algorithm.name} job keeps its pool"
+        return cls(roles.pool, submission_id(config.job_name), refusal)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(SCALE_POLL_S):
+            try:
+                self.poll()
+            except Exception as error:  # noqa: BLE001 - a KV hiccup must not end the run; next poll retries
+                log.warning("scale requests: %s: %s", type(error).__name__, error)
+
+    def poll(self) -> None:
+        import ray
+        from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_list
+
+        for raw_key in _internal_kv_list(self.prefix):
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            request_id = key[len(self.prefix):]
+            body = _internal_kv_get(key)
+            _internal_kv_del(key)
+            try:
+                count = int(json.loads(body)["generators"])
+            except (TypeError, ValueError, KeyError):
+                log.info(scale_answer(request_id, "refused: not a scale request"))
+                continue
+            if self.refusal is not None:
+                log.info(scale_answer(request_id, f"refused: {self.refusal}"))
+                continue
+            try:
+                ray.get(self.pool.request_engines.remote(count))
+            except ray.exceptions.RayTaskError as error:
+                reason = " ".join(str(error.cause if error.cause is not None else error).split())
+                log.info(scale_answer(request_id, f"refused: {reason}"))
+                continue
+            log.info(scale_answer(request_id, f"{count} generator engine(s) from the next step"))

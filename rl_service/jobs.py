@@ -1,10 +1,13 @@
-"""`rl-service submit | status | logs | stop | list`: jobs on a Ray cluster through the Ray Jobs SDK.
+"""`rl-service submit | status | logs | stop | list | scale`: jobs on a Ray cluster through the Ray Jobs SDK.
 
-`submit` validates the config here first (a typo fails before anything reaches the cluster), then
-sends `python -m rl_service.cli run CONFIG --set ...` with the working directory as the job's
-runtime env (code, configs, data, custom reward files; `.venv`, `.git`, `runs/` left out), and
-the submission id in `RL_SERVICE_SUBMISSION_ID`, which names the job's Ray namespace: `scale` finds
-the job's generator pool there (rl_service/elastic.py).
+`submit` validates the config here first (a typo or a missing local path fails before anything
+reaches the cluster), then sends `python -m rl_service.cli run CONFIG --run-dir DIR --set ...` with
+the working directory as the job's runtime env (code, configs, data, custom reward files; `.venv`,
+`.git`, `runs/` left out), and the submission id in `RL_SERVICE_SUBMISSION_ID`, which names the
+job's Ray namespace, prefixes its actors' names and tags its metrics. DIR is absolute and kept in
+the job's metadata, so `report` and `resume` find the run by job id (rl_service/job_runs.py).
+`scale` writes its request into the cluster's KV store, where the job's driver picks it up
+(rl_service/elastic.py): no helper job.
 
 Authentication is Ray's token auth: the token comes from `--token-file`, `RAY_AUTH_TOKEN` or
 `RAY_AUTH_TOKEN_PATH` (Ray's own variables; `~/.ray/auth_token` last), and is sent as a bearer
@@ -15,8 +18,10 @@ line and exit code 2; nothing on the cluster is touched by a failed command.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -28,17 +33,24 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 UPLOAD_EXCLUDES = [".venv", "runs", "**/__pycache__", "*.pyc", ".pytest_cache", "*.egg-info"]
 
 
+def connection(parser) -> None:
+    """The job server options of a command that talks to a cluster."""
+    parser.add_argument("--address", help=f"Ray job server (dashboard) URL; default RAY_API_SERVER_ADDRESS, "
+                                          f"RAY_ADDRESS, then {DEFAULT_ADDRESS}")
+    parser.add_argument("--token-file", help="file holding the cluster's Ray auth token (else RAY_AUTH_TOKEN / "
+                                             "RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token)")
+
+
 def add_job_commands(commands) -> None:
     """The job subcommands on the CLI's subparsers."""
-    def connection(parser):
-        parser.add_argument("--address", help=f"Ray job server (dashboard) URL; default RAY_API_SERVER_ADDRESS, "
-                                              f"RAY_ADDRESS, then {DEFAULT_ADDRESS}")
-        parser.add_argument("--token-file", help="file holding the cluster's Ray auth token (else RAY_AUTH_TOKEN / "
-                                                 "RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token)")
-
     submit = commands.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs)")
     submit.add_argument("config", help="YAML job file inside the working directory (uploaded with it)")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--run-dir", help="the run directory, as the cluster's nodes see it (default: "
+                                          "<logging.output_dir>/<job id>, absolute from here)")
+    submit.add_argument("--no-local-check", action="store_true",
+                        help="do not check here that the config's paths (model, data, ...) exist: they are on the "
+                             "cluster only")
     connection(submit)
     for name, text in (("status", "a job's status"), ("stop", "stop a running job")):
         command = commands.add_parser(name, help=text)
@@ -115,7 +127,11 @@ def _call(args, action):
 
 
 def command_submit(args) -> int:
+    """Validate, decide the run directory (rl_service/job_runs.py), submit; prints the run directory
+    on stderr and the job id on stdout. The job's metadata `job_name` is the dashboard's Name column."""
     from rl_service.config import load_config
+    from rl_service.job_runs import RUN_DIR_LOG_PREFIX, RUN_DIR_METADATA, check_local_paths, submit_run_dir
+    from rl_service.roles import new_submission_id
 
     config_path = Path(args.config).resolve()
     config = load_config(config_path, args.overrides)   # fails here, before anything is submitted
@@ -123,21 +139,51 @@ def command_submit(args) -> int:
     if not config_path.is_relative_to(working_dir):
         raise UserError(f"{args.config}: the config must be inside the working directory ({working_dir}), "
                         "which is what the job receives")
-    entrypoint = " ".join(["python", "-m", "rl_service.cli", "run", shlex.quote(str(config_path.relative_to(working_dir)))]
+    if not args.no_local_check:
+        check_local_paths(config, working_dir)
+    job_id = new_submission_id(config.job_name)
+    run_dir = submit_run_dir(args.run_dir, config, job_id, working_dir)
+    entrypoint = " ".join(["python", "-m", "rl_service.cli", "run", shlex.quote(str(config_path.relative_to(working_dir))),
+                           "--run-dir", shlex.quote(str(run_dir))]
                           + [f"--set {shlex.quote(override)}" for override in args.overrides])
     client = _client(args)
-    job_id = f"{config.job_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    _call(args, lambda: client.submit_job(
-        entrypoint=entrypoint, submission_id=job_id, metadata={"rl_service_job": config.job_name},
-        runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES,
-                     "env_vars": {SUBMISSION_ID_ENV: job_id}}))
+    submit_job(args, client, entrypoint=entrypoint, submission_id=job_id,
+               metadata={"job_name": config.job_name, "rl_service_job": config.job_name, RUN_DIR_METADATA: str(run_dir)},
+               runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES,
+                            "env_vars": {SUBMISSION_ID_ENV: job_id}})
+    print(f"{RUN_DIR_LOG_PREFIX}{run_dir}", file=sys.stderr)
     print(job_id)
     return 0
 
 
+def submit_job(args, client, timeout_s: float = 60.0, **job) -> None:
+    """`client.submit_job(**job)`, retried while the head answers that its job agent is not up yet
+    (for a while after `ray start`: "No available agent to submit job, please try again later")."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.submit_job(**job)
+            return
+        except Exception as error:  # noqa: BLE001 - only the agent's start-up is retried; the rest is one line
+            if "no available agent" not in str(error).lower() or time.monotonic() > deadline:
+                _call(args, lambda: _raise(error))
+            time.sleep(2)
+
+
+def _raise(error: BaseException):
+    raise error
+
+
 def command_status(args) -> int:
+    """The status on the first line; for a job that did not succeed, Ray's message after it (for a
+    failed entrypoint: its exit code and the log's last lines, where our one-line error is)."""
     client = _client(args)
-    print(_call(args, lambda: client.get_job_status(args.job_id)).value)
+    info = _call(args, lambda: client.get_job_info(args.job_id))
+    print(info.status.value)
+    if info.status.value in ("FAILED", "STOPPED") and info.message:
+        lines = [line for line in info.message.splitlines() if line.strip()]
+        shown = lines if len(lines) <= 12 else lines[:1] + ["..."] + lines[-10:]
+        print("\n".join(f"  {line}" for line in shown))
     return 0
 
 
@@ -173,28 +219,41 @@ def command_list(args) -> int:
 
 
 def command_scale(args) -> int:
-    """Runs `python -m rl_service.elastic` on the cluster as a small job of its own (it joins the
-    cluster, finds the job's pool in the job's namespace and asks it), then reports its one line."""
+    """Writes the request into the cluster's KV store and waits for the job's driver to answer it in
+    its log (rl_service/elastic.py `ScaleListener`): no Ray job of its own."""
+    from rl_service.elastic import scale_answer, scale_request_key
+
     if args.generators < 1:
         raise UserError(f"--generators {args.generators}: a job needs at least one generator engine")
     client = _client(args)
     status = _call(args, lambda: client.get_job_status(args.job_id)).value
     if status != "RUNNING":
         raise UserError(f"job {args.job_id} is {status}, not running: nothing to scale")
-    helper_id = f"scale-{args.job_id}-{uuid.uuid4().hex[:6]}"
-    _call(args, lambda: client.submit_job(
-        entrypoint=f"python -m rl_service.elastic {shlex.quote(args.job_id)} {args.generators}", submission_id=helper_id,
-        runtime_env={"working_dir": str(Path.cwd().resolve()), "excludes": UPLOAD_EXCLUDES}))
+    request_id = uuid.uuid4().hex[:8]
+    _, key = scale_request_key(args.job_id, request_id).split("://", 1)
+    # The SDK's own request helper: it carries the token header and the address exactly as the
+    # job calls do (the upload endpoint stores the body in the KV under gcs://<key>).
+    response = _call(args, lambda: client._do_request("PUT", f"/api/packages/gcs/{key}",
+                                                      data=json.dumps({"generators": args.generators}).encode()))
+    if response.status_code != 200:
+        raise UserError(f"{_address(args.address)}: the job server refused the scale request "
+                        f"(HTTP {response.status_code}): {_cause(RuntimeError(response.text))}")
+    prefix = scale_answer(request_id, "")
     deadline = time.monotonic() + 300
-    while (status := _call(args, lambda: client.get_job_status(helper_id)).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+    while True:
+        logs = _call(args, lambda: client.get_job_logs(args.job_id))
+        answer = next((line.split(prefix, 1)[1].strip() for line in logs.splitlines() if prefix in line), None)
+        if answer is not None:
+            break
+        status = _call(args, lambda: client.get_job_status(args.job_id)).value
+        if status != "RUNNING":
+            raise UserError(f"job {args.job_id} ended ({status}) before it answered the scale request")
         if time.monotonic() > deadline:
-            raise UserError(f"job {args.job_id}: the scale request ({helper_id}) did not finish in 300 s")
+            raise UserError(f"job {args.job_id}: no answer to the scale request in 300 s (is its driver between steps?)")
         time.sleep(1)
-    lines = [line for line in _call(args, lambda: client.get_job_logs(helper_id)).splitlines() if line.strip()]
-    answer = next((line for line in reversed(lines) if line.startswith(("rl-service: error:", args.job_id))), None)
-    if status != "SUCCEEDED" or answer is None or answer.startswith("rl-service: error:"):
-        raise UserError((answer or f"the scale request failed ({status})").removeprefix("rl-service: error: "))
-    print(answer)
+    if answer.startswith("refused: "):
+        raise UserError(answer.removeprefix("refused: "))
+    print(f"{args.job_id}: {answer}")
     return 0
 
 

@@ -1,12 +1,14 @@
 """The driver's side of Ray: start or join a cluster and place one actor per role.
 
-Actors are named `<job>/<role>/<index>` so the dashboard's actor list reads like the design, and
-each gets its CPU/GPU/custom resources from its own config section, so rollout and learner land
+Actors are named `<submission id>/<role>/<index>` (the id starts with the job name, so two runs of
+one config differ) and the dashboard's actor list reads like the design; each gets its
+CPU/GPU/custom resources from its own config section, so rollout and learner land
 on the nodes a user names and scale independently.
 """
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -51,18 +53,46 @@ def is_role_failure(error: BaseException) -> bool:
     return False
 
 
+JOB_NAME_ENV = "RL_SERVICE_JOB_NAME"             # the config's job_name, for the actors' metric tags
+_process_run_id: dict[str, str] = {}
+
+
+def new_submission_id(job_name: str) -> str:
+    """`<job_name>-<YYYYmmdd-HHMMSS>-<6 hex>`: what `rl-service submit` names a job, and a local run."""
+    return f"{job_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def submission_id(job_name: str) -> str:
+    """The id of this run: the submission id of a submitted job (`rl-service run` sets one for a local
+    run too), else one made up once per process and job name. It names the job's Ray namespace
+    (`rl-service scale` finds its pool there), prefixes its actors' names and tags its metrics, so
+    two runs of one config stay apart in the dashboard and in Prometheus."""
+    return os.environ.get(SUBMISSION_ID_ENV) or _process_run_id.setdefault(job_name, new_submission_id(job_name))
+
+
+def _actor_env(config: JobConfig) -> dict[str, str]:
+    """The actors' environment: ACTOR_ENV and the run's ids (their metric tags). Ray refuses a driver
+    runtime env that repeats a key of its job's (`rl-service submit` sets the submission id there),
+    so keys the job's runtime env already sets are left to it."""
+    import json
+
+    from actors.process import ACTOR_ENV
+
+    env = {**ACTOR_ENV, SUBMISSION_ID_ENV: submission_id(config.job_name), JOB_NAME_ENV: config.job_name}
+    try:   # Ray's job supervisor puts the job's config, runtime env included, in this variable
+        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars")
+    except (ValueError, AttributeError):
+        job_env = None
+    return {key: value for key, value in env.items() if key not in (job_env or {})}
+
+
 def job_namespace(config: JobConfig) -> str:
-    """A submitted job's namespace is its submission id (`rl-service scale` finds its pool there);
-    a local run gets a fresh one."""
-    submission_id = os.environ.get(SUBMISSION_ID_ENV)
-    return f"rl_service-{submission_id}" if submission_id else f"rl_service-{config.job_name}-{uuid.uuid4().hex[:8]}"
+    return f"rl_service-{submission_id(config.job_name)}"
 
 
 def start_ray(config: JobConfig):
     """Join `cluster.address` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1 only. Returns
     the local Ray's reaper (`reap_if_driver_dies`; stop it after `ray.shutdown()`), else None."""
-    from actors.process import ACTOR_ENV
-
     address = config.cluster.address or os.environ.get("RAY_ADDRESS")
     if not address:
         # Ray resolves "127.0.0.1" to the machine's routable address unless cluster mode is off
@@ -73,7 +103,7 @@ def start_ray(config: JobConfig):
 
     kwargs = {
         "namespace": job_namespace(config),
-        "runtime_env": {"env_vars": dict(ACTOR_ENV)},
+        "runtime_env": {"env_vars": _actor_env(config)},
         "logging_level": "WARNING",
         "log_to_driver": True,
     }
@@ -110,7 +140,7 @@ def reap_if_driver_dies():
 
 def _options(config: JobConfig, role: str, index: int, num_cpus: float, num_gpus: float = 0.0,
              resources: dict | None = None) -> dict:
-    return {"name": f"{config.job_name}/{role}/{index}", "num_cpus": num_cpus, "num_gpus": num_gpus,
+    return {"name": f"{submission_id(config.job_name)}/{role}/{index}", "num_cpus": num_cpus, "num_gpus": num_gpus,
             "resources": dict(resources or {})}
 
 
@@ -150,7 +180,7 @@ def generator_options(config: JobConfig, index: int) -> dict:
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    group = placement_group(bundles, strategy="STRICT_PACK", name=f"{config.job_name}/generator/{index}")
+    group = placement_group(bundles, strategy="STRICT_PACK", name=f"{submission_id(config.job_name)}/generator/{index}")
     options = _options(config, "generator", index, generator.num_cpus, 0.0, generator.resources)
     options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
         placement_group=group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)

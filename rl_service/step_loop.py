@@ -4,17 +4,25 @@ collapse guard, evaluate and checkpoint at the end.
 
 A trainer provides `evaluate(step) -> metrics`, `train_step(step) -> metrics`, `checkpoint(step) ->
 path`, `collapsed() -> bool`, `eval_history` [(step, accuracy)] and `run_dir`. Ray set-up and tear-down stay with
-the caller, so this loop is the same whichever roles a job runs.
+the caller, so this loop is the same whichever roles a job runs. Where the trainer has them, the loop
+also records the step and each evaluation as live metrics (`telemetry`) and answers `rl-service
+scale` requests for its pool (`roles`, rl_service/elastic.py).
+
+Progress: a bar on a terminal; elsewhere (a Ray job's log, a pipe) or with the bar off, one log
+line every `logging.log_every` steps and one per evaluation (rl_service/progress.py). The final
+evaluation is taken inside the bar, so the bar ends on the accuracy the summary reports.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rl_service.config import JobConfig
-from rl_service.progress import StepProgress
+from rl_service.config.sections import CLUSTER_CHECKPOINT_EVERY
+from rl_service.progress import StepProgress, format_eval_line, format_step_line, on_terminal
 
 log = logging.getLogger("rl_service")
 
@@ -41,42 +49,79 @@ def loop_outcome(trainer, result: LoopResult) -> dict:
     }
 
 
+def checkpoint_every(config: JobConfig) -> int:
+    """`checkpoint.every`, with none resolved: a run that joins a cluster (a submitted job, where Ray
+    sets RAY_ADDRESS, or cluster.address) saves every CLUSTER_CHECKPOINT_EVERY steps, so a stopped
+    or lost job can be resumed; a local run only at the end."""
+    if config.checkpoint.every is not None:
+        return config.checkpoint.every
+    return CLUSTER_CHECKPOINT_EVERY if (config.cluster.address or os.environ.get("RAY_ADDRESS")) else 0
+
+
+def _record(trainer, step: int, evaluation: dict | None = None) -> None:
+    telemetry = getattr(trainer, "telemetry", None)
+    if telemetry is not None:
+        telemetry.record_loop(step, evaluation)
+
+
 def run_steps(config: JobConfig, trainer, start_step: int = 0) -> LoopResult:
     """Steps `start_step + 1` … `config.steps`; a resumed run (`start_step` > 0) does not evaluate
     again before its first step: the run it continues already did."""
+    from rl_service.elastic import ScaleListener
+
+    bar = config.logging.progress_bar and on_terminal()
+    log_every = 0 if bar else config.logging.log_every
+    every = checkpoint_every(config)
     if start_step == 0:
         initial = trainer.evaluate(step=0)
-        accuracies = ", ".join(f"{key} {value:.3f}" for key, value in initial.items() if key.startswith("eval_accuracy"))
-        log.info("initial eval: %s", accuracies or "no eval split")
+        log.info(format_eval_line(0, initial))
+        _record(trainer, 0, initial)
     else:
         initial = {"eval_accuracy": trainer.eval_history[0][1]} if trainer.eval_history else {}
         log.info("resuming after step %d", start_step)
     stopped_reason, step, last_eval = "completed", start_step, (start_step, initial)
     nonfinite_in_a_row = 0
     loop_started = time.perf_counter()
-    with StepProgress(config.steps, enabled=config.logging.progress_bar, completed=start_step) as progress:
-        for step in range(start_step + 1, config.steps + 1):
-            metrics = trainer.train_step(step)
-            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                evaluation = trainer.evaluate(step)
-                metrics.update(evaluation)
-                last_eval = (step, evaluation)
-            progress.update(step, metrics, trainer.eval_history)
-            if config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.steps:
-                trainer.checkpoint(step)
-            # NaN/Inf guard: the learner skipped every update whose gradient was not finite.
-            nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics.get("nonfinite_update_fraction", 0.0) > 0 else 0
-            if nonfinite_in_a_row >= config.guard.max_nonfinite_steps:
-                stopped_reason = (f"{nonfinite_in_a_row} steps in a row with a non-finite loss or gradient, up to step "
-                                  f"{step} (guard.max_nonfinite_steps); the last good checkpoint is kept")
-                log.error(stopped_reason)
-                break
-            if trainer.collapsed():
-                stopped_reason = f"eval accuracy collapsed at step {step} (guard.max_eval_drop={config.guard.max_eval_drop})"
-                log.warning(stopped_reason)
-                break
-    train_wall_s = time.perf_counter() - loop_started
-    final = trainer.evaluate(step) if last_eval[0] != step else last_eval[1]
+    listener = ScaleListener.for_trainer(config, trainer)
+    metrics: dict = {}
+    try:
+        with StepProgress(config.steps, enabled=bar, completed=start_step) as progress:
+            for step in range(start_step + 1, config.steps + 1):
+                metrics = trainer.train_step(step)
+                if log_every and (step % log_every == 0 or step == config.steps):
+                    log.info(format_step_line(step, config.steps, metrics))
+                evaluation = None
+                if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                    evaluation = trainer.evaluate(step)
+                    metrics.update(evaluation)
+                    last_eval = (step, evaluation)
+                    log.info(format_eval_line(step, evaluation))
+                _record(trainer, step, evaluation)
+                progress.update(step, metrics, trainer.eval_history)
+                if every and step % every == 0 and step < config.steps:
+                    trainer.checkpoint(step)
+                # NaN/Inf guard: the learner skipped every update whose gradient was not finite.
+                nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics.get("nonfinite_update_fraction", 0.0) > 0 else 0
+                if nonfinite_in_a_row >= config.guard.max_nonfinite_steps:
+                    stopped_reason = (f"{nonfinite_in_a_row} steps in a row with a non-finite loss or gradient, up to step "
+                                      f"{step} (guard.max_nonfinite_steps); the last good checkpoint is kept")
+                    log.error(stopped_reason)
+                    break
+                if trainer.collapsed():
+                    stopped_reason = f"eval accuracy collapsed at step {step} (guard.max_eval_drop={config.guard.max_eval_drop})"
+                    log.warning(stopped_reason)
+                    break
+            train_wall_s = time.perf_counter() - loop_started
+            if last_eval[0] != step:
+                final = trainer.evaluate(step)
+                log.info(format_eval_line(step, final))
+                _record(trainer, step, final)
+                progress.update(step, metrics, trainer.eval_history)
+            else:
+                final = last_eval[1]
+    finally:
+        if listener is not None:
+            listener.stop()
     # After non-finite steps nothing new is worth saving: the newest checkpoint stays the newest.
     halted = nonfinite_in_a_row >= config.guard.max_nonfinite_steps
     checkpoint = trainer.run_dir.latest_checkpoint() if halted else trainer.checkpoint(step)

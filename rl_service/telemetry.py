@@ -11,9 +11,14 @@ What is recorded, and where:
   hands out work: it alone knows what each engine still has to do, and asking it from the driver
   after a step would always read 0 in sync mode (the driver waits for every shard first).
 
+- The loop (rl_service/step_loop.py) records the step number and each evaluation's accuracy.
+
 Names and kinds are `rl_service/telemetry_names.py`. Every metric carries the `job_name` tag (the
-config's `job_name`); the queue depth also a `role` tag naming the engine the way its actor is named
-without the job (`generator/0`, `generator/1`, ...), so that per-engine series stay apart.
+config's `job_name`) and the `submission_id` tag (the run's id, rl_service/roles.py), so two runs
+of one config are two series; the queue depth also a `role` tag naming the engine the way its actor
+is named without the run (`generator/0`, `generator/1`, ...), so that per-engine series stay apart.
+A run's gauges leave the endpoint once its processes are gone: Ray's agent drops a gauge that its
+process has not re-reported for two report intervals (tests/test_prometheus.py checks it).
 
 How a user sees them: every Ray node's metrics agent (part of `ray[default]`, which the install
 brings) serves the metrics of that node's processes, driver included, in Prometheus format on the
@@ -38,7 +43,9 @@ import logging
 import math
 from typing import Mapping, NamedTuple, Sequence
 
-from rl_service.telemetry_names import JOB_TAG, METRICS
+import os
+
+from rl_service.telemetry_names import JOB_TAG, METRICS, SUBMISSION_TAG
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +57,9 @@ SYNC_SECONDS_BOUNDARIES = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 
 # Tag keys of each metric: a Ray metric declares its keys when created and must get all of them on
 # every record. The per-engine queue depth is the one metric recorded per role instance.
+RUN_TAGS = (JOB_TAG, SUBMISSION_TAG)
 TAG_KEYS: dict[str, tuple[str, ...]] = {
-    metric.name: (JOB_TAG, ROLE_TAG) if metric.name == "rl_service_generator_queue_depth" else (JOB_TAG,)
+    metric.name: RUN_TAGS + (ROLE_TAG,) if metric.name == "rl_service_generator_queue_depth" else RUN_TAGS
     for metric in METRICS
 }
 _KINDS = {metric.name: metric.kind for metric in METRICS}
@@ -65,7 +73,13 @@ STEP_KEY_TO_METRIC: dict[str, str] = {
     "weight_version": "rl_service_weight_version",
     "weight_sync_seconds": "rl_service_sync_seconds",    # rl_service/weight_sync.py, every publish
     "bvpo_alpha": "rl_service_alpha_hat",                # AlphaEstimator.metrics(), BVPO's online α̂
+    "loss": "rl_service_loss",
+    "kl_k3_mean": "rl_service_kl",                        # policy_loss(), only with a KL term
+    "grad_norm": "rl_service_grad_norm",
+    "generator_engines": "rl_service_generator_engines",
 }
+# Recorded by the loop (rl_service/step_loop.py), which knows the step and every evaluation.
+STEP_METRIC, EVAL_METRIC = "rl_service_step", "rl_service_eval_accuracy"
 # allocation_spread_metrics (rl_service/algorithms/gvm.py) via the statistics actor: n_i's extremes.
 ALLOCATION_MAX_KEY, ALLOCATION_MIN_KEY = "allocation_samples_max", "allocation_samples_min"
 
@@ -86,10 +100,22 @@ def _finite(value) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def step_metric_values(metrics: Mapping[str, float], job_name: str) -> list[MetricValue]:
+def run_tags(job_name: str, submission_id: str) -> dict[str, str]:
+    return {JOB_TAG: job_name, SUBMISSION_TAG: submission_id}
+
+
+def run_tags_from_env() -> dict[str, str] | None:
+    """The run's tags in one of its actors (rl_service/roles.py start_ray puts both ids in every
+    actor's environment), or None in a process no run started (a test's bare pool): no metrics."""
+    from rl_service.roles import JOB_NAME_ENV, SUBMISSION_ID_ENV
+
+    job_name, submission = os.environ.get(JOB_NAME_ENV), os.environ.get(SUBMISSION_ID_ENV)
+    return run_tags(job_name, submission) if job_name and submission else None
+
+
+def step_metric_values(metrics: Mapping[str, float], tags: Mapping[str, str]) -> list[MetricValue]:
     """The live metrics one training step's metrics dict (what the driver logs to metrics.jsonl)
     records; keys the step did not produce are skipped."""
-    tags = {JOB_TAG: job_name}
     values = []
     for key, name in STEP_KEY_TO_METRIC.items():
         value = _finite(metrics.get(key))
@@ -101,17 +127,19 @@ def step_metric_values(metrics: Mapping[str, float], job_name: str) -> list[Metr
     return values
 
 
-def queue_depth_values(outstanding_samples: Sequence[int], job_name: str) -> list[MetricValue]:
+def loop_metric_values(step: int, evaluation: Mapping[str, float] | None, tags: Mapping[str, str]) -> list[MetricValue]:
+    """The step just finished and, when the loop evaluated, the eval accuracy."""
+    values = [MetricValue(STEP_METRIC, float(step), dict(tags))]
+    accuracy = _finite((evaluation or {}).get("eval_accuracy"))
+    if accuracy is not None:
+        values.append(MetricValue(EVAL_METRIC, accuracy, dict(tags)))
+    return values
+
+
+def queue_depth_values(outstanding_samples: Sequence[int], tags: Mapping[str, str]) -> list[MetricValue]:
     """One queue depth per engine: samples sent to it whose results are not ready yet."""
-    return [MetricValue("rl_service_generator_queue_depth", float(samples), {JOB_TAG: job_name, ROLE_TAG: f"generator/{index}"})
+    return [MetricValue("rl_service_generator_queue_depth", float(samples), {**tags, ROLE_TAG: f"generator/{index}"})
             for index, samples in enumerate(outstanding_samples)]
-
-
-def job_name_of_actor(actor_name: str | None) -> str | None:
-    """The job of an actor named `<job>/<role>/<index>` (rl_service/roles.py names every role so; job
-    names hold no '/'), or None for an unnamed actor or another name (a test's bare pool)."""
-    parts = (actor_name or "").split("/")
-    return parts[0] if len(parts) == 3 and all(parts) else None
 
 
 class MetricRecorder:
@@ -161,11 +189,17 @@ class MetricRecorder:
 
 
 class StepTelemetry:
-    """The driver's live metrics: `record_step(metrics)` once per training step."""
+    """The driver's live metrics: `record_step(metrics)` once per training step (the trainer),
+    `record_loop(step, evaluation)` after it (the loop, which knows the step and the evaluations)."""
 
     def __init__(self, job_name: str):
-        self.job_name = job_name
+        from rl_service.roles import submission_id
+
+        self.tags = run_tags(job_name, submission_id(job_name))
         self.recorder = MetricRecorder()
 
     def record_step(self, metrics: Mapping[str, float]) -> None:
-        self.recorder.record(step_metric_values(metrics, self.job_name))
+        self.recorder.record(step_metric_values(metrics, self.tags))
+
+    def record_loop(self, step: int, evaluation: Mapping[str, float] | None = None) -> None:
+        self.recorder.record(loop_metric_values(step, evaluation, self.tags))

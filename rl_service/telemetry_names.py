@@ -5,7 +5,8 @@ charts them must agree, and `tests/test_deploy_manifests.py` checks the dashboar
 Ray's Prometheus exporter puts every user metric under its `ray` namespace, so a metric recorded
 as `rl_service_reward_mean` is scraped as `ray_rl_service_reward_mean`; a histogram also gets
 `_bucket`, `_sum` and `_count` series, a counter a `_total` one. Every metric carries the tag
-`JOB_TAG` (the config's `job_name`): it is what the dashboard's `job` variable filters on. The tag
+`JOB_TAG` (the config's `job_name`) and `SUBMISSION_TAG` (the submission id, `<job_name>-<time>-<hex>`,
+which a local run gets too): the dashboard's `job` and `submission` variables filter on them. The tag
 is not called `job` because Prometheus sets its own `job` label (the scrape job) on every series
 and would rename ours to `exported_job`.
 
@@ -17,6 +18,7 @@ from typing import Literal, NamedTuple
 
 PROMETHEUS_NAMESPACE = "ray"   # Ray's exporter prefixes user metrics with "ray_"
 JOB_TAG = "job_name"
+SUBMISSION_TAG = "submission_id"   # the run's id: tells two runs of one config apart
 
 
 class MetricSpec(NamedTuple):
@@ -36,6 +38,12 @@ METRICS: tuple[MetricSpec, ...] = (
                "samples given to the most-served prompt minus the least-served in the last allocation (0: uniform)"),
     MetricSpec("rl_service_alpha_hat", "gauge", "BVPO's online estimate of the trace/empty mixing weight alpha"),
     MetricSpec("rl_service_generator_queue_depth", "gauge", "generation requests waiting in the generator pool"),
+    MetricSpec("rl_service_step", "gauge", "last training step finished"),
+    MetricSpec("rl_service_loss", "gauge", "training loss of the last step (policy or preference loss)"),
+    MetricSpec("rl_service_kl", "gauge", "k3 KL term of the last step as it enters the loss (algorithm.kl_coef > 0)"),
+    MetricSpec("rl_service_grad_norm", "gauge", "global gradient norm of the last step, before clipping"),
+    MetricSpec("rl_service_eval_accuracy", "gauge", "greedy accuracy on the eval split at the latest evaluation"),
+    MetricSpec("rl_service_generator_engines", "gauge", "generator engines in the job's pool"),
 )
 
 # name -> one-line description: the single list the metrics code and the dashboard share.

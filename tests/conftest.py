@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,14 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def head():
     """(job server URL, environment of an authenticated client) of a fresh token-auth head."""
+    with start_head() as started:
+        yield started
+
+
+@contextmanager
+def start_head(extra_args: tuple[str, ...] = ()):
+    """A token-auth `ray start --head --block` in its own temp dir, torn down by its process group
+    (never `ray stop`, which stops every Ray of the user on the host); `extra_args` go to `ray start`."""
     scratch = Path(tempfile.mkdtemp(prefix="rlsj", dir="/tmp"))   # short: Ray's socket paths have a length limit
     token_file = scratch / "token"
     token_file.write_text(secrets.token_hex(32))
@@ -118,7 +127,13 @@ def head():
     process = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-         f"--temp-dir={scratch / 'ray'}", "--num-cpus=4", "--disable-usage-stats"],
+         f"--temp-dir={scratch / 'ray'}", "--num-cpus=4", "--disable-usage-stats",
+         # Fixed defaults (the agent's 52365, the client server's 10001) collide with any other
+         # head on this machine, whose agent would then never come up here: free ports for all.
+         *[f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                  "runtime-env-agent-port", "ray-client-server-port")
+           if not any(arg.startswith(f"--{name}=") for arg in extra_args)],
+         *extra_args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
@@ -159,7 +174,7 @@ def _wait_status(job_id: str, address: str, env: dict, wanted: set[str], timeout
     while time.monotonic() < deadline:
         result = cli(["status", job_id, "--address", address], env)
         assert result.returncode == 0, result.stderr
-        status = result.stdout.strip()
+        status = result.stdout.strip().splitlines()[0]   # a failed job's Ray message follows on later lines
         if status in wanted:
             return status
         time.sleep(2)

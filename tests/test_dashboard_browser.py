@@ -18,7 +18,7 @@ from conftest import SHORT_JOB, _wait_status, cli
 pytestmark = pytest.mark.cluster   # own Ray head or multi-node Cluster: `pytest -m cluster`
 
 COOKIE = "ray-authentication-token"          # ray/_private/authentication/authentication_constants.py
-ROLE_ACTORS = ("quickstart/learner/0", "quickstart/generator/0", "quickstart/generator_pool/0")
+ROLE_ACTORS = ("learner/0", "generator/0", "generator_pool/0")   # after the job's id: `<job id>/<role>/<index>`
 
 
 def _browser():
@@ -114,7 +114,7 @@ def test_dashboard_shows_the_job_and_its_role_named_actors_only_with_the_token(h
         driver.get(f"{address}/#/jobs")
         _wait_for_texts(driver, [job_id], 60, screenshot, "jobs page")
         driver.get(f"{address}/#/actors")
-        _wait_for_texts(driver, ROLE_ACTORS, 90, screenshot, "actors page")
+        _wait_for_texts(driver, [f"{job_id}/{role}" for role in ROLE_ACTORS], 90, screenshot, "actors page")
     finally:
         driver.quit()
         if job_id is not None:

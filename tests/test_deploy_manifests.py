@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from rl_service.config import load_config
-from rl_service.telemetry_names import JOB_TAG, METRIC_NAMES, METRICS, prometheus_series
+from rl_service.telemetry_names import JOB_TAG, METRIC_NAMES, METRICS, SUBMISSION_TAG, prometheus_series
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -138,7 +138,7 @@ def _dashboard_queries(dashboard: dict) -> list[str]:
     return queries
 
 
-def test_dashboard_charts_exactly_the_named_metrics_filtered_by_job():
+def test_dashboard_charts_exactly_the_named_metrics_filtered_by_job_and_submission():
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     series_to_metric = {series: metric.name for metric in METRICS for series in prometheus_series(metric.name)}
     charted = set()
@@ -149,10 +149,14 @@ def test_dashboard_charts_exactly_the_named_metrics_filtered_by_job():
     assert charted == set(METRIC_NAMES), f"metrics without a panel: {sorted(set(METRIC_NAMES) - charted)}"
     variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
     assert "job" in variables and JOB_TAG in variables["job"]["definition"]
+    assert "submission" in variables and SUBMISSION_TAG in variables["submission"]["definition"]
     for panel in dashboard["panels"]:
         assert panel["datasource"]["type"] == "prometheus"
         for target in panel["targets"]:
             assert f'{JOB_TAG}=~"$job"' in target["expr"], f"panel {panel['title']!r} ignores the job variable"
+            # Two runs of one config are two lines, not one max over both.
+            assert f'{SUBMISSION_TAG}=~"$submission"' in target["expr"] and SUBMISSION_TAG in target["legendFormat"], \
+                f"panel {panel['title']!r} does not keep submissions apart"
 
 
 def test_metric_names_are_valid_prometheus_names_with_one_line_descriptions():

@@ -15,16 +15,20 @@ import urllib.request
 
 import pytest
 
+from rl_service.roles import JOB_NAME_ENV, SUBMISSION_ID_ENV
 from rl_service.telemetry import (
-    ROLE_TAG, TAG_KEYS, MetricRecorder, MetricValue, job_name_of_actor, queue_depth_values, step_metric_values,
+    ROLE_TAG, TAG_KEYS, MetricRecorder, MetricValue, loop_metric_values, queue_depth_values, run_tags,
+    run_tags_from_env, step_metric_values,
 )
-from rl_service.telemetry_names import JOB_TAG, METRIC_NAMES, PROMETHEUS_NAMESPACE
+from rl_service.telemetry_names import JOB_TAG, METRIC_NAMES, PROMETHEUS_NAMESPACE, SUBMISSION_TAG
 
 # A local Ray binds its servers to loopback only when this is set before `ray` is first imported
 # (the same as rl_service/roles.py start_ray does for a local job).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 JOB = "telemetry_test"
+SUBMISSION = "telemetry_test-20261206-040000-abc123"
+TAGS = run_tags(JOB, SUBMISSION)
 
 # One GRPO step's metrics as Trainer.train_step builds them (abridged to the keys telemetry reads,
 # plus some it must ignore), with a GVM allocation and a weight sync.
@@ -42,6 +46,10 @@ GRPO_STEP = {
     "allocation_samples_max": 14.0,
     "allocation_zero_fraction": 0.0,
     "step_seconds": 1.2,
+    "loss": -0.0123,
+    "kl_k3_mean": 0.0042,
+    "grad_norm": 0.51,
+    "generator_engines": 2.0,
 }
 
 
@@ -54,7 +62,7 @@ def by_name(values: list[MetricValue]) -> dict[str, MetricValue]:
 # -- the pure mapping ----------------------------------------------------------------------------
 
 def test_a_grpo_step_maps_onto_its_live_metrics():
-    values = by_name(step_metric_values(GRPO_STEP, JOB))
+    values = by_name(step_metric_values(GRPO_STEP, TAGS))
     assert {name: value.value for name, value in values.items()} == {
         "rl_service_reward_mean": 0.375,
         "rl_service_accepted_fraction": 0.25,
@@ -63,8 +71,19 @@ def test_a_grpo_step_maps_onto_its_live_metrics():
         "rl_service_weight_version": 7.0,
         "rl_service_sync_seconds": 0.042,
         "rl_service_gvm_allocation_spread": 12.0,     # max - min samples per prompt
+        "rl_service_loss": -0.0123,
+        "rl_service_kl": 0.0042,
+        "rl_service_grad_norm": 0.51,
+        "rl_service_generator_engines": 2.0,
     }
-    assert all(value.tags == {JOB_TAG: JOB} for value in values.values())
+    assert all(value.tags == {JOB_TAG: JOB, SUBMISSION_TAG: SUBMISSION} for value in values.values())
+
+
+def test_the_loop_records_its_step_and_every_evaluation():
+    assert loop_metric_values(7, None, TAGS) == [MetricValue("rl_service_step", 7.0, TAGS)]
+    assert loop_metric_values(10, {"eval_accuracy": 0.5625, "eval_seconds": 3.0}, TAGS) == [
+        MetricValue("rl_service_step", 10.0, TAGS), MetricValue("rl_service_eval_accuracy", 0.5625, TAGS)]
+    assert loop_metric_values(0, {}, TAGS) == [MetricValue("rl_service_step", 0.0, TAGS)]   # no eval split
 
 
 def test_absent_and_non_finite_keys_record_nothing():
@@ -72,33 +91,37 @@ def test_absent_and_non_finite_keys_record_nothing():
     # mean (a step without samples) must not overwrite the gauge's last good value.
     bvpo_step = {"reward_mean": math.nan, "completions_per_s": 12.0, "weight_version": 3.0, "bvpo_alpha": 0.61,
                  "allocation_samples_max": 4.0}   # a spread needs both ends
-    values = by_name(step_metric_values(bvpo_step, "bvpo_job"))
+    values = by_name(step_metric_values(bvpo_step, run_tags("bvpo_job", "bvpo_job-1")))
     assert {name: value.value for name, value in values.items()} == {
         "rl_service_samples_per_second": 12.0, "rl_service_weight_version": 3.0, "rl_service_alpha_hat": 0.61}
-    assert step_metric_values({}, JOB) == []
+    assert step_metric_values({}, TAGS) == []
 
 
 def test_queue_depth_is_one_series_per_engine():
-    values = queue_depth_values([8, 0, 3], JOB)
+    values = queue_depth_values([8, 0, 3], TAGS)
     assert [(value.name, value.value, value.tags) for value in values] == [
-        ("rl_service_generator_queue_depth", float(depth), {JOB_TAG: JOB, ROLE_TAG: f"generator/{index}"})
+        ("rl_service_generator_queue_depth", float(depth), {**TAGS, ROLE_TAG: f"generator/{index}"})
         for index, depth in enumerate([8, 0, 3])]
 
 
 def test_every_named_metric_is_recorded_with_the_tags_it_declares():
     """Nothing in telemetry_names is left without a source, and every record carries exactly the tag
     keys its metric declares (Ray rejects a record missing one)."""
-    everything = step_metric_values({**GRPO_STEP, "bvpo_alpha": 0.5}, JOB) + queue_depth_values([1, 2], JOB)
+    everything = (step_metric_values({**GRPO_STEP, "bvpo_alpha": 0.5}, TAGS) + queue_depth_values([1, 2], TAGS)
+                  + loop_metric_values(3, {"eval_accuracy": 0.5}, TAGS))
     assert {value.name for value in everything} == set(METRIC_NAMES)
     for value in everything:
-        assert tuple(value.tags) == TAG_KEYS[value.name] and JOB_TAG in value.tags
+        assert tuple(value.tags) == TAG_KEYS[value.name] and JOB_TAG in value.tags and SUBMISSION_TAG in value.tags
 
 
-def test_job_name_comes_from_the_role_actor_name():
-    assert job_name_of_actor("quickstart/generator_pool/0") == "quickstart"
-    assert job_name_of_actor(None) is None
-    assert job_name_of_actor("") is None
-    assert job_name_of_actor("some_pool") is None
+def test_an_actor_takes_its_run_tags_from_the_environment_the_run_gives_it(monkeypatch):
+    monkeypatch.delenv(JOB_NAME_ENV, raising=False)
+    monkeypatch.delenv(SUBMISSION_ID_ENV, raising=False)
+    assert run_tags_from_env() is None            # a bare pool outside any run records nothing
+    monkeypatch.setenv(JOB_NAME_ENV, JOB)
+    assert run_tags_from_env() is None            # both ids or none
+    monkeypatch.setenv(SUBMISSION_ID_ENV, SUBMISSION)
+    assert run_tags_from_env() == {JOB_TAG: JOB, SUBMISSION_TAG: SUBMISSION}
 
 
 def test_a_failing_exporter_warns_once_and_never_raises(caplog):
@@ -113,7 +136,7 @@ def test_a_failing_exporter_warns_once_and_never_raises(caplog):
     recorder._metrics["rl_service_reward_mean"] = BrokenGauge()
     with caplog.at_level(logging.WARNING, logger="rl_service.telemetry"):
         for _ in range(3):
-            recorder.record(step_metric_values(GRPO_STEP, JOB))
+            recorder.record(step_metric_values(GRPO_STEP, TAGS))
     assert BrokenGauge.calls == 1 and not recorder.enabled
     assert len([record for record in caplog.records if "live metrics are off" in record.message]) == 1
 
@@ -133,8 +156,10 @@ def ray_with_metrics_port():
     port = free_port()
     # Processes report to the node's metrics agent every metrics_report_interval_ms (10 s by
     # default); 1 s keeps the test short. The agent (ray[default]) serves them on `port`.
+    # The run's ids reach its actors through the runtime env, as rl_service/roles.py start_ray passes them.
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=port,
-             _system_config={"metrics_report_interval_ms": 1000}, logging_level="WARNING")
+             _system_config={"metrics_report_interval_ms": 1000}, logging_level="WARNING",
+             runtime_env={"env_vars": {JOB_NAME_ENV: JOB, SUBMISSION_ID_ENV: SUBMISSION}})
     try:
         yield port
     finally:
@@ -173,7 +198,7 @@ def prom(name: str) -> str:
 
 
 @pytest.mark.slow
-def test_driver_and_pool_metrics_reach_prometheus(ray_with_metrics_port):
+def test_driver_and_pool_metrics_reach_prometheus(ray_with_metrics_port, monkeypatch):
     import ray
 
     from actors.generator_pool import GeneratorPool
@@ -186,17 +211,25 @@ def test_driver_and_pool_metrics_reach_prometheus(ray_with_metrics_port):
         def generate(self, shard, sampling, seed):
             return len(shard)
 
-    # Named as rl_service/roles.py names it, which is how the pool learns its job.
-    pool = GeneratorPool.options(name=f"{JOB}/generator_pool/0", num_cpus=0).remote([IdleEngine.remote(), IdleEngine.remote()])
+    pool = GeneratorPool.options(name=f"{SUBMISSION}/generator_pool/0", num_cpus=0).remote([IdleEngine.remote(), IdleEngine.remote()])
     requests = [GenerationRequest(index, index, [1, 2, 3], 4) for index in range(4)]
     assert ray.get(ray.get(pool.generate.remote(requests, SamplingParams(max_new_tokens=8), seed=0))) == [2, 2]
     assert ray.get(pool.outstanding_work.remote()) == [0, 0]    # finished shards are dropped from its books
 
     # The driver side, exactly as Trainer.train_step records a step.
-    StepTelemetry(JOB).record_step(GRPO_STEP)
+    monkeypatch.setenv(SUBMISSION_ID_ENV, SUBMISSION)   # what `rl-service submit` / `run` set for the driver
+    telemetry = StepTelemetry(JOB)
+    telemetry.record_step(GRPO_STEP)
+    telemetry.record_loop(10, {"eval_accuracy": 0.5625})   # as the loop does after an evaluation
 
-    job = ((JOB_TAG, JOB),)
+    job = ((JOB_TAG, JOB), (SUBMISSION_TAG, SUBMISSION))
     wanted = {
+        (prom("rl_service_step"), job): 10.0,
+        (prom("rl_service_eval_accuracy"), job): 0.5625,
+        (prom("rl_service_loss"), job): -0.0123,
+        (prom("rl_service_kl"), job): 0.0042,
+        (prom("rl_service_grad_norm"), job): 0.51,
+        (prom("rl_service_generator_engines"), job): 2.0,
         (prom("rl_service_reward_mean"), job): 0.375,
         (prom("rl_service_weight_version"), job): 7.0,
         (prom("rl_service_gvm_allocation_spread"), job): 12.0,

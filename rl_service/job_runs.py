@@ -1,0 +1,132 @@
+"""Where a submitted job's results land, and the commands that find them again by job id.
+
+`rl-service submit` decides the run directory on the submitting machine, before anything is sent:
+`--run-dir DIR`, else `<logging.output_dir>/<job id>` (`runs/<job id>` by default), made absolute
+against the working directory (a relative path inside the job would resolve inside Ray's copy of
+the working directory, `<ray temp>/session_*/runtime_resources/working_dir_files/_ray_pkg_*/`,
+which Ray deletes). The job runs `rl-service run CONFIG --run-dir <that path>` and the path is kept
+in the job's metadata (`rl_service_run_dir`), so `rl-service report JOB_ID` and `rl-service resume
+JOB_ID` find the run without anyone looking inside Ray's temp dir. On one machine the default is the
+user's own `runs/`; on a multi-node cluster the path must be on storage every node mounts (the
+learner writes the checkpoint's model on its own node), so there it is `--run-dir /mnt/shared/...`
+or `logging.output_dir: /mnt/shared/runs` in the config.
+
+`submit` also checks the paths a config names (model, data, preference data, reward model, custom
+reward file) on this machine: a missing one is one line and exit code 2 here, instead of a job that
+fails on the cluster. `--no-local-check` skips that for paths that exist only on the cluster.
+"""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from rl_service.errors import UserError
+
+RUN_DIR_METADATA = "rl_service_run_dir"
+RUN_DIR_LOG_PREFIX = "run directory: "   # the first line `rl-service run` prints
+
+
+def config_paths(config) -> list[tuple[str, str]]:
+    """(field, path) of every file or directory the config makes the job read."""
+    paths = []
+    if config.model.path != "builtin":
+        paths.append(("model.path", config.model.path))
+    if config.data.source == "jsonl":
+        paths += [(field, value) for field, value in (("data.train_path", config.data.train_path),
+                                                      ("data.eval_path", config.data.eval_path)) if value]
+    if config.algorithm.name in ("dpo", "bvpo"):
+        preference = config.preference
+        if preference.mode == "offline" and preference.dataset_path:
+            paths.append(("preference.dataset_path", preference.dataset_path))
+        if preference.reward_source == "reward_model" and preference.reward_model_path:
+            paths.append(("preference.reward_model_path", preference.reward_model_path))
+    if config.reward.custom:
+        paths.append(("reward.custom", config.reward.custom.rsplit(":", 1)[0]))
+    return paths
+
+
+def check_local_paths(config, working_dir: Path) -> None:
+    """Raise a one-line UserError for the first path the config names that is not on this machine
+    (relative paths are relative to the working directory, which the job receives)."""
+    for field, value in config_paths(config):
+        path = Path(value).expanduser()
+        if not (path if path.is_absolute() else working_dir / path).exists():
+            raise UserError(f"{field} {value}: no such file or directory on this machine (pass --no-local-check "
+                            "if it exists only on the cluster's nodes)")
+
+
+def submit_run_dir(run_dir: str | None, config, job_id: str, working_dir: Path) -> Path:
+    """The absolute run directory of a job about to be submitted (see the module docstring)."""
+    path = Path(run_dir) if run_dir else Path(config.logging.output_dir) / job_id
+    path = path.expanduser()
+    return path if path.is_absolute() else (working_dir / path).resolve()
+
+
+def job_run_dir(client, job_id: str, call) -> Path:
+    """The run directory of a submitted job: its metadata (jobs submitted by `rl-service submit` or
+    `resume`), else the `run directory:` line its driver printed first (a `ray job submit` of
+    `rl-service run`). `call(action)` turns SDK errors into one-line UserErrors."""
+    info = call(lambda: client.get_job_info(job_id))
+    path = (info.metadata or {}).get(RUN_DIR_METADATA)
+    if not path:
+        logs = call(lambda: client.get_job_logs(job_id))
+        path = next((line.split(RUN_DIR_LOG_PREFIX, 1)[1].strip() for line in logs.splitlines()
+                     if RUN_DIR_LOG_PREFIX in line), None)
+    if not path:
+        raise UserError(f"job {job_id}: no run directory recorded (not an rl-service job, or its driver has not "
+                        "started yet)")
+    return Path(path)
+
+
+def is_job_id(value: str) -> bool:
+    """A job id names no path: no '/', and nothing of that name here."""
+    return "/" not in value and not Path(value).exists()
+
+
+def report_job(args) -> Path:
+    """The run directory of job `args.run_dir` for `rl-service report JOB_ID`, checked to be readable here."""
+    from rl_service.jobs import _call, _client
+
+    run_dir = job_run_dir(_client(args), args.run_dir, lambda action: _call(_as_job(args), action))
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise UserError(f"job {args.run_dir}: its run directory {run_dir} has no metrics.jsonl on this machine (not "
+                        f"started yet, or on the cluster's storage: run `rl-service report {run_dir}` where it is)")
+    return run_dir
+
+
+def resume_job(args) -> int:
+    """`rl-service resume JOB_ID`: a new job on the same cluster that continues the job's run
+    directory from its newest checkpoint (`rl-service resume RUN_DIR` there); prints the new id."""
+    import sys
+
+    from rl_service.jobs import UPLOAD_EXCLUDES, _call, _client, submit_job
+    from rl_service.roles import SUBMISSION_ID_ENV, new_submission_id
+
+    client = _client(args)
+    call = lambda action: _call(_as_job(args), action)   # noqa: E731 - errors name the job asked about
+    run_dir = job_run_dir(client, args.run_dir, call)
+    status = call(lambda: client.get_job_status(args.run_dir)).value
+    if status in ("PENDING", "RUNNING"):
+        raise UserError(f"job {args.run_dir} is {status}: stop it first (`rl-service stop {args.run_dir}`)")
+    from rl_service.run_dir import latest_checkpoint
+
+    if (run_dir / "config.yaml").is_file() and latest_checkpoint(run_dir) is None:   # visible here: check now
+        raise UserError(f"job {args.run_dir}: {run_dir} has no complete checkpoint to resume from")
+    job_name = (call(lambda: client.get_job_info(args.run_dir)).metadata or {}).get("job_name") or "rl_service"
+    job_id = new_submission_id(job_name)
+    entrypoint = " ".join(["python", "-m", "rl_service.cli", "resume", shlex.quote(str(run_dir))]
+                          + [f"--set {shlex.quote(override)}" for override in args.overrides])
+    submit_job(_as_job(args), client, entrypoint=entrypoint, submission_id=job_id,
+               metadata={"job_name": job_name, "rl_service_job": job_name, RUN_DIR_METADATA: str(run_dir),
+                         "rl_service_resumes": args.run_dir},
+               runtime_env={"working_dir": str(Path.cwd().resolve()), "excludes": UPLOAD_EXCLUDES,
+                            "env_vars": {SUBMISSION_ID_ENV: job_id}})
+    print(f"{RUN_DIR_LOG_PREFIX}{run_dir}", file=sys.stderr)
+    print(job_id)
+    return 0
+
+
+def _as_job(args):
+    """`args` with `job_id` set, which the SDK error messages of rl_service/jobs.py name."""
+    args.job_id = args.run_dir
+    return args

@@ -1,0 +1,117 @@
+"""What a run tells its user while it trains and where it puts its results (issue #18, findings 1, 2
+and 5): the absolute run directory first, a log line per step and per evaluation wherever stdout is
+not a terminal (a Ray job's log), a bar that ends on the final evaluation, checkpoints by default on
+a cluster, and `submit` refusing paths that are not there before anything reaches a cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rl_service.config import load_config
+from rl_service.config.sections import CLUSTER_CHECKPOINT_EVERY
+from rl_service.progress import format_eval_line, format_step_line
+from rl_service.step_loop import checkpoint_every
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = ["steps=3", "eval_every=2", "data.prompts_per_step=4", "generator.samples_per_prompt=4",
+       "data.arithmetic.num_train=64", "data.arithmetic.num_eval=16", "generator.max_new_tokens=32",
+       "schedule.mode=sync", "guard.max_eval_drop=null", "logging.tensorboard=false"]
+
+
+def test_a_step_line_holds_what_verl_and_openrlhf_print():
+    metrics = {"reward_mean": 0.375, "accepted_fraction": 0.25, "loss": -0.0123, "kl_k3_mean": 0.0004,
+               "grad_norm": 0.5125, "completions_per_s": 210.54, "step_seconds": 2.0, "time_generate_s": 1.2,
+               "time_reward_s": 0.1, "time_train_s": 0.6, "time_publish_s": 0.08, "time_driver_s": 0.02,
+               "tokens_per_s": 3000.0}
+    assert format_step_line(12, 50, metrics) == (
+        "step 12/50 | reward 0.3750 | accepted 0.250 | loss -0.0123 | kl 0.0004 | grad_norm 0.5125 | compl/s 210.5 "
+        "| time 2.00s: generate 60% reward 5% train 30% publish 4% driver 1%")
+    # A preference step has no accepted fraction and no KL: left out, not printed as 0.
+    assert format_step_line(1, 2, {"reward_mean": float("nan"), "loss": 0.69}) == "step 1/2 | reward nan | loss 0.69"
+
+
+def test_an_eval_line_names_its_step():
+    assert format_eval_line(30, {"eval_accuracy": 0.516, "eval_seconds": 4.0, "eval_accuracy_level_1": 0.9}) == (
+        "eval step 30 | accuracy 0.5160 | accuracy_level_1 0.9000")
+    assert format_eval_line(0, {}) == "eval step 0 | no eval split"
+
+
+def test_a_run_on_a_cluster_checkpoints_by_default_and_a_local_one_at_the_end(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    quickstart = REPO / "configs" / "quickstart.yaml"
+    assert checkpoint_every(load_config(quickstart, ["checkpoint.every=null"])) == 0
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")   # what Ray sets for a job's entrypoint
+    assert checkpoint_every(load_config(quickstart, ["checkpoint.every=null"])) == CLUSTER_CHECKPOINT_EVERY
+    assert checkpoint_every(load_config(quickstart, ["checkpoint.every=0"])) == 0   # said explicitly: obeyed
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert checkpoint_every(load_config(quickstart, ["checkpoint.every=null", "cluster.address=10.0.0.1:6379"])) == 10
+    assert load_config(quickstart).checkpoint.every is None   # the default is the automatic choice
+
+
+def _cli(args: list[str], env_extra: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("RAY_ADDRESS", "TTY_COMPATIBLE", "FORCE_COLOR", "RL_SERVICE_SUBMISSION_ID")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "rl_service.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [item for override in overrides for item in ("--set", override)]
+
+
+@pytest.mark.slow
+def test_a_piped_run_prints_its_run_directory_first_then_a_line_per_step_and_evaluation(tmp_path):
+    # The bar is on (the default), but stdout is a pipe, as in a Ray job: lines, every 2nd step.
+    result = _cli(["run", "configs/quickstart.yaml", *_sets(RUN + [f"logging.output_dir={tmp_path}",
+                                                                   "logging.log_every=2"])])
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("run directory: /"), result.stdout[:500]
+    run_dir = Path(first.removeprefix("run directory: "))
+    assert run_dir.parent == tmp_path and run_dir.name.startswith("quickstart-")   # <output_dir>/<run id>
+    summary = json.loads((run_dir / "summary.json").read_text())
+    lines = result.stderr.splitlines()
+    steps = [re.search(r"step (\d+)/3 \| reward [0-9.]+ \| accepted [0-9.]+ \| loss \S+ \| grad_norm \S+ \| "
+                       r"compl/s [0-9.]+ \| time [0-9.]+s: generate \d+%", line) for line in lines]
+    assert [int(match[1]) for match in steps if match] == [2, 3]     # every 2nd step, and the last
+    evals = [re.search(r"eval step (\d+) \| accuracy ([0-9.]+)", line) for line in lines]
+    evals = [(int(match[1]), float(match[2])) for match in evals if match]
+    assert [step for step, _ in evals] == [0, 2, 3]                  # before, every eval_every, after
+    assert evals[-1][1] == pytest.approx(summary["final_eval_accuracy"], abs=5e-5)
+    assert evals[0][1] == pytest.approx(summary["initial_eval_accuracy"], abs=5e-5)
+
+
+@pytest.mark.slow
+def test_the_bar_ends_on_the_final_evaluation(tmp_path):
+    # TTY_COMPATIBLE=1: rich treats the pipe as a terminal, so the bar is drawn and no step lines are.
+    result = _cli(["run", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "run"), *_sets(RUN)],
+                  {"TTY_COMPATIBLE": "1", "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    shown = re.findall(r"eval ([0-9.]+) \(step (\d+)\)", result.stdout)
+    assert shown, result.stdout[-2000:]
+    assert shown[-1] == (f"{summary['final_eval_accuracy']:.4f}", "3")
+    assert "step 1/3 |" not in result.stderr and "eval step 3 |" in result.stderr
+
+
+def test_submit_refuses_a_path_missing_here_in_one_line_unless_told_it_is_on_the_cluster():
+    nowhere = "http://127.0.0.1:9"   # nothing listens: reaching it would be a different error
+    refused = _cli(["submit", "configs/quickstart.yaml", "--set", "model.path=/nonexistent/model", "--address", nowhere])
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "rl-service: error: model.path /nonexistent/model: no such file or directory on this machine (pass "
+        "--no-local-check if it exists only on the cluster's nodes)"]
+    custom = _cli(["submit", "configs/quickstart.yaml", "--set", "reward.custom=rewards/none.py:fn", "--address", nowhere])
+    assert custom.returncode == 2 and "reward.custom rewards/none.py: no such file" in custom.stderr
+    # Skipped check: the command goes on to the cluster, which is not there.
+    unchecked = _cli(["submit", "configs/quickstart.yaml", "--set", "model.path=/nonexistent/model", "--no-local-check",
+                      "--address", nowhere])
+    assert unchecked.returncode == 2 and "cannot reach" in unchecked.stderr and "model.path" not in unchecked.stderr
