@@ -160,3 +160,31 @@ def test_a_reward_of_1e308_is_clipped_and_counted(escapes):
     # test_custom_reward.py); here the rule itself, checked by hand.
     assert clip_rewards([1e308, -1e308, 0.5, math.nan, math.inf, 2.0], -1.0, 2.0) == ([2.0, -1.0, 0.5, 0.0, 0.0, 2.0], 4)
     assert clip_rewards([], -1.0, 1.0) == ([], 0)
+
+
+def test_the_unshare_fallback_still_takes_network_signals_and_children(escapes, monkeypatch, caplog):
+    """Where bubblewrap is missing, `unshare` (util-linux) isolates what it can, and says what it cannot."""
+    import logging
+
+    from rl_service.rewards import sandbox
+
+    if sandbox._works("unshare") is not None:
+        pytest.skip(f"unshare cannot make namespaces here: {sandbox._works('unshare')}")
+    monkeypatch.setattr(sandbox, "_works", lambda kind: "bwrap is not installed" if kind == "bwrap" else None)
+    monkeypatch.setattr(sandbox, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="rl_service"):
+        assert sandbox.choose("auto") == "unshare"
+    assert any("file access is NOT confined" in record.getMessage() for record in caplog.records)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        assert _score(escapes("connect"), answer=str(server.getsockname()[1]))[1]["custom_reward_errors"] == 1
+    spec = escapes("fork_and_hang")
+    runner = CustomRewardRunner(spec)
+    try:
+        assert runner.score(["hang"], ["0"])[1]["custom_reward_timeouts"] == 1
+        assert _all_gone(spec.path, within_s=2)       # the four setsid children too: they were in its pid namespace
+    finally:
+        runner.close()
+    with pytest.raises(RuntimeError, match="apt-get install bubblewrap"):
+        sandbox.choose("bwrap")
