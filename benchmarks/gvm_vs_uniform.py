@@ -270,9 +270,13 @@ def main() -> None:
             env = {**os.environ, "RAY_TMPDIR": f"{os.environ.get('RAY_TMPDIR', '/tmp/ray')}_gvmbench_{arm}_{seed}"}
             command = [sys.executable, __file__, *passthrough, *sum((["--set", o] for o in args.overrides), []),
                        "--single", algorithm, arm, str(seed)]
-            finished = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
-            if finished.returncode != 0:
-                print(f"FAILED {job}: {finished.stderr[-2000:]}", flush=True)
+            for attempt in range(3):   # Ray's 30 s raylet start-up limit can pass on a loaded machine: retry
+                finished = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+                if finished.returncode == 0:
+                    break
+                print(f"FAILED {job} (attempt {attempt + 1} of 3): {finished.stderr.strip().splitlines()[-1][:300]}",
+                      flush=True)
+            else:
                 return
             line = finished.stdout.strip().splitlines()[-1]
             with out.open("a") as handle:
