@@ -81,7 +81,7 @@ def main() -> None:
 
         model_path = str(Path(scratch.name) / "model")
         build_model(args.model_million, Path(model_path))
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
              runtime_env={"env_vars": dict(ACTOR_ENV)}, log_to_driver=False)
     rollout = rollout_of_one_step(model_path, prompts=16, samples=8)
     rollout_ref = ray.put(rollout)

@@ -134,7 +134,7 @@ def main() -> None:
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     print(f"machine: {machine()}")
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
              runtime_env={"env_vars": dict(ACTOR_ENV)}, log_to_driver=False)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:

@@ -72,7 +72,7 @@ def ray_session():
 
     from actors.process import ACTOR_ENV
 
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
              runtime_env={"env_vars": dict(ACTOR_ENV)})
     yield ray
     ray.shutdown()

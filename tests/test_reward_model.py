@@ -89,7 +89,7 @@ def test_reward_actor_scores_with_the_reward_model_behind_the_same_interface(mod
     rollout = Rollout(request_index=[0, 0, 1], prompt_token_ids=[[1], [1], [2]],
                       completion_token_ids=[[5], [6], [7]], behaviour_logprobs=[None] * 3,
                       completion_texts=[COMPLETIONS[0], "8", COMPLETIONS[1]], finished=[True] * 3, weight_versions=[0] * 3)
-    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
     try:
         actor = RewardActor.remote("integer", 5.0, None, str(model_dir), 2)
         answers = ["7", "36"]

@@ -157,7 +157,7 @@ def ray_with_metrics_port():
     # Processes report to the node's metrics agent every metrics_report_interval_ms (10 s by
     # default); 1 s keeps the test short. The agent (ray[default]) serves them on `port`.
     # The run's ids reach its actors through the runtime env, as rl_service/roles.py start_ray passes them.
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=port,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=port,
              _system_config={"metrics_report_interval_ms": 1000}, logging_level="WARNING",
              runtime_env={"env_vars": {JOB_NAME_ENV: JOB, SUBMISSION_ID_ENV: SUBMISSION}})
     try:
