@@ -266,8 +266,26 @@ class Trainer:
             if group is not None:
                 by_group[group].append(float(reward))
         metrics.update({f"eval_accuracy_{group}": float(np.mean(values)) for group, values in sorted(by_group.items())})
+        metrics.update(self._sampled_eval(step))
         self.eval_history.append((step, metrics["eval_accuracy"]))
         self.run_dir.log(step, metrics)
+        return metrics
+
+    def _sampled_eval(self, step: int) -> dict[str, float]:
+        """pass@k' (k' <= eval.samples) and mean@k at eval.temperature; {} when eval.samples is none.
+        The greedy accuracy stays the guard's figure: sampled accuracy is noisier at the same cost."""
+        evaluation = self.config.eval
+        if evaluation.samples is None:
+            return {}
+        from rl_service.pass_at_k import sampled_eval_metrics
+
+        timer = PhaseTimer()
+        sampling = SamplingParams(temperature=evaluation.temperature, top_p=evaluation.top_p,
+                                  max_new_tokens=self.sampling.max_new_tokens)
+        _, scored = self._rollout(self.task.eval, [evaluation.samples] * len(self.task.eval), sampling,
+                                  _seed_for(self.config, step, 2), timer, split="eval")
+        metrics = sampled_eval_metrics(scored["rewards"], scored["request_index"], len(self.task.eval), evaluation.samples)
+        metrics["eval_sampled_seconds"] = sum(timer.seconds.values())
         return metrics
 
     # -- one training step ---------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Greedy evaluation of a model directory in this process (no Ray): `rl-service eval`."""
+"""Evaluation of a model directory in this process (no Ray): `rl-service eval`. Greedy accuracy, and
+pass@k / mean@k when `eval.samples` is set (rl_service/pass_at_k.py)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -32,4 +33,16 @@ def evaluate_model_dir(config: JobConfig) -> dict[str, float]:
         if group is not None:
             by_group[group].append(float(reward))
     metrics.update({f"eval_accuracy_{group}": float(np.mean(values)) for group, values in sorted(by_group.items())})
+    samples = config.eval.samples
+    if samples is not None:
+        from rl_service.pass_at_k import sampled_eval_metrics
+
+        sampled_requests = [GenerationRequest(index, request.prompt_id, request.prompt_token_ids, samples)
+                            for index, request in enumerate(requests)]
+        sampling = SamplingParams(temperature=config.eval.temperature, top_p=config.eval.top_p,
+                                  max_new_tokens=config.generator.max_new_tokens)
+        sampled = engine.generate(sampled_requests, sampling, seed=config.seed + 1)
+        sampled_rewards = score_batch(sampled.completion_texts, [task.eval[i].answer for i in sampled.request_index],
+                                      task.verifier)
+        metrics.update(sampled_eval_metrics(sampled_rewards, sampled.request_index, len(task.eval), samples))
     return metrics

@@ -16,6 +16,8 @@ preference_loop.py, algorithms/gvm.py `allocation_spread_metrics`, algorithms/pr
   gvm_allocation.png  allocation_samples_min/median/max, allocation_hardest_decile_share,
                       allocation_zero_fraction
   alpha_hat.png       bvpo_alpha (α̂, the online estimate) and alpha (the α the loss used)
+  pass_at_k.png       eval_pass_at_<k'> against k' at the first and last evaluation, and
+                      eval_pass_at_<k> / eval_mean_at_<k> over steps (eval.samples set)
 
 A plot whose keys a run never logged (a GRPO run has no α̂) is skipped with a one-line notice.
 A missing run directory or metrics file, an empty file or a malformed line is a `UserError` naming
@@ -207,6 +209,30 @@ def _draw_alpha_hat(series: MetricSeries, figure) -> None:
     axes.legend(loc="best")
 
 
+def _pass_at_k_keys(series: MetricSeries) -> list[tuple[int, str]]:
+    return sorted((int(key.removeprefix("eval_pass_at_")), key) for key in series.keys_with_prefix("eval_pass_at_")
+                  if key.removeprefix("eval_pass_at_").isdigit())
+
+
+def _draw_pass_at_k(series: MetricSeries, figure) -> None:
+    keys = _pass_at_k_keys(series)
+    curve = _new_axes(figure, "Sampled eval: pass@k' by k'", "pass@k'", 121)
+    curve.set_xlabel("k'")
+    steps = sorted({step for _, key in keys for step in series.values[key]})
+    for step in dict.fromkeys((steps[0], steps[-1])) if steps else ():
+        ks = [k for k, key in keys if step in series.values[key]]
+        curve.plot(ks, [series.values[f"eval_pass_at_{k}"][step] for k in ks], marker="o", label=f"step {step}")
+    curve.set_ylim(-0.02, 1.02)
+    curve.legend(loc="best")
+    over_steps = _new_axes(figure, "pass@k and mean@k over steps", "fraction", 122)
+    if keys:
+        over_steps.plot(*series.points(keys[-1][1]), marker="o", linewidth=2, label=f"pass@{keys[-1][0]}")
+    for key in series.keys_with_prefix("eval_mean_at_"):
+        over_steps.plot(*series.points(key), marker=".", linestyle="--", label=key.replace("eval_mean_at_", "mean@"))
+    over_steps.set_ylim(-0.02, 1.02)
+    over_steps.legend(loc="best")
+
+
 @dataclass(frozen=True)
 class PlotSpec:
     filename: str
@@ -224,6 +250,7 @@ PLOTS: tuple[PlotSpec, ...] = (
                                     "allocation_hardest_decile_share", "allocation_zero_fraction"),
              _draw_gvm_allocation, (8.0, 7.0)),
     PlotSpec("alpha_hat.png", ("bvpo_alpha", "alpha"), _draw_alpha_hat),
+    PlotSpec("pass_at_k.png", ("eval_pass_at_1",), _draw_pass_at_k, (11.0, 4.5)),
 )
 
 

@@ -6,7 +6,7 @@ from pydantic import Field, model_validator
 from rl_service.config.sections import (
     ModelConfig, DataConfig, GeneratorConfig, RewardConfig, StatisticsConfig, LearnerConfig,
     WeightSyncConfig, AlgorithmConfig, PreferenceConfig, ClusterConfig, ScheduleConfig,
-    LoggingConfig, CheckpointConfig, GuardConfig, _Section)
+    LoggingConfig, CheckpointConfig, GuardConfig, EvalConfig, _Section)
 
 
 class JobConfig(_Section):
@@ -27,6 +27,7 @@ class JobConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
 
     @model_validator(mode="after")
@@ -43,6 +44,15 @@ class JobConfig(_Section):
                              "(α̂ comes from resampled generated traces, §BVPO.6)")
         if preference.mode == "online" and self.generator.samples_per_prompt < 2:
             raise ValueError("generator.samples_per_prompt must be >= 2 for online dpo/bvpo (a pair needs two samples)")
+        return self
+
+    @model_validator(mode="after")
+    def _sampled_eval_is_for_policy_jobs(self) -> "JobConfig":
+        # The preference loop evaluates greedily per reasoning mode; its sampled evaluation (the hook:
+        # rl_service.pass_at_k.sampled_eval_metrics per mode) is not wired yet, so say so, not ignore it.
+        if self.eval.samples is not None and self.algorithm.name in ("dpo", "bvpo"):
+            raise ValueError(f"eval.samples applies to grpo and raft++ jobs; the {self.algorithm.name} loop evaluates "
+                             "greedily (reasoning on and off)")
         return self
 
     @model_validator(mode="after")

@@ -315,3 +315,13 @@ class GuardConfig(_Section):
     max_nonfinite_steps: int = Field(
         3, ge=1, le=1000, description="stop after this many steps in a row whose loss or gradient was not finite (each "
                                       "such update is skipped and counted); the last good checkpoint is kept")
+
+
+class EvalConfig(_Section):
+    """Sampled evaluation beside the greedy accuracy (rl_service/pass_at_k.py): pass@k and mean@k."""
+    samples: int | None = Field(
+        None, ge=1, le=1024, description="none (default): greedy accuracy only; k: also k completions per eval prompt "
+                                         "at eval.temperature, logged as eval_pass_at_1 … eval_pass_at_k (unbiased "
+                                         "estimator, Chen et al. 2021) and eval_mean_at_k (mean accuracy)")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="sampling temperature of the sampled evaluation")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass of the sampled evaluation")
