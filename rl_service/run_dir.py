@@ -38,7 +38,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 # What a run writes into its directory (`--overwrite` removes these and nothing else).
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "ledger.jsonl", "summary.json", "checkpoints", "tb", "report")
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "ledger.jsonl", "summary.json", "checkpoints", "tb", "report",
+               "wandb", "tracker_runs.json")
 _KERNEL_FILE_SYSTEMS = ("/proc", "/sys", "/dev")
 
 
@@ -95,6 +96,9 @@ class RunDirectory:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tensorboard = SummaryWriter(log_dir=str(self.path / "tb"))
+        from rl_service.trackers import open_trackers   # W&B / MLflow when configured; imports neither otherwise
+
+        self._trackers = open_trackers(config, self.path, resume=resume_step is not None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{key: _jsonable(value) for key, value in metrics.items()}}
@@ -104,6 +108,7 @@ class RunDirectory:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tensorboard.add_scalar(key, value, step)
+        self._trackers.log(step, row)
 
     def log_ledger(self, step: int, prompt_ids: list[int], samples: list[int]) -> None:
         """What a step trained on: its prompts and each one's sample count. A resumed or replayed run
@@ -166,6 +171,7 @@ class RunDirectory:
         self._ledger.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+        self._trackers.close()
 
 
 def _row_step(line: str) -> float:

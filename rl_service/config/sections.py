@@ -281,8 +281,46 @@ class ScheduleConfig(_Section):
                                     "(equals sync exactly)")
 
 
+def _tracker_installed(package: str, field: str) -> None:
+    # find_spec imports nothing: a run that names a tracker fails here, before Ray starts, not mid-run.
+    from importlib.util import find_spec
+
+    if find_spec(package) is None:
+        raise ValueError(f"{field} needs the {package} package, which is not installed "
+                         "(pip install 'rl_service[trackers]')")
+
+
+class WandbConfig(_Section):
+    """Weights & Biases (rl_service/trackers.py): the resolved config once, every metrics row at its step."""
+    project: str = Field(..., min_length=1, max_length=128, description="W&B project name")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="online: stream to the server (WANDB_API_KEY or `wandb login`); offline: write under "
+                              "RUN_DIR/wandb for a later `wandb sync`; disabled: no-op")
+
+    @model_validator(mode="after")
+    def _installed(self) -> "WandbConfig":
+        if self.mode != "disabled":
+            _tracker_installed("wandb", "logging.wandb")
+        return self
+
+
+class MlflowConfig(_Section):
+    """MLflow (rl_service/trackers.py): the resolved config as params, every metrics row at its step."""
+    tracking_uri: str | None = Field(
+        None, min_length=1, description="MLflow tracking URI (a server http://…, or file:///abs/path for a local "
+                                        "store); none: MLFLOW_TRACKING_URI or MLflow's default")
+    experiment: str = Field("rl_service", min_length=1, max_length=256, description="experiment name (created if missing)")
+
+    @model_validator(mode="after")
+    def _installed(self) -> "MlflowConfig":
+        _tracker_installed("mlflow", "logging.mlflow")
+        return self
+
+
 class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="write TensorBoard events to RUN_DIR/tb")
+    wandb: WandbConfig | None = Field(None, description="none: off; {project, mode}: log to Weights & Biases too")
+    mlflow: MlflowConfig | None = Field(None, description="none: off; {tracking_uri, experiment}: log to MLflow too")
     progress_bar: bool = Field(True, description="rich progress bar when stdout is a terminal (a job log or pipe gets "
                                                  "log lines instead, see log_every)")
     log_every: int = Field(

@@ -1,0 +1,154 @@
+"""Experiment trackers beside metrics.jsonl and TensorBoard: Weights & Biases and MLflow.
+
+`open_trackers(config, run_dir)` gives the trackers `logging.wandb` / `logging.mlflow` name;
+`RunDirectory` (run_dir.py) hands each of them the resolved config once and every metrics row it
+writes, at that row's step. A tracker's package is imported only when the config names it (the
+`trackers` extra installs both), so a job without trackers never loads them.
+
+A resumed or restarted run continues the same tracker run (their ids are kept in
+RUN_DIR/tracker_runs.json); a new run, `--overwrite` included, starts new ones. Steps replayed after
+a checkpoint are sent again: W&B keeps the first value of a step, MLflow's history holds both. A
+tracker that fails mid-run (a lost server) is logged once and dropped: the run's own record
+(metrics.jsonl) is complete without it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+from rl_service.config import JobConfig
+from rl_service.errors import UserError
+
+log = logging.getLogger("rl_service")
+
+RUNS_FILE = "tracker_runs.json"   # {"wandb": id, "mlflow": run id} of this run directory
+
+
+def _numeric(row: dict) -> dict[str, float]:
+    return {key: float(value) for key, value in row.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
+
+
+def flatten_config(config: JobConfig) -> dict[str, str]:
+    """`section.field` -> value text: MLflow params are flat strings."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", config.model_dump(mode="json"))
+    return flat
+
+
+class WandbTracker:
+    name = "wandb"
+
+    def __init__(self, config: JobConfig, run_dir: Path, run_id: str | None):
+        import wandb
+
+        settings = config.logging.wandb
+        self._run = wandb.init(project=settings.project, mode=settings.mode, dir=str(run_dir), name=run_dir.name,
+                               id=run_id, resume="allow" if run_id else None, config=config.model_dump(mode="json"),
+                               reinit="create_new")
+        self.run_id = self._run.id
+
+    def log(self, step: int, row: dict) -> None:
+        # The driver writes a step's train row and then its eval row: both land at that step.
+        self._run.log(_numeric(row), step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MlflowTracker:
+    name = "mlflow"
+
+    def __init__(self, config: JobConfig, run_dir: Path, run_id: str | None):
+        # The client API, not mlflow's fluent one: no process-global active run to leak between jobs.
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        settings = config.logging.mlflow
+        uri = settings.tracking_uri
+        if uri is not None and (uri.startswith("file:") or "://" not in uri):
+            # MLflow 3 refuses a file store unless this is set; a config that names one asked for it.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self._client = MlflowClient(tracking_uri=uri)
+        experiment = self._client.get_experiment_by_name(settings.experiment)
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else self._client.create_experiment(settings.experiment))
+        if run_id is not None:
+            self.run_id = run_id
+            self._client.update_run(run_id, status="RUNNING")
+        else:
+            run = self._client.create_run(experiment_id, run_name=run_dir.name,
+                                          tags={"rl_service.run_dir": str(run_dir.resolve())})
+            self.run_id = run.info.run_id
+            params = [Param(key, value[:6000]) for key, value in flatten_config(config).items()]
+            for start in range(0, len(params), 100):   # MLflow takes at most 100 params per batch
+                self._client.log_batch(self.run_id, params=params[start:start + 100])
+
+    def log(self, step: int, row: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, step) for key, value in _numeric(row).items()]
+        for start in range(0, len(metrics), 1000):   # MLflow takes at most 1000 metrics per batch
+            self._client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+
+    def close(self) -> None:
+        self._client.set_terminated(self.run_id)
+
+
+class Trackers:
+    """The configured trackers as one; empty (and importing nothing) when none is configured."""
+
+    def __init__(self, trackers: list):
+        self.trackers = trackers
+
+    def log(self, step: int, row: dict) -> None:
+        for tracker in list(self.trackers):
+            try:
+                tracker.log(step, row)
+            except Exception as exc:   # a tracker's own error types vary; the run must not die of one
+                log.warning("logging.%s failed (%s); it is off for the rest of this run, metrics.jsonl is complete",
+                            tracker.name, " ".join(str(exc).split()) or type(exc).__name__)
+                self.trackers.remove(tracker)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            try:
+                tracker.close()
+            except Exception as exc:
+                log.warning("logging.%s: closing failed (%s)", tracker.name, exc)
+        self.trackers = []
+
+
+def open_trackers(config: JobConfig, run_dir: Path, resume: bool = False) -> Trackers:
+    """The configured trackers; `resume`: continue the tracker runs this run directory started."""
+    kinds = {"wandb": WandbTracker, "mlflow": MlflowTracker}
+    wanted = [name for name in kinds if getattr(config.logging, name) is not None
+              and getattr(getattr(config.logging, name), "mode", None) != "disabled"]
+    if not wanted:
+        return Trackers([])
+    runs_file = run_dir / RUNS_FILE
+    known = json.loads(runs_file.read_text(encoding="utf-8")) if resume and runs_file.is_file() else {}
+    trackers = []
+    for name in wanted:
+        try:
+            trackers.append(kinds[name](config, run_dir, known.get(name)))
+        except Exception as exc:   # a bad URI, a refused login, a store MLflow will not open: one line, before Ray
+            for started in trackers:
+                started.close()
+            reason = " ".join(str(exc).split())[:400] or type(exc).__name__
+            raise UserError(f"logging.{name}: cannot start the tracker ({reason})") from None
+    runs_file.write_text(json.dumps({tracker.name: tracker.run_id for tracker in trackers}), encoding="utf-8")
+    return Trackers(trackers)
