@@ -33,17 +33,21 @@ def _train_row(step: int, *, gvm: bool, bvpo: bool) -> dict:
     return row
 
 
-def _eval_row(step: int) -> dict:
-    return {"step": step, "eval_accuracy": 0.45 + 0.005 * step, "eval_accuracy_level_1": 0.85, "eval_seconds": 1.0}
+def _eval_row(step: int, sampled: bool = True) -> dict:
+    if not sampled:
+        return {"step": step, "eval_accuracy": 0.45 + 0.005 * step, "eval_accuracy_level_1": 0.85, "eval_seconds": 1.0}
+    pass_at_k = {f"eval_pass_at_{k}": min(1.0, 0.3 + 0.1 * k + 0.002 * step) for k in range(1, 5)}   # eval.samples: 4
+    return {"step": step, "eval_accuracy": 0.45 + 0.005 * step, "eval_accuracy_level_1": 0.85, "eval_seconds": 1.0,
+            **pass_at_k, "eval_mean_at_4": pass_at_k["eval_pass_at_1"]}
 
 
-def write_run(run_dir: Path, steps: int = 20, *, gvm: bool = True, bvpo: bool = True) -> Path:
-    """A run directory whose metrics.jsonl is laid out as RunDirectory.log writes it."""
-    rows = [_eval_row(0)]
+def write_run(run_dir: Path, steps: int = 20, *, gvm: bool = True, bvpo: bool = True, sampled: bool = True) -> Path:
+    """A run directory whose metrics.jsonl is laid out as RunDirectory.log writes it (`sampled`: eval.samples set)."""
+    rows = [_eval_row(0, sampled)]
     for step in range(1, steps + 1):
         rows.append(_train_row(step, gvm=gvm, bvpo=bvpo))
         if step % 10 == 0:
-            rows.append(_eval_row(step))
+            rows.append(_eval_row(step, sampled))
     rows[3]["reward_mean"] = None   # a non-finite value is logged as null: a gap, not a failure
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
@@ -89,15 +93,16 @@ def test_every_plot_written_as_a_real_png(tmp_path, capsys):
 
 def test_out_directory_and_absent_metrics_skipped_with_one_line_each(tmp_path, capsys):
     run_dir, out_dir = tmp_path / "run", tmp_path / "plots" / "nested"
-    write_run(run_dir, gvm=False, bvpo=False)   # a plain GRPO run: no GVM statistics, no α̂
+    write_run(run_dir, gvm=False, bvpo=False, sampled=False)   # a plain GRPO run: no GVM statistics, no α̂, no pass@k
     code, out, err = run_cli(capsys, str(run_dir), "--out", str(out_dir))
     assert code == 0, err
     names = sorted(Path(line).name for line in out.splitlines())
     assert names == ["eval_accuracy.png", "reward.png", "step_time.png", "throughput.png"]
     assert all(Path(line).parent == out_dir for line in out.splitlines())
     skipped = [line for line in err.splitlines() if "skipped" in line]
-    assert len(skipped) == 2
+    assert len(skipped) == 3
     assert any("gvm_allocation.png" in line for line in skipped) and any("alpha_hat.png" in line for line in skipped)
+    assert any("pass_at_k.png" in line for line in skipped)
 
 
 def test_malformed_line_exits_2_naming_file_and_line(tmp_path):
