@@ -37,6 +37,13 @@ def load_task(config: JobConfig) -> TaskData:
         evaluation = [to_record(problem) for problem in eval_problems]
         groups = {problem.prompt_id: f"level_{problem.level}" for problem in eval_problems}
         default_verifier = "integer"
+    elif data.source == "hf":
+        from rl_service.data.hf_datasets import load_hf_split
+
+        train = load_hf_split(data.hf, data.hf.train_split, "data.hf.train_split")
+        evaluation = load_hf_split(data.hf, data.hf.eval_split, "data.hf.eval_split") if data.hf.eval_split else []
+        groups = {}
+        default_verifier = "math"
     else:
         train = load_prompt_file(data.train_path)
         evaluation = load_prompt_file(data.eval_path) if data.eval_path else []
@@ -76,20 +83,29 @@ def check_job_inputs(config: JobConfig, task: TaskData, tokenizer) -> None:
         task.max_prompt_tokens = budget
         return
     overhead = len(tokenizer(render_prompt(tokenizer, "", config.model.thinking), add_special_tokens=False)["input_ids"])
-    source = {"train": config.data.train_path, "eval": config.data.eval_path} if config.data.source == "jsonl" else {}
+    source = ({"train": config.data.train_path, "eval": config.data.eval_path} if config.data.source == "jsonl" else
+              {"train": f"{config.data.hf.path} [{config.data.hf.train_split}]",
+               "eval": f"{config.data.hf.path} [{config.data.hf.eval_split}]"} if config.data.source == "hf" else {})
     for split, records in (("train", task.train), ("eval", task.eval)):
         for record in records:
             # Each token is at least one byte: a prompt within the budget in bytes fits untokenized.
-            if overhead + len(record.prompt.encode("utf-8")) <= budget:
+            text = _prompt_text(record)
+            if overhead + len(text.encode("utf-8")) <= budget:
                 continue
-            length = (None if len(record.prompt) > budget * _MAX_CHARS_PER_TOKEN else
-                      len(tokenizer(render_prompt(tokenizer, record.prompt, config.model.thinking),
+            length = (None if len(text) > budget * _MAX_CHARS_PER_TOKEN else
+                      len(tokenizer(render_prompt(tokenizer, record.prompt, config.model.thinking, record.messages),
                                     add_special_tokens=False, verbose=False)["input_ids"]))
             if length is None or length > budget:
-                size = f"{len(record.prompt)} characters" if length is None else f"{length} tokens"
+                size = f"{len(text)} characters" if length is None else f"{length} tokens"
                 raise DataError(f"{source.get(split, 'data.arithmetic')}: {split} prompt id {record.prompt_id} is {size}, "
                                 f"more than the {budget} the model's {context}-position context leaves beside "
                                 f"generator.max_new_tokens {max_new} (shorten it or set data.long_prompts: truncate)")
+
+
+def _prompt_text(record: PromptRecord) -> str:
+    """Every character the template wraps: the user message, or all of a chat's messages (its
+    per-message markup is counted in tokens when the prompt is near the budget)."""
+    return record.prompt if record.messages is None else "".join(content for _, content in record.messages)
 
 
 class PromptTokenizer:
@@ -105,9 +121,9 @@ class PromptTokenizer:
         tokens = self._cache.get(record.prompt_id)
         if tokens is None:
             prompt = record.prompt
-            if self.max_prompt_tokens is not None:   # cut megabytes before tokenizing; the end is kept
+            if self.max_prompt_tokens is not None and record.messages is None:   # cut megabytes before tokenizing
                 prompt = prompt[-self.max_prompt_tokens * _MAX_CHARS_PER_TOKEN:]
-            text = render_prompt(self.tokenizer, prompt, self.thinking)
+            text = render_prompt(self.tokenizer, prompt, self.thinking, record.messages)
             tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if self.max_prompt_tokens is not None and len(tokens) > self.max_prompt_tokens:
                 tokens = tokens[-self.max_prompt_tokens:]  # keep the end: the generation prompt must survive

@@ -27,11 +27,28 @@ class ArithmeticDataConfig(_Section):
     num_eval: int = Field(256, ge=1, le=100_000, description="held-out eval prompts")
 
 
+class HFDataConfig(_Section):
+    """A local Hugging Face dataset (rl_service/data/hf_datasets.py); nothing is fetched from the Hub."""
+    path: str = Field(..., min_length=1, description="a `save_to_disk` directory (Dataset or DatasetDict) or a local "
+                                                     "dataset directory of parquet/csv/json files")
+    train_split: str = Field("train", min_length=1, description="split to train on")
+    eval_split: str | None = Field(None, min_length=1, description="held-out split; none: no eval")
+    prompt_column: str = Field("prompt", min_length=1, description="column with the prompt: a string (the user "
+                                                                   "message) or a chat (list of {role, content})")
+    answer_column: str = Field("answer", min_length=1, description="column with the gold answer (string or number)")
+    id_column: str | None = Field(None, min_length=1, description="column with a stable integer prompt id; none: "
+                                                                  "the row index")
+
+
 class DataConfig(_Section):
-    source: Literal["arithmetic", "jsonl"] = Field("arithmetic", description="built-in synthetic task or JSONL files")
+    source: Literal["arithmetic", "jsonl", "hf"] = Field(
+        "arithmetic", description="built-in synthetic task, JSONL/JSON/CSV/Parquet files, or a local Hugging Face "
+                                  "dataset (data.hf)")
     train_path: str | None = Field(None, description="JSONL/JSON file with `prompt` and `answer` per record (source=jsonl)")
     eval_path: str | None = Field(None, description="held-out JSONL file (source=jsonl); none: no eval")
     arithmetic: ArithmeticDataConfig = Field(default_factory=ArithmeticDataConfig)
+    hf: HFDataConfig | None = Field(None, description="source=hf: {path, train_split, eval_split, prompt_column, "
+                                                      "answer_column, id_column}")
     prompts_per_step: int = Field(16, ge=1, le=65_536, description="prompts in each training batch")
     eval_limit: int | None = Field(None, ge=1, description="evaluate on at most this many eval prompts")
     long_prompts: Literal["refuse", "truncate"] = Field(
@@ -42,6 +59,8 @@ class DataConfig(_Section):
     def _paths_match_source(self) -> "DataConfig":
         if self.source == "jsonl" and not self.train_path:
             raise ValueError("data.train_path is required when data.source is 'jsonl'")
+        if self.source == "hf" and self.hf is None:
+            raise ValueError("data.hf (at least data.hf.path) is required when data.source is 'hf'")
         return self
 
 

@@ -1,7 +1,9 @@
-"""Prompt datasets: a record is (prompt_id, user message, gold answer).
+"""Prompt datasets: a record is (prompt_id, user message or chat messages, gold answer).
 
-Sources: the built-in arithmetic task, or local files with `prompt` and `answer` fields — JSONL/JSON
-read here line by line so an error names its line, and CSV/Parquet read through HF `datasets`.
+Sources: the built-in arithmetic task, local files with `prompt` and `answer` fields — JSONL/JSON
+read here line by line so an error names its line, and CSV/Parquet read through HF `datasets` — or
+a local Hugging Face dataset (data/hf_datasets.py). A prompt is a string (the user message) or a
+chat: a list of {role, content} messages ending with the user's, rendered by the chat template.
 Prompt ids are stable across restarts: an explicit integer `id` field, else the record's index
 in the file; the statistics actor indexes its arrays by them.
 """
@@ -20,37 +22,66 @@ from rl_service.errors import DataError
 @dataclass(frozen=True)
 class PromptRecord:
     prompt_id: int
-    prompt: str
+    prompt: str          # the user message (of a chat: its last one, for reward models and messages)
     answer: str
+    messages: tuple[tuple[str, str], ...] | None = None   # a chat prompt: (role, content) in order
+
+
+_ROLES = ("system", "user", "assistant")
+
+
+def _chat_messages(value: list, where: str, field: str) -> tuple[tuple[str, str], ...]:
+    """A chat prompt as (role, content) pairs; the last message is the user's (the model answers it)."""
+    if not value:
+        raise DataError(f"{where}: field '{field}' is an empty list of messages")
+    messages = []
+    for position, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: field '{field}' message {position} must be an object with string 'role' and "
+                            "'content'")
+        if message["role"] not in _ROLES:
+            raise DataError(f"{where}: field '{field}' message {position} has role '{message['role']}' (use system, "
+                            "user or assistant)")
+        messages.append((message["role"], message["content"]))
+    if messages[-1][0] != "user" or not messages[-1][1].strip():
+        raise DataError(f"{where}: field '{field}' must end with a non-empty user message (the one to answer)")
+    return tuple(messages)
 
 
 _MAX_PROMPT_ID = 2**40  # statistics arrays are indexed by id; keep them addressable
 
 
-def _record_from_row(row: object, where: str, index: int) -> PromptRecord:
+def _record_from_row(row: object, where: str, index: int, prompt_field: str = "prompt", answer_field: str = "answer",
+                     id_field: str | None = "id") -> PromptRecord:
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object with 'prompt' and 'answer', got {type(row).__name__}")
-    for field in ("prompt", "answer"):
+        raise DataError(f"{where}: expected an object with '{prompt_field}' and '{answer_field}', got {type(row).__name__}")
+    for field in (prompt_field, answer_field):
         if field not in row:
             raise DataError(f"{where}: missing field '{field}'")
-    prompt, answer = row["prompt"], row["answer"]
+    prompt, answer = row[prompt_field], row[answer_field]
+    is_chat = isinstance(prompt, list) and bool(prompt) and all(isinstance(message, dict) for message in prompt)
+    messages = _chat_messages(prompt, where, prompt_field) if is_chat or prompt == [] else None
+    if messages is not None:
+        prompt = messages[-1][1]
     if not isinstance(prompt, str) or not prompt.strip():
-        raise DataError(f"{where}: field 'prompt' must be a non-empty string")
+        raise DataError(f"{where}: field '{prompt_field}' must be a non-empty string or a list of chat messages")
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
-        raise DataError(f"{where}: field 'answer' must be a non-empty string or number")
+        raise DataError(f"{where}: field '{answer_field}' must be a non-empty string or number")
     if isinstance(answer, float) and not math.isfinite(answer):   # JSON's NaN / Infinity: would train against "nan"
-        raise DataError(f"{where}: field 'answer' is {answer}, not a finite number")
-    for field, text in (("prompt", prompt), ("answer", answer)):
+        raise DataError(f"{where}: field '{answer_field}' is {answer}, not a finite number")
+    texts = [(prompt_field, content) for _, content in messages] if messages else [(prompt_field, prompt)]
+    for field, text in texts + [(answer_field, answer)]:
         if isinstance(text, str):
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as exc:   # a lone surrogate ("\ud800"): valid JSON, not text
                 raise DataError(f"{where}: field '{field}' holds {text[exc.start]!r} at character {exc.start}, "
                                 "a lone surrogate that is not text") from None
-    prompt_id = row.get("id", index)
+    prompt_id = row.get(id_field, index) if id_field is not None else index
     if isinstance(prompt_id, bool) or not isinstance(prompt_id, int) or not 0 <= prompt_id < _MAX_PROMPT_ID:
-        raise DataError(f"{where}: field 'id' must be an integer in [0, 2**40)")
-    return PromptRecord(prompt_id=prompt_id, prompt=prompt, answer=str(answer).strip())
+        raise DataError(f"{where}: field '{id_field}' must be an integer in [0, 2**40)")
+    return PromptRecord(prompt_id=prompt_id, prompt=prompt, answer=str(answer).strip(), messages=messages)
 
 
 def _decode_utf8(data: bytes, where: str, first_line: int = 1) -> str:
@@ -137,9 +168,16 @@ def load_prompt_file(path: str | Path) -> list[PromptRecord]:
         rows = _read_table_rows(file)
     else:
         raise DataError(f"{file}: unsupported dataset format '{file.suffix}' (use .jsonl, .json, .csv or .parquet)")
-    records = [_record_from_row(row, where, index) for index, (row, where) in enumerate(rows)]
+    return records_from_rows(rows, str(file))
+
+
+def records_from_rows(rows: list[tuple[object, str]], source: str, prompt_field: str = "prompt",
+                      answer_field: str = "answer", id_field: str | None = "id") -> list[PromptRecord]:
+    """Prompt records of (row, where) pairs; every error names its row; ids must be unique."""
+    records = [_record_from_row(row, where, index, prompt_field, answer_field, id_field)
+               for index, (row, where) in enumerate(rows)]
     if not records:
-        raise DataError(f"{file}: no records")
+        raise DataError(f"{source}: no records")
     seen: dict[int, str] = {}
     for record, (_, where) in zip(records, rows):
         if record.prompt_id in seen:

@@ -200,9 +200,12 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def render_prompt(tokenizer, user_text: str, thinking: bool = True) -> str:
-    """The chat-formatted prompt text for one user message, reasoning on or off (ALGORITHMS.md §BVPO.2)."""
-    messages = [{"role": "user", "content": user_text}]
+def render_prompt(tokenizer, user_text: str, thinking: bool = True, chat: tuple | None = None) -> str:
+    """The chat-formatted prompt text for one user message, reasoning on or off (ALGORITHMS.md §BVPO.2);
+    `chat`: a whole conversation instead, (role, content) pairs ending with the user's message."""
+    messages = ([{"role": role, "content": content} for role, content in chat] if chat
+                else [{"role": "user", "content": user_text}])
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
-    return user_text  # a base model without a template sees the raw prompt
+    # A base model without a template sees the raw prompt (a chat's messages, one paragraph each).
+    return "\n\n".join(message["content"] for message in messages) if chat else user_text

@@ -1,0 +1,63 @@
+"""Prompts from a local Hugging Face dataset (`data.source: hf`).
+
+`data.hf.path` is either a `save_to_disk` directory (a `Dataset` or a `DatasetDict`, read with
+`load_from_disk`: Arrow files, nothing unpickled) or a local dataset directory of data files that
+`load_dataset` reads (parquet, csv, json, arrow). Nothing is fetched from the Hub: the path must
+exist. Columns are mapped by `prompt_column` / `answer_column` (/ `id_column`); a prompt may be a
+string or a chat (a list of {role, content} messages). Errors are the JSONL path's one-liners,
+naming the dataset, the split and the row (rl_service/data/prompts.py `records_from_rows`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rl_service.data.prompts import PromptRecord, _quiet_datasets, records_from_rows
+from rl_service.errors import DataError
+
+
+def _reason(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def _open_split(path: Path, split: str, split_field: str):
+    import datasets
+
+    saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    try:
+        with _quiet_datasets():
+            if not saved:
+                return datasets.load_dataset(str(path), split=split)
+            dataset = datasets.load_from_disk(str(path))
+    except ValueError as exc:
+        if "split" in str(exc).lower() or "Unknown split" in str(exc):
+            raise DataError(f"{path}: no split '{split}' ({split_field}); {_reason(exc)}") from None
+        raise DataError(f"{path}: cannot read as a Hugging Face dataset ({_reason(exc)})") from None
+    except Exception as exc:  # datasets raises many types; the user needs the path and the reason
+        raise DataError(f"{path}: cannot read as a Hugging Face dataset ({_reason(exc)})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataError(f"{path}: no split '{split}' ({split_field}); it has {', '.join(sorted(dataset))}")
+        return dataset[split]
+    if split != "train":   # one saved Dataset has no split names: only the default may name it
+        raise DataError(f"{path}: holds one split (a saved Dataset, not a DatasetDict), so {split_field} "
+                        f"'{split}' names nothing; leave it 'train'")
+    return dataset
+
+
+def load_hf_split(settings, split: str, split_field: str) -> list[PromptRecord]:
+    """The records of one split; `settings` is `data.hf`, `split_field` the config field naming the split."""
+    path = Path(settings.path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: dataset not found (data.hf.path names a local dataset directory)")
+    if not path.is_dir():
+        raise DataError(f"{path}: is a file, not a dataset directory (a file goes in data.train_path with "
+                        "source: jsonl)")
+    dataset = _open_split(path, split, split_field)
+    where = f"{path} [{split}]"
+    columns = list(dataset.column_names)
+    for column, field in ((settings.prompt_column, "prompt_column"), (settings.answer_column, "answer_column"),
+                          (settings.id_column, "id_column")):
+        if column is not None and column not in columns:
+            raise DataError(f"{where}: no column '{column}' (data.hf.{field}); it has {', '.join(columns)}")
+    rows = [(row, f"{where}: row {index}") for index, row in enumerate(dataset)]
+    return records_from_rows(rows, where, settings.prompt_column, settings.answer_column, settings.id_column)
