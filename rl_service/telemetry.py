@@ -5,33 +5,33 @@ What is recorded, and where:
 
 - The driver (`Trainer.train_step`, `PreferenceTrainer.train_step`) records each step's metrics dict
   with `StepTelemetry.record_step`: reward mean, accepted fraction, samples/s, tokens/s, weight
-  version, weight sync seconds (a histogram), GVM allocation spread, BVPO's α̂. A key the step did
-  not produce (no GVM, no BVPO) records nothing.
+  version, weight sync seconds, loss, KL, grad norm, engine count, GVM allocation spread, BVPO's
+  α̂. A key the step did not produce (no GVM, no BVPO, no KL term) records nothing.
 - The generator pool (actors/generator_pool.py) records its queue depth per engine each time it
   hands out work: it alone knows what each engine still has to do, and asking it from the driver
   after a step would always read 0 in sync mode (the driver waits for every shard first).
-
 - The loop (rl_service/step_loop.py) records the step number and each evaluation's accuracy.
 
 Names and kinds are `rl_service/telemetry_names.py`. Every metric carries the `job_name` tag (the
 config's `job_name`) and the `submission_id` tag (the run's id, rl_service/roles.py), so two runs
 of one config are two series; the queue depth also a `role` tag naming the engine the way its actor
 is named without the run (`generator/0`, `generator/1`, ...), so that per-engine series stay apart.
-A run's gauges leave the endpoint once its processes are gone: Ray's agent drops a gauge that its
-process has not re-reported for two report intervals (tests/test_prometheus.py checks it).
+Every metric is a gauge, so a run's series end with it: Ray's agent drops a gauge its process has
+not re-reported for two report intervals, while histograms and counters are cumulative in the
+agent and were still exported for hours after their job (tests/test_prometheus.py checks that an
+ended job's series go). The weight sync seconds are therefore the last publication's, one gauge;
+Grafana charts their spread with `quantile_over_time`.
 
 How a user sees them: every Ray node's metrics agent (part of `ray[default]`, which the install
 brings) serves the metrics of that node's processes, driver included, in Prometheus format on the
 node's metrics export port (`ray start --metrics-export-port=8080`, or `ray.init(_metrics_export_port=...)`;
 8080 in deploy/). Ray's exporter prefixes user metrics with `ray_`: `rl_service_reward_mean` is
-scraped as `ray_rl_service_reward_mean`, the sync histogram as `ray_rl_service_sync_seconds_bucket`,
-`_sum` and `_count`. With a Prometheus scraping the cluster (`ray metrics launch-prometheus` reads the
-head's service-discovery file) and Grafana next to it, the Ray dashboard's Metrics tab charts them,
-and `deploy/grafana/rl_service.json` is a dashboard of exactly these metrics, filtered by `job_name`.
-Processes report to their agent every `metrics_report_interval_ms` (10 s by default), so a value
-appears on the endpoint within about that long after it is recorded. Ray passes histograms to the
-agent as bucket counts and rebuilds `_sum` from bucket midpoints, so a mean sync time read as
-`_sum / _count` is good to a bucket's width (hence the fairly fine buckets below).
+scraped as `ray_rl_service_reward_mean`. With a Prometheus scraping the cluster
+(deploy/prometheus/prometheus.yml reads the head's service-discovery file) and Grafana next to it,
+the Ray dashboard's Metrics tab charts Ray's own metrics, and `deploy/grafana/rl_service.json` is a
+dashboard of exactly these, filtered by `job_name` and `submission_id`. Processes report to their
+agent every `metrics_report_interval_ms` (10 s by default), so a value appears on the endpoint
+within about that long after it is recorded.
 
 Telemetry never fails a run: if `ray.util.metrics` is missing or raises, one warning is logged and
 recording stops for that process; training goes on. `step_metric_values` and
@@ -51,10 +51,6 @@ log = logging.getLogger(__name__)
 
 ROLE_TAG = "role"
 
-# Buckets of the weight sync histogram, in seconds: from the built-in model on one node (a few ms
-# through the object store) to a multi-billion-parameter model broadcast across nodes (tens of s).
-SYNC_SECONDS_BOUNDARIES = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0)
-
 # Tag keys of each metric: a Ray metric declares its keys when created and must get all of them on
 # every record. The per-engine queue depth is the one metric recorded per role instance.
 RUN_TAGS = (JOB_TAG, SUBMISSION_TAG)
@@ -62,7 +58,6 @@ TAG_KEYS: dict[str, tuple[str, ...]] = {
     metric.name: RUN_TAGS + (ROLE_TAG,) if metric.name == "rl_service_generator_queue_depth" else RUN_TAGS
     for metric in METRICS
 }
-_KINDS = {metric.name: metric.kind for metric in METRICS}
 
 # One step's metrics dict key -> the live metric it feeds (read as is; the spread is derived below).
 STEP_KEY_TO_METRIC: dict[str, str] = {
@@ -92,7 +87,7 @@ class MetricValue(NamedTuple):
 
 def _finite(value) -> float | None:
     """The value as a float, or None when it is missing or not finite: a NaN reward mean (an empty
-    step) would otherwise wipe the gauge's last good value and poison the histogram's sum."""
+    step) would otherwise wipe the gauge's last good value."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -160,13 +155,7 @@ class MetricRecorder:
         try:
             for name, value, tags in values:
                 metric = self._metrics.get(name) or self._create(name)
-                kind = _KINDS[name]
-                if kind == "histogram":
-                    metric.observe(value, tags=tags)
-                elif kind == "counter":
-                    metric.inc(value, tags=tags)
-                else:
-                    metric.set(value, tags=tags)
+                metric.set(value, tags=tags)
         except Exception as error:  # noqa: BLE001 - telemetry must never fail a run
             self.enabled = False
             log.warning("live metrics are off for this process (%s: %s); the run goes on and still "
@@ -176,14 +165,7 @@ class MetricRecorder:
         from ray.util import metrics as ray_metrics
 
         description = next(metric.description for metric in METRICS if metric.name == name)
-        kind = _KINDS[name]
-        if kind == "histogram":
-            metric = ray_metrics.Histogram(name, description=description, boundaries=list(SYNC_SECONDS_BOUNDARIES),
-                                           tag_keys=TAG_KEYS[name])
-        elif kind == "counter":
-            metric = ray_metrics.Counter(name, description=description, tag_keys=TAG_KEYS[name])
-        else:
-            metric = ray_metrics.Gauge(name, description=description, tag_keys=TAG_KEYS[name])
+        metric = ray_metrics.Gauge(name, description=description, tag_keys=TAG_KEYS[name])
         self._metrics[name] = metric
         return metric
 

@@ -3,8 +3,9 @@
 charts them must agree, and `tests/test_deploy_manifests.py` checks the dashboard against this list.
 
 Ray's Prometheus exporter puts every user metric under its `ray` namespace, so a metric recorded
-as `rl_service_reward_mean` is scraped as `ray_rl_service_reward_mean`; a histogram also gets
-`_bucket`, `_sum` and `_count` series, a counter a `_total` one. Every metric carries the tag
+as `rl_service_reward_mean` is scraped as `ray_rl_service_reward_mean`. Every metric is a gauge:
+Ray's agent keeps a histogram's or counter's series for as long as it runs, long after their job
+ended, where a gauge goes two report intervals after its process. Every metric carries the tag
 `JOB_TAG` (the config's `job_name`) and `SUBMISSION_TAG` (the submission id, `<job_name>-<time>-<hex>`,
 which a local run gets too): the dashboard's `job` and `submission` variables filter on them. The tag
 is not called `job` because Prometheus sets its own `job` label (the scrape job) on every series
@@ -23,7 +24,7 @@ SUBMISSION_TAG = "submission_id"   # the run's id: tells two runs of one config 
 
 class MetricSpec(NamedTuple):
     name: str
-    kind: Literal["gauge", "counter", "histogram"]
+    kind: Literal["gauge"]   # only gauges end with their job (see above)
     description: str
 
 
@@ -33,7 +34,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("rl_service_samples_per_second", "gauge", "completions generated per second over the last step"),
     MetricSpec("rl_service_tokens_per_second", "gauge", "completion tokens generated per second over the last step"),
     MetricSpec("rl_service_weight_version", "gauge", "weight version the learner last published (generators serve it)"),
-    MetricSpec("rl_service_sync_seconds", "histogram", "seconds to publish one weight version to every generator"),
+    MetricSpec("rl_service_sync_seconds", "gauge", "seconds the last weight version took to reach every generator"),
     MetricSpec("rl_service_gvm_allocation_spread", "gauge",
                "samples given to the most-served prompt minus the least-served in the last allocation (0: uniform)"),
     MetricSpec("rl_service_alpha_hat", "gauge", "BVPO's online estimate of the trace/empty mixing weight alpha"),
