@@ -13,11 +13,11 @@ from rl_service.weights.flat import PublishedWeights
 
 @ray.remote
 class PreferenceLearnerActor:
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, resume_from: str | None = None):
         configure_process(config.cluster.torch_threads)
         from rl_service.training.preference_learner import PreferenceLearner
 
-        self.learner = PreferenceLearner(config)
+        self.learner = PreferenceLearner(config, resume_from)
         self._tokenized: dict[int, TokenizedPair] = {}
 
     def ready(self) -> bool:
@@ -44,6 +44,10 @@ class PreferenceLearnerActor:
 
     def save_pretrained(self, directory: str) -> None:
         self.learner.save_pretrained(directory)
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Everything a resumed learner needs (weights, optimizer, counters, α̂, reference cache)."""
+        self.learner.save_checkpoint(directory)
 
     def alpha_state(self) -> dict[str, float]:
         return self.learner.alpha_state()

@@ -1,21 +1,30 @@
-"""Trace-only DPO vs BVPO (α = 0.5) vs BVPO with online α̂ on the built-in model (ALGORITHMS.md §DPO,
-§BVPO.3, §BVPO.6), online, several seeds.
+"""BVPO vs trace-only DPO on the built-in model, online, with the power to decide (issue 17;
+ALGORITHMS.md §DPO, §BVPO.3, §BVPO.6).
 
-    .venv/bin/python benchmarks/bvpo_vs_dpo.py [--seeds 0 1 2] [--steps 10] [--methods dpo bvpo_0.5 bvpo_alpha_hat] [--set k=v ...]
+    .venv/bin/python benchmarks/bvpo_vs_dpo.py [--seeds 0 1 2 3 4] [--steps 40] [--eval-prompts 512]
+        [--arms dpo_trace ...] [--set k=v ...]
 
-Every (method, seed) is a real run of configs/bvpo.yaml (Ray, DeepSpeed, the HF generator, the
-verifier) with the same overrides: the seed fixes the data (split and prompt order), so the three
-methods see the same prompts in the same steps with the same sampling; only the loss differs:
+Every (arm, seed) is a run of configs/bvpo.yaml with the same overrides, executed in this process
+by :class:`InProcessRun` (the job's own learner, generator, verifier and pair selection, without
+the Ray plumbing, whose start-up would cost more than the steps here); the seed fixes the data
+split, the prompt order and the sampling seeds, so within a seed the arms see the same prompts in
+the same steps and differ only in their loss (and in which samples their own policy drew after
+step 1). Arms:
 
-  dpo             algorithm.name=dpo: trace pairs only (BVPO with α = 1), no reasoning-off samples
-  bvpo_0.5        α = 0.5, the paper's setting (§BVPO.3)
-  bvpo_alpha_hat  α̂ from K = 4 trace resamples on the output head, EMA 0.9 (§BVPO.6, ours)
+  dpo_trace            algorithm.name=dpo: trace pairs only (BVPO with α = 1), the baseline
+  dpo_empty            bvpo, α = 0, per_term: the empty-trace (reasoning-off) pairs only
+  bvpo_per_term        bvpo, α = 0.5, pairing per_term: each term over its own pairs (§BVPO.3)
+  bvpo_same_prompts    bvpo, α = 0.5, pairing same_prompts: only prompts with a pair in both modes
+  bvpo_alpha_hat       bvpo, α̂ online (§BVPO.6: K = 4 resamples per prompt on the head, EMA 0.9), per_term
 
-(BVPO trains only prompts with a pair in both modes, DPO every prompt with a trace pair, so the
-pair counts differ; both are listed.) Per method, mean ± std over seeds of: greedy eval accuracy
-with reasoning on and off after training and its change from the start (same eval split per seed),
-the variance over steps of the pre-clip gradient norm, mean α, pairs trained and run seconds.
-Defaults keep the whole benchmark near 10–15 min on 2 CPU cores. The last line is one JSON object.
+Per arm, over seeds: greedy verifier accuracy on the eval split with reasoning on and off after
+training (mean and 95% t-interval), its change from the step-0 eval, and the paired difference
+to dpo_trace per seed (mean and 95% t-interval: the same eval prompts and start, so tighter);
+the variance over steps of the pre-clip gradient norm and its coefficient of variation (std/mean:
+scale-free, since α = 0.5 also halves the norm), pairs trained per mode, mean α, seconds.
+The machine comes first; the last line is ONE JSON object: bvpo_minus_dpo_on / _off (points,
+BVPO α = 0.5 with the default pairing minus dpo_trace), grad_norm_variance_ratio, pairs_ratio
+(trace pairs BVPO / DPO: does BVPO drop pairs DPO trains?), pairs_ratio_all_modes, and every arm.
 """
 from __future__ import annotations
 
@@ -23,7 +32,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,84 +43,244 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import machine  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-METHODS = {
-    "dpo": ["algorithm.name=dpo", "preference.alpha=1.0"],
-    "bvpo_0.5": ["algorithm.name=bvpo", "preference.alpha=0.5", "preference.alpha_mode=fixed"],
+ARMS = {
+    "dpo_trace": ["algorithm.name=dpo", "preference.alpha=1.0"],
+    "dpo_empty": ["algorithm.name=bvpo", "preference.alpha=0.0", "preference.pairing=per_term"],
+    "bvpo_per_term": ["algorithm.name=bvpo", "preference.alpha=0.5", "preference.pairing=per_term"],
+    "bvpo_same_prompts": ["algorithm.name=bvpo", "preference.alpha=0.5", "preference.pairing=same_prompts"],
     "bvpo_alpha_hat": ["algorithm.name=bvpo", "preference.alpha_mode=online", "preference.alpha_resamples=4",
-                       "preference.alpha_ema=0.9"],
+                       "preference.alpha_ema=0.9", "preference.pairing=per_term"],
 }
 MODES = ("reasoning_on", "reasoning_off")
+# Two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (standard table values).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
+def default_pairing() -> str:
+    from rl_service.config.sections import PreferenceConfig
 
-def run_one(method: str, seed: int, steps: int, overrides: list[str]) -> dict:
+    return PreferenceConfig().pairing
+
+
+class InProcessRun:
+    """One DPO / BVPO run of `config` in this process: the job's own pieces — prepare_preference_job
+    (config checks, task split), PromptSampler, the `torch` generation engine, the verifier,
+    select_pairs / pairs_from_rollout and the PreferenceLearner (a DeepSpeed engine, world of one) —
+    in the order of `rl_service/preference_loop.py`'s online step, without Ray: on this shared 2-core
+    machine a Ray run spends ~100 s starting Ray and its four actors, more than its 40 steps take.
+    The generator gets the learner's weights after every update (as `publish` does)."""
+
+    def __init__(self, config):
+        from rl_service.data.sampler import PromptSampler
+        from rl_service.generation.torch_engine import TorchGenerationEngine
+        from rl_service.preference_loop import prepare_preference_job
+        from rl_service.rollout import SamplingParams
+        from rl_service.tasks import PromptTokenizer
+        from rl_service.training.preference_learner import PreferenceLearner
+
+        self.config = config
+        job = prepare_preference_job(config)
+        self.task = job.task
+        self.tokens = {split: {thinking: PromptTokenizer(job.tokenizer, thinking) for thinking in (True, False)}
+                       for split in ("train", "eval")}
+        self.sampler = PromptSampler(len(self.task.train), config.data.prompts_per_step, config.seed)
+        self.learner = PreferenceLearner(config)
+        self.engine = TorchGenerationEngine(config.model.path, config.model.dtype, config.model.trust_remote_code)
+        generator = config.generator
+        self.sampling = SamplingParams(generator.temperature, generator.top_p, generator.max_new_tokens)
+        self.greedy = SamplingParams(0.0, 1.0, generator.max_new_tokens)
+        self.next_pair_id = 0
+
+    def _generate(self, records, split: str, modes, samples: dict, sampling, seed: int):
+        from rl_service.rewards.verifiers import score_batch
+        from rl_service.rollout import GenerationRequest
+
+        requests = [GenerationRequest(offset * len(records) + index, record.prompt_id,
+                                      self.tokens[split][thinking](record), samples[thinking])
+                    for offset, thinking in enumerate(modes) for index, record in enumerate(records)]
+        rollout = self.engine.generate(requests, sampling, seed)
+        gold = [records[index % len(records)].answer for index in rollout.request_index]
+        return rollout, score_batch(rollout.completion_texts, gold, self.config.reward.verifier)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        from rl_service.rollout import step_seed
+
+        rollout, rewards = self._generate(self.task.eval, "eval", (True, False), {True: 1, False: 1}, self.greedy,
+                                          step_seed(self.config.seed, step, 1))
+        mode = np.asarray(rollout.request_index) // len(self.task.eval)
+        rewards = np.asarray(rewards, dtype=np.float64)
+        return {f"eval_accuracy_{label}": float(rewards[mode == k].mean()) for k, label in enumerate(MODES)}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        from rl_service.data.preferences import pairs_from_rollout, select_pairs
+        from rl_service.rollout import step_seed
+
+        config, preference = self.config, self.config.preference
+        with_empty = config.algorithm.name == "bvpo"
+        records = [self.task.train[index] for index in self.sampler.next_batch()]
+        per_prompt = config.generator.samples_per_prompt
+        samples = {True: per_prompt, False: preference.off_samples_per_prompt or per_prompt}
+        rollout, rewards = self._generate(records, "train", (True, False) if with_empty else (True,), samples,
+                                          self.sampling, step_seed(config.seed, step, 0))
+        resamples = preference.alpha_resamples if preference.alpha_mode == "online" else 0
+        selection = select_pairs(rewards, rollout.request_index, len(records), with_empty, resamples,
+                                 step_seed(config.seed, step, 3), preference.pairing)
+        metrics = self.learner.train_step(pairs_from_rollout(rollout, selection, self.next_pair_id))
+        self.next_pair_id += len(selection.prompts)
+        self.engine.model.load_state_dict(self.learner.engine.module.state_dict())
+        return {**selection.counts, **metrics}
+
+
+_INITIAL_EVALS: dict[int, dict[str, float]] = {}
+
+
+def run_one(arm: str, seed: int, steps: int, overrides: list[str]) -> dict:
+    import torch
+
     from rl_service.config import load_config
-    from rl_service.driver import prepare_job, run_training
 
     config = load_config(REPO / "configs" / "bvpo.yaml", [
         f"seed={seed}", f"steps={steps}", "eval_every=0", "logging.progress_bar=false", "logging.tensorboard=false",
-        "guard.max_eval_drop=null", *overrides, *METHODS[method]])
+        "guard.max_eval_drop=null", *overrides, *ARMS[arm]])
+    torch.manual_seed(seed)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as run_dir:
-        summary = run_training(prepare_job(config), run_dir)
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    run = InProcessRun(config)
+    # Every arm of a seed starts from the same model on the same eval split, greedy: evaluate it once.
+    if seed not in _INITIAL_EVALS:
+        _INITIAL_EVALS[seed] = run.evaluate(0)
+    initial = _INITIAL_EVALS[seed]
+    rows = [run.train_step(step) for step in range(1, steps + 1)]
+    final = run.evaluate(steps)
     trained = [row for row in rows if row.get("grad_norm") is not None]
     grad_norms = np.array([row["grad_norm"] for row in trained], dtype=np.float64)
-    result = {"method": method, "seed": seed, "seconds": time.perf_counter() - started,
+    result = {"arm": arm, "seed": seed, "seconds": time.perf_counter() - started,
               "grad_norm_variance": float(np.var(grad_norms, ddof=1)) if len(grad_norms) > 1 else float("nan"),
               "grad_norm_mean": float(grad_norms.mean()) if len(grad_norms) else float("nan"),
               "alpha_mean": float(np.mean([row["alpha"] for row in trained])) if trained else float("nan"),
-              "pairs": summary["pairs_trained"], "nan_skipped_steps": summary["nan_skipped_steps"]}
+              "trained_steps": len(trained),
+              "pairs": int(sum(row["pairs"] for row in trained)),
+              "trace_pairs": int(sum(row["trace_pairs"] for row in trained)),
+              "empty_pairs": int(sum(row["empty_pairs"] for row in trained)),
+              "trace_pair_yield": float(np.mean([row["trace_pair_yield"] for row in rows])),
+              "empty_pair_yield": float(np.mean([row.get("empty_pair_yield", np.nan) for row in rows])),
+              "nan_skipped_steps": int(rows[-1]["nan_skipped_steps"])}
+    result["grad_norm_cv"] = float(np.sqrt(result["grad_norm_variance"]) / result["grad_norm_mean"])
+    result["all_pairs"] = result["trace_pairs"] + result["empty_pairs"]
     for mode in MODES:
-        result[f"accuracy_{mode}"] = summary[f"final_eval_accuracy_{mode}"]
-        result[f"accuracy_change_{mode}"] = summary[f"final_eval_accuracy_{mode}"] - summary[f"initial_eval_accuracy_{mode}"]
+        result[f"accuracy_{mode}"] = final[f"eval_accuracy_{mode}"]
+        result[f"initial_accuracy_{mode}"] = initial[f"eval_accuracy_{mode}"]
+        result[f"accuracy_change_{mode}"] = final[f"eval_accuracy_{mode}"] - initial[f"eval_accuracy_{mode}"]
     return result
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def interval(values) -> dict:
+    """Mean and 95% Student-t interval over seeds (half-width 0 with one value)."""
     array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    mean = float(array.mean())
+    if len(array) < 2:
+        return {"mean": mean, "low": mean, "high": mean, "n": len(array)}
+    quantile = T_975[len(array) - 2] if len(array) - 1 <= len(T_975) else 1.96
+    half = quantile * float(array.std(ddof=1)) / np.sqrt(len(array))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(array)}
+
+
+def _fmt(stat: dict, scale: float = 1.0, digits: int = 1) -> str:
+    return f"{stat['mean'] * scale:.{digits}f} [{stat['low'] * scale:.{digits}f}, {stat['high'] * scale:.{digits}f}]"
+
+
+def summarise(runs: list[dict], arms: list[str], seeds: list[int]) -> dict:
+    columns = ("accuracy_reasoning_on", "accuracy_reasoning_off", "accuracy_change_reasoning_on",
+               "accuracy_change_reasoning_off", "grad_norm_variance", "grad_norm_cv", "grad_norm_mean", "alpha_mean",
+               "pairs", "trace_pairs", "empty_pairs", "all_pairs", "trace_pair_yield", "empty_pair_yield", "seconds")
+    by = {(run["arm"], run["seed"]): run for run in runs}
+    table = {}
+    for arm in arms:
+        mine = [by[(arm, seed)] for seed in seeds if (arm, seed) in by]
+        table[arm] = {column: interval([run[column] for run in mine]) for column in columns}
+        if arm != "dpo_trace":
+            for mode in MODES:   # paired by seed: same eval prompts, same start, same prompt order
+                differences = [by[(arm, seed)][f"accuracy_{mode}"] - by[("dpo_trace", seed)][f"accuracy_{mode}"]
+                               for seed in seeds if (arm, seed) in by and ("dpo_trace", seed) in by]
+                if differences:
+                    table[arm][f"minus_dpo_{mode}"] = interval(differences)
+    return table
+
+
+def print_tables(table: dict) -> None:
+    print("\naccuracy after training, % (mean [95% t-interval over seeds]); paired difference to dpo_trace, points")
+    header = ("arm", "acc on", "acc off", "Δ on (from step 0)", "Δ off (from step 0)", "− dpo_trace on", "− dpo_trace off")
+    print(f"{header[0]:<19}" + "".join(f"{name:>24}" for name in header[1:]))
+    for arm, stats in table.items():
+        cells = [_fmt(stats["accuracy_reasoning_on"], 100), _fmt(stats["accuracy_reasoning_off"], 100),
+                 _fmt(stats["accuracy_change_reasoning_on"], 100), _fmt(stats["accuracy_change_reasoning_off"], 100),
+                 _fmt(stats["minus_dpo_reasoning_on"], 100) if "minus_dpo_reasoning_on" in stats else "—",
+                 _fmt(stats["minus_dpo_reasoning_off"], 100) if "minus_dpo_reasoning_off" in stats else "—"]
+        print(f"{arm:<19}" + "".join(f"{cell:>24}" for cell in cells))
+    print("\ngradient norm over steps and pairs trained per run (mean [95% t-interval over seeds])")
+    header = ("arm", "gnorm variance", "gnorm CV", "gnorm mean", "α mean", "trace pairs", "empty pairs",
+              "yield on/off", "s/run")
+    print(f"{header[0]:<19}" + "".join(f"{name:>22}" for name in header[1:]))
+    for arm, stats in table.items():
+        cells = [_fmt(stats["grad_norm_variance"], 1, 4), _fmt(stats["grad_norm_cv"], 1, 3), _fmt(stats["grad_norm_mean"], 1, 3),
+                 f"{stats['alpha_mean']['mean']:.3f}", _fmt(stats["trace_pairs"], 1, 0), _fmt(stats["empty_pairs"], 1, 0),
+                 f"{stats['trace_pair_yield']['mean']:.2f}/{stats['empty_pair_yield']['mean']:.2f}",
+                 f"{stats['seconds']['mean']:.0f}"]
+        print(f"{arm:<19}" + "".join(f"{cell:>22}" for cell in cells))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eval-prompts", type=int, default=512)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra config override for every run, e.g. learner.lr=5e-5")
     args = parser.parse_args()
-    overrides = ["data.arithmetic.levels=[1,2,3]", "data.arithmetic.num_eval=64", "data.prompts_per_step=16",
-                 "generator.samples_per_prompt=8", "generator.max_new_tokens=48", *args.overrides]
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if "dpo_trace" not in args.arms:
+        parser.error("--arms must include dpo_trace, the baseline every difference is taken to")
+    overrides = ["data.arithmetic.levels=[1,2,3]", f"data.arithmetic.num_eval={args.eval_prompts}",
+                 "data.prompts_per_step=12", "generator.samples_per_prompt=8", "generator.max_new_tokens=48",
+                 "generator.backend=torch", "learner.zero_stage=0", *args.overrides]
+    print(f"machine: {machine()}", flush=True)
+    print(f"{len(args.seeds)} seeds × {args.steps} steps, {args.eval_prompts} eval prompts per mode, overrides: "
+          f"{' '.join(overrides)}", flush=True)
 
     started = time.perf_counter()
     runs = []
-    for seed in args.seeds:
-        for method in args.methods:
-            runs.append(run_one(method, seed, args.steps, overrides))
-            print(f"  {method:<15} seed {seed}: on {runs[-1]['accuracy_reasoning_on']:.3f} "
-                  f"off {runs[-1]['accuracy_reasoning_off']:.3f} grad-norm var {runs[-1]['grad_norm_variance']:.4f} "
-                  f"({runs[-1]['seconds']:.0f} s)", flush=True)
+    for seed in args.seeds:   # seed-major: an interrupted run still has whole seeds of every arm
+        for arm in args.arms:
+            runs.append(run_one(arm, seed, args.steps, overrides))
+            run = runs[-1]
+            print(f"  {arm:<18} seed {seed}: on {run['accuracy_reasoning_on']:.3f} (from {run['initial_accuracy_reasoning_on']:.3f}) "
+                  f"off {run['accuracy_reasoning_off']:.3f} (from {run['initial_accuracy_reasoning_off']:.3f}) "
+                  f"gnorm var {run['grad_norm_variance']:.4f} pairs {run['trace_pairs']}+{run['empty_pairs']} "
+                  f"({run['seconds']:.0f} s)", flush=True)
 
-    columns = ("accuracy_reasoning_on", "accuracy_change_reasoning_on", "accuracy_reasoning_off",
-               "accuracy_change_reasoning_off", "grad_norm_variance", "grad_norm_mean", "alpha_mean", "pairs", "seconds")
-    table = {}
-    for method in args.methods:
-        mine = [run for run in runs if run["method"] == method]
-        table[method] = {column: _mean_std([run[column] for run in mine]) for column in columns}
-    print(f"machine: {machine()}")
-    print(f"{len(args.seeds)} seeds × {args.steps} steps, overrides: {' '.join(overrides)}")
-    header = ("method", "acc on", "Δ on", "acc off", "Δ off", "gnorm var", "gnorm mean", "α mean", "pairs", "s/run")
-    print("".join(f"{name:>16}" if k else f"{name:<16}" for k, name in enumerate(header)))
-    for method, stats in table.items():
-        cells = [f"{stats[c][0]:.3f}±{stats[c][1]:.3f}" if c not in ("pairs", "seconds") else f"{stats[c][0]:.0f}±{stats[c][1]:.0f}"
-                 for c in columns]
-        print(f"{method:<16}" + "".join(f"{cell:>16}" for cell in cells))
-    result = {"machine": machine(), "seeds": args.seeds, "steps": args.steps, "overrides": overrides,
-              "wall_seconds": time.perf_counter() - started,
-              "methods": {method: {column: {"mean": stats[column][0], "std": stats[column][1]} for column in columns}
-                          for method, stats in table.items()},
-              "runs": runs}
+    table = summarise(runs, args.arms, args.seeds)
+    print_tables(table)
+    default_arm = f"bvpo_{default_pairing()}"
+    result = {"machine": machine(), "seeds": args.seeds, "steps": args.steps, "eval_prompts": args.eval_prompts,
+              "overrides": overrides, "wall_seconds": time.perf_counter() - started, "default_arm": default_arm}
+    if default_arm in table:
+        bvpo, dpo = table[default_arm], table["dpo_trace"]
+        result.update({
+            "bvpo_minus_dpo_on": 100 * bvpo["minus_dpo_reasoning_on"]["mean"],
+            "bvpo_minus_dpo_off": 100 * bvpo["minus_dpo_reasoning_off"]["mean"],
+            "bvpo_minus_dpo_on_interval": [100 * bvpo["minus_dpo_reasoning_on"][k] for k in ("low", "high")],
+            "bvpo_minus_dpo_off_interval": [100 * bvpo["minus_dpo_reasoning_off"][k] for k in ("low", "high")],
+            "grad_norm_variance_ratio": bvpo["grad_norm_variance"]["mean"] / dpo["grad_norm_variance"]["mean"],
+            "grad_norm_cv_ratio": bvpo["grad_norm_cv"]["mean"] / dpo["grad_norm_cv"]["mean"],
+            "pairs_ratio": bvpo["trace_pairs"]["mean"] / dpo["trace_pairs"]["mean"],
+            "pairs_ratio_all_modes": bvpo["all_pairs"]["mean"] / dpo["all_pairs"]["mean"],
+        })
+    result["arms"] = table
+    result["runs"] = runs
     print(json.dumps(_finite_or_null(result), sort_keys=True))
 
 

@@ -31,7 +31,6 @@ import numpy as np
 
 from rl_service.config import JobConfig
 from rl_service.data.sampler import PromptSampler
-from rl_service.errors import UserError
 from rl_service.algorithms.acceptance import acceptance_threshold, accepted, accepted_per_prompt
 from rl_service.algorithms.dynamic_sampling import groups_with_spread, selected_groups, train_mask
 from rl_service.batch_source import make_batch_source, per_prompt_mean
@@ -426,12 +425,9 @@ def run_training(job: PreparedJob, run_dir_path: str | Path, resume_from: Path |
     actor restarted alone would come back without the weights, moments or statistics it held.
     """
     if job.config.algorithm.name in ("dpo", "bvpo"):
-        if resume_from is not None:
-            raise UserError(f"{run_dir_path}: resuming is supported for grpo and raft++ jobs, not "
-                            f"{job.config.algorithm.name}")
         from rl_service.preference_loop import run_preference_training
 
-        return run_preference_training(job, run_dir_path)
+        return run_preference_training(job, run_dir_path, resume_from)
     failures, restart = 0, False
     attempts: dict = {"lost_s": 0.0}   # training time of failed attempts after their newest checkpoint
     while True:

@@ -5,8 +5,8 @@ Online mode, one step::
     prompts = sampler.next_batch()
     samples = pool.generate(reasoning-on requests + reasoning-off requests)   # ONE call, §BVPO.2
     rewards = reward.score(samples)                                           # verifier or reward model
-    pairs   = best vs worst per prompt and mode; ties skipped and counted;
-              keep prompts with a pair in both modes (§BVPO.3: same prompts)
+    pairs   = best vs worst per prompt and mode; ties skipped and counted; per_term: every pair
+              trains its own term; same_prompts: only prompts with a pair in both modes (§BVPO.3)
     metrics = learner.train_online(samples, pairs)                            # α L_t + (1 − α) L_e
     pool.update_weights(learner.publish_weights(version + 1))
 
@@ -17,10 +17,12 @@ The driver holds prompt ids, rewards and metrics; samples travel as object refer
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +33,13 @@ from rl_service.data.prompts import PromptRecord
 from rl_service.data.sampler import PromptSampler
 from rl_service.driver import PhaseTimer, _mean
 from rl_service.guard import eval_collapsed
-from rl_service.errors import ModelLoadError
+from rl_service.errors import ConfigError, ModelLoadError
 from rl_service.models.loading import load_tokenizer, render_prompt
 from rl_service.step_loop import LoopResult, loop_outcome, run_steps
-from rl_service.roles import Roles, ray_session, start_preference_roles
+from rl_service.roles import Roles, is_role_failure, ray_session, start_preference_roles
 from rl_service.weight_sync import ObjectStoreWeightSync
 from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
-from rl_service.run_dir import RunDirectory
+from rl_service.run_dir import RunDirectory, latest_checkpoint
 from rl_service.tasks import PromptTokenizer, TaskData, load_task
 from rl_service.telemetry import StepTelemetry
 
@@ -63,6 +65,7 @@ def prepare_preference_job(config: JobConfig) -> PreparedPreferenceJob:
         # Without the switch "reasoning off" would silently be reasoning on, and L_e a copy of L_t.
         raise ModelLoadError(f"model.path: the chat template of {config.model.path} has no enable_thinking switch; "
                              "bvpo needs reasoning-off prompts (ALGORITHMS.md §BVPO.2) — use algorithm.name=dpo")
+    check_preference_sampling(config)
     dataset = None
     if preference.mode == "offline":
         dataset = load_preference_file(preference.dataset_path, preference.on_bad_row)
@@ -72,6 +75,19 @@ def prepare_preference_job(config: JobConfig) -> PreparedPreferenceJob:
 
         resolve_model_dir(preference.reward_model_path, "preference.reward_model_path", allow_builtin=False)
     return PreparedPreferenceJob(config=config, task=task, tokenizer=tokenizer, dataset=dataset)
+
+
+def check_preference_sampling(config: JobConfig) -> None:
+    """Sampling settings that cannot work together (a one-line ConfigError, before Ray starts)."""
+    preference, per_prompt = config.preference, config.generator.samples_per_prompt
+    if preference.alpha_mode == "online" and per_prompt < 3:
+        # Two samples give at most one reward-ordered pair: all K resamples are that pair, tr Σ̂_t = 0
+        # and α̂ = 1 whatever the estimators do (§BVPO.6 needs resamples that can differ).
+        raise ConfigError(f"generator.samples_per_prompt ({per_prompt}) must be >= 3 with preference.alpha_mode=online: "
+                          f"the preference.alpha_resamples trace pairs of 2 samples are all the same pair (α̂ would be 1)")
+    if preference.off_samples_per_prompt is not None and (config.algorithm.name != "bvpo" or preference.mode != "online"):
+        raise ConfigError("preference.off_samples_per_prompt applies to online bvpo only (reasoning-off samples); "
+                          f"got algorithm.name={config.algorithm.name}, preference.mode={preference.mode}")
 
 
 class PreferenceTrainer:
@@ -96,12 +112,15 @@ class PreferenceTrainer:
 
     # -- generation + scoring, both modes in one request batch (§BVPO.2) ----------------------
     def _generate_and_score(self, records, samples: int, sampling: SamplingParams, seed: int, timer: PhaseTimer,
-                            with_empty: bool, use_reward_model: bool, split: str = "train"):
+                            with_empty: bool, use_reward_model: bool, split: str = "train", off_samples: int | None = None):
+        """One generate call for both modes (§BVPO.2): `samples` per prompt with reasoning on,
+        `off_samples` (default `samples`) with it off; then the rewards."""
         import ray
 
         modes = (True, False) if with_empty else (True,)
+        per_mode = {True: samples, False: samples if off_samples is None else off_samples}
         requests = [GenerationRequest(offset * len(records) + index, record.prompt_id,
-                                      self.prompt_tokens[split][thinking](record), samples)
+                                      self.prompt_tokens[split][thinking](record), per_mode[thinking])
                     for offset, thinking in enumerate(modes) for index, record in enumerate(records)]
         with timer.phase("generate"):
             shard_refs = ray.get(self.roles.pool.generate.remote(requests, sampling, seed))
@@ -161,7 +180,7 @@ class PreferenceTrainer:
                         "completions_per_s": metrics.get("completions", 0.0) / step_seconds,
                         **{f"time_{name}_s": seconds for name, seconds in timer.seconds.items()},
                         "time_driver_s": max(step_seconds - waited, 0.0)})
-        for key in ("pairs", "trace_ties", "empty_ties", "prompts_without_pair"):
+        for key in ("pairs", "trace_pairs", "empty_pairs", "trace_ties", "empty_ties", "prompts_without_pair"):
             self.totals[key] += metrics.get(key, 0.0)
         self.last_learner_metrics = metrics
         self.telemetry.record_step(metrics)
@@ -175,10 +194,10 @@ class PreferenceTrainer:
         preference = self.config.preference
         shard_refs, scored = self._generate_and_score(
             records, self.config.generator.samples_per_prompt, self.sampling, step_seed(self.config.seed, step, 0), timer,
-            self.with_empty, preference.reward_source == "reward_model")
+            self.with_empty, preference.reward_source == "reward_model", off_samples=preference.off_samples_per_prompt)
         resamples = preference.alpha_resamples if preference.alpha_mode == "online" else 0
         selection = select_pairs(scored["rewards"], scored["request_index"], len(records), self.with_empty,
-                                 resamples, step_seed(self.config.seed, step, 3))
+                                 resamples, step_seed(self.config.seed, step, 3), preference.pairing)
         with timer.phase("train"):
             train_metrics = ray.get(self.roles.learner.train_online.remote(shard_refs, selection, self.next_pair_id))
         self.next_pair_id += len(selection.prompts)
@@ -210,23 +229,62 @@ class PreferenceTrainer:
         alpha_state = ray.get(self.roles.learner.alpha_state.remote())
         state = {"step": step, "weight_version": self.learner_version, "sampler": self.sampler.state_dict(),
                  "next_pair_id": self.next_pair_id, "totals": dict(self.totals), "eval_history": self.eval_history,
-                 "alpha_estimator": alpha_state}
+                 "alpha_estimator": alpha_state}   # α̂ is restored from the learner's own state; here to read
         return self.run_dir.write_checkpoint(
-            step, lambda directory: ray.get(self.roles.learner.save_pretrained.remote(str(Path(directory) / "model"))),
-            {}, state)
+            step, lambda directory: ray.get(self.roles.learner.save_checkpoint.remote(str(directory))), {}, state)
+
+    def restore(self, state: dict) -> None:
+        """Continue after a checkpoint (the learner already holds its weights, optimizer, α̂ and
+        reference cache): data cursor, pair ids, totals, evals, and an online pool serving the
+        checkpoint's weights (offline mode publishes before its next evaluation, as it always does)."""
+        self.sampler.load_state_dict(state["sampler"])
+        self.next_pair_id = int(state["next_pair_id"])
+        self.totals = defaultdict(float, state["totals"])
+        self.eval_history = [tuple(entry) for entry in state["eval_history"]]
+        self.learner_version = int(state["weight_version"])
+        if self.dataset is None:
+            self.publish(PhaseTimer())
 
 
-def run_preference_training(job: PreparedPreferenceJob, run_dir_path: str | Path) -> dict:
-    """Run a DPO / BVPO job; returns the summary (also written to RUN_DIR/summary.json)."""
+def run_preference_training(job: PreparedPreferenceJob, run_dir_path: str | Path, resume_from: Path | None = None) -> dict:
+    """Run a DPO / BVPO job; returns the summary (also written to RUN_DIR/summary.json).
+
+    `resume_from`: a checkpoint of this run directory to continue from (`rl-service resume`). When a
+    role's process dies, every role restarts from the newest checkpoint and the steps after it are
+    replayed, up to `cluster.max_role_failures` times, as for RL jobs (`driver.run_training`)."""
+    failures, restart = 0, False
+    while True:
+        try:
+            return _run_once(job, Path(run_dir_path), resume_from, restart, failures)
+        except Exception as error:  # noqa: BLE001 - only role deaths are recovered; the rest re-raises
+            if not is_role_failure(error):
+                raise
+            failures += 1
+            if failures > job.config.cluster.max_role_failures:
+                raise RuntimeError(f"giving up after {failures} role failures "
+                                   f"(cluster.max_role_failures={job.config.cluster.max_role_failures}): {error}") from error
+            resume_from, restart = latest_checkpoint(run_dir_path), True
+            log.warning("a role died (%s: %s); restarting every role from %s (failure %d of at most %d)",
+                        type(error).__name__, str(error).splitlines()[0][:200],
+                        resume_from.name if resume_from else "the start", failures, job.config.cluster.max_role_failures)
+
+
+def _run_once(job: PreparedPreferenceJob, run_dir_path: Path, resume_from: Path | None, restart: bool,
+              failures: int) -> dict:
     config = job.config
-    run_dir = RunDirectory(run_dir_path, config)
+    state = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8")) if resume_from else None
+    # A restart with no checkpoint yet starts over: the rows of the failed attempt go.
+    run_dir = RunDirectory(run_dir_path, config, resume_step=state["step"] if state else (-1 if restart else None))
+    start = partial(start_preference_roles, resume_from=str(resume_from) if resume_from else None)
     try:
-        with ray_session(config, start_preference_roles, job.task.verifier) as roles:
+        with ray_session(config, start, job.task.verifier) as roles:
             trainer = PreferenceTrainer(job, roles, run_dir)
-            if job.dataset is not None:
+            if state is not None:
+                trainer.restore(state)
+            elif job.dataset is not None:
                 run_dir.log(0, {"dataset_rows": float(len(job.dataset.rows)), "bad_rows_skipped": float(job.dataset.num_skipped)})
-            result = run_steps(config, trainer)
-            summary = _summary(trainer, result)
+            result = run_steps(config, trainer, start_step=state["step"] if state else 0)
+            summary = {**_summary(trainer, result), "role_failures_recovered": failures}
             run_dir.write_summary(summary)
             return summary
     finally:
@@ -243,7 +301,9 @@ def _summary(trainer: PreferenceTrainer, result: LoopResult) -> dict:
         "completion_tokens": int(totals["completion_tokens"]),
         "train_wall_s": train_wall_s,
         "completions_per_s": totals["completions"] / train_wall_s if train_wall_s > 0 else 0.0,
-        "pairs_trained": int(totals["pairs"]),
+        "pairs_trained": int(totals["pairs"]),            # prompts that trained (a pair in one mode or both)
+        "trace_pairs_trained": int(totals["trace_pairs"]),
+        "empty_pairs_trained": int(totals["empty_pairs"]),
         "trace_ties_skipped": int(totals["trace_ties"]),
         "empty_ties_skipped": int(totals["empty_ties"]),
         "nan_skipped_steps": int(last.get("nan_skipped_steps", 0)),

@@ -258,10 +258,10 @@ def stop_roles(roles: Roles, timeout_s: float = 30.0) -> None:
             pass
 
 
-def start_preference_roles(config: JobConfig, verifier: str) -> Roles:
+def start_preference_roles(config: JobConfig, verifier: str, resume_from: str | None = None) -> Roles:
     """Roles of a DPO / BVPO job (ALGORITHMS.md §BVPO): generator pool, reward actors (holding the
-    reward model when `preference.reward_source` is `reward_model`), a preference learner; no
-    statistics actor (no sample allocation)."""
+    reward model when `preference.reward_source` is `reward_model`), a preference learner (continuing
+    from the checkpoint `resume_from`, if given); no statistics actor (no sample allocation)."""
     import ray
 
     from actors.generator import GeneratorActor
@@ -284,7 +284,7 @@ def start_preference_roles(config: JobConfig, verifier: str) -> Roles:
                for index in range(config.reward.num_actors)]
     learner_config = config.learner
     learner = PreferenceLearnerActor.options(**_options(config, "learner", 0, learner_config.num_cpus,
-                                                        learner_config.num_gpus, learner_config.resources)).remote(config)
+                                                        learner_config.num_gpus, learner_config.resources)).remote(config, resume_from)
     ray.get([learner.ready.remote(), pool.num_engines.remote()]
             + [engine.weight_version.remote() for engine in generators]
             + [actor.__ray_ready__.remote() for actor in rewards])

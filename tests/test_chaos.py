@@ -103,3 +103,39 @@ def test_a_killed_role_is_recovered_and_every_prompt_is_trained_once(reference, 
     # A reward actor is stateless: Ray restarts it and retries the call; the other roles hold state,
     # so the driver restarts every role from the newest checkpoint.
     assert summary["role_failures_recovered"] == (0 if role == "RewardActor" else 1)
+
+
+def test_a_killed_preference_learner_is_recovered(tmp_path):
+    """BVPO online with α̂ (issue 17): the learner (weights, Adam moments, α̂'s moving averages) dies
+    during step 4; every role restarts from checkpoint step_2 and the run ends as if it had not."""
+    from conftest import REPO
+    from rl_service.config import load_config
+    from rl_service.driver import prepare_job, run_training
+
+    overrides = [f"steps={STEPS}", "eval_every=2", "checkpoint.every=2", "data.arithmetic.levels=[1,2]",
+                 "data.arithmetic.num_train=32", "data.arithmetic.num_eval=8", "data.prompts_per_step=4",
+                 "generator.samples_per_prompt=4", "generator.max_new_tokens=40", "logging.progress_bar=false",
+                 "logging.tensorboard=false", "guard.max_eval_drop=null", "preference.alpha_mode=online",
+                 "preference.alpha_resamples=3"]
+
+    def run(run_dir):
+        return run_training(prepare_job(load_config(REPO / "configs" / "bvpo.yaml", overrides)), run_dir)
+
+    reference = tmp_path / "uninterrupted"
+    run(reference)
+    run_dir = tmp_path / "run"
+    killer = Killer(run_dir, "PreferenceLearnerActor", after_step=3)
+    killer.start()
+    summary = run(run_dir)
+    killer.join(timeout=5)
+    assert killer.killed and killer.run_had_finished is False, "the kill must land inside the run"
+
+    compared = _comparable(read_metrics(run_dir))
+    assert compared == _comparable(read_metrics(reference))
+    assert [row["step"] for row in compared if "loss" in row] == list(range(1, STEPS + 1))
+    assert any("bvpo_alpha" in row for row in compared)
+    final = f"checkpoints/step_{STEPS}/model/model.safetensors"
+    got, want = load_file(str(run_dir / final)), load_file(str(reference / final))
+    assert all((got[name] == want[name]).all() for name in want)
+    assert summary["steps"] == STEPS and summary["stopped_reason"] == "completed"
+    assert summary["role_failures_recovered"] == 1

@@ -42,7 +42,11 @@ def test_online_bvpo_improves_its_reward(tmp_path):
         assert row["completion_length_mean_reasoning_off"] < row["completion_length_mean_reasoning_on"]
         if row["pairs"]:
             assert row["alpha"] == 0.5 and math.isfinite(row["loss"]) and row["grad_norm"] > 0
-            assert {"trace_loss", "empty_loss", "trace_rewards_margin", "empty_rewards_margin"} <= set(row)
+            # per_term (the default): each term trains on its own pairs, a prompt may have one mode only.
+            assert max(row["trace_pairs"], row["empty_pairs"]) <= row["pairs"] <= row["trace_pairs"] + row["empty_pairs"]
+            assert row["trace_pairs"] == 16 * row["trace_pair_yield"] and row["empty_pairs"] == 16 * row["empty_pair_yield"]
+            for mode in ("trace", "empty"):
+                assert ({f"{mode}_loss", f"{mode}_rewards_margin"} <= set(row)) == (row[f"{mode}_pairs"] > 0)
     assert sum(row["pairs"] for row in train) == summary["pairs_trained"] > 0
     early = np.mean([row["reward_mean"] for row in train[:3]])
     late = np.mean([row["reward_mean"] for row in train[-3:]])
@@ -58,14 +62,17 @@ def test_online_alpha_hat_runs_through_the_actors(tmp_path):
     summary = _run("bvpo.yaml", tmp_path, [
         "steps=2", "eval_every=0", "data.arithmetic.levels=[1,2]", "data.arithmetic.num_train=8",
         "data.arithmetic.num_eval=8", "data.prompts_per_step=8", "generator.samples_per_prompt=6",
-        "generator.max_new_tokens=40", "preference.alpha_mode=online", "preference.alpha_resamples=3"])
-    train = [row for row in read_metrics(tmp_path) if "reward_mean" in row and row["pairs"] > 0]
+        "generator.max_new_tokens=40", "preference.alpha_mode=online", "preference.alpha_resamples=3",
+        "preference.off_samples_per_prompt=4"])
+    rows = read_metrics(tmp_path)
+    assert all(row["completions"] == 8 * 6 + 8 * 4 for row in rows if "reward_mean" in row)   # the budget split
+    train = [row for row in rows if "reward_mean" in row and row["pairs"] > 0]
     assert train, "no step had a pair in both modes"
     for row in train:
         assert 0.0 <= row["bvpo_alpha"] <= 1.0 and row["alpha"] == row["bvpo_alpha"]
         assert row["bvpo_trace_variance"] >= 0 and row["bvpo_bias_sq"] >= 0
     state = json.loads((tmp_path / "checkpoints" / "step_2" / "trainer_state.json").read_text())
-    assert state["alpha_estimator"]["num_updates"] == len(train)
+    assert state["alpha_estimator"]["num_updates"] == sum("alpha_update_skipped" not in row for row in train)
     assert summary["steps"] == 2
 
 

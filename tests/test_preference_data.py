@@ -99,10 +99,30 @@ def test_select_pairs_keeps_prompts_with_a_pair_in_both_modes():
     # prompt 1 ties with reasoning on, so it is dropped although its reasoning-off samples differ
     kept = dict(zip(selection.prompts, zip(selection.trace, selection.empty)))
     assert kept == {0: ((0, 1), (7, 6)), 2: ((5, 4), (10, 11))}
-    assert selection.counts == {"trace_ties": 1.0, "empty_ties": 0.0, "prompts_without_pair": 1.0, "pairs": 2.0}
+    assert selection.counts == {"trace_ties": 1.0, "empty_ties": 0.0, "prompts_without_pair": 1.0, "pairs": 2.0,
+                                "trace_pairs": 2.0, "empty_pairs": 2.0, "trace_pair_yield": 2 / 3, "empty_pair_yield": 1.0}
 
     trace_only = select_pairs(rewards, request_index[:6], 3, with_empty=False)
     assert trace_only.prompts == [0, 2] and trace_only.empty == [] and trace_only.counts["empty_ties"] == 0
+    assert "empty_pair_yield" not in trace_only.counts and trace_only.counts["trace_pairs"] == 2
+
+
+def test_per_term_pairing_keeps_a_prompt_with_a_pair_in_one_mode_only():
+    # prompt 0: both modes; prompt 1: reasoning-off pair only; prompt 2: trace pair only; prompt 3: none.
+    # Reasoning off gets 3 samples a prompt (off_samples_per_prompt), reasoning on 2.
+    request_index = [0, 0, 1, 1, 2, 2, 3, 3] + [4, 4, 4, 5, 5, 5, 6, 6, 6, 7, 7, 7]
+    rewards = [1, 0, 1, 1, 0, 1, 0, 0] + [0, 1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0]
+    selection = select_pairs(rewards, request_index, 4, with_empty=True, pairing="per_term")
+    kept = dict(zip(selection.prompts, zip(selection.trace, selection.empty)))
+    assert kept == {0: ((0, 1), (9, 8)), 1: (None, (13, 11)), 2: ((5, 4), None)}
+    assert selection.counts == {"trace_ties": 2.0, "empty_ties": 2.0, "prompts_without_pair": 1.0, "pairs": 3.0,
+                                "trace_pairs": 2.0, "empty_pairs": 2.0, "trace_pair_yield": 0.5, "empty_pair_yield": 0.5}
+    same = select_pairs(rewards, request_index, 4, with_empty=True, pairing="same_prompts")
+    assert same.prompts == [0] and same.counts["prompts_without_pair"] == 3
+    # The same yields: they count the step's prompts with a pair per mode, kept or not.
+    assert same.counts["trace_pair_yield"] == 0.5 and same.counts["empty_pair_yield"] == 0.5
+    with pytest.raises(ValueError, match="pairing"):
+        select_pairs(rewards, request_index, 4, with_empty=True, pairing="both")
 
 
 def test_select_pairs_counts_an_empty_tie_and_drops_the_prompt():
@@ -131,6 +151,12 @@ def test_pairs_from_rollout_carry_the_sampled_tokens():
     assert (pair.trace_prompt, pair.trace_chosen, pair.trace_rejected) == ([1, 2], [5, 9], [6, 9])
     assert (pair.empty_prompt, pair.empty_chosen, pair.empty_rejected) == ([1, 3], [8], [7, 9])
     assert pair.trace_resamples == [([5, 9], [6, 9])] * 2
+
+    # per_term: a prompt with a reasoning-off pair only carries no trace tokens (and no resamples).
+    only_empty = select_pairs([1, 1, 0, 1], rollout.request_index, 1, with_empty=True, resamples=2, pairing="per_term")
+    (pair,) = pairs_from_rollout(rollout, only_empty, first_pair_id=7)
+    assert (pair.trace_prompt, pair.trace_chosen, pair.trace_rejected, pair.trace_resamples) == (None, None, None, [])
+    assert (pair.empty_prompt, pair.empty_chosen, pair.empty_rejected) == ([1, 3], [8], [7, 9])
 
 
 # -- tokenization with the chat template's thinking switch (§BVPO.2) ------------------------------
@@ -188,6 +214,24 @@ def test_bad_preference_config_names_the_field(overrides, expected):
     assert expected in str(error.value)
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    # 2 samples give one reward-ordered pair: K resamples of it are identical, tr Σ̂_t = 0, α̂ = 1.
+    (["preference.alpha_mode=online", "generator.samples_per_prompt=2"],
+     "generator.samples_per_prompt (2) must be >= 3 with preference.alpha_mode=online"),
+    (["algorithm.name=dpo", "preference.off_samples_per_prompt=4"], "preference.off_samples_per_prompt applies to online bvpo"),
+])
+def test_preference_sampling_that_cannot_work_is_refused_before_ray(overrides, expected):
+    from rl_service.driver import prepare_job
+
+    with pytest.raises(ConfigError) as error:
+        prepare_job(load_config(REPO / "configs" / "bvpo.yaml", overrides))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    job = prepare_job(load_config(REPO / "configs" / "bvpo.yaml", ["preference.alpha_mode=online",
+                                                                   "generator.samples_per_prompt=3",
+                                                                   "preference.off_samples_per_prompt=12"]))
+    assert job.config.preference.off_samples_per_prompt == 12
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rl_service.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
@@ -202,6 +246,10 @@ def test_cli_reports_bad_rows_and_alpha_in_one_line_with_exit_2(tmp_path):
     assert len(lines) == 1 and f"{bad}:2: trace_chosen and trace_rejected are identical" in lines[0], result.stderr
     result = _cli("validate", "configs/bvpo.yaml", "--set", "preference.alpha=2")
     assert result.returncode == 2 and "preference.alpha: Input should be less than or equal to 1" in result.stderr
+    result = _cli("validate", "configs/bvpo.yaml", "--set", "preference.alpha_mode=online",
+                  "--set", "generator.samples_per_prompt=2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "generator.samples_per_prompt (2) must be >= 3 with preference.alpha_mode=online" in result.stderr
     skipped = _cli("validate", "configs/bvpo_offline.yaml", "--set", f"preference.dataset_path={bad}")
     assert skipped.returncode == 0 and "1 train prompts" in skipped.stdout and f"{bad}:2" in skipped.stderr
 

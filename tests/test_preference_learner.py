@@ -110,6 +110,65 @@ def test_dpo_is_bvpo_with_alpha_one_on_the_trace_pairs_alone():
         assert torch.allclose(a, b, atol=1e-7)
 
 
+def _drop_mode(pair: TokenizedPair, mode: str) -> TokenizedPair:
+    """The pair as a prompt with no pair in `mode` (what per_term pairing keeps)."""
+    return TokenizedPair(pair.pair_id, **{name: getattr(pair, name) if not name.startswith(mode) else None
+                                          for name in ("trace_prompt", "trace_chosen", "trace_rejected", "empty_prompt",
+                                                       "empty_chosen", "empty_rejected")})
+
+
+def test_per_term_learner_gradient_is_the_formula_with_one_mode_missing():
+    """§BVPO.3 per_term through the learner (one pair per micro-batch): the accumulated gradient is
+    that of α·mean(trace pairs) + (1 − α)·mean(empty pairs), built here from the model directly."""
+    learner = _learner("preference.pairing=per_term", "preference.alpha=0.3", "learner.micro_batch_size=4")
+    pairs = _pairs(learner)
+    pairs[1], pairs[4] = _drop_mode(pairs[1], "trace"), _drop_mode(pairs[4], "empty")
+    grads, metrics = _gradients_of_one_step(learner, pairs)
+    assert metrics["trace_pairs"] == 5 and metrics["empty_pairs"] == 5 and metrics["pairs"] == 6
+    assert metrics["alpha_effective"] == 0.3 and metrics["trace_only_step"] == 0 and metrics["empty_only_step"] == 0
+
+    reference = _learner()
+    model = reference.engine.module
+
+    def mode_loss(prompts, chosen, rejected):
+        with torch.no_grad():
+            ref = sequence_logps(reference.reference_model, prompts * 2, chosen + rejected, reference.pad_token_id)
+        policy = sequence_logps(model, prompts * 2, chosen + rejected, reference.pad_token_id)
+        n = len(prompts)
+        return dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], 0.1)[0]
+
+    trace = [p for p in pairs if p.trace_chosen is not None]
+    empty = [p for p in pairs if p.empty_chosen is not None]
+    loss = (0.3 * mode_loss([p.trace_prompt for p in trace], [p.trace_chosen for p in trace], [p.trace_rejected for p in trace])
+            + 0.7 * mode_loss([p.empty_prompt for p in empty], [p.empty_chosen for p in empty], [p.empty_rejected for p in empty]))
+    want = torch.autograd.grad(loss, list(model.parameters()))
+    for a, b in zip(grads, want):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert metrics["loss"] == pytest.approx(float(loss), abs=1e-6)
+
+
+def test_per_term_step_with_one_term_only_says_so():
+    learner = _learner("preference.pairing=per_term")
+    metrics = learner.train_step([_drop_mode(pair, "empty") for pair in _pairs(learner)])
+    assert metrics["alpha_effective"] == 1.0 and metrics["trace_only_step"] == 1 and metrics["empty_pairs"] == 0
+    assert "empty_loss" not in metrics and metrics["loss"] == pytest.approx(metrics["trace_loss"])
+    assert metrics["optimizer_steps"] == 1
+    metrics = learner.train_step([_drop_mode(pair, "trace") for pair in _pairs(learner)])
+    assert metrics["alpha_effective"] == 0.0 and metrics["empty_only_step"] == 1 and "trace_loss" not in metrics
+
+
+def test_same_prompts_is_unchanged_and_equals_per_term_when_every_prompt_has_both_pairs():
+    same = _learner("preference.pairing=same_prompts", "learner.micro_batch_size=8")
+    same_grads, same_metrics = _gradients_of_one_step(same, _pairs(same))
+    per_term = _learner("preference.pairing=per_term", "learner.micro_batch_size=8")
+    per_term_grads, per_term_metrics = _gradients_of_one_step(per_term, _pairs(per_term))
+    for a, b in zip(same_grads, per_term_grads):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
+    assert same_metrics["loss"] == pytest.approx(per_term_metrics["loss"], abs=1e-6)
+    with pytest.raises(ValueError, match="same_prompts"):
+        same.train_step([_drop_mode(pair, "empty") for pair in _pairs(same)])
+
+
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_nan_loss_skips_the_step_and_never_reaches_the_weights(zero_stage):
     learner = _learner(f"learner.zero_stage={zero_stage}", "learner.micro_batch_size=4")
@@ -155,18 +214,15 @@ def test_online_alpha_is_estimated_logged_and_used():
     assert learner.alpha_estimator.num_updates == 1 and set(learner.alpha_state()) >= {"ema_numerator"}
 
 
-def test_head_subset_gradient_matches_the_full_model_with_frozen_inputs():
-    learner = _learner("preference.alpha_mode=online", mode="online")
-    pairs = _with_resamples(learner)
-    trace_grads, empty_grad = learner._head_subset_gradients(pairs)
-    assert trace_grads.shape == (3, empty_grad.numel())
-
-    model = learner.engine.module
-    sequences = [(p.empty_prompt, c) for p in pairs for c in (p.empty_chosen, p.empty_rejected)]
+def _autograd_head_gradient(learner: PreferenceLearner, pairs_of_sequences, rows) -> torch.Tensor:
+    """Mean DPO loss of the given ((prompt, chosen), (prompt, rejected)) pairs, differentiated through
+    the whole model with the input embeddings frozen (only the head path reaches the matrix)."""
     from rl_service.training.preference_learner import padded_batch
 
+    model = learner.engine.module
+    sequences = [seq for pair in pairs_of_sequences for seq in pair]
     ids, mask, completion = padded_batch([s for s, _ in sequences], [c for _, c in sequences], learner.pad_token_id)
-    embeds = model.get_input_embeddings()(ids).detach()        # only the head path reaches the matrix
+    embeds = model.get_input_embeddings()(ids).detach()
     logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
     logp = (torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * completion).sum(-1)
     with torch.no_grad():
@@ -174,6 +230,25 @@ def test_head_subset_gradient_matches_the_full_model_with_frozen_inputs():
                              learner.pad_token_id)
     loss, _ = dpo_loss(logp[0::2], logp[1::2], ref[0::2], ref[1::2], learner.beta)
     (grad,) = torch.autograd.grad(loss, model.get_output_embeddings().weight)
+    return grad[rows].flatten()
+
+
+def test_head_subset_gradient_matches_the_full_model_with_frozen_inputs():
+    """The closed-form per-pair head gradients of α̂ equal autograd's, per prompt and per batch."""
+    learner = _learner("preference.alpha_mode=online", mode="online")
+    pairs = _with_resamples(learner)
+    trace_grads, empty_grad = learner._head_subset_gradients(pairs)
+    assert trace_grads.shape == (6, 3, empty_grad.numel()) and trace_grads.dtype == torch.float64
     rows = torch.unique(torch.cat([torch.tensor(c) for p in pairs
                                    for c in (p.empty_chosen, p.empty_rejected, *[x for pair in p.trace_resamples for x in pair])]))
-    assert torch.allclose(empty_grad.float(), grad[rows].flatten(), atol=1e-6)
+    empty = _autograd_head_gradient(learner, [((p.empty_prompt, p.empty_chosen), (p.empty_prompt, p.empty_rejected))
+                                              for p in pairs], rows)
+    assert torch.allclose(empty_grad.float(), empty, atol=1e-6)
+    for i, k in [(0, 0), (2, 1), (5, 2)]:   # one prompt's k-th resample alone
+        chosen, rejected = pairs[i].trace_resamples[k]
+        single = _autograd_head_gradient(learner, [((pairs[i].trace_prompt, chosen), (pairs[i].trace_prompt, rejected))], rows)
+        assert torch.allclose(trace_grads[i, k].float(), single, atol=1e-6)
+    # The batch's k-th resample (every prompt's k-th pair) is the mean of the per-prompt gradients.
+    batch = _autograd_head_gradient(learner, [((p.trace_prompt, p.trace_resamples[1][0]), (p.trace_prompt, p.trace_resamples[1][1]))
+                                              for p in pairs], rows)
+    assert torch.allclose(trace_grads[:, 1].mean(0).float(), batch, atol=1e-6)

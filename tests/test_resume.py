@@ -135,3 +135,65 @@ def test_three_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(t
     initial = load_file(str(REPO / "rl_service" / "models" / "builtin" / "model.safetensors"))
     kept = load_file(str(tmp_path / "run" / "checkpoints" / "step_2" / "model" / "model.safetensors"))
     assert all((kept[name] == initial[name]).all() for name in initial)      # no bad update reached the weights
+
+
+# -- preference jobs (DPO / BVPO, issue 17) ---------------------------------------------------------
+
+PREFERENCE_STEPS = 4
+PREFERENCE_RUN = [f"steps={PREFERENCE_STEPS}", "eval_every=2", "checkpoint.every=2", "data.arithmetic.levels=[1,2]",
+                  "data.arithmetic.num_train=32", "data.arithmetic.num_eval=8", "data.prompts_per_step=4",
+                  "generator.samples_per_prompt=4", "generator.max_new_tokens=40", "logging.progress_bar=false",
+                  "logging.tensorboard=false", "guard.max_eval_drop=null", "generator.backend=torch", "cluster.torch_threads=1"]
+
+
+def _preference_case(case: str, tmp_path) -> tuple[str, list[str]]:
+    if case == "bvpo_online_alpha_hat":   # α̂'s moving averages and the online pair ids must carry over
+        return "bvpo.yaml", PREFERENCE_RUN + ["preference.alpha_mode=online", "preference.alpha_resamples=3"]
+    # Offline, 6 rows and 4 a step: rows come back after the checkpoint, from the restored reference cache.
+    rows = (REPO / "configs" / "data" / "bvpo_offline.jsonl").read_text().splitlines()[:6]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    return "bvpo_offline.yaml", PREFERENCE_RUN + [f"preference.dataset_path={data}"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["bvpo_online_alpha_hat", "bvpo_offline"])
+def test_a_killed_preference_run_resumes_to_the_uninterrupted_result(tmp_path, case):
+    from rl_service.cli import main
+    from rl_service.config import load_config
+    from rl_service.driver import prepare_job, run_training
+
+    config_name, overrides = _preference_case(case, tmp_path)
+    uninterrupted = tmp_path / "uninterrupted"
+    run_training(prepare_job(load_config(REPO / "configs" / config_name, overrides)), uninterrupted)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli("run", str(REPO / "configs" / config_name), "--run-dir", str(killed),
+                                    *[f"--set={item}" for item in overrides]),
+                               cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest, deadline = killed / "checkpoints" / "latest", time.monotonic() + 300
+    try:
+        while not (latest.is_file() and latest.read_text() == "step_2"):
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (killed / "summary.json").exists()
+    assert main(["resume", str(killed)]) == 0
+
+    got, want = _without_timings(read_metrics(killed)), _without_timings(read_metrics(uninterrupted))
+    assert got == want and [row["step"] for row in got if "loss" in row] == list(range(1, PREFERENCE_STEPS + 1))
+    final = f"checkpoints/step_{PREFERENCE_STEPS}/model/model.safetensors"
+    got_weights, want_weights = load_file(str(killed / final)), load_file(str(uninterrupted / final))
+    assert got_weights.keys() == want_weights.keys()
+    assert all((got_weights[name] == want_weights[name]).all() for name in want_weights)
+    state = json.loads((killed / "checkpoints" / f"step_{PREFERENCE_STEPS}" / "trainer_state.json").read_text())
+    assert state == json.loads((uninterrupted / "checkpoints" / f"step_{PREFERENCE_STEPS}" / "trainer_state.json").read_text())
+    if case == "bvpo_online_alpha_hat":
+        assert state["alpha_estimator"]["num_updates"] > 0
+    else:   # the restored cache served the rows seen before the kill: each of the 6 computed once
+        assert [row for row in got if "loss" in row][-1]["reference_pairs_computed"] == 6.0
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["steps"] == PREFERENCE_STEPS and summary["stopped_reason"] == "completed"

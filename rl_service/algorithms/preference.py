@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PreferenceLogps", "dpo_loss", "bvpo_loss", "optimal_alpha", "optimal_alpha_from_moments",
-           "OnlineAlphaEstimator"]
+__all__ = ["PreferenceLogps", "dpo_loss", "dpo_pair_losses", "bvpo_loss", "bvpo_per_term_loss", "per_term_alpha",
+           "per_term_trains",
+           "optimal_alpha", "optimal_alpha_from_moments", "OnlineAlphaEstimator"]
 
 # A denominator E‖g_t − g_e‖² at or below this fraction of the moments' scale is "0" (§BVPO.5: the
 # estimators agree, any α is optimal); it absorbs the rounding of tr Σ_t + tr Σ_e − 2 tr Σ_te.
@@ -146,6 +147,61 @@ def bvpo_loss(
     return loss, metrics
 
 
+def dpo_pair_losses(logps: PreferenceLogps, beta: float = 0.1) -> Tensor:
+    """[B] per-pair sigmoid DPO losses softplus(−h_i) (§DPO); B may be 0 (a term with no pair)."""
+    chosen = logps.policy_chosen_logps - logps.ref_chosen_logps.detach()
+    rejected = logps.policy_rejected_logps - logps.ref_rejected_logps.detach()
+    return F.softplus(-beta * (chosen - rejected))
+
+
+def per_term_alpha(alpha: float, trace_pairs: int, empty_pairs: int) -> float:
+    """The weight ``per_term`` really gives the trace term: α, or 1 / 0 when the step has no
+    empty-trace / trace pair (that term is absent, so the other carries the whole loss). α = 0 or 1
+    asks for one term only, so the other never stands in for it: a ValueError when the term asked
+    for has no pair (as when the step has none at all; see :func:`per_term_trains`)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not per_term_trains(alpha, trace_pairs, empty_pairs):
+        raise ValueError(f"no pair to train at alpha {alpha}: {trace_pairs} trace and {empty_pairs} empty-trace pairs")
+    if alpha in (0.0, 1.0):
+        return float(alpha)
+    return 1.0 if empty_pairs == 0 else 0.0 if trace_pairs == 0 else float(alpha)
+
+
+def per_term_trains(alpha: float, trace_pairs: int, empty_pairs: int) -> bool:
+    """Whether a ``per_term`` step has a pair in a term of non-zero weight."""
+    if trace_pairs < 0 or empty_pairs < 0:
+        raise ValueError(f"pair counts must be >= 0, got {trace_pairs} and {empty_pairs}")
+    return (alpha > 0.0 and trace_pairs > 0) or (alpha < 1.0 and empty_pairs > 0)
+
+
+def bvpo_per_term_loss(trace: PreferenceLogps, empty: PreferenceLogps, alpha: float, beta: float = 0.1,
+                       trace_pairs: int | None = None, empty_pairs: int | None = None) -> Tensor:
+    """``per_term`` BVPO (ALGORITHMS.md §BVPO.3): ``L = α L̄_t + (1 − α) L̄_e``, each term the mean
+    over ITS OWN pairs, so a prompt with a pair in one mode only still trains that term.
+
+    The tensors may hold a slice (micro-batch) of the step's pairs, either side possibly empty:
+    ``trace_pairs`` / ``empty_pairs`` are the step's totals N_t, N_e (default: the sizes given), and
+    this returns the slice's share ``α_eff Σ_slice ℓ_t / N_t + (1 − α_eff) Σ_slice ℓ_e / N_e``; the
+    shares of all slices add up to L. α_eff is :func:`per_term_alpha` (1 or 0 when one term has no
+    pair in the whole step). With one pair per mode per prompt on the same prompts (N_t = N_e) this
+    is exactly :func:`bvpo_loss`.
+    """
+    trace_pairs = trace.policy_chosen_logps.numel() if trace_pairs is None else trace_pairs
+    empty_pairs = empty.policy_chosen_logps.numel() if empty_pairs is None else empty_pairs
+    alpha_eff = per_term_alpha(alpha, trace_pairs, empty_pairs)
+    trace_losses, empty_losses = dpo_pair_losses(trace, beta), dpo_pair_losses(empty, beta)
+    if trace_losses.numel() > trace_pairs or empty_losses.numel() > empty_pairs:
+        raise ValueError(f"a slice of {trace_losses.numel()} trace / {empty_losses.numel()} empty pairs exceeds the step's "
+                         f"totals {trace_pairs} / {empty_pairs}")
+    # A term absent from the step (N = 0) or weighted 0 is left out: 0 · NaN would be NaN.
+    trace_share = alpha_eff * trace_losses.sum() / trace_pairs if trace_pairs and alpha_eff > 0.0 else None
+    empty_share = (1.0 - alpha_eff) * empty_losses.sum() / empty_pairs if empty_pairs and alpha_eff < 1.0 else None
+    if trace_share is None:
+        return empty_share
+    return trace_share if empty_share is None else trace_share + empty_share
+
+
 def optimal_alpha_from_moments(
     tr_sigma_t: float, tr_sigma_e: float, tr_sigma_te: float, b_t: Tensor, b_e: Tensor
 ) -> float:
@@ -207,7 +263,8 @@ class OnlineAlphaEstimator:
     r"""Online α̂ from trace resamples (ALGORITHMS.md §BVPO.6, ours).
 
     Per update, with K ≥ 2 per-resample trace gradients g_t[k] and the empty-trace gradient g_e on
-    a cheap parameter subset (flattened):
+    a cheap parameter subset (flattened) — shown for one prompt; :meth:`update` pools the prompts of
+    a batch, each resampled on its own (§BVPO.6: "per prompt"):
 
     $$
     \bar g_t = \tfrac1K\sum_k g_t[k], \qquad
@@ -248,19 +305,30 @@ class OnlineAlphaEstimator:
 
     @torch.no_grad()
     def update(self, trace_grads: Tensor, empty_grad: Tensor) -> float:
-        """Add one step's estimate; ``trace_grads`` [K, P] (K ≥ 2 resamples), ``empty_grad`` [P].
-        Returns the new α̂."""
-        if trace_grads.dim() != 2 or trace_grads.shape[0] < 2:
-            raise ValueError(f"trace_grads must be [K, P] with K >= 2 resamples, got {tuple(trace_grads.shape)}")
-        if empty_grad.dim() != 1 or empty_grad.shape[0] != trace_grads.shape[1]:
-            raise ValueError(f"empty_grad must be [P] = [{trace_grads.shape[1]}], got {tuple(empty_grad.shape)}")
+        """Add one step's estimate; returns the new α̂. ``empty_grad`` [P] is the batch's g_e.
+
+        ``trace_grads`` is either [K, P], K ≥ 2 resamples of the batch trace gradient, or — per
+        prompt, as §BVPO.6 asks — [B, K, P]: K resampled pairs of each of the B prompts, row
+        ``[i, k]`` the gradient of prompt i's k-th resampled pair alone. The batch gradient is the
+        mean over prompts of one pair each, and prompts are sampled independently, so its variance
+        is ``tr Σ̂_t = (1/B²) Σ_i tr Σ̂_t^{(i)}`` with each prompt's unbiased (K − 1) sample
+        variance, and ``ḡ_t`` (mean over i and k) has variance tr Σ̂_t / K. That pools B·(K − 1)
+        degrees of freedom where the [K, P] batch form has K − 1 (same expectation, far less noise),
+        and is identical to it when B = 1.
+        """
+        if trace_grads.dim() == 2:
+            trace_grads = trace_grads.unsqueeze(0)
+        if trace_grads.dim() != 3 or trace_grads.shape[0] < 1 or trace_grads.shape[1] < 2:
+            raise ValueError(f"trace_grads must be [K, P] or [B, K, P] with K >= 2 resamples, got {tuple(trace_grads.shape)}")
+        if empty_grad.dim() != 1 or empty_grad.shape[0] != trace_grads.shape[2]:
+            raise ValueError(f"empty_grad must be [P] = [{trace_grads.shape[2]}], got {tuple(empty_grad.shape)}")
         g_t = trace_grads.detach().to(torch.float64)
         g_e = empty_grad.detach().to(torch.float64)
         if not (torch.isfinite(g_t).all() and torch.isfinite(g_e).all()):
             raise ValueError("gradients must be finite")
-        num_resamples = g_t.shape[0]
-        trace_variance = float(g_t.var(dim=0, unbiased=True).sum())
-        gap = g_e - g_t.mean(0)
+        num_prompts, num_resamples = g_t.shape[0], g_t.shape[1]
+        trace_variance = float(g_t.var(dim=1, unbiased=True).sum()) / num_prompts**2
+        gap = g_e - g_t.mean(dim=(0, 1))
         bias_sq = max(float(gap @ gap) - trace_variance / num_resamples, 0.0)
 
         self.bias_sq, self.trace_variance = bias_sq, trace_variance

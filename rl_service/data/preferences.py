@@ -14,8 +14,9 @@ block (reasoning off, §BVPO.2). `id` (default: the line's index) and `answer` a
 reported with its file:line and skipped and counted, or stops the run (`on_bad_row="error"`).
 
 Online mode (§BVPO.1–2): :func:`select_pairs` ranks each prompt's samples of one mode by reward,
-best vs worst (ties skipped and counted), and only prompts with a pair in every mode are kept, so
-both loss terms are on the same prompts.
+best vs worst (ties skipped and counted). ``pairing="same_prompts"`` keeps only prompts with a pair
+in every mode (both loss terms on the same prompts); ``"per_term"`` (§BVPO.3) keeps every pair, so
+a prompt may carry a pair in one mode only.
 """
 from __future__ import annotations
 
@@ -126,13 +127,13 @@ def load_preference_file(path: str | Path, on_bad_row: Literal["skip", "error"] 
 class PairSelection:
     """Which samples of a step form its pairs; indices are into the step's concatenated rollout.
 
-    ``trace[k]``/``empty[k]`` are the (chosen, rejected) samples of prompt ``prompts[k]`` per mode
-    (``empty`` is empty for trace-only DPO); ``trace_resamples[k]`` are K random reward-ordered
-    trace pairs of that prompt, for α̂ (§BVPO.6).
+    ``trace[k]``/``empty[k]`` are the (chosen, rejected) samples of prompt ``prompts[k]`` per mode,
+    None where that mode has no pair (``per_term`` only; ``empty`` is empty for trace-only DPO);
+    ``trace_resamples[k]`` are K random reward-ordered trace pairs of that prompt, for α̂ (§BVPO.6).
     """
     prompts: list[int]
-    trace: list[tuple[int, int]]
-    empty: list[tuple[int, int]]
+    trace: list[tuple[int, int] | None]
+    empty: list[tuple[int, int] | None]
     trace_resamples: list[list[tuple[int, int]]]
     counts: dict[str, float]
 
@@ -155,35 +156,54 @@ def random_ordered_pairs(rewards: Sequence[float], samples: Sequence[int], count
     return [ordered[rng.randrange(len(ordered))] for _ in range(count)] if ordered else []
 
 
+PAIRINGS = ("same_prompts", "per_term")
+
+
 def select_pairs(rewards: Sequence[float], request_index: Sequence[int], num_prompts: int, with_empty: bool,
-                 resamples: int = 0, seed: int = 0) -> PairSelection:
+                 resamples: int = 0, seed: int = 0, pairing: str = "same_prompts") -> PairSelection:
     """Pairs of one online step from scored samples.
 
     Sample k belongs to request ``request_index[k]``: requests ``0..num_prompts−1`` are the prompts
-    with reasoning on, ``num_prompts + i`` prompt i with reasoning off (when ``with_empty``). A prompt
-    is kept only if it has a non-tied pair in every generated mode (§BVPO.3: same prompts).
+    with reasoning on, ``num_prompts + i`` prompt i with reasoning off (when ``with_empty``); the
+    modes may have different numbers of samples. ``same_prompts`` keeps a prompt only if it has a
+    non-tied pair in every generated mode; ``per_term`` keeps it if it has one in any mode (§BVPO.3).
+
+    ``counts``: ``pairs`` (prompts kept), ``trace_pairs``/``empty_pairs`` (pairs that train),
+    ``trace_pair_yield``/``empty_pair_yield`` (fraction of the step's prompts with a pair in that
+    mode, kept or not), ties per mode and ``prompts_without_pair`` (prompts dropped).
     """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     by_request: dict[int, list[int]] = {}
     for sample, request in enumerate(request_index):
         by_request.setdefault(int(request), []).append(sample)
     rng = random.Random(seed)
     counts = {"trace_ties": 0.0, "empty_ties": 0.0, "prompts_without_pair": 0.0}
     selection = PairSelection([], [], [], [], counts)
+    yields = {"trace": 0, "empty": 0}
     for prompt in range(num_prompts):
         trace = best_vs_worst(rewards, by_request.get(prompt, []))
         empty = best_vs_worst(rewards, by_request.get(num_prompts + prompt, [])) if with_empty else None
         counts["trace_ties"] += trace is None
         counts["empty_ties"] += with_empty and empty is None
-        if trace is None or (with_empty and empty is None):
+        yields["trace"] += trace is not None
+        yields["empty"] += empty is not None
+        complete = trace is not None and (not with_empty or empty is not None)
+        if not (complete or (pairing == "per_term" and (trace is not None or empty is not None))):
             counts["prompts_without_pair"] += 1
             continue
         selection.prompts.append(prompt)
         selection.trace.append(trace)
-        if empty is not None:
+        if with_empty:
             selection.empty.append(empty)
         if resamples:
-            selection.trace_resamples.append(random_ordered_pairs(rewards, by_request[prompt], resamples, rng))
+            selection.trace_resamples.append(random_ordered_pairs(rewards, by_request.get(prompt, []), resamples, rng))
     counts["pairs"] = float(len(selection.prompts))
+    counts["trace_pairs"] = float(sum(pair is not None for pair in selection.trace))
+    counts["empty_pairs"] = float(sum(pair is not None for pair in selection.empty))
+    counts["trace_pair_yield"] = yields["trace"] / num_prompts if num_prompts else 0.0
+    if with_empty:
+        counts["empty_pair_yield"] = yields["empty"] / num_prompts if num_prompts else 0.0
     return selection
 
 
@@ -194,13 +214,14 @@ class TokenizedPair:
     """Token ids of one prompt's pairs: prompts chat-rendered, completions ending in EOS.
 
     ``pair_id`` keys the learner's reference log-prob cache: equal ids must mean equal tokens.
-    ``empty_*`` are None for trace-only DPO; ``trace_resamples`` holds K (chosen, rejected)
-    completions for α̂ (online mode only).
+    ``empty_*`` are None for trace-only DPO, and one mode's fields are None where that mode has no
+    pair (``per_term`` pairing); ``trace_resamples`` holds K (chosen, rejected) completions for α̂
+    (online mode only).
     """
     pair_id: int
-    trace_prompt: list[int]
-    trace_chosen: list[int]
-    trace_rejected: list[int]
+    trace_prompt: list[int] | None
+    trace_chosen: list[int] | None
+    trace_rejected: list[int] | None
     empty_prompt: list[int] | None = None
     empty_chosen: list[int] | None = None
     empty_rejected: list[int] | None = None
@@ -236,9 +257,12 @@ def pairs_from_rollout(rollout, selection: PairSelection, first_pair_id: int) ->
 
     pairs = []
     for k in range(len(selection.prompts)):
-        chosen, rejected = selection.trace[k]
-        pair = TokenizedPair(first_pair_id + k, list(rollout.prompt_token_ids[chosen]), tokens(chosen), tokens(rejected))
-        if selection.empty:
+        pair = TokenizedPair(first_pair_id + k, None, None, None)
+        if selection.trace[k] is not None:
+            chosen, rejected = selection.trace[k]
+            pair.trace_prompt = list(rollout.prompt_token_ids[chosen])
+            pair.trace_chosen, pair.trace_rejected = tokens(chosen), tokens(rejected)
+        if selection.empty and selection.empty[k] is not None:
             empty_chosen, empty_rejected = selection.empty[k]
             pair.empty_prompt = list(rollout.prompt_token_ids[empty_chosen])
             pair.empty_chosen, pair.empty_rejected = tokens(empty_chosen), tokens(empty_rejected)
