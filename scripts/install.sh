@@ -32,6 +32,14 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
             >/dev/null 2>&1 || echo "chromium/chromium-driver not installed (apt-get failed); the dashboard browser test will skip"
     fi
 fi
+# tests/test_prometheus.py scrapes a test head with a real Prometheus (Debian's package; no
+# recommends: it would pull in node-exporter and start services): best effort, as root with apt only.
+if ! command -v prometheus >/dev/null; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } \
+            >/dev/null 2>&1 || echo "prometheus not installed (apt-get failed); the Prometheus test will skip"
+    fi
+fi
 # The custom reward's sandbox (rl_service/rewards/sandbox.py) uses bubblewrap where it is installed;
 # without it the reward still runs, isolated from the network and signals only, with a warning.
 if ! command -v bwrap >/dev/null; then

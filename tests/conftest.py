@@ -113,9 +113,10 @@ def head():
 
 
 @contextmanager
-def start_head(extra_args: tuple[str, ...] = ()):
+def start_head(extra_args: tuple[str, ...] = (), env_changes: dict[str, str | None] | None = None):
     """A token-auth `ray start --head --block` in its own temp dir, torn down by its process group
-    (never `ray stop`, which stops every Ray of the user on the host); `extra_args` go to `ray start`."""
+    (never `ray stop`, which stops every Ray of the user on the host); `extra_args` go to `ray start`,
+    `env_changes` to its environment (None: unset)."""
     scratch = Path(tempfile.mkdtemp(prefix="rlsj", dir="/tmp"))   # short: Ray's socket paths have a length limit
     token_file = scratch / "token"
     token_file.write_text(secrets.token_hex(32))
@@ -124,6 +125,11 @@ def start_head(extra_args: tuple[str, ...] = ()):
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    for name, value in (env_changes or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     process = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
