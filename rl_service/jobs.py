@@ -160,18 +160,17 @@ def submit_job(args, client, timeout_s: float = 60.0, **job) -> None:
     """`client.submit_job(**job)`, retried while the head answers that its job agent is not up yet
     (for a while after `ray start`: "No available agent to submit job, please try again later")."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.submit_job(**job)
-            return
-        except Exception as error:  # noqa: BLE001 - only the agent's start-up is retried; the rest is one line
-            if "no available agent" not in str(error).lower() or time.monotonic() > deadline:
-                _call(args, lambda: _raise(error))
-            time.sleep(2)
 
+    def attempt():
+        while True:
+            try:
+                return client.submit_job(**job)
+            except Exception as error:  # noqa: BLE001 - only the agent's start-up is retried; _call words the rest
+                if "no available agent" not in str(error).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
 
-def _raise(error: BaseException):
-    raise error
+    _call(args, attempt)
 
 
 def command_status(args) -> int:
