@@ -1,4 +1,4 @@
-"""The driver: one synchronous training loop over the Ray roles (DESIGN.md "One training step").
+"""The driver: the training loop over the Ray roles (DESIGN.md "One training step").
 
     prompts = sampler.next_batch()
     counts  = statistics.allocate(prompt_ids, budget)
@@ -7,6 +7,10 @@
     statistics.update_acceptance(prompt_ids, rewards)
     metrics = learner.train_step(samples, rewards)
     pool.update_weights(learner.publish_weights(version + 1))
+
+Between scoring and training, a step may grow its rollout (`rl_service/step_rounds.py`): the GVM
+step pilot spreads the rest of its budget by the pilot's statistics, and DAPO dynamic sampling adds
+prompts until enough groups have a reward spread.
 
 That is sync mode (`schedule.mode: sync`). Async mode launches the next steps' rollouts before
 training on this one, at most `schedule.max_staleness` weight versions ahead (`rl_service/pipeline.py`
@@ -22,8 +26,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -31,61 +34,24 @@ import numpy as np
 
 from rl_service.config import JobConfig
 from rl_service.data.sampler import PromptSampler
-from rl_service.algorithms.acceptance import acceptance_threshold, accepted, accepted_per_prompt
-from rl_service.algorithms.dynamic_sampling import groups_with_spread, selected_groups, train_mask
+from rl_service.algorithms.acceptance import acceptance_threshold, accepted
 from rl_service.batch_source import make_batch_source, per_prompt_mean
 from rl_service.models.loading import load_tokenizer
 from rl_service.guard import eval_collapsed
 from rl_service.step_loop import LoopResult, loop_outcome, run_steps
 from rl_service.pipeline import RolloutPipeline
 from rl_service.roles import Roles, is_role_failure, ray_session, start_roles
-from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
+from rl_service.rollout import SamplingParams, step_seed
+from rl_service.rollout_client import (LaunchedRollout, PhaseTimer, RolloutClient, mean_or_nan as _mean,
+                                       merge_scored)
 from rl_service.rewards.verifiers import SCORE_COUNTER_KEYS as REWARD_COUNTER_KEYS
 from rl_service.run_dir import RunDirectory, latest_checkpoint
-from rl_service.tasks import PromptTokenizer, TaskData, check_job_inputs, load_task
+from rl_service.step_rounds import StepRounds
+from rl_service.tasks import TaskData, check_job_inputs, load_task
 from rl_service.weight_sync import make_weight_sync
 from rl_service.elastic import Autoscaler, apply_requested_scale
 
 log = logging.getLogger("rl_service")
-SCORED_KEYS = ("rewards", "request_index", "completion_lengths", "finished", "weight_versions")
-
-
-def _merge_scored(scored: dict, more: dict | None) -> dict:
-    """Two rounds' scores as one, in sample order (the shards are appended in the same order)."""
-    if more is None:
-        return scored
-    return {**{key: scored[key] + more[key] for key in SCORED_KEYS},
-            **{key: scored[key] + more[key] for key in REWARD_COUNTER_KEYS}}
-
-
-def _mean(values) -> float:
-    """Mean that is NaN (logged as null) for a step with no samples, without numpy's warning."""
-    return float(np.mean(values)) if len(values) else float("nan")
-
-
-@dataclass
-class PhaseTimer:
-    """Wall seconds per phase of a step; `driver` is whatever the step spent outside them."""
-    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-
-    @contextmanager
-    def phase(self, name: str):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - started
-
-
-@dataclass
-class LaunchedRollout:
-    """A batch sent out and not yet collected: refs to its samples and to their scores."""
-    records: list
-    counts: list
-    shard_refs: list
-    score_refs: list
-    sampler_state: dict | None = None   # data cursor right after this batch was drawn
-    allocation_metrics: dict = field(default_factory=dict)   # spread of this batch's counts (§GVM)
 
 
 @dataclass
@@ -117,14 +83,15 @@ class Trainer:
         self.task = job.task
         self.roles = roles
         self.run_dir = run_dir
-        # One cache per split: JSONL train and eval files number their prompts independently, so a
-        # shared cache keyed by prompt id would serve a train prompt's tokens for an eval prompt.
-        self.prompt_tokens = {split: PromptTokenizer(job.tokenizer, job.config.model.thinking, job.task.max_prompt_tokens)
-                              for split in ("train", "eval")}
+        schedule = self.config.schedule
+        self.pipelined = schedule.mode == "async" and schedule.max_staleness > 0
+        self.client = RolloutClient(roles, job.tokenizer, job.config.model.thinking, job.task.max_prompt_tokens,
+                                    self.pipelined)
         self.sampler = PromptSampler(len(self.task.train), self.config.data.prompts_per_step, self.config.seed)
-        self.batches = make_batch_source(self.config, self.task, self.sampler, roles, self._rollout)
+        self.batches = make_batch_source(self.config, self.task, self.sampler, roles, self.client.rollout)
         generator = self.config.generator
         self.sampling = SamplingParams(generator.temperature, generator.top_p, generator.max_new_tokens)
+        self.rounds = StepRounds(self.config, roles, self.client, self.batches, self.sampling)
         self.weight_sync = make_weight_sync(roles, self.config)
         self.accept_threshold = acceptance_threshold(self.config)
         self.autoscaler = Autoscaler(roles, self.config) if self.config.generator.autoscale else None
@@ -135,8 +102,6 @@ class Trainer:
         self.wall_before_s, self.loop_started, self.loop_s_at_checkpoint = 0.0, None, 0.0
         self.eval_history: list[tuple[int, float]] = []
         self.phase_totals: dict[str, float] = defaultdict(float)
-        schedule = self.config.schedule
-        self.pipelined = schedule.mode == "async" and schedule.max_staleness > 0
         self.pipeline = RolloutPipeline(self._launch_step, schedule.max_staleness if self.pipelined else 0,
                                         self.config.steps)
         self._timer = PhaseTimer()
@@ -145,108 +110,16 @@ class Trainer:
 
         self.telemetry = StepTelemetry(self.config.job_name)   # live metrics for Ray's dashboard / Prometheus
 
-    # -- generation + scoring, shared by training and evaluation ------------------------------
-    def _launch(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer,
-                split: str = "train") -> LaunchedRollout:
-        """Send a batch to the pool and its samples on to the reward actors; wait for neither."""
-        import ray
-
-        tokenize = self.prompt_tokens[split]
-        # A prompt allocated no samples (GVM) is not sent; request_index keeps its batch position.
-        requests = [GenerationRequest(index, record.prompt_id, tokenize(record), count)
-                    for index, (record, count) in enumerate(zip(records, counts)) if count > 0]
-        if not requests:  # every prompt was allocated 0 samples: nothing to generate or score
-            return LaunchedRollout(records, counts, [], [])
-        with timer.phase("generate"):
-            # Async mode splits evenly over engines whatever they still run, so a run replays bit for bit.
-            shard_refs = ray.get(self.roles.pool.generate.remote(requests, sampling, seed, self.pipelined))
-        answers = [record.answer for record in records]
-        # Contiguous groups of shards per reward actor keep the concatenation in sample order; each
-        # actor fetches its shards itself as they finish.
-        groups = np.array_split(np.arange(len(shard_refs)), min(len(self.roles.rewards), len(shard_refs)))
-        # Evaluation keeps the verifier, so eval_accuracy stays an accuracy under a custom reward.
-        score_refs = [actor.score.remote([shard_refs[k] for k in group], answers, verifier_only=split == "eval")
-                      for actor, group in zip(self.roles.rewards, groups)]
-        return LaunchedRollout(records, counts, shard_refs, score_refs)
-
-    @staticmethod
-    def _collect(launched: LaunchedRollout, timer: PhaseTimer):
-        import ray
-
-        if not launched.shard_refs:
-            return [], {**{key: [] for key in SCORED_KEYS}, **dict.fromkeys(REWARD_COUNTER_KEYS, 0)}
-        with timer.phase("generate"):
-            ray.wait(launched.shard_refs, num_returns=len(launched.shard_refs), fetch_local=False)
-        with timer.phase("reward"):
-            parts = ray.get(launched.score_refs)
-        scored = {key: [item for part in parts for item in part[key]] for key in SCORED_KEYS}
-        scored.update({key: sum(part[key] for part in parts) for key in REWARD_COUNTER_KEYS})
-        return launched.shard_refs, scored
-
-    def _rollout(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer, split: str = "train"):
-        return self._collect(self._launch(records, counts, sampling, seed, timer, split), timer)
-
     def _launch_step(self, step: int) -> LaunchedRollout:
         """The pipeline's launcher: step `step`'s prompts, allocation and rollout, timed in the step
         that launches it. A pending `rl-service scale` is applied first, between two hand-outs."""
         with self._timer.phase("scale"):
             apply_requested_scale(self.roles, self.config, self.weight_version)
         records, counts, allocation_metrics = self.batches.next(step, self._timer)
-        launched = self._launch(records, counts, self.sampling, _seed_for(self.config, step, 0), self._timer)
+        launched = self.client.launch(records, counts, self.sampling, _seed_for(self.config, step, 0), self._timer)
         launched.sampler_state = self.sampler.state_dict()
         launched.allocation_metrics = allocation_metrics
         return launched
-
-    # -- rounds after the first: step pilot (§GVM, ours) and dynamic sampling (§DAPO) -------------
-    def _round(self, step: int, round_: int, records, counts, timer: PhaseTimer):
-        """Generate and score `counts[i]` samples of `records[i]`; request index = position in
-        `records`, so a prompt's new samples join its group in the step's rollout."""
-        launched = self._launch(records, counts, self.sampling, _seed_for(self.config, step, 10 + round_), timer)
-        return self._collect(launched, timer)
-
-    def _rest_after_pilot(self, step: int, round_: int, records, first: int, pilot_refs, pilot, timer: PhaseTimer):
-        """Step pilot (ours; §GVM.3–5 inside a step): `records[first:]` had their pilot (`pilot_refs`,
-        `pilot`); spread the rest of their budget by GVM on the pilot's p and G and generate it."""
-        import ray
-
-        new = len(records) - first
-        index = np.asarray(pilot["request_index"], dtype=np.int64) - first
-        pilot_counts = np.bincount(index, minlength=new)
-        budget = new * self.config.generator.samples_per_prompt - int(pilot_counts.sum())
-        if budget <= 0 or not pilot_refs:
-            return [], None, {}
-        acceptance = accepted_per_prompt(pilot["rewards"], index, new, self.accept_threshold) / np.maximum(pilot_counts, 1)
-        n_max = self.config.statistics.n_max
-        with timer.phase("statistics"):
-            norms = ray.get(self.roles.learner.grad_norms.remote(pilot_refs, pilot["rewards"]))
-            rest, spread = ray.get(self.roles.statistics.allocate_from_pilot.remote(
-                [record.prompt_id for record in records[first:]], acceptance.tolist(),
-                per_prompt_mean(norms, index, new).tolist(), budget,
-                None if n_max is None else max(n_max - int(pilot_counts.max()), 1)))
-        refs, scored = self._round(step, round_, records, [0] * first + rest, timer)
-        return refs, scored, spread
-
-    def _dynamic_sampling(self, step: int, records, shard_refs, scored, timer: PhaseTimer):
-        """§DAPO: more rounds of prompts until `prompts_per_step` groups have a reward spread (or the
-        round cap); returns the grown rollout and which samples train."""
-        target, rounds = self.config.data.prompts_per_step, 1
-        spread = groups_with_spread(scored["rewards"], scored["request_index"], len(records))
-        while spread.sum() < target and rounds < self.config.algorithm.dynamic_sampling_max_rounds:
-            first = len(records)
-            new_records, new_counts, _ = self.batches.next(step, timer)
-            records = records + new_records
-            refs, more = self._round(step, rounds, records, [0] * first + list(new_counts), timer)
-            shard_refs, scored = shard_refs + refs, _merge_scored(scored, more)
-            if self.batches.step_pilot:
-                refs, more, _ = self._rest_after_pilot(step, 100 + rounds, records, first, refs, more, timer)
-                shard_refs, scored = shard_refs + refs, _merge_scored(scored, more)
-            rounds += 1
-            spread = groups_with_spread(scored["rewards"], scored["request_index"], len(records))
-        self.trained_sampler_state = self.sampler.state_dict()   # sync mode only: nothing drawn ahead
-        chosen = selected_groups(spread, target)
-        metrics = {"dynamic_sampling_rounds": float(rounds), "groups_with_spread": float(spread.sum()),
-                   "trained_groups": float(chosen.sum())}
-        return records, shard_refs, scored, train_mask(scored["request_index"], chosen), metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Greedy accuracy on the eval split (one completion per prompt, reasoning as configured)."""
@@ -254,8 +127,8 @@ class Trainer:
             return {}
         timer = PhaseTimer()
         greedy = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.sampling.max_new_tokens)
-        _, scored = self._rollout(self.task.eval, [1] * len(self.task.eval), greedy, _seed_for(self.config, step, 1), timer,
-                                  split="eval")
+        _, scored = self.client.rollout(self.task.eval, [1] * len(self.task.eval), greedy, _seed_for(self.config, step, 1),
+                                        timer, split="eval")
         rewards = np.asarray(scored["rewards"])
         metrics = {"eval_accuracy": float(rewards.mean()), "eval_seconds": sum(timer.seconds.values()),
                    "eval_completion_length_mean": float(np.mean(scored["completion_lengths"]))}
@@ -281,8 +154,9 @@ class Trainer:
         timer = PhaseTimer()
         sampling = SamplingParams(temperature=evaluation.temperature, top_p=evaluation.top_p,
                                   max_new_tokens=self.sampling.max_new_tokens)
-        _, scored = self._rollout(self.task.eval, [evaluation.samples] * len(self.task.eval), sampling,
-                                  _seed_for(self.config, step, 2), timer, split="eval")
+        # Seed purpose 3: 2 is the offline pilot's (batch_source.py), 10+ the step's extra rounds.
+        _, scored = self.client.rollout(self.task.eval, [evaluation.samples] * len(self.task.eval), sampling,
+                                        _seed_for(self.config, step, 3), timer, split="eval")
         metrics = sampled_eval_metrics(scored["rewards"], scored["request_index"], len(self.task.eval), evaluation.samples)
         metrics["eval_sampled_seconds"] = sum(timer.seconds.values())
         return metrics
@@ -296,17 +170,18 @@ class Trainer:
             self.loop_started = started
         timer = self._timer = PhaseTimer()
         launched = self.pipeline.take(step)
-        shard_refs, scored = self._collect(launched, timer)
+        shard_refs, scored = self.client.collect(launched, timer)
         records, round_metrics = launched.records, dict(launched.allocation_metrics)
         self.trained_sampler_state = launched.sampler_state
         if self.batches.step_pilot:   # the rest of the step's budget, by GVM on its own pilot
-            refs, more, spread = self._rest_after_pilot(step, 1, records, 0, shard_refs, scored, timer)
-            shard_refs, scored = shard_refs + refs, _merge_scored(scored, more)
+            refs, more, spread = self.rounds.rest_after_pilot(step, 1, records, 0, shard_refs, scored, timer)
+            shard_refs, scored = shard_refs + refs, merge_scored(scored, more)
             round_metrics.update(spread)
         mask = None
-        if self.config.algorithm.dynamic_sampling:
-            records, shard_refs, scored, mask, sampling_metrics = self._dynamic_sampling(step, records, shard_refs,
-                                                                                       scored, timer)
+        if self.config.algorithm.dynamic_sampling:   # sync mode only: nothing was drawn ahead of it
+            records, shard_refs, scored, mask, sampling_metrics = self.rounds.dynamic_sampling(
+                step, records, shard_refs, scored, timer)
+            self.trained_sampler_state = self.sampler.state_dict()
             round_metrics.update(sampling_metrics)
         prompt_ids = [record.prompt_id for record in records]
         staleness = self.weight_version - np.asarray(scored["weight_versions"], dtype=np.int64)

@@ -31,7 +31,7 @@ from rl_service.config import JobConfig
 from rl_service.data.preferences import PreferenceDataset, load_preference_file, select_pairs
 from rl_service.data.prompts import PromptRecord
 from rl_service.data.sampler import PromptSampler
-from rl_service.driver import PhaseTimer, _mean
+from rl_service.rollout_client import PhaseTimer, mean_or_nan as _mean
 from rl_service.guard import eval_collapsed
 from rl_service.errors import ConfigError, ModelLoadError
 from rl_service.models.loading import load_tokenizer, render_prompt

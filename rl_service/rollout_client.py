@@ -1,0 +1,111 @@
+"""The driver's rollout client: send a batch to the generator pool and its samples on to the reward
+actors, then collect the scores (DESIGN.md "One training step": generate → score).
+
+Samples stay in the object store as shard references; the driver only ever holds the small
+per-sample facts the reward actors return (`SCORED_KEYS` plus the reward counters). Training steps,
+their extra rounds (`rl_service/step_rounds.py`) and evaluations all go through `RolloutClient`.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rl_service.rewards.verifiers import SCORE_COUNTER_KEYS as REWARD_COUNTER_KEYS
+from rl_service.rollout import GenerationRequest, SamplingParams
+from rl_service.tasks import PromptTokenizer
+
+SCORED_KEYS = ("rewards", "request_index", "completion_lengths", "finished", "weight_versions")
+
+
+def mean_or_nan(values) -> float:
+    """Mean that is NaN (logged as null) for a step with no samples, without numpy's warning."""
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def merge_scored(scored: dict, more: dict | None) -> dict:
+    """Two rounds' scores as one, in sample order (their shards are appended in the same order)."""
+    if more is None:
+        return scored
+    return {**{key: scored[key] + more[key] for key in SCORED_KEYS},
+            **{key: scored[key] + more[key] for key in REWARD_COUNTER_KEYS}}
+
+
+@dataclass
+class PhaseTimer:
+    """Wall seconds per phase of a step; `driver` is whatever the step spent outside them."""
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+
+@dataclass
+class LaunchedRollout:
+    """A batch sent out and not yet collected: refs to its samples and to their scores."""
+    records: list
+    counts: list
+    shard_refs: list
+    score_refs: list
+    sampler_state: dict | None = None   # data cursor right after this batch was drawn
+    allocation_metrics: dict = field(default_factory=dict)   # spread of this batch's counts (§GVM)
+
+
+class RolloutClient:
+    def __init__(self, roles, tokenizer, thinking: bool, max_prompt_tokens, pipelined: bool):
+        self.roles = roles
+        self.pipelined = pipelined
+        # One cache per split: JSONL train and eval files number their prompts independently, so a
+        # shared cache keyed by prompt id would serve a train prompt's tokens for an eval prompt.
+        self.prompt_tokens = {split: PromptTokenizer(tokenizer, thinking, max_prompt_tokens)
+                              for split in ("train", "eval")}
+
+    def launch(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer,
+               split: str = "train") -> LaunchedRollout:
+        """Send `counts[i]` samples of `records[i]` to the pool and on to the reward actors; wait for
+        neither. A sample's request index is its record's position in `records`."""
+        import ray
+
+        tokenize = self.prompt_tokens[split]
+        # A prompt allocated no samples (GVM) is not sent; request_index keeps its batch position.
+        requests = [GenerationRequest(index, record.prompt_id, tokenize(record), count)
+                    for index, (record, count) in enumerate(zip(records, counts)) if count > 0]
+        if not requests:  # every prompt was allocated 0 samples: nothing to generate or score
+            return LaunchedRollout(records, counts, [], [])
+        with timer.phase("generate"):
+            # Async mode splits evenly over engines whatever they still run, so a run replays bit for bit.
+            shard_refs = ray.get(self.roles.pool.generate.remote(requests, sampling, seed, self.pipelined))
+        answers = [record.answer for record in records]
+        # Contiguous groups of shards per reward actor keep the concatenation in sample order; each
+        # actor fetches its shards itself as they finish.
+        groups = np.array_split(np.arange(len(shard_refs)), min(len(self.roles.rewards), len(shard_refs)))
+        # Evaluation keeps the verifier, so eval_accuracy stays an accuracy under a custom reward.
+        score_refs = [actor.score.remote([shard_refs[k] for k in group], answers, verifier_only=split == "eval")
+                      for actor, group in zip(self.roles.rewards, groups)]
+        return LaunchedRollout(records, counts, shard_refs, score_refs)
+
+    @staticmethod
+    def collect(launched: LaunchedRollout, timer: PhaseTimer):
+        """Wait for a launched batch: its shard refs and the scores of its samples, in sample order."""
+        import ray
+
+        if not launched.shard_refs:
+            return [], {**{key: [] for key in SCORED_KEYS}, **dict.fromkeys(REWARD_COUNTER_KEYS, 0)}
+        with timer.phase("generate"):
+            ray.wait(launched.shard_refs, num_returns=len(launched.shard_refs), fetch_local=False)
+        with timer.phase("reward"):
+            parts = ray.get(launched.score_refs)
+        scored = {key: [item for part in parts for item in part[key]] for key in SCORED_KEYS}
+        scored.update({key: sum(part[key] for part in parts) for key in REWARD_COUNTER_KEYS})
+        return launched.shard_refs, scored
+
+    def rollout(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer, split: str = "train"):
+        return self.collect(self.launch(records, counts, sampling, seed, timer, split), timer)

@@ -1,0 +1,74 @@
+"""Rounds of generation after a step's first: the step pilot (§GVM, ours) and DAPO dynamic sampling
+(§DAPO). Both grow the step's rollout after its first round is scored, so they run in the driver
+between collecting the step's batch and training on it.
+
+- Step pilot: the first round gave each prompt `n_pilot` samples; the rest of each prompt's budget
+  is spread by GVM on that pilot's p and G (`StatisticsActor.allocate_from_pilot`, §GVM.3–4) and
+  generated. A prompt's new samples join its group (same request index), and all are trained on.
+- Dynamic sampling: while fewer than `prompts_per_step` groups have a reward spread (and under the
+  round cap), the batch source hands out more prompts; the step trains on the first groups with a
+  spread (`rl_service/algorithms/dynamic_sampling.py`). Every sample generated counts.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rl_service.algorithms.acceptance import acceptance_threshold, accepted_per_prompt
+from rl_service.algorithms.dynamic_sampling import groups_with_spread, selected_groups, train_mask
+from rl_service.batch_source import per_prompt_mean
+from rl_service.rollout import step_seed
+from rl_service.rollout_client import PhaseTimer, merge_scored
+
+
+class StepRounds:
+    def __init__(self, config, roles, client, batches, sampling):
+        self.config, self.roles, self.client, self.batches, self.sampling = config, roles, client, batches, sampling
+        self.accept_threshold = acceptance_threshold(config)
+
+    def _round(self, step: int, round_: int, records, counts, timer: PhaseTimer):
+        """Generate and score `counts[i]` more samples of `records[i]`, with this round's own seed."""
+        seed = step_seed(self.config.seed, step, 10 + round_)
+        return self.client.rollout(records, counts, self.sampling, seed, timer)
+
+    def rest_after_pilot(self, step: int, round_: int, records, first: int, pilot_refs, pilot, timer: PhaseTimer):
+        """`records[first:]` had their pilot (`pilot_refs`, scores `pilot`): spread the rest of their
+        budget by GVM on the pilot's p and G and generate it. Returns (refs, scores, spread metrics)."""
+        import ray
+
+        new = len(records) - first
+        index = np.asarray(pilot["request_index"], dtype=np.int64) - first
+        pilot_counts = np.bincount(index, minlength=new)
+        budget = new * self.config.generator.samples_per_prompt - int(pilot_counts.sum())
+        if budget <= 0 or not pilot_refs:
+            return [], None, {}
+        acceptance = accepted_per_prompt(pilot["rewards"], index, new, self.accept_threshold) / np.maximum(pilot_counts, 1)
+        n_max = self.config.statistics.n_max
+        with timer.phase("statistics"):
+            norms = ray.get(self.roles.learner.grad_norms.remote(pilot_refs, pilot["rewards"]))
+            rest, spread = ray.get(self.roles.statistics.allocate_from_pilot.remote(
+                [record.prompt_id for record in records[first:]], acceptance.tolist(),
+                per_prompt_mean(norms, index, new).tolist(), budget,
+                None if n_max is None else max(n_max - int(pilot_counts.max()), 1)))
+        refs, scored = self._round(step, round_, records, [0] * first + rest, timer)
+        return refs, scored, spread
+
+    def dynamic_sampling(self, step: int, records, shard_refs, scored, timer: PhaseTimer):
+        """More rounds of prompts until `prompts_per_step` groups have a reward spread (or the round
+        cap). Returns the grown (records, shard_refs, scores), which samples train, and metrics."""
+        target, rounds = self.config.data.prompts_per_step, 1
+        spread = groups_with_spread(scored["rewards"], scored["request_index"], len(records))
+        while spread.sum() < target and rounds < self.config.algorithm.dynamic_sampling_max_rounds:
+            first = len(records)
+            new_records, new_counts, _ = self.batches.next(step, timer)
+            records = records + new_records
+            refs, more = self._round(step, rounds, records, [0] * first + list(new_counts), timer)
+            shard_refs, scored = shard_refs + refs, merge_scored(scored, more)
+            if self.batches.step_pilot:
+                refs, more, _ = self.rest_after_pilot(step, 100 + rounds, records, first, refs, more, timer)
+                shard_refs, scored = shard_refs + refs, merge_scored(scored, more)
+            rounds += 1
+            spread = groups_with_spread(scored["rewards"], scored["request_index"], len(records))
+        chosen = selected_groups(spread, target)
+        metrics = {"dynamic_sampling_rounds": float(rounds), "groups_with_spread": float(spread.sum()),
+                   "trained_groups": float(chosen.sum())}
+        return records, shard_refs, scored, train_mask(scored["request_index"], chosen), metrics
