@@ -16,6 +16,7 @@ step 1). Arms:
   bvpo_per_term        bvpo, α = 0.5, pairing per_term: each term over its own pairs (§BVPO.3)
   bvpo_same_prompts    bvpo, α = 0.5, pairing same_prompts: only prompts with a pair in both modes
   bvpo_alpha_hat       bvpo, α̂ online (§BVPO.6: K = 4 resamples per prompt on the head, EMA 0.9), per_term
+  bvpo_off16           (opt-in) bvpo_per_term with 16 reasoning-off samples per prompt instead of 8
 
 Per arm, over seeds: greedy verifier accuracy on the eval split with reasoning on and off after
 training (mean and 95% t-interval), its change from the step-0 eval, and the paired difference
@@ -43,14 +44,22 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import machine  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+# The reasoning-off budget is pinned per arm (configs/bvpo.yaml ships 16, measured by bvpo_off16).
 ARMS = {
-    "dpo_trace": ["algorithm.name=dpo", "preference.alpha=1.0"],
-    "dpo_empty": ["algorithm.name=bvpo", "preference.alpha=0.0", "preference.pairing=per_term"],
-    "bvpo_per_term": ["algorithm.name=bvpo", "preference.alpha=0.5", "preference.pairing=per_term"],
-    "bvpo_same_prompts": ["algorithm.name=bvpo", "preference.alpha=0.5", "preference.pairing=same_prompts"],
+    "dpo_trace": ["algorithm.name=dpo", "preference.alpha=1.0", "preference.off_samples_per_prompt=null"],
+    "dpo_empty": ["algorithm.name=bvpo", "preference.alpha=0.0", "preference.pairing=per_term",
+                  "preference.off_samples_per_prompt=8"],
+    "bvpo_per_term": ["algorithm.name=bvpo", "preference.alpha=0.5", "preference.pairing=per_term",
+                      "preference.off_samples_per_prompt=8"],
+    "bvpo_same_prompts": ["algorithm.name=bvpo", "preference.alpha=0.5", "preference.pairing=same_prompts",
+                          "preference.off_samples_per_prompt=8"],
     "bvpo_alpha_hat": ["algorithm.name=bvpo", "preference.alpha_mode=online", "preference.alpha_resamples=4",
-                       "preference.alpha_ema=0.9", "preference.pairing=per_term"],
+                       "preference.alpha_ema=0.9", "preference.pairing=per_term", "preference.off_samples_per_prompt=8"],
+    # Opt-in (--arms): twice the reasoning-off samples, where the model rarely answers without a trace.
+    "bvpo_off16": ["algorithm.name=bvpo", "preference.alpha=0.5", "preference.pairing=per_term",
+                   "preference.off_samples_per_prompt=16"],
 }
+DEFAULT_ARMS = ["dpo_trace", "dpo_empty", "bvpo_per_term", "bvpo_same_prompts", "bvpo_alpha_hat"]
 MODES = ("reasoning_on", "reasoning_off")
 # Two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (standard table values).
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -234,7 +243,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-prompts", type=int, default=512)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra config override for every run, e.g. learner.lr=5e-5")

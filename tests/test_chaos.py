@@ -116,7 +116,7 @@ def test_a_killed_preference_learner_is_recovered(tmp_path):
                  "data.arithmetic.num_train=32", "data.arithmetic.num_eval=8", "data.prompts_per_step=4",
                  "generator.samples_per_prompt=4", "generator.max_new_tokens=40", "logging.progress_bar=false",
                  "logging.tensorboard=false", "guard.max_eval_drop=null", "preference.alpha_mode=online",
-                 "preference.alpha_resamples=3"]
+                 "preference.alpha_resamples=3", "generator.backend=torch", "cluster.torch_threads=1"]
 
     def run(run_dir):
         return run_training(prepare_job(load_config(REPO / "configs" / "bvpo.yaml", overrides)), run_dir)

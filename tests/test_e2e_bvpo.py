@@ -35,7 +35,7 @@ def test_online_bvpo_improves_its_reward(tmp_path):
     train = [row for row in rows if "reward_mean" in row]
     assert [row["step"] for row in train] == list(range(1, steps + 1))
     for row in train:
-        assert row["completions"] == 16 * 8 * 2                      # both modes in every step
+        assert row["completions"] == 16 * 8 + 16 * 16                # both modes, 16 reasoning-off samples
         assert 0 <= row["pairs"] <= 16 and row["pairs"] + row["prompts_without_pair"] == 16
         assert row["reward_mean"] == pytest.approx((row["reward_mean_reasoning_on"] + row["reward_mean_reasoning_off"]) / 2)
         # Reasoning off answers at once; reasoning on writes a trace first.
