@@ -86,7 +86,7 @@ def start_learner_group(config: JobConfig, resume_from: str | None = None, *, jo
 
     from actors.learner import LearnerActor
     from actors.process import LEARNER_ENV
-    from rl_service.roles import submission_id
+    from rl_service.run_ids import submission_id
 
     learner = config.learner
     placement = None

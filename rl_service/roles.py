@@ -8,13 +8,12 @@ on the nodes a user names and scale independently.
 from __future__ import annotations
 
 import os
-import time
-import uuid
 from contextlib import contextmanager
 from typing import Callable, Iterator
 from dataclasses import dataclass
 
 from rl_service.config import JobConfig
+from rl_service.run_ids import JOB_NAME_ENV, SUBMISSION_ID_ENV, new_submission_id, submission_id  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -31,7 +30,6 @@ class Roles:
 # hold weights, moving averages or optimizer state; their deaths go to the driver's restart from
 # the newest checkpoint (`is_role_failure`), which brings all of it back exactly.
 STATELESS_RESTARTS = {"max_restarts": 3, "max_task_retries": 3}
-SUBMISSION_ID_ENV = "RL_SERVICE_SUBMISSION_ID"   # set by `rl-service submit` in the job's runtime env
 
 
 def is_role_failure(error: BaseException) -> bool:
@@ -51,23 +49,6 @@ def is_role_failure(error: BaseException) -> bool:
         error = getattr(error, "cause", None) if isinstance(error, exceptions.RayTaskError) else error.__cause__
         seen += 1
     return False
-
-
-JOB_NAME_ENV = "RL_SERVICE_JOB_NAME"             # the config's job_name, for the actors' metric tags
-_process_run_id: dict[str, str] = {}
-
-
-def new_submission_id(job_name: str) -> str:
-    """`<job_name>-<YYYYmmdd-HHMMSS>-<6 hex>`: what `rl-service submit` names a job, and a local run."""
-    return f"{job_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-
-
-def submission_id(job_name: str) -> str:
-    """The id of this run: the submission id of a submitted job (`rl-service run` sets one for a local
-    run too), else one made up once per process and job name. It names the job's Ray namespace
-    (`rl-service scale` finds its pool there), prefixes its actors' names and tags its metrics, so
-    two runs of one config stay apart in the dashboard and in Prometheus."""
-    return os.environ.get(SUBMISSION_ID_ENV) or _process_run_id.setdefault(job_name, new_submission_id(job_name))
 
 
 def _actor_env(config: JobConfig) -> dict[str, str]:

@@ -102,7 +102,7 @@ def run_tags(job_name: str, submission_id: str) -> dict[str, str]:
 def run_tags_from_env() -> dict[str, str] | None:
     """The run's tags in one of its actors (rl_service/roles.py start_ray puts both ids in every
     actor's environment), or None in a process no run started (a test's bare pool): no metrics."""
-    from rl_service.roles import JOB_NAME_ENV, SUBMISSION_ID_ENV
+    from rl_service.run_ids import JOB_NAME_ENV, SUBMISSION_ID_ENV
 
     job_name, submission = os.environ.get(JOB_NAME_ENV), os.environ.get(SUBMISSION_ID_ENV)
     return run_tags(job_name, submission) if job_name and submission else None
@@ -175,7 +175,7 @@ class StepTelemetry:
     `record_loop(step, evaluation)` after it (the loop, which knows the step and the evaluations)."""
 
     def __init__(self, job_name: str):
-        from rl_service.roles import submission_id
+        from rl_service.run_ids import submission_id
 
         self.tags = run_tags(job_name, submission_id(job_name))
         self.recorder = MetricRecorder()

@@ -19,6 +19,7 @@ import torch
 from rl_service.config import JobConfig
 from rl_service.models.loading import load_causal_lm, load_tokenizer
 from rl_service.weights.flat import FlatWeights, WeightViews, flatten_named_tensors, plan_buckets, tensor_views
+from rl_service.training.rendezvous import rendezvous_store
 from rl_service.weights.collective import BucketLayout
 from rl_service.weights.shared_memory import MailboxLayout
 
@@ -67,21 +68,6 @@ def init_process_group(rank: int = 0, world_size: int = 1, master_addr: str = "1
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=COLLECTIVE_TIMEOUT,
                                rank=rank, world_size=world_size)
-
-
-def rendezvous_store(host: str, port: int, world_size: int, is_master: bool, timeout: timedelta):
-    """A torch TCPStore whose server (on the master) listens on `host` only, not on all interfaces."""
-    import torch.distributed as dist
-
-    if not is_master:
-        return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, port))
-    listener.listen(max(128, world_size))
-    # The store's server takes the descriptor over; the Python object must not close it.
-    return dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, master_listen_fd=listener.detach())
 
 
 def rank_and_world() -> tuple[int, int]:

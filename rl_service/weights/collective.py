@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from rl_service.training.rendezvous import rendezvous_store
 from rl_service.weights.flat import FlatWeights, packed_offsets
 
 
@@ -67,8 +68,6 @@ class WeightBroadcastGroup:
 
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         timeout = timedelta(seconds=timeout_s)
-        from rl_service.training.engine import rendezvous_store  # here: engine imports this module
-
         store = rendezvous_store(master_addr, master_port, world_size, rank == 0, timeout)  # served on master_addr only
         if self.device.type == "cuda":
             self.group = dist.ProcessGroupNCCL(store, rank, world_size)
