@@ -155,7 +155,8 @@ def start_head(extra_args: tuple[str, ...] = (), env_changes: dict[str, str | No
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _wait_for(address: str, token: str, process, timeout_s: float = 120.0) -> None:
+def _wait_for(address: str, token: str, process, timeout_s: float = 300.0) -> None:
+    # 300 s: on a shared 2-core machine under a load of 20+ a head's dashboard took over 120 s.
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -138,6 +138,15 @@ def test_prometheus_keeps_two_runs_of_one_config_apart_and_their_series_end_with
     time.sleep(3)   # the last reports reach Prometheus
     ended = time.time()
 
+    # Finding 6: the two runs' actors are named apart (`<job id>/<role>/<index>`), as the dashboard lists them.
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text()
+    request = urllib.request.Request(f"{address}/api/v0/actors?limit=10000", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        actors = json.loads(response.read())["data"]["result"]["result"]
+    names = {actor["name"] for actor in actors if actor.get("name")}
+    for job_id in job_ids:
+        assert {f"{job_id}/generator_pool/0", f"{job_id}/learner/0", f"{job_id}/generator/0"} <= names, sorted(names)
+
     # Finding 6: one series per run, told apart by submission_id, each reaching the run's last step.
     steps = prometheus.range_query('ray_rl_service_step{job_name="quickstart"}', started, ended)
     assert {series["metric"][SUBMISSION_TAG] for series in steps} == set(job_ids), steps
