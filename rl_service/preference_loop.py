@@ -235,15 +235,15 @@ class PreferenceTrainer:
 
     def restore(self, state: dict) -> None:
         """Continue after a checkpoint (the learner already holds its weights, optimizer, α̂ and
-        reference cache): data cursor, pair ids, totals, evals, and an online pool serving the
-        checkpoint's weights (offline mode publishes before its next evaluation, as it always does)."""
+        reference cache): data cursor, pair ids, totals, evals, and a pool serving the checkpoint's
+        weights. (Offline, a pool that had not been sent the newest weights yet, no evaluation since
+        the last publish, now logs the newer `weight_version`; training is the same.)"""
         self.sampler.load_state_dict(state["sampler"])
         self.next_pair_id = int(state["next_pair_id"])
         self.totals = defaultdict(float, state["totals"])
         self.eval_history = [tuple(entry) for entry in state["eval_history"]]
         self.learner_version = int(state["weight_version"])
-        if self.dataset is None:
-            self.publish(PhaseTimer())
+        self.publish(PhaseTimer())
 
 
 def run_preference_training(job: PreparedPreferenceJob, run_dir_path: str | Path, resume_from: Path | None = None) -> dict:

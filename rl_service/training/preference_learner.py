@@ -145,7 +145,8 @@ class PreferenceLearner(EngineWeights):
     def reference_logps(self, pairs: list[TokenizedPair]) -> torch.Tensor:
         """[B, 4] cached log π_ref of (trace chosen, trace rejected, empty chosen, empty rejected); NaN
         where the pair has no such sequence (trace-only DPO's empty mode, one mode under per_term)."""
-        missing = [pair for pair in pairs if pair.pair_id not in self.reference_cache]
+        # Once per pair id, even when a batch that crosses an epoch holds a row twice.
+        missing = list({pair.pair_id: pair for pair in pairs if pair.pair_id not in self.reference_cache}.values())
         self.counters["reference_cache_hits"] += len(pairs) - len(missing)
         for start in range(0, len(missing), self.pairs_per_micro):
             micro = missing[start:start + self.pairs_per_micro]
