@@ -37,7 +37,8 @@ def test_online_bvpo_improves_its_reward(tmp_path):
     for row in train:
         assert row["completions"] == 16 * 8 + 16 * 16                # both modes, 16 reasoning-off samples
         assert 0 <= row["pairs"] <= 16 and row["pairs"] + row["prompts_without_pair"] == 16
-        assert row["reward_mean"] == pytest.approx((row["reward_mean_reasoning_on"] + row["reward_mean_reasoning_off"]) / 2)
+        # The mean over all samples: 8 with reasoning on and 16 with it off per prompt.
+        assert row["reward_mean"] == pytest.approx((8 * row["reward_mean_reasoning_on"] + 16 * row["reward_mean_reasoning_off"]) / 24)
         # Reasoning off answers at once; reasoning on writes a trace first.
         assert row["completion_length_mean_reasoning_off"] < row["completion_length_mean_reasoning_on"]
         if row["pairs"]:
