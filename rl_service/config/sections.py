@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -125,6 +125,12 @@ class RewardConfig(_Section):
                             "(no files outside a scratch dir, no network, no signals out), else unshare (no network or "
                             "signals; files not confined) with a warning; bwrap: refuse to run without bubblewrap; off: "
                             "process group and limits only (a function that needs the network)")
+
+    @field_validator("custom_sandbox", mode="before")
+    @classmethod
+    def _yaml_off_is_off(cls, value):
+        # YAML 1.1 reads an unquoted `off` (in a file or `--set reward.custom_sandbox=off`) as False.
+        return "off" if value is False else value
     clip: tuple[float, float] = Field(
         (-1e6, 1e6), description="[low, high] finite range of a reward (custom function or reward model); one outside "
                                  "is clipped to it and counted in rewards_clipped, a non-finite one scores 0 and is "
