@@ -144,6 +144,12 @@ def test_the_torch_engine_batches_rows_and_keeps_request_order():
     greedy = engine.generate(requests, SamplingParams(temperature=0.0, max_new_tokens=12), seed=2)
     for k in range(5):
         assert len({tuple(tokens) for i, tokens in zip(greedy.request_index, greedy.completion_token_ids) if i == k}) == 1
+    # The pool hands an engine step_seed × 1_000_003 + shard (about 2**51 for a large run seed): the
+    # engine's own ×1_000_003 once overflowed torch's 64-bit seed. Same seed, same samples still.
+    huge = (2**31 - 2) * 1_000_003 + 7
+    first = engine.generate(requests, SamplingParams(max_new_tokens=12), seed=huge)
+    assert first.completion_token_ids == engine.generate(requests, SamplingParams(max_new_tokens=12),
+                                                         seed=huge).completion_token_ids
 
 
 def _tiny_models():

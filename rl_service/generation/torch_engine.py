@@ -32,7 +32,9 @@ class TorchGenerationEngine(HFGenerationEngine):
                 self.model, [request.prompt_token_ids for request in batch], counts,
                 max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id, temperature=sampling.temperature, top_p=sampling.top_p,
-                greedy=sampling.greedy, seed=seed * 1_000_003 + batch_index)
+                # Folded into torch's seed range: the pool's shard seed is already ~2**51, and ×1_000_003
+                # overflowed manual_seed for seeds >= ~10 at later steps. Smaller values are unchanged.
+                greedy=sampling.greedy, seed=(seed * 1_000_003 + batch_index) % (2**63 - 1))
             row = 0
             for request, count in zip(batch, counts):
                 for sample in range(request.num_samples):
