@@ -130,7 +130,10 @@ def _remove_when_gone(pid: int, path: Path) -> None:
     own session (so the kill of the actor's process group spares it), polling once a second."""
     import subprocess
 
-    script = 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; rm -f -- "$2"'
+    # A zombie still answers `kill -0`: where nothing reaps the learner (its raylet died with the
+    # driver, and PID 1 of a container may not reap), its /proc status says Z and it counts as gone.
+    script = ('while kill -0 "$1" 2>/dev/null && ! grep -qs "^State:[[:space:]]*Z" "/proc/$1/status"; do sleep 1; done; '
+              'rm -f -- "$2"')
     try:
         subprocess.Popen(["sh", "-c", script, "rl_service-mailbox-cleanup", str(pid), str(path)],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
