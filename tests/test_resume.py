@@ -124,7 +124,10 @@ def test_three_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(t
     samples all share one length parity has no reward spread and so no update at all; 8 prompts × 8
     samples make every step hold groups with a spread (4 × 4 left a step without one, by chance)."""
     (tmp_path / "huge.py").write_text("def reward(completion, answer):\n    return 1e300 if len(completion) % 2 else 0.0\n")
+    # reward.clip (default ±1e6) would tame 1e300: widen it to let the overflow through to the learner
+    # (the sandbox is not what this test is about, and is off so it needs no bubblewrap).
     summary = run_short_job(tmp_path / "run", ["checkpoint.every=2", f"reward.custom={tmp_path / 'huge.py'}:reward",
+                                               "reward.clip=[-1e300,1e300]", "reward.custom_sandbox=off",
                                                "data.prompts_per_step=8", "generator.samples_per_prompt=8"],
                             steps=6)
     assert summary["steps"] == 3 and "non-finite" in summary["stopped_reason"]
