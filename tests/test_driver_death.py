@@ -41,6 +41,28 @@ def test_a_killed_creator_s_mailbox_is_removed(tmp_path):
     assert not path.exists()
 
 
+def test_the_mailbox_cleanup_outlives_a_creator_that_kills_its_children_on_exit(tmp_path):
+    # A Ray worker that exits kills its direct children (RAY_kill_child_processes_on_worker_exit):
+    # when the driver was SIGKILLed, the learner saw its raylet go, exited, and took the cleanup
+    # loop with it, leaving the mailbox behind (CI, 2026-12-06). The creator here does the same.
+    creator = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os, psutil
+        from pathlib import Path
+        from rl_service.weights.shared_memory import MailboxLayout, WeightMailbox
+        mailbox = WeightMailbox.create(MailboxLayout.of([("w", (4,), "float32")]), "exit", Path({str(tmp_path)!r}))
+        print(mailbox.path, flush=True)
+        for child in psutil.Process().children():
+            child.kill()
+        os._exit(0)
+    """)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert creator.returncode == 0, creator.stderr
+    path = Path(creator.stdout.strip())
+    deadline = time.monotonic() + 10
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not path.exists()
+
+
 @pytest.mark.slow
 def test_a_sigkilled_driver_leaves_no_ray_process_and_no_mailbox(tmp_path):
     job = f"driverdeath{os.getpid()}"

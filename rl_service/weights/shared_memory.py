@@ -126,19 +126,23 @@ def remove_orphans(directory: Path = DEFAULT_DIRECTORY) -> list[Path]:
 
 def _remove_when_gone(pid: int, path: Path) -> None:
     """Remove `path` once process `pid` has exited, however it ends: a SIGKILLed driver takes its
-    local Ray and this learner with it, and no cleanup of ours runs then. A tiny shell loop in its
-    own session (so the kill of the actor's process group spares it), polling once a second."""
+    local Ray and this learner with it, and no cleanup of ours runs then. A tiny shell loop,
+    polling once a second, detached twice: in its own session (the kill of the actor's process
+    group spares it) and no longer our child (a Ray worker that exits kills its direct children,
+    RAY_kill_child_processes_on_worker_exit, which raced with the loop when the driver was killed)."""
     import subprocess
 
     # A zombie still answers `kill -0`: where nothing reaps the learner (its raylet died with the
     # driver, and PID 1 of a container may not reap), its /proc status says Z and it counts as gone.
-    script = ('while kill -0 "$1" 2>/dev/null && ! grep -qs "^State:[[:space:]]*Z" "/proc/$1/status"; do sleep 1; done; '
-              'rm -f -- "$2"')
+    loop = ('while kill -0 "$1" 2>/dev/null && ! grep -qs "^State:[[:space:]]*Z" "/proc/$1/status"; do sleep 1; done; '
+            'rm -f -- "$2"')
     try:
-        subprocess.Popen(["sh", "-c", script, "rl_service-mailbox-cleanup", str(pid), str(path)],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         close_fds=True, start_new_session=True)
-    except OSError:   # no shell: the next mailbox's remove_orphans still finds it
+        launcher = subprocess.Popen(["sh", "-c", f"( {loop} ) </dev/null >/dev/null 2>&1 &",
+                                     "rl_service-mailbox-cleanup", str(pid), str(path)],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    close_fds=True, start_new_session=True)
+        launcher.wait(timeout=10)   # returns at once: the loop runs on in the background
+    except (OSError, subprocess.TimeoutExpired):   # no shell: the next mailbox's remove_orphans still finds it
         pass
 
 
