@@ -13,10 +13,12 @@ embedding-gradient norm, as the learner computes it), (iii) GVM from the online 
 (§GVM.6, `PromptStatistics` + the online policy) fed by every earlier draw of the same prompts.
 Generation: the project's torch engine, in process, at the training temperature. Gradient: the
 learner's own `train_step` (one rank, ZeRO 0) with only `engine.step` replaced by a copy of the
-gradient, for GRPO and for RAFT++ on the same samples. Reported: tr Cov of the flattened 1.1M-entry
-gradient, GVM over uniform with a bootstrap 95% interval, ‖E g‖² per allocation (token-mean weights a
-prompt by its sample count, so the allocations estimate different expectations), the relative shift of
-E g, and the fraction of samples with advantage 0. GVM settings: configs/gvm_grpo.yaml's statistics.
+gradient, for GRPO and for RAFT++ on the same samples, with the loss the shipped GVM configs train with
+(`--loss shipped`, the default: prompt mean, RAFT++ over accepted samples) or the quickstart's token
+mean (`--loss token_mean`). Reported: tr Cov of the flattened 1.1M-entry gradient, GVM over uniform
+with a bootstrap 95% interval, ‖E g‖² per allocation (a token mean weights a prompt by its sample
+count, so the allocations estimate different expectations), the relative shift of E g, and the
+fraction of samples with advantage 0. GVM settings: configs/gvm_grpo.yaml's statistics.
 
 Pool engine (diagnostics): M samples per prompt, their per-sample gradients and Gram matrix; thousands
 of draws resampled from the pool under every allocation rule and five estimators (the learner's token
@@ -44,7 +46,7 @@ from benchmarks.gvm_variance_math import (ESTIMATORS, bootstrap_ratio_interval, 
                                           gram_covariance_trace, gram_mean_sq_norm, gvm2_objective)
 from benchmarks.gvm_variance_pool import (OnlineAllocator, build_pool, mean_shift, pilot_allocation,  # noqa: E402
                                           simulate)
-from benchmarks.gvm_variance_probe import FrozenPolicy, job_config, subset  # noqa: E402
+from benchmarks.gvm_variance_probe import LOSSES, FrozenPolicy, job_config, subset  # noqa: E402
 from rl_service.algorithms.gvm import gvm_allocation, uniform_allocation  # noqa: E402
 from rl_service.config import load_config  # noqa: E402
 from rl_service.generation.torch_engine import TorchGenerationEngine  # noqa: E402
@@ -240,9 +242,14 @@ def learner_check(policy: FrozenPolicy, pool, pool_result, seed: int) -> float:
     picked = np.concatenate([rng.choice(m, size=8, replace=True) for m in pool.members])
     rollout = subset(pool_result.rollout, picked)
     worst = 0.0
-    for kind, probe in (("grpo_token_mean", policy.grpo), ("raft_token_mean", policy.raft)):
-        learner_grad, _ = probe(rollout, pool.rewards[picked].tolist())
-        c = estimator_coefficients(kind, pool.rewards[picked], pool.lengths[picked], pool.groups[picked], pool.num_prompts)
+    rewards, groups = pool.rewards[picked], pool.groups[picked]
+    kinds = (("grpo_token_mean", "raft_token_mean") if policy.loss == "token_mean"
+             else ("grpo_prompt_mean", "raft_accepted_mean"))
+    for kind, probe in zip(kinds, (policy.grpo, policy.raft)):
+        learner_grad, _ = probe(rollout, rewards.tolist())
+        c = estimator_coefficients(kind, rewards, pool.lengths[picked], groups, pool.num_prompts)
+        if kind == "raft_accepted_mean":   # the learner averages over the prompts it kept (≥ 1 accepted), not all B
+            c = c * pool.num_prompts / max(len(np.unique(groups[rewards == 1])), 1)
         rows = pool.stored[picked]
         combined = torch.zeros(pool.vectors.shape[0], dtype=torch.float64)
         combined.index_add_(0, torch.as_tensor(rows[rows >= 0]), torch.as_tensor(c[rows >= 0]))
@@ -283,6 +290,9 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss", default="shipped", choices=LOSSES,
+                        help="the learner's loss in the real draws: shipped = configs/gvm_*.yaml's (prompt mean; RAFT++ "
+                             "over accepted samples), token_mean = the quickstart's")
     parser.add_argument("--snapshots", nargs="+", default=["builtin", "trained"], choices=["builtin", "trained"])
     parser.add_argument("--save", help="also write this run's per-snapshot results to this JSON file")
     parser.add_argument("--merge", nargs="+", help="no measuring: print the tables and JSON of saved runs together")
@@ -306,7 +316,7 @@ def main() -> None:
     results = {}
     for index, (name, path) in enumerate(paths.items()):
         print(f"\nsnapshot {name} ({path})", flush=True)
-        policy = FrozenPolicy(path, args.prompts)
+        policy = FrozenPolicy(path, args.prompts, args.loss)
         seed = args.seed * 1_000_003 + 100_000 * index
         real = summarise_real(real_draws(policy, settings, args, seed), args.draws) if args.draws >= 2 else None
         pool, pool_result = build_pool(policy, args.pool, seed + 99_991)
@@ -325,7 +335,7 @@ def main() -> None:
         del policy, pool
     run_settings = {"machine": machine(), "draws": args.draws, "prompts": args.prompts, "budget": args.prompts * args.samples,
                     "pilot": args.pilot, "pool_per_prompt": args.pool, "pool_draws": args.pool_draws,
-                    "train_steps": args.train_steps, "seed": args.seed}
+                    "train_steps": args.train_steps, "seed": args.seed, "loss": args.loss}
     wall = time.perf_counter() - started
     if args.save:
         Path(args.save).write_text(json.dumps({"settings": run_settings, "wall_s": wall, "results": results}))

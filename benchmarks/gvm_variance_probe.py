@@ -33,6 +33,21 @@ def job_config(model_path: str, algorithm: str, extra: list[str] = ()) -> JobCon
                         "schedule.mode=sync", *extra])
 
 
+LOSSES = ("shipped", "token_mean")
+
+
+def learner_loss(algorithm: str, loss: str) -> list[str]:
+    """The learner's loss overrides: `token_mean`, the quickstart's (§GRPO.5); `shipped`, the one
+    configs/gvm_grpo.yaml or configs/gvm_raft.yaml trains with (prompt mean; RAFT++ over accepted
+    samples), the estimator a GVM user's allocation acts on."""
+    if loss == "token_mean":
+        return []
+    if loss != "shipped":
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    shipped = load_config(REPO / "configs" / ("gvm_grpo.yaml" if algorithm == "grpo" else "gvm_raft.yaml")).algorithm
+    return [f"algorithm.aggregation={shipped.aggregation}", f"algorithm.drop_rejected={str(shipped.drop_rejected).lower()}"]
+
+
 class CapturedGradient:
     """The learner's gradient of one batch, flattened over every parameter (float32 [D])."""
 
@@ -67,9 +82,10 @@ class DrawResult:
 class FrozenPolicy:
     """One snapshot: a generator, the GRPO and RAFT++ learners (same weights) and the fixed prompts."""
 
-    def __init__(self, model_path: str, num_prompts: int):
-        self.grpo = CapturedGradient(job_config(model_path, "grpo"))
-        self.raft = CapturedGradient(job_config(model_path, "raft++"))
+    def __init__(self, model_path: str, num_prompts: int, loss: str = "shipped"):
+        self.loss = loss
+        self.grpo = CapturedGradient(job_config(model_path, "grpo", learner_loss("grpo", loss)))
+        self.raft = CapturedGradient(job_config(model_path, "raft++", learner_loss("raft", loss)))
         config = self.grpo.learner.config
         self.engine = TorchGenerationEngine(model_path, config.model.dtype, config.model.trust_remote_code)
         generator = config.generator
