@@ -34,7 +34,7 @@ def config_paths(config) -> list[tuple[str, str]]:
     if config.data.source == "jsonl":
         paths += [(field, value) for field, value in (("data.train_path", config.data.train_path),
                                                       ("data.eval_path", config.data.eval_path)) if value]
-    if config.algorithm.name in ("dpo", "bvpo"):
+    if config.algorithm.is_preference:
         preference = config.preference
         if preference.mode == "offline" and preference.dataset_path:
             paths.append(("preference.dataset_path", preference.dataset_path))
@@ -85,9 +85,9 @@ def is_job_id(value: str) -> bool:
 
 def report_job(args) -> Path:
     """The run directory of job `args.run_dir` for `rl-service report JOB_ID`, checked to be readable here."""
-    from rl_service.jobs import _call, _client
+    from rl_service.job_client import job_server_client, sdk_call
 
-    run_dir = job_run_dir(_client(args), args.run_dir, lambda action: _call(_as_job(args), action))
+    run_dir = job_run_dir(job_server_client(args), args.run_dir, lambda action: sdk_call(_as_job(args), action))
     if not (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"job {args.run_dir}: its run directory {run_dir} has no metrics.jsonl on this machine (not "
                         f"started yet, or on the cluster's storage: run `rl-service report {run_dir}` where it is)")
@@ -99,11 +99,11 @@ def resume_job(args) -> int:
     directory from its newest checkpoint (`rl-service resume RUN_DIR` there); prints the new id."""
     import sys
 
-    from rl_service.jobs import UPLOAD_EXCLUDES, _call, _client, submit_job
+    from rl_service.job_client import UPLOAD_EXCLUDES, job_server_client, sdk_call, submit_job
     from rl_service.roles import SUBMISSION_ID_ENV, new_submission_id
 
-    client = _client(args)
-    call = lambda action: _call(_as_job(args), action)   # noqa: E731 - errors name the job asked about
+    client = job_server_client(args)
+    call = lambda action: sdk_call(_as_job(args), action)   # noqa: E731 - errors name the job asked about
     run_dir = job_run_dir(client, args.run_dir, call)
     status = call(lambda: client.get_job_status(args.run_dir)).value
     if status in ("PENDING", "RUNNING"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shlex
 import sys
 import time
@@ -27,19 +26,8 @@ import uuid
 from pathlib import Path
 
 from rl_service.errors import UserError
+from rl_service.job_client import UPLOAD_EXCLUDES, cause, connection, job_server_client, sdk_call, server_address, submit_job
 from rl_service.roles import SUBMISSION_ID_ENV
-
-DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-UPLOAD_EXCLUDES = [".venv", "runs", "**/__pycache__", "*.pyc", ".pytest_cache", "*.egg-info"]
-
-
-def connection(parser) -> None:
-    """The job server options of a command that talks to a cluster."""
-    parser.add_argument("--address", help=f"Ray job server (dashboard) URL; default RAY_API_SERVER_ADDRESS, "
-                                          f"RAY_ADDRESS, then {DEFAULT_ADDRESS}")
-    parser.add_argument("--token-file", help="file holding the cluster's Ray auth token (else RAY_AUTH_TOKEN / "
-                                             "RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token)")
-
 
 def add_job_commands(commands) -> None:
     """The job subcommands on the CLI's subparsers."""
@@ -67,65 +55,6 @@ def add_job_commands(commands) -> None:
     connection(scale)
 
 
-def _address(address: str | None) -> str:
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
-    if not address.startswith(("http://", "https://")):
-        raise UserError(f"--address {address}: the job server is an http(s) URL (the dashboard, e.g. {DEFAULT_ADDRESS})")
-    return address
-
-
-def _client(args):
-    address = _address(args.address)
-    if args.token_file:
-        path = Path(args.token_file).expanduser()
-        if not path.is_file():
-            raise UserError(f"--token-file {path}: no such file")
-        os.environ["RAY_AUTH_TOKEN_PATH"] = str(path.resolve())
-        os.environ.pop("RAY_AUTH_TOKEN", None)   # the file named on the command line wins
-    if args.token_file or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-    import logging
-
-    from ray.job_submission import JobSubmissionClient
-
-    if args.address:
-        # Ray's SDK lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given; the
-        # one typed on the command line must win (deploy/README.md has users export RAY_ADDRESS).
-        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        os.environ.pop("RAY_ADDRESS", None)
-    # Ray's packaging notes (files left out of the upload, packages reused) would bury our one-line
-    # results; some of its modules set their own levels, so every Ray logger is quietened.
-    for name in [name for name in logging.root.manager.loggerDict if name == "ray" or name.startswith("ray.")]:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-    try:
-        return JobSubmissionClient(address)
-    except Exception as error:  # noqa: BLE001 - the SDK raises ConnectionError, RuntimeError, ValueError
-        raise UserError(f"--address {address}: {_cause(error)}") from None
-
-
-def _cause(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    lowered = text.lower()
-    if "401" in text or "unauthorized" in lowered or "authentication" in lowered or "403" in text:
-        return "the job server refused the request: missing or wrong Ray auth token (--token-file, RAY_AUTH_TOKEN)"
-    if "connect" in lowered or "connection" in lowered:
-        return "cannot reach the Ray job server (is the cluster up and the address right?)"
-    return text[:300]
-
-
-def _call(args, action):
-    try:
-        return action()
-    except UserError:
-        raise
-    except Exception as error:  # noqa: BLE001 - SDK errors become one line
-        text = " ".join(str(error).split())
-        if "does not exist" in text or "not found" in text.lower():
-            raise UserError(f"job {getattr(args, 'job_id', '?')}: no such job on {_address(args.address)}") from None
-        raise UserError(f"{_address(args.address)}: {_cause(error)}") from None
-
-
 def command_submit(args) -> int:
     """Validate, decide the run directory (rl_service/job_runs.py), submit; prints the run directory
     on stderr and the job id on stdout. The job's metadata `job_name` is the dashboard's Name column."""
@@ -146,7 +75,7 @@ def command_submit(args) -> int:
     entrypoint = " ".join(["python", "-m", "rl_service.cli", "run", shlex.quote(str(config_path.relative_to(working_dir))),
                            "--run-dir", shlex.quote(str(run_dir))]
                           + [f"--set {shlex.quote(override)}" for override in args.overrides])
-    client = _client(args)
+    client = job_server_client(args)
     submit_job(args, client, entrypoint=entrypoint, submission_id=job_id,
                metadata={"job_name": config.job_name, "rl_service_job": config.job_name, RUN_DIR_METADATA: str(run_dir)},
                runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES,
@@ -156,28 +85,11 @@ def command_submit(args) -> int:
     return 0
 
 
-def submit_job(args, client, timeout_s: float = 60.0, **job) -> None:
-    """`client.submit_job(**job)`, retried while the head answers that its job agent is not up yet
-    (for a while after `ray start`: "No available agent to submit job, please try again later")."""
-    deadline = time.monotonic() + timeout_s
-
-    def attempt():
-        while True:
-            try:
-                return client.submit_job(**job)
-            except Exception as error:  # noqa: BLE001 - only the agent's start-up is retried; _call words the rest
-                if "no available agent" not in str(error).lower() or time.monotonic() > deadline:
-                    raise
-                time.sleep(2)
-
-    _call(args, attempt)
-
-
 def command_status(args) -> int:
     """The status on the first line; for a job that did not succeed, Ray's message after it (for a
     failed entrypoint: its exit code and the log's last lines, where our one-line error is)."""
-    client = _client(args)
-    info = _call(args, lambda: client.get_job_info(args.job_id))
+    client = job_server_client(args)
+    info = sdk_call(args, lambda: client.get_job_info(args.job_id))
     print(info.status.value)
     if info.status.value in ("FAILED", "STOPPED") and info.message:
         lines = [line for line in info.message.splitlines() if line.strip()]
@@ -187,30 +99,30 @@ def command_status(args) -> int:
 
 
 def command_stop(args) -> int:
-    client = _client(args)
-    stopped = _call(args, lambda: client.stop_job(args.job_id))
+    client = job_server_client(args)
+    stopped = sdk_call(args, lambda: client.stop_job(args.job_id))
     print(f"{args.job_id}: {'stopping' if stopped else 'not running'}")
     return 0
 
 
 def command_logs(args) -> int:
-    client = _client(args)
+    client = job_server_client(args)
     if not args.follow:
-        print(_call(args, lambda: client.get_job_logs(args.job_id)), end="")
+        print(sdk_call(args, lambda: client.get_job_logs(args.job_id)), end="")
         return 0
-    _call(args, lambda: client.get_job_status(args.job_id))   # an unknown id fails here, in one line
+    sdk_call(args, lambda: client.get_job_status(args.job_id))   # an unknown id fails here, in one line
 
     async def follow() -> None:
         async for chunk in client.tail_job_logs(args.job_id):
             print(chunk, end="", flush=True)
 
-    _call(args, lambda: asyncio.run(follow()))
+    sdk_call(args, lambda: asyncio.run(follow()))
     return 0
 
 
 def command_list(args) -> int:
-    client = _client(args)
-    jobs = _call(args, client.list_jobs)
+    client = job_server_client(args)
+    jobs = sdk_call(args, client.list_jobs)
     print(f"{'job id':<48} {'status':<10} entrypoint")
     for job in sorted(jobs, key=lambda job: job.start_time or 0):
         print(f"{(job.submission_id or job.job_id or '?'):<48} {job.status.value:<10} {job.entrypoint[:80]}")
@@ -224,27 +136,27 @@ def command_scale(args) -> int:
 
     if args.generators < 1:
         raise UserError(f"--generators {args.generators}: a job needs at least one generator engine")
-    client = _client(args)
-    status = _call(args, lambda: client.get_job_status(args.job_id)).value
+    client = job_server_client(args)
+    status = sdk_call(args, lambda: client.get_job_status(args.job_id)).value
     if status != "RUNNING":
         raise UserError(f"job {args.job_id} is {status}, not running: nothing to scale")
     request_id = uuid.uuid4().hex[:8]
     _, key = scale_request_key(args.job_id, request_id).split("://", 1)
     # The SDK's own request helper: it carries the token header and the address exactly as the
     # job calls do (the upload endpoint stores the body in the KV under gcs://<key>).
-    response = _call(args, lambda: client._do_request("PUT", f"/api/packages/gcs/{key}",
+    response = sdk_call(args, lambda: client._do_request("PUT", f"/api/packages/gcs/{key}",
                                                       data=json.dumps({"generators": args.generators}).encode()))
     if response.status_code != 200:
-        raise UserError(f"{_address(args.address)}: the job server refused the scale request "
-                        f"(HTTP {response.status_code}): {_cause(RuntimeError(response.text))}")
+        raise UserError(f"{server_address(args.address)}: the job server refused the scale request "
+                        f"(HTTP {response.status_code}): {cause(RuntimeError(response.text))}")
     prefix = scale_answer(request_id, "")
     deadline = time.monotonic() + 300
     while True:
-        logs = _call(args, lambda: client.get_job_logs(args.job_id))
+        logs = sdk_call(args, lambda: client.get_job_logs(args.job_id))
         answer = next((line.split(prefix, 1)[1].strip() for line in logs.splitlines() if prefix in line), None)
         if answer is not None:
             break
-        status = _call(args, lambda: client.get_job_status(args.job_id)).value
+        status = sdk_call(args, lambda: client.get_job_status(args.job_id)).value
         if status != "RUNNING":
             raise UserError(f"job {args.job_id} ended ({status}) before it answered the scale request")
         if time.monotonic() > deadline:

@@ -1,0 +1,97 @@
+"""The Ray Jobs SDK as rl-service's job commands use it (rl_service/jobs.py, rl_service/job_runs.py):
+the job server's address and auth token, and every SDK error turned into one line (UserError, exit
+code 2) that names the address and the cause, never the token."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from rl_service.errors import UserError
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+UPLOAD_EXCLUDES = [".venv", "runs", "**/__pycache__", "*.pyc", ".pytest_cache", "*.egg-info"]
+
+
+def connection(parser) -> None:
+    """The job server options of a command that talks to a cluster."""
+    parser.add_argument("--address", help=f"Ray job server (dashboard) URL; default RAY_API_SERVER_ADDRESS, "
+                                          f"RAY_ADDRESS, then {DEFAULT_ADDRESS}")
+    parser.add_argument("--token-file", help="file holding the cluster's Ray auth token (else RAY_AUTH_TOKEN / "
+                                             "RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token)")
+
+
+def server_address(address: str | None) -> str:
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    if not address.startswith(("http://", "https://")):
+        raise UserError(f"--address {address}: the job server is an http(s) URL (the dashboard, e.g. {DEFAULT_ADDRESS})")
+    return address
+
+
+def job_server_client(args):
+    address = server_address(args.address)
+    if args.token_file:
+        path = Path(args.token_file).expanduser()
+        if not path.is_file():
+            raise UserError(f"--token-file {path}: no such file")
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(path.resolve())
+        os.environ.pop("RAY_AUTH_TOKEN", None)   # the file named on the command line wins
+    if args.token_file or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import logging
+
+    from ray.job_submission import JobSubmissionClient
+
+    if args.address:
+        # Ray's SDK lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given; the
+        # one typed on the command line must win (deploy/README.md has users export RAY_ADDRESS).
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        os.environ.pop("RAY_ADDRESS", None)
+    # Ray's packaging notes (files left out of the upload, packages reused) would bury our one-line
+    # results; some of its modules set their own levels, so every Ray logger is quietened.
+    for name in [name for name in logging.root.manager.loggerDict if name == "ray" or name.startswith("ray.")]:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as error:  # noqa: BLE001 - the SDK raises ConnectionError, RuntimeError, ValueError
+        raise UserError(f"--address {address}: {cause(error)}") from None
+
+
+def cause(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    lowered = text.lower()
+    if "401" in text or "unauthorized" in lowered or "authentication" in lowered or "403" in text:
+        return "the job server refused the request: missing or wrong Ray auth token (--token-file, RAY_AUTH_TOKEN)"
+    if "connect" in lowered or "connection" in lowered:
+        return "cannot reach the Ray job server (is the cluster up and the address right?)"
+    return text[:300]
+
+
+def sdk_call(args, action):
+    try:
+        return action()
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - SDK errors become one line
+        text = " ".join(str(error).split())
+        if "does not exist" in text or "not found" in text.lower():
+            raise UserError(f"job {getattr(args, 'job_id', '?')}: no such job on {server_address(args.address)}") from None
+        raise UserError(f"{server_address(args.address)}: {cause(error)}") from None
+
+
+def submit_job(args, client, timeout_s: float = 60.0, **job) -> None:
+    """`client.submit_job(**job)`, retried while the head answers that its job agent is not up yet
+    (for a while after `ray start`: "No available agent to submit job, please try again later")."""
+    deadline = time.monotonic() + timeout_s
+
+    def attempt():
+        while True:
+            try:
+                return client.submit_job(**job)
+            except Exception as error:  # noqa: BLE001 - only the agent's start-up is retried; sdk_call words the rest
+                if "no available agent" not in str(error).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+
+    sdk_call(args, attempt)
