@@ -45,7 +45,7 @@ def apply_requested_scale(roles, config: JobConfig, weight_version: int) -> int 
     if target > current:
         new = [GeneratorActor.options(**generator_options(config, index)).remote(config, index)
                for index in range(current, target)]
-        published = roles.learner.publish_weights.remote(weight_version)
+        published = roles.learner.publish_weights.remote(weight_version, via_object_store=True)
         ray.get([engine.load_weights.remote(published) for engine in new])   # current weights first
         ray.get(roles.pool.add_engines.remote(new))
         roles.generators.extend(new)
@@ -149,7 +149,7 @@ class ScaleListener:
         from rl_service.roles import submission_id
 
         refusal = None
-        if config.algorithm.name in ("dpo", "bvpo"):
+        if config.algorithm.is_preference:
             refusal = f"scaling applies to grpo and raft++ jobs; a {config.algorithm.name} job keeps its pool"
         return cls(roles.pool, submission_id(config.job_name), refusal)
 

@@ -32,7 +32,7 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _preference_job_is_complete(self) -> "JobConfig":
-        if self.algorithm.name not in ("dpo", "bvpo"):
+        if not self.algorithm.is_preference:
             return self
         preference = self.preference
         if preference.mode == "offline" and not preference.dataset_path:
@@ -50,7 +50,7 @@ class JobConfig(_Section):
     def _sampled_eval_is_for_policy_jobs(self) -> "JobConfig":
         # The preference loop evaluates greedily per reasoning mode; its sampled evaluation (the hook:
         # rl_service.pass_at_k.sampled_eval_metrics per mode) is not wired yet, so say so, not ignore it.
-        if self.eval.samples is not None and self.algorithm.name in ("dpo", "bvpo"):
+        if self.eval.samples is not None and self.algorithm.is_preference:
             raise ValueError(f"eval.samples applies to grpo and raft++ jobs; the {self.algorithm.name} loop evaluates "
                              "greedily (reasoning on and off)")
         return self
@@ -81,7 +81,7 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _async_is_for_policy_jobs(self) -> "JobConfig":
-        if self.schedule.mode == "async" and self.algorithm.name in ("dpo", "bvpo"):
+        if self.schedule.mode == "async" and self.algorithm.is_preference:
             raise ValueError(f"schedule.mode 'async' applies to grpo and raft++ jobs; algorithm.name "
                              f"'{self.algorithm.name}' runs the synchronous preference loop")
         return self
@@ -89,14 +89,14 @@ class JobConfig(_Section):
     @model_validator(mode="after")
     def _ranks_divide_the_batch(self) -> "JobConfig":
         learner = self.learner
-        if self.algorithm.name in ("dpo", "bvpo") and (
+        if self.algorithm.is_preference and (
                 learner.zero_stage == 3 or self.weight_sync.transport in ("collective", "shared_memory")):
             raise ValueError(f"learner.zero_stage 3 and weight_sync.transport 'collective' or 'shared_memory' apply to "
                              f"grpo and raft++ jobs; the {self.algorithm.name} learner runs as one ZeRO 0-2 rank on "
                              "the object store")
         if learner.num_ranks == 1:
             return self
-        if self.algorithm.name in ("dpo", "bvpo"):
+        if self.algorithm.is_preference:
             raise ValueError(f"learner.num_ranks ({learner.num_ranks}) > 1 applies to grpo and raft++ jobs; the "
                              f"{self.algorithm.name} learner runs as one rank")
         batch = self.data.prompts_per_step * self.generator.samples_per_prompt

@@ -226,6 +226,9 @@ class WeightSyncConfig(_Section):
     timeout_s: float = Field(300.0, gt=0.0, le=86_400.0, description="seconds one publication may take before it is an error")
 
 
+PREFERENCE_ALGORITHMS = ("dpo", "bvpo")   # preference jobs: pairs, not rewards, reach the learner
+
+
 class AlgorithmConfig(_Section):
     name: Literal["grpo", "raft++", "dpo", "bvpo"] = Field(
         "grpo", description="ALGORITHMS.md §GRPO, §RAFT (RAFT++), §DPO (trace-only: BVPO with α = 1) or §BVPO; "
@@ -251,6 +254,11 @@ class AlgorithmConfig(_Section):
                                   "prompt's weight does not grow with its GVM sample count (the §GVM.2 estimator)")
     drop_rejected: bool = Field(False, description="RAFT++: drop rejected samples instead of A = 0 (ours)")
 
+
+    @property
+    def is_preference(self) -> bool:
+        """A DPO / BVPO job (its own learner and loop, the `preference:` section)."""
+        return self.name in PREFERENCE_ALGORITHMS
 
 class PreferenceConfig(_Section):
     """DPO / BVPO jobs (ALGORITHMS.md §DPO, §BVPO); read only when algorithm.name is dpo or bvpo."""
