@@ -4,6 +4,7 @@ from __future__ import annotations
 import ray
 
 from actors.process import configure_process, role_threads
+from actors.weight_publishing import BroadcastWeights
 from rl_service.config import JobConfig
 from rl_service.generation.engines import make_engine
 from rl_service.rollout import GenerationRequest, Rollout, SamplingParams
@@ -22,12 +23,17 @@ class GeneratorActor:
     def generate(self, requests: list[GenerationRequest], sampling: SamplingParams, seed: int) -> Rollout:
         return self.engine.generate(requests, sampling, seed)
 
-    def load_weights(self, weights: PublishedWeights | FlatWeights | MailboxWeights) -> int:
-        """Load one version: published buckets (read zero-copy from this node's object store), one
-        flat buffer, or a slot of this node's weight mailbox. Calls to an actor run one at a time, so
-        no generate call sees half a version."""
+    def load_weights(self, weights: PublishedWeights | FlatWeights | MailboxWeights | BroadcastWeights) -> int:
+        """Load one version, whichever transport brought it (actors/weight_publishing.py): published
+        buckets (read zero-copy from this node's object store), one flat buffer, a slot of this
+        node's weight mailbox, or a broadcast from learner rank 0 to receive now. Calls to an actor
+        run one at a time, so no generate call sees half a version."""
         if isinstance(weights, MailboxWeights):
             return self._load_from_mailbox(weights)
+        if isinstance(weights, BroadcastWeights):
+            received = self.engine.receive_weights(ray.get(weights.layouts_ref), weights.version)
+            self._hold_slot(None)
+            return received
         if isinstance(weights, PublishedWeights):
             weights = ray.get(weights.bucket_refs)
         version = self.engine.load_weights(weights)
@@ -67,12 +73,6 @@ class GeneratorActor:
                           device: str, timeout_s: float) -> bool:
         self.engine.join_weight_group(master_addr, master_port, first_rank, world_size, device, timeout_s)
         return True
-
-    def receive_weights(self, layouts: list, version: int) -> int:
-        """Collective transport: receive version `version` from learner rank 0 and load it in place."""
-        received = self.engine.receive_weights(layouts, version)
-        self._hold_slot(None)
-        return received
 
     def weight_version(self) -> int:
         return self.engine.weight_version

@@ -15,7 +15,6 @@ import ray
 from actors.process import configure_process, role_threads
 from rl_service.config import JobConfig
 from rl_service.rollout import Rollout
-from rl_service.weights.flat import PublishedWeights
 
 
 def collective(method):
@@ -42,6 +41,7 @@ class LearnerActor:
     def __init__(self, config: JobConfig, resume_from: str | None = None, rank: int = 0):
         self.config, self.resume_from, self.rank = config, resume_from, rank
         self.learner = None
+        self.publisher = None   # rank 0's weight transport (actors/weight_publishing.py); object store if None
 
     @ray.method(concurrency_group="probe")
     def location(self) -> dict:
@@ -101,50 +101,40 @@ class LearnerActor:
         return self.learner.completion_logprobs(Rollout.concat(ray.get(shard_refs)))
 
     @collective
-    def publish_weights(self, version: int) -> PublishedWeights | None:
-        """The weights in flat buckets, each `ray.put` once (DESIGN.md "Weight sync", object-store
-        transport); rank 0 returns them, the other ranks only help ZeRO-3 gather them."""
-        from actors.weight_publishing import put_buckets
+    def publish_weights(self, version: int, via_object_store: bool = False):
+        """Version `version` through the job's transport (the publisher rank 0 was set up with; the
+        object store until then), or through the object store (`via_object_store`: engines that
+        join a running pool). Rank 0 returns what the engines load; the other ranks only help
+        ZeRO-3 gather each bucket."""
+        from actors.weight_publishing import ObjectStorePublisher, drain
 
-        return put_buckets(self.learner.weight_buckets(version, packed=False), version, self.rank)
+        publisher = ObjectStorePublisher() if via_object_store or self.publisher is None else self.publisher
+        buckets = self.learner.weight_buckets(version, packed=publisher.packed)
+        if self.rank > 0:
+            return drain(buckets)
+        return publisher.publish(buckets, version)
 
     def open_weight_mailbox(self, tag: str) -> tuple[str, str, object] | None:
-        """Rank 0: create this node's weight mailbox (shared-memory transport); returns (path, node
-        id, layout), or None when /dev/shm has no room for two copies of the weights. A rank has one
-        mailbox: asked again, it returns the one it has."""
+        """Rank 0: publish through a /dev/shm mailbox from now on (shared-memory transport); returns
+        (path, node id, layout), or None when /dev/shm has no room for two copies of the weights.
+        Asked again, it returns the mailbox it has."""
+        from actors.weight_publishing import MailboxPublisher
         from rl_service.weights.shared_memory import WeightMailbox, room_for
 
-        if getattr(self, "mailbox", None) is None:
+        if not isinstance(self.publisher, MailboxPublisher):
             layout = self.learner.mailbox_layout()
             if not room_for(layout):
                 return None
-            self.mailbox = WeightMailbox.create(layout, tag)
-        return str(self.mailbox.path), ray.get_runtime_context().get_node_id(), self.mailbox.layout
-
-    @collective
-    def write_weight_mailbox(self, version: int):
-        """Shared-memory transport: copy version `version` into the mailbox's free slot (ZeRO-3: bucket
-        by bucket, each gathered by all ranks first); rank 0 returns where the engines read it."""
-        from rl_service.weights.shared_memory import MailboxWeights
-
-        buckets = self.learner.weight_buckets(version, packed=False)
-        if self.rank > 0:
-            for _ in buckets:
-                pass
-            return None
-        # Each bucket's views are valid until the next one is gathered: consumed in order.
-        slot = self.mailbox.write(((name, array) for bucket in buckets
-                                   for name, array in zip(bucket.names, bucket.arrays)), version)
-        path, layout = str(self.mailbox.path), self.mailbox.layout
-        return MailboxWeights(path=path, node_id=ray.get_runtime_context().get_node_id(), slot=slot,
-                              version=version, num_bytes=layout.num_bytes, layout=layout)
+            self.publisher = MailboxPublisher(WeightMailbox.create(layout, tag))
+        return self.publisher.where()
 
     def close_weight_mailbox(self) -> None:
-        """Remove the mailbox file (engines that still map it keep their mapping)."""
-        mailbox = getattr(self, "mailbox", None)
-        if mailbox is not None:
-            mailbox.close()
-            self.mailbox = None
+        """Remove the mailbox file, if this rank has one (a killed process cannot: it holds two
+        copies of the weights in tmpfs)."""
+        close = getattr(self.publisher, "close", None)
+        if close is not None:
+            close()
+            self.publisher = None
 
     def weight_layouts(self) -> list | None:
         """The bucket layout of the weights (the same at every version), from the parameters' shapes:
@@ -152,25 +142,16 @@ class LearnerActor:
         return self.learner.bucket_layouts() if self.rank == 0 else None
 
     def join_weight_group(self, master_addr: str, master_port: int, world_size: int, timeout_s: float) -> bool:
-        """Rank 0: be rank 0 of the learner-engines weight group (collective transport)."""
+        """Rank 0: be rank 0 of the learner-engines weight group and publish by broadcast from now on
+        (collective transport)."""
         import torch
 
+        from actors.weight_publishing import BroadcastPublisher
         from rl_service.weights.collective import WeightBroadcastGroup
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.weight_group = WeightBroadcastGroup(master_addr, master_port, 0, world_size, device, timeout_s)
+        self.publisher = BroadcastPublisher(WeightBroadcastGroup(master_addr, master_port, 0, world_size, device, timeout_s))
         return True
-
-    @collective
-    def broadcast_weights(self, version: int) -> int:
-        """Collective transport: rank 0 broadcasts the weights bucket by bucket (ZeRO-3: each bucket
-        gathered by all ranks first); returns the bytes sent."""
-        buckets = self.learner.weight_buckets(version)
-        if self.rank == 0:
-            return self.weight_group.send(buckets)
-        for _ in buckets:
-            pass
-        return 0
 
     @collective
     def save_pretrained(self, directory: str) -> None:

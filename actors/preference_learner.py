@@ -37,10 +37,12 @@ class PreferenceLearnerActor:
             pairs.append(self._tokenized[row.pair_id])
         return self.learner.train_step(pairs)
 
-    def publish_weights(self, version: int) -> PublishedWeights:
-        from actors.weight_publishing import put_buckets
+    def publish_weights(self, version: int, via_object_store: bool = False) -> PublishedWeights:
+        """One rank, one transport: the object store (actors/weight_publishing.py), whatever is asked."""
+        from actors.weight_publishing import ObjectStorePublisher
 
-        return put_buckets(self.learner.weight_buckets(version, packed=False), version)
+        publisher = ObjectStorePublisher()
+        return publisher.publish(self.learner.weight_buckets(version, packed=publisher.packed), version)
 
     def save_pretrained(self, directory: str) -> None:
         self.learner.save_pretrained(directory)

@@ -99,7 +99,7 @@ def sync_seconds(model_dir: Path, generators: int, repeats: int, transport: str,
     try:
         ray.get([engine.weight_version.remote() for engine in engines])
         sync = make_weight_sync(_Roles(learner, engines, pool), config)
-        assert type(sync).__name__ == TRANSPORTS[transport], type(sync).__name__
+        assert sync.transport == transport, sync.transport
         best, num_bytes = math.inf, 0
         for version in range(1, repeats + 2):   # the first round warms the pages up
             versions, metrics = sync.publish(version)
@@ -115,7 +115,7 @@ def sync_seconds(model_dir: Path, generators: int, repeats: int, transport: str,
         ray.kill(pool)
 
 
-TRANSPORTS = {"object_store": "ObjectStoreWeightSync", "shared_memory": "SharedMemoryWeightSync"}
+TRANSPORTS = ("object_store", "shared_memory")
 
 
 def main() -> None:

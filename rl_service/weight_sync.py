@@ -1,15 +1,16 @@
-"""The driver's side of weight sync (DESIGN.md "Weight sync"): one `publish(version)` per step, three
-transports behind it.
+"""The driver's side of weight sync (DESIGN.md "Weight sync"): one `WeightSync.publish(version)` per
+step whatever the transport. The learner publishes through the transport rank 0 was set up with
+(actors/weight_publishing.py); the pool has every engine load the result (`GeneratorActor.load_weights`).
 
-- `ObjectStoreWeightSync` (any hardware): the learner `ray.put`s flat buckets once; the pool has
-  every generator load them in place from its node's object store.
-- `CollectiveWeightSync` (GPU clusters; gloo on CPU for tests): learner rank 0 and every engine
-  worker form one process group at start; each publication is a bucketed broadcast from rank 0.
+- object store (any hardware): the learner `ray.put`s its buckets once; engines read them in place
+  from their node's object store.
+- shared memory (one node, CPU): the learner copies each version into a /dev/shm mailbox mapped by
+  it and every engine for the whole run; engines serve from it or copy from it.
+- collective (GPU clusters; gloo on CPU for tests): learner rank 0 and every engine worker form one
+  process group at start; each publication is a bucketed broadcast from rank 0, which the engines
+  receive while it runs.
 
-- `SharedMemoryWeightSync` (one node, CPU): the learner copies each version into a mailbox in
-  /dev/shm mapped by it and every engine for the whole run; engines serve from it or copy from it.
-
-All return the versions the generators now serve, and what the step's metrics report: bytes
+`publish` returns the versions the generators now serve, and what the step's metrics report: bytes
 published and seconds taken. Versions are monotone: an engine refuses an older one.
 """
 from __future__ import annotations
@@ -30,73 +31,45 @@ def use_collective(config: JobConfig) -> bool:
     return transport == "collective"
 
 
-class ObjectStoreWeightSync:
-    learner_method = "publish_weights"   # what the learner ranks run; rank 0 returns what engines load
-
-    def __init__(self, roles, config: JobConfig):
-        self.roles, self.config = roles, config
+class WeightSync:
+    def __init__(self, roles, config: JobConfig, transport: str = "object_store", broadcast_layouts=None):
+        self.roles, self.config, self.transport = roles, config, transport
+        self.broadcast_layouts = broadcast_layouts   # collective: a ref to the bucket layouts engines receive into
 
     def publish(self, version: int) -> tuple[list[int], dict[str, float]]:
         import ray
 
+        from actors.weight_publishing import BroadcastWeights
+
         started = time.perf_counter()
-        published = getattr(self.roles.learner, self.learner_method).remote(version)
-        versions = ray.get(self.roles.pool.update_weights.remote([published]), timeout=self.config.weight_sync.timeout_s)
-        num_bytes = ray.get(published).num_bytes
+        published = self.roles.learner.publish_weights.remote(version)
+        # A broadcast needs its receivers while the learner sends: engines get their own notice, not
+        # the learner's result (which comes only once every bucket has gone out).
+        notice = (ray.put(BroadcastWeights(version=version, layouts_ref=self.broadcast_layouts))
+                  if self.transport == "collective" else published)
+        versions = ray.get(self.roles.pool.update_weights.remote([notice]), timeout=self.config.weight_sync.timeout_s)
+        num_bytes = ray.get(published, timeout=self.config.weight_sync.timeout_s).num_bytes
         return versions, {"weight_sync_bytes": float(num_bytes), "weight_sync_seconds": time.perf_counter() - started}
 
 
-class SharedMemoryWeightSync(ObjectStoreWeightSync):
-    """One node: learner rank 0 copies each version into a mailbox in /dev/shm that it and the
-    engines keep mapped (rl_service/weights/shared_memory.py); the HF engine serves its parameters
-    from it directly, vLLM reloads from it. The same publish as the object store's, minus Ray's
-    per-version object and its fresh pages."""
-    learner_method = "write_weight_mailbox"
-
-    def __init__(self, roles, config: JobConfig, mailbox: tuple):
-        super().__init__(roles, config)
-        self.path, self.node_id, _ = mailbox
-
-
-def open_mailbox(roles, config: JobConfig) -> tuple | None:
-    """Have learner rank 0 create the job's mailbox: (path, node id, layout), or None (no room)."""
+def join_weight_group(roles, config: JobConfig):
+    """Collective transport: learner rank 0 and every engine worker join one process group (once,
+    at start); returns a ref to the bucket layouts, the same at every version."""
     import ray
 
-    return ray.get(roles.learner.ranks[0].open_weight_mailbox.remote(config.job_name),
-                   timeout=config.weight_sync.timeout_s)
-
-
-class CollectiveWeightSync:
-    """Set up once (every member joins the group); then one broadcast per publication."""
-
-    def __init__(self, roles, config: JobConfig):
-        import ray
-
-        self.roles, self.config = roles, config
-        timeout = config.weight_sync.timeout_s
-        group_sizes = ray.get([engine.weight_group_size.remote() for engine in roles.generators], timeout=timeout)
-        world_size = 1 + sum(group_sizes)
-        master_addr, master_port = ray.get(roles.learner.ranks[0].rendezvous_address.remote(), timeout=timeout)
-        # The layout is the same at every version: fetched once, passed by reference afterwards.
-        self.layouts = ray.put(ray.get(roles.learner.ranks[0].weight_layouts.remote(), timeout=timeout))
-        device = "cuda" if config.generator.num_gpus > 0 else "cpu"
-        joins = [roles.learner.ranks[0].join_weight_group.remote(master_addr, master_port, world_size, timeout)]
-        first_rank = 1
-        for engine, size in zip(roles.generators, group_sizes):
-            joins.append(engine.join_weight_group.remote(master_addr, master_port, first_rank, world_size, device, timeout))
-            first_rank += size
-        ray.get(joins, timeout=timeout)
-
-    def publish(self, version: int) -> tuple[list[int], dict[str, float]]:
-        import ray
-
-        started = time.perf_counter()
-        sent = self.roles.learner.broadcast_weights.remote(version)
-        received = [engine.receive_weights.remote(self.layouts, version) for engine in self.roles.generators]
-        timeout = self.config.weight_sync.timeout_s
-        num_bytes = ray.get(sent, timeout=timeout)
-        versions = ray.get(received, timeout=timeout)
-        return versions, {"weight_sync_bytes": float(num_bytes), "weight_sync_seconds": time.perf_counter() - started}
+    timeout = config.weight_sync.timeout_s
+    group_sizes = ray.get([engine.weight_group_size.remote() for engine in roles.generators], timeout=timeout)
+    world_size = 1 + sum(group_sizes)
+    master_addr, master_port = ray.get(roles.learner.ranks[0].rendezvous_address.remote(), timeout=timeout)
+    layouts = ray.put(ray.get(roles.learner.ranks[0].weight_layouts.remote(), timeout=timeout))
+    device = "cuda" if config.generator.num_gpus > 0 else "cpu"
+    joins = [roles.learner.ranks[0].join_weight_group.remote(master_addr, master_port, world_size, timeout)]
+    first_rank = 1
+    for engine, size in zip(roles.generators, group_sizes):
+        joins.append(engine.join_weight_group.remote(master_addr, master_port, first_rank, world_size, device, timeout))
+        first_rank += size
+    ray.get(joins, timeout=timeout)
+    return layouts
 
 
 def single_node() -> bool:
@@ -105,19 +78,22 @@ def single_node() -> bool:
     return sum(1 for node in ray.nodes() if node["Alive"]) == 1
 
 
-def make_weight_sync(roles, config: JobConfig):
-    """The transport `weight_sync.transport` names; `auto`: collective between GPUs, else the
+def make_weight_sync(roles, config: JobConfig) -> WeightSync:
+    """Set up the transport `weight_sync.transport` names; `auto`: collective between GPUs, else the
     shared-memory mailbox on a one-node cluster with room in /dev/shm, else the object store."""
+    import ray
+
     if use_collective(config):
-        return CollectiveWeightSync(roles, config)
+        return WeightSync(roles, config, "collective", join_weight_group(roles, config))
     transport = config.weight_sync.transport
     if transport == "shared_memory" or (transport == "auto" and single_node()):
-        mailbox = open_mailbox(roles, config)
+        mailbox = ray.get(roles.learner.ranks[0].open_weight_mailbox.remote(config.job_name),
+                          timeout=config.weight_sync.timeout_s)
         if mailbox is not None:
             log.info("weight sync: shared-memory mailbox %s", mailbox[0])
-            return SharedMemoryWeightSync(roles, config, mailbox)
+            return WeightSync(roles, config, "shared_memory")
         if transport == "shared_memory":
             raise UserError("weight_sync.transport shared_memory: /dev/shm on the learner's node has no room for "
                             "two copies of the weights; enlarge it (docker --shm-size) or use object_store")
         log.warning("weight sync: /dev/shm has no room for the weight mailbox; using the object store")
-    return ObjectStoreWeightSync(roles, config)
+    return WeightSync(roles, config)
