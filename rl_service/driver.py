@@ -23,7 +23,6 @@ and what the driver itself costs.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,21 +36,21 @@ from rl_service.data.sampler import PromptSampler
 from rl_service.algorithms.acceptance import acceptance_threshold, accepted
 from rl_service.batch_source import make_batch_source, per_prompt_mean
 from rl_service.models.loading import load_tokenizer
+from rl_service.evaluation import accuracy_by_group
 from rl_service.guard import eval_collapsed
 from rl_service.step_loop import LoopResult, loop_outcome, run_steps
 from rl_service.pipeline import RolloutPipeline
-from rl_service.roles import Roles, is_role_failure, ray_session, start_roles
+from rl_service.roles import Roles, ray_session, run_with_restarts, start_roles
 from rl_service.rollout import SamplingParams, step_seed
 from rl_service.rollout_client import (LaunchedRollout, PhaseTimer, RolloutClient, mean_or_nan as _mean,
                                        merge_scored)
 from rl_service.rewards.verifiers import SCORE_COUNTER_KEYS as REWARD_COUNTER_KEYS
-from rl_service.run_dir import RunDirectory, latest_checkpoint
+from rl_service.run_dir import RunDirectory
 from rl_service.step_rounds import StepRounds
 from rl_service.tasks import TaskData, check_job_inputs, load_task
 from rl_service.weight_sync import make_weight_sync
 from rl_service.elastic import Autoscaler, apply_requested_scale
 
-log = logging.getLogger("rl_service")
 
 
 @dataclass
@@ -63,7 +62,7 @@ class PreparedJob:
 
 def prepare_job(config: JobConfig) -> PreparedJob:
     """Everything that can fail on user input, done before Ray starts."""
-    if config.algorithm.name in ("dpo", "bvpo"):  # preference jobs have their own loop (ALGORITHMS.md §BVPO)
+    if config.algorithm.is_preference:  # preference jobs have their own loop (ALGORITHMS.md §BVPO)
         from rl_service.preference_loop import prepare_preference_job
 
         return prepare_preference_job(config)
@@ -132,12 +131,7 @@ class Trainer:
         rewards = np.asarray(scored["rewards"])
         metrics = {"eval_accuracy": float(rewards.mean()), "eval_seconds": sum(timer.seconds.values()),
                    "eval_completion_length_mean": float(np.mean(scored["completion_lengths"]))}
-        by_group: dict[str, list[float]] = defaultdict(list)
-        for index, reward in zip(scored["request_index"], rewards):
-            group = self.task.eval_groups.get(self.task.eval[index].prompt_id)
-            if group is not None:
-                by_group[group].append(float(reward))
-        metrics.update({f"eval_accuracy_{group}": float(np.mean(values)) for group, values in sorted(by_group.items())})
+        metrics.update(accuracy_by_group(self.task, rewards, scored["request_index"]))
         metrics.update(self._sampled_eval(step))
         self.eval_history.append((step, metrics["eval_accuracy"]))
         self.run_dir.log(step, metrics)
@@ -299,29 +293,21 @@ def run_training(job: PreparedJob, run_dir_path: str | Path, resume_from: Path |
     from a complete checkpoint is exact (a sync-mode run ends as if nothing had happened), where an
     actor restarted alone would come back without the weights, moments or statistics it held.
     """
-    if job.config.algorithm.name in ("dpo", "bvpo"):
+    if job.config.algorithm.is_preference:
         from rl_service.preference_loop import run_preference_training
 
         return run_preference_training(job, run_dir_path, resume_from)
-    failures, restart = 0, False
     attempts: dict = {"lost_s": 0.0}   # training time of failed attempts after their newest checkpoint
-    while True:
-        try:
-            return _run_once(job, Path(run_dir_path), resume_from, restart, failures, attempts)
-        except Exception as error:  # noqa: BLE001 - only role deaths are recovered; the rest re-raises
-            if not is_role_failure(error):
-                raise
-            failed = attempts.pop("trainer", None)
-            if failed is not None:   # replayed from the checkpoint: the time after it was spent, and is counted
-                attempts["lost_s"] += failed.loop_seconds() - failed.loop_s_at_checkpoint
-            failures += 1
-            if failures > job.config.cluster.max_role_failures:
-                raise RuntimeError(f"giving up after {failures} role failures "
-                                   f"(cluster.max_role_failures={job.config.cluster.max_role_failures}): {error}") from error
-            resume_from, restart = latest_checkpoint(run_dir_path), True
-            log.warning("a role died (%s: %s); restarting every role from %s (failure %d of at most %d)",
-                        type(error).__name__, str(error).splitlines()[0][:200],
-                        resume_from.name if resume_from else "the start", failures, job.config.cluster.max_role_failures)
+
+    def count_lost_time() -> None:   # replayed from the checkpoint: the time after it was spent, and is counted
+        failed = attempts.pop("trainer", None)
+        if failed is not None:
+            attempts["lost_s"] += failed.loop_seconds() - failed.loop_s_at_checkpoint
+
+    return run_with_restarts(job.config, run_dir_path, resume_from,
+                             lambda resume, restart, failures: _run_once(job, Path(run_dir_path), resume, restart,
+                                                                         failures, attempts),
+                             on_failure=count_lost_time)
 
 
 def _run_once(job: PreparedJob, run_dir_path: Path, resume_from: Path | None, restart: bool, failures: int,

@@ -1,5 +1,6 @@
 """Evaluation of a model directory in this process (no Ray): `rl-service eval`. Greedy accuracy, and
-pass@k / mean@k when `eval.samples` is set (rl_service/pass_at_k.py)."""
+pass@k / mean@k when `eval.samples` is set (rl_service/pass_at_k.py). `accuracy_by_group` is also
+the training loop's (rl_service/driver.py)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -10,6 +11,17 @@ from rl_service.config import JobConfig
 from rl_service.rewards.verifiers import score_batch
 from rl_service.rollout import GenerationRequest, SamplingParams
 from rl_service.tasks import PromptTokenizer, load_task
+
+
+def accuracy_by_group(task, rewards, request_index) -> dict[str, float]:
+    """`eval_accuracy_<group>` per eval group (e.g. each difficulty level of the built-in task):
+    `rewards[j]` of the sample of eval record `request_index[j]`."""
+    by_group: dict[str, list[float]] = defaultdict(list)
+    for index, reward in zip(request_index, rewards):
+        group = task.eval_groups.get(task.eval[index].prompt_id)
+        if group is not None:
+            by_group[group].append(float(reward))
+    return {f"eval_accuracy_{group}": float(np.mean(values)) for group, values in sorted(by_group.items())}
 
 
 def evaluate_model_dir(config: JobConfig) -> dict[str, float]:
@@ -27,12 +39,7 @@ def evaluate_model_dir(config: JobConfig) -> dict[str, float]:
     answers = [task.eval[index].answer for index in rollout.request_index]
     rewards = np.asarray(score_batch(rollout.completion_texts, answers, task.verifier))
     metrics = {"eval_accuracy": float(rewards.mean()), "eval_prompts": float(len(rewards))}
-    by_group: dict[str, list[float]] = defaultdict(list)
-    for index, reward in zip(rollout.request_index, rewards):
-        group = task.eval_groups.get(task.eval[index].prompt_id)
-        if group is not None:
-            by_group[group].append(float(reward))
-    metrics.update({f"eval_accuracy_{group}": float(np.mean(values)) for group, values in sorted(by_group.items())})
+    metrics.update(accuracy_by_group(task, rewards, rollout.request_index))
     samples = config.eval.samples
     if samples is not None:
         from rl_service.pass_at_k import sampled_eval_metrics

@@ -18,7 +18,6 @@ The driver holds prompt ids, rewards and metrics; samples travel as object refer
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -31,20 +30,18 @@ from rl_service.config import JobConfig
 from rl_service.data.preferences import PreferenceDataset, load_preference_file, select_pairs
 from rl_service.data.prompts import PromptRecord
 from rl_service.data.sampler import PromptSampler
-from rl_service.rollout_client import PhaseTimer, mean_or_nan as _mean
+from rl_service.rollout_client import PhaseTimer, RolloutClient, mean_or_nan as _mean
 from rl_service.guard import eval_collapsed
 from rl_service.errors import ConfigError, ModelLoadError
 from rl_service.models.loading import load_tokenizer, render_prompt
 from rl_service.step_loop import LoopResult, loop_outcome, run_steps
-from rl_service.roles import Roles, is_role_failure, ray_session, start_preference_roles
-from rl_service.weight_sync import ObjectStoreWeightSync
-from rl_service.rollout import GenerationRequest, SamplingParams, step_seed
-from rl_service.run_dir import RunDirectory, latest_checkpoint
-from rl_service.tasks import PromptTokenizer, TaskData, load_task
+from rl_service.roles import Roles, ray_session, run_with_restarts, start_preference_roles
+from rl_service.weight_sync import WeightSync
+from rl_service.rollout import SamplingParams, step_seed
+from rl_service.run_dir import RunDirectory
+from rl_service.tasks import TaskData, load_task
 from rl_service.telemetry import StepTelemetry
 
-log = logging.getLogger("rl_service")
-PREFERENCE_ALGORITHMS = ("dpo", "bvpo")
 MODES = ("reasoning_on", "reasoning_off")
 
 
@@ -94,10 +91,8 @@ class PreferenceTrainer:
     def __init__(self, job: PreparedPreferenceJob, roles: Roles, run_dir: RunDirectory):
         self.config, self.task, self.dataset, self.roles, self.run_dir = job.config, job.task, job.dataset, roles, run_dir
         self.with_empty = self.config.algorithm.name == "bvpo"
-        self.weight_sync = ObjectStoreWeightSync(roles, self.config)   # one rank: the object store
-        # Token caches are keyed by prompt id; train and eval ids come from different files and may collide.
-        self.prompt_tokens = {split: {thinking: PromptTokenizer(job.tokenizer, thinking) for thinking in (True, False)}
-                              for split in ("train", "eval")}
+        self.weight_sync = WeightSync(roles, self.config)   # one rank: the object store
+        self.client = RolloutClient(roles, job.tokenizer, True, job.task.max_prompt_tokens, pipelined=False)
         num_rows = len(self.dataset.rows) if self.dataset is not None else len(self.task.train)
         self.sampler = PromptSampler(num_rows, self.config.data.prompts_per_step, self.config.seed)
         generator = self.config.generator
@@ -114,26 +109,14 @@ class PreferenceTrainer:
     def _generate_and_score(self, records, samples: int, sampling: SamplingParams, seed: int, timer: PhaseTimer,
                             with_empty: bool, use_reward_model: bool, split: str = "train", off_samples: int | None = None):
         """One generate call for both modes (§BVPO.2): `samples` per prompt with reasoning on,
-        `off_samples` (default `samples`) with it off; then the rewards."""
-        import ray
-
+        `off_samples` (default `samples`) with it off; then the rewards. Request index: the mode's
+        offset × len(records) + the record's position."""
         modes = (True, False) if with_empty else (True,)
         per_mode = {True: samples, False: samples if off_samples is None else off_samples}
-        requests = [GenerationRequest(offset * len(records) + index, record.prompt_id,
-                                      self.prompt_tokens[split][thinking](record), per_mode[thinking])
-                    for offset, thinking in enumerate(modes) for index, record in enumerate(records)]
-        with timer.phase("generate"):
-            shard_refs = ray.get(self.roles.pool.generate.remote(requests, sampling, seed))
-            ray.wait(shard_refs, num_returns=len(shard_refs), fetch_local=False)
-        answers = [record.answer for record in records] * len(modes)
-        prompts = [record.prompt for record in records] * len(modes) if use_reward_model else None
-        with timer.phase("reward"):
-            groups = np.array_split(np.arange(len(shard_refs)), min(len(self.roles.rewards), len(shard_refs)))
-            parts = ray.get([actor.score.remote([shard_refs[k] for k in group], answers, prompts,
-                                                verifier_only=split == "eval")
-                             for actor, group in zip(self.roles.rewards, groups)])
-        keys = ("rewards", "request_index", "completion_lengths", "finished")
-        return shard_refs, {key: [item for part in parts for item in part[key]] for key in keys}
+        return self.client.rollout([record for _ in modes for record in records],
+                                   [per_mode[thinking] for thinking in modes for _ in records], sampling, seed, timer,
+                                   split, thinking=[thinking for thinking in modes for _ in records],
+                                   with_prompts=use_reward_model)
 
     def _per_mode(self, name: str, values, request_index, num_prompts: int) -> dict[str, float]:
         values, mode = np.asarray(values, dtype=np.float64), np.asarray(request_index) // max(num_prompts, 1)
@@ -252,21 +235,8 @@ def run_preference_training(job: PreparedPreferenceJob, run_dir_path: str | Path
     `resume_from`: a checkpoint of this run directory to continue from (`rl-service resume`). When a
     role's process dies, every role restarts from the newest checkpoint and the steps after it are
     replayed, up to `cluster.max_role_failures` times, as for RL jobs (`driver.run_training`)."""
-    failures, restart = 0, False
-    while True:
-        try:
-            return _run_once(job, Path(run_dir_path), resume_from, restart, failures)
-        except Exception as error:  # noqa: BLE001 - only role deaths are recovered; the rest re-raises
-            if not is_role_failure(error):
-                raise
-            failures += 1
-            if failures > job.config.cluster.max_role_failures:
-                raise RuntimeError(f"giving up after {failures} role failures "
-                                   f"(cluster.max_role_failures={job.config.cluster.max_role_failures}): {error}") from error
-            resume_from, restart = latest_checkpoint(run_dir_path), True
-            log.warning("a role died (%s: %s); restarting every role from %s (failure %d of at most %d)",
-                        type(error).__name__, str(error).splitlines()[0][:200],
-                        resume_from.name if resume_from else "the start", failures, job.config.cluster.max_role_failures)
+    return run_with_restarts(job.config, run_dir_path, resume_from,
+                             lambda resume, restart, failures: _run_once(job, Path(run_dir_path), resume, restart, failures))
 
 
 def _run_once(job: PreparedPreferenceJob, run_dir_path: Path, resume_from: Path | None, restart: bool,

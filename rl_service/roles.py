@@ -51,6 +51,33 @@ def is_role_failure(error: BaseException) -> bool:
     return False
 
 
+def run_with_restarts(config: JobConfig, run_dir_path, resume_from, attempt: Callable, on_failure: Callable = lambda: None):
+    """`attempt(resume_from, restart, failures)` until it returns; when a role's process died in it
+    (DESIGN.md "Faults"), again from the run's newest checkpoint, up to `cluster.max_role_failures`
+    times. `on_failure()` runs after each failed attempt (the RL trainer counts its lost time)."""
+    import logging
+
+    from rl_service.run_dir import latest_checkpoint
+
+    failures, restart, limit = 0, False, config.cluster.max_role_failures
+    while True:
+        try:
+            return attempt(resume_from, restart, failures)
+        except Exception as error:  # noqa: BLE001 - only role deaths are recovered; the rest re-raises
+            if not is_role_failure(error):
+                raise
+            on_failure()
+            failures += 1
+            if failures > limit:
+                raise RuntimeError(f"giving up after {failures} role failures "
+                                   f"(cluster.max_role_failures={limit}): {error}") from error
+            resume_from, restart = latest_checkpoint(run_dir_path), True
+            logging.getLogger("rl_service").warning(
+                "a role died (%s: %s); restarting every role from %s (failure %d of at most %d)",
+                type(error).__name__, str(error).splitlines()[0][:200],
+                resume_from.name if resume_from else "the start", failures, limit)
+
+
 def _actor_env(config: JobConfig) -> dict[str, str]:
     """The actors' environment: ACTOR_ENV and the run's ids (their metric tags). Ray refuses a driver
     runtime env that repeats a key of its job's (`rl-service submit` sets the submission id there),

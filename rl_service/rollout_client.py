@@ -60,35 +60,49 @@ class LaunchedRollout:
 
 
 class RolloutClient:
+    """Both job kinds' way to the pool and the reward actors: RL steps and their extra rounds, the
+    preference step (reasoning on and off in one batch, §BVPO.2), and every evaluation."""
+
     def __init__(self, roles, tokenizer, thinking: bool, max_prompt_tokens, pipelined: bool):
         self.roles = roles
         self.pipelined = pipelined
-        # One cache per split: JSONL train and eval files number their prompts independently, so a
-        # shared cache keyed by prompt id would serve a train prompt's tokens for an eval prompt.
-        self.prompt_tokens = {split: PromptTokenizer(tokenizer, thinking, max_prompt_tokens)
-                              for split in ("train", "eval")}
+        self.thinking = thinking
+        self.tokenizer, self.max_prompt_tokens = tokenizer, max_prompt_tokens
+        # One cache per split (and reasoning mode): JSONL train and eval files number their prompts
+        # independently, so a shared cache keyed by prompt id would serve a train prompt's tokens
+        # for an eval prompt.
+        self.prompt_tokens: dict[tuple[str, bool], PromptTokenizer] = {}
+
+    def _tokenizer(self, split: str, thinking: bool) -> PromptTokenizer:
+        key = (split, thinking)
+        if key not in self.prompt_tokens:
+            self.prompt_tokens[key] = PromptTokenizer(self.tokenizer, thinking, self.max_prompt_tokens)
+        return self.prompt_tokens[key]
 
     def launch(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer,
-               split: str = "train") -> LaunchedRollout:
+               split: str = "train", thinking: list[bool] | None = None, with_prompts: bool = False) -> LaunchedRollout:
         """Send `counts[i]` samples of `records[i]` to the pool and on to the reward actors; wait for
-        neither. A sample's request index is its record's position in `records`."""
+        neither. A sample's request index is its record's position in `records`. `thinking[i]`:
+        record i's reasoning mode (default: the model's setting); `with_prompts`: the reward actors
+        get the prompts' text (a reward model scores prompt + completion)."""
         import ray
 
-        tokenize = self.prompt_tokens[split]
+        modes = thinking if thinking is not None else [self.thinking] * len(records)
         # A prompt allocated no samples (GVM) is not sent; request_index keeps its batch position.
-        requests = [GenerationRequest(index, record.prompt_id, tokenize(record), count)
-                    for index, (record, count) in enumerate(zip(records, counts)) if count > 0]
+        requests = [GenerationRequest(index, record.prompt_id, self._tokenizer(split, mode)(record), count)
+                    for index, (record, count, mode) in enumerate(zip(records, counts, modes)) if count > 0]
         if not requests:  # every prompt was allocated 0 samples: nothing to generate or score
             return LaunchedRollout(records, counts, [], [])
         with timer.phase("generate"):
             # Async mode splits evenly over engines whatever they still run, so a run replays bit for bit.
             shard_refs = ray.get(self.roles.pool.generate.remote(requests, sampling, seed, self.pipelined))
         answers = [record.answer for record in records]
+        prompts = [record.prompt for record in records] if with_prompts else None
         # Contiguous groups of shards per reward actor keep the concatenation in sample order; each
         # actor fetches its shards itself as they finish.
         groups = np.array_split(np.arange(len(shard_refs)), min(len(self.roles.rewards), len(shard_refs)))
         # Evaluation keeps the verifier, so eval_accuracy stays an accuracy under a custom reward.
-        score_refs = [actor.score.remote([shard_refs[k] for k in group], answers, verifier_only=split == "eval")
+        score_refs = [actor.score.remote([shard_refs[k] for k in group], answers, prompts, verifier_only=split == "eval")
                       for actor, group in zip(self.roles.rewards, groups)]
         return LaunchedRollout(records, counts, shard_refs, score_refs)
 
@@ -107,5 +121,7 @@ class RolloutClient:
         scored.update({key: sum(part[key] for part in parts) for key in REWARD_COUNTER_KEYS})
         return launched.shard_refs, scored
 
-    def rollout(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer, split: str = "train"):
-        return self.collect(self.launch(records, counts, sampling, seed, timer, split), timer)
+    def rollout(self, records, counts, sampling: SamplingParams, seed: int, timer: PhaseTimer, split: str = "train",
+                thinking: list[bool] | None = None, with_prompts: bool = False):
+        """`launch` then `collect`: (shard refs, scores in sample order)."""
+        return self.collect(self.launch(records, counts, sampling, seed, timer, split, thinking, with_prompts), timer)

@@ -116,6 +116,20 @@ class RunDirectory:
         self._ledger.write(json.dumps({"step": step, "prompt_ids": prompt_ids, "samples": samples}) + "\n")
         self._ledger.flush()
 
+    def initial_evaluation(self) -> dict:
+        """The step-0 evaluation this run logged (every eval_* figure: both reasoning modes of a BVPO
+        job, each eval group), for the summary of a resumed run; {} if there is none."""
+        path = self.path / "metrics.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("step") == 0 and "eval_accuracy" in row:
+                return {key: value for key, value in row.items() if key.startswith("eval_")}
+        return {}
+
     @staticmethod
     def _truncate(rows_file: Path, last_step: int) -> None:
         if not rows_file.is_file():

@@ -77,7 +77,8 @@ def run_steps(config: JobConfig, trainer, start_step: int = 0) -> LoopResult:
         log.info(format_eval_line(0, initial))
         _record(trainer, 0, initial)
     else:
-        initial = {"eval_accuracy": trainer.eval_history[0][1]} if trainer.eval_history else {}
+        initial = trainer.run_dir.initial_evaluation() or (
+            {"eval_accuracy": trainer.eval_history[0][1]} if trainer.eval_history else {})
         log.info("resuming after step %d", start_step)
     stopped_reason, step, last_eval = "completed", start_step, (start_step, initial)
     nonfinite_in_a_row = 0

@@ -24,12 +24,13 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "rl_service.cli", *args]
 
 
-def _kill_after_checkpoint(run_dir, step: int, timeout_s: float = 240) -> None:
-    """Start the quickstart as `rl-service run` and SIGKILL its whole process group (driver and the
-    local Ray it started) as soon as checkpoint `step` is complete."""
-    overrides = [f"--set={item}" for item in short_run_overrides(STEPS) + EXTRA]
-    process = subprocess.Popen(_cli("run", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(run_dir),
-                                    *overrides), cwd=REPO, start_new_session=True,
+def _kill_after_checkpoint(run_dir, step: int, timeout_s: float = 240, config_name: str = "quickstart.yaml",
+                           overrides: list[str] | None = None) -> None:
+    """Start a job (the short quickstart by default) as `rl-service run` and SIGKILL its whole
+    process group (driver and the local Ray it started) as soon as checkpoint `step` is complete."""
+    overrides = short_run_overrides(STEPS) + EXTRA if overrides is None else overrides
+    process = subprocess.Popen(_cli("run", str(REPO / "configs" / config_name), "--run-dir", str(run_dir),
+                                    *[f"--set={item}" for item in overrides]), cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.monotonic() + timeout_s
@@ -171,18 +172,7 @@ def test_a_killed_preference_run_resumes_to_the_uninterrupted_result(tmp_path, c
     run_training(prepare_job(load_config(REPO / "configs" / config_name, overrides)), uninterrupted)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_cli("run", str(REPO / "configs" / config_name), "--run-dir", str(killed),
-                                    *[f"--set={item}" for item in overrides]),
-                               cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest, deadline = killed / "checkpoints" / "latest", time.monotonic() + 300
-    try:
-        while not (latest.is_file() and latest.read_text() == "step_2"):
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.05)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    _kill_after_checkpoint(killed, 2, 300, config_name, overrides)
     assert not (killed / "summary.json").exists()
     assert main(["resume", str(killed)]) == 0
 
@@ -200,3 +190,7 @@ def test_a_killed_preference_run_resumes_to_the_uninterrupted_result(tmp_path, c
         assert [row for row in got if "loss" in row][-1]["reference_pairs_computed"] == 6.0
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["steps"] == PREFERENCE_STEPS and summary["stopped_reason"] == "completed"
+    want_summary = json.loads((uninterrupted / "summary.json").read_text())
+    for key in ("initial_eval_accuracy", "initial_eval_accuracy_reasoning_on", "initial_eval_accuracy_reasoning_off",
+                "final_eval_accuracy_reasoning_on", "final_eval_accuracy_reasoning_off"):
+        assert summary[key] is not None and summary[key] == want_summary[key], key   # the step-0 eval, from the run dir
