@@ -9,8 +9,6 @@ from safetensors.numpy import load_file
 
 from conftest import read_metrics, run_short_job
 
-pytestmark = pytest.mark.slow
-
 TIMING_KEYS = ("seconds", "_s", "per_s", "fraction")
 
 
