@@ -16,7 +16,8 @@ step 1). Arms:
   bvpo_per_term        bvpo, α = 0.5, pairing per_term: each term over its own pairs (§BVPO.3)
   bvpo_same_prompts    bvpo, α = 0.5, pairing same_prompts: only prompts with a pair in both modes
   bvpo_alpha_hat       bvpo, α̂ online (§BVPO.6: K = 4 resamples per prompt on the head, EMA 0.9), per_term
-  bvpo_off16           (opt-in) bvpo_per_term with 16 reasoning-off samples per prompt instead of 8
+  bvpo_off16           bvpo_per_term with 16 reasoning-off samples per prompt instead of 8: configs/bvpo.yaml
+  bvpo_alpha_hat_off16 (opt-in) bvpo_alpha_hat with 16 reasoning-off samples
 
 Per arm, over seeds: greedy verifier accuracy on the eval split with reasoning on and off after
 training (mean and 95% t-interval), its change from the step-0 eval, and the paired difference
@@ -24,7 +25,7 @@ to dpo_trace per seed (mean and 95% t-interval: the same eval prompts and start,
 the variance over steps of the pre-clip gradient norm and its coefficient of variation (std/mean:
 scale-free, since α = 0.5 also halves the norm), pairs trained per mode, mean α, seconds.
 The machine comes first; the last line is ONE JSON object: bvpo_minus_dpo_on / _off (points,
-BVPO α = 0.5 with the default pairing minus dpo_trace), grad_norm_variance_ratio, pairs_ratio
+BVPO as configs/bvpo.yaml ships it, α = 0.5, per_term, 16 reasoning-off samples, minus dpo_trace), grad_norm_variance_ratio, pairs_ratio
 (trace pairs BVPO / DPO: does BVPO drop pairs DPO trains?), pairs_ratio_all_modes, and every arm.
 """
 from __future__ import annotations
@@ -55,21 +56,33 @@ ARMS = {
                           "preference.off_samples_per_prompt=8"],
     "bvpo_alpha_hat": ["algorithm.name=bvpo", "preference.alpha_mode=online", "preference.alpha_resamples=4",
                        "preference.alpha_ema=0.9", "preference.pairing=per_term", "preference.off_samples_per_prompt=8"],
-    # Opt-in (--arms): twice the reasoning-off samples, where the model rarely answers without a trace.
+    # Twice the reasoning-off samples, where the model rarely answers without a trace: what bvpo.yaml ships.
     "bvpo_off16": ["algorithm.name=bvpo", "preference.alpha=0.5", "preference.pairing=per_term",
                    "preference.off_samples_per_prompt=16"],
+    # Opt-in: the shipped budget split with the online α̂ instead of α = 0.5.
+    "bvpo_alpha_hat_off16": ["algorithm.name=bvpo", "preference.alpha_mode=online", "preference.alpha_resamples=4",
+                             "preference.alpha_ema=0.9", "preference.pairing=per_term",
+                             "preference.off_samples_per_prompt=16"],
 }
-DEFAULT_ARMS = ["dpo_trace", "dpo_empty", "bvpo_per_term", "bvpo_same_prompts", "bvpo_alpha_hat"]
+DEFAULT_ARMS = ["dpo_trace", "dpo_empty", "bvpo_per_term", "bvpo_same_prompts", "bvpo_alpha_hat", "bvpo_off16"]
 MODES = ("reasoning_on", "reasoning_off")
 # Two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (standard table values).
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
-def default_pairing() -> str:
-    from rl_service.config.sections import PreferenceConfig
+def shipped_arm(arms: list[str]) -> str | None:
+    """The arm that trains as configs/bvpo.yaml ships (α, α mode, pairing, reasoning-off budget):
+    the BVPO the issue's bar is about, and the JSON line's bvpo_minus_dpo_*."""
+    from rl_service.config import load_config
 
-    return PreferenceConfig().pairing
+    fields = ("alpha", "alpha_mode", "pairing", "off_samples_per_prompt")
+    shipped = load_config(REPO / "configs" / "bvpo.yaml").preference
+    for arm in arms:
+        preference = load_config(REPO / "configs" / "bvpo.yaml", ARMS[arm]).preference
+        if preference.alpha_mode == "fixed" and all(getattr(preference, f) == getattr(shipped, f) for f in fields):
+            return arm
+    return None
 
 
 class InProcessRun:
@@ -238,6 +251,20 @@ def print_tables(table: dict) -> None:
         print(f"{arm:<19}" + "".join(f"{cell:>22}" for cell in cells))
 
 
+def previous_runs(paths: list[Path], settings: dict) -> dict:
+    """(arm, seed) -> run from earlier outputs (their last line) made with exactly `settings`."""
+    found = {}
+    for path in paths:
+        output = json.loads(path.read_text().strip().splitlines()[-1])
+        differs = {key: output.get(key) for key, value in settings.items() if output.get(key) != value}
+        if differs:
+            raise SystemExit(f"--previous {path}: other settings ({differs}), not comparable")
+        # null in the JSON line is a NaN statistic (a mode with no pairs): back to NaN for the summary.
+        found.update({(run["arm"], run["seed"]): {key: float("nan") if value is None else value
+                                                  for key, value in run.items()} for run in output["runs"]})
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -247,6 +274,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra config override for every run, e.g. learner.lr=5e-5")
+    parser.add_argument("--previous", nargs="+", type=Path, default=[],
+                        help="outputs of earlier runs with the same settings: their (arm, seed) runs are reused, "
+                             "after the first reused one is rerun here and must reproduce bit for bit")
     args = parser.parse_args()
     import torch
 
@@ -261,11 +291,26 @@ def main() -> None:
           f"{' '.join(overrides)}", flush=True)
 
     started = time.perf_counter()
-    runs = []
+    previous = previous_runs(args.previous, {"steps": args.steps, "eval_prompts": args.eval_prompts, "overrides": overrides})
+    runs, checked = [], False
     for seed in args.seeds:   # seed-major: an interrupted run still has whole seeds of every arm
         for arm in args.arms:
+            if (arm, seed) in previous and checked:
+                runs.append(previous[arm, seed])
+                continue
             runs.append(run_one(arm, seed, args.steps, overrides))
             run = runs[-1]
+            if (arm, seed) in previous:   # the reproduction check: same settings, same code path, same numbers
+                # Compared as the JSON line holds them (NaN written as null).
+                want = {k: v for k, v in _finite_or_null(previous[arm, seed]).items() if k != "seconds"}
+                run = {k: v for k, v in _finite_or_null(run).items()}
+                if {k: v for k, v in run.items() if k != "seconds"} != want:
+                    differs = {k: (want.get(k), run.get(k)) for k in sorted(set(want) | set(run))
+                               if k != "seconds" and want.get(k) != run.get(k)}
+                    raise SystemExit(f"{arm} seed {seed} does not reproduce the --previous run (previous, now: "
+                                     f"{differs}): not merging")
+                checked = True
+                print(f"  {arm} seed {seed} reproduces the --previous run bit for bit: reusing its other runs", flush=True)
             print(f"  {arm:<18} seed {seed}: on {run['accuracy_reasoning_on']:.3f} (from {run['initial_accuracy_reasoning_on']:.3f}) "
                   f"off {run['accuracy_reasoning_off']:.3f} (from {run['initial_accuracy_reasoning_off']:.3f}) "
                   f"gnorm var {run['grad_norm_variance']:.4f} pairs {run['trace_pairs']}+{run['empty_pairs']} "
@@ -273,7 +318,7 @@ def main() -> None:
 
     table = summarise(runs, args.arms, args.seeds)
     print_tables(table)
-    default_arm = f"bvpo_{default_pairing()}"
+    default_arm = shipped_arm(args.arms)
     result = {"machine": machine(), "seeds": args.seeds, "steps": args.steps, "eval_prompts": args.eval_prompts,
               "overrides": overrides, "wall_seconds": time.perf_counter() - started, "default_arm": default_arm}
     if default_arm in table:
