@@ -42,10 +42,9 @@ from rl_service.step_loop import LoopResult, loop_outcome, run_steps
 from rl_service.pipeline import RolloutPipeline
 from rl_service.roles import Roles, ray_session, run_with_restarts, start_roles
 from rl_service.rollout import SamplingParams, step_seed
-from rl_service.rollout_client import (LaunchedRollout, PhaseTimer, RolloutClient, mean_or_nan as _mean,
-                                       merge_scored)
-from rl_service.rewards.verifiers import SCORE_COUNTER_KEYS as REWARD_COUNTER_KEYS
+from rl_service.rollout_client import LaunchedRollout, PhaseTimer, RolloutClient
 from rl_service.run_dir import RunDirectory
+from rl_service.step_metrics import PHASES, step_metrics
 from rl_service.step_rounds import StepRounds
 from rl_service.tasks import TaskData, check_job_inputs, load_task
 from rl_service.weight_sync import make_weight_sync
@@ -101,21 +100,19 @@ class Trainer:
         self.wall_before_s, self.loop_started, self.loop_s_at_checkpoint = 0.0, None, 0.0
         self.eval_history: list[tuple[int, float]] = []
         self.phase_totals: dict[str, float] = defaultdict(float)
-        self.pipeline = RolloutPipeline(self._launch_step, schedule.max_staleness if self.pipelined else 0,
-                                        self.config.steps)
-        self._timer = PhaseTimer()
+        self.pipeline = RolloutPipeline(schedule.max_staleness if self.pipelined else 0, self.config.steps)
         self.trained_sampler_state = self.sampler.state_dict()
         from rl_service.telemetry import StepTelemetry
 
         self.telemetry = StepTelemetry(self.config.job_name)   # live metrics for Ray's dashboard / Prometheus
 
-    def _launch_step(self, step: int) -> LaunchedRollout:
-        """The pipeline's launcher: step `step`'s prompts, allocation and rollout, timed in the step
-        that launches it. A pending `rl-service scale` is applied first, between two hand-outs."""
-        with self._timer.phase("scale"):
+    def launch(self, step: int, timer: PhaseTimer) -> LaunchedRollout:
+        """Step `step`'s prompts, allocation and rollout, sent out and not waited for (timed in the
+        step that launches it). A pending `rl-service scale` is applied first, between two hand-outs."""
+        with timer.phase("scale"):
             apply_requested_scale(self.roles, self.config, self.weight_version)
-        records, counts, allocation_metrics = self.batches.next(step, self._timer)
-        launched = self.client.launch(records, counts, self.sampling, _seed_for(self.config, step, 0), self._timer)
+        records, counts, allocation_metrics = self.batches.next(step, timer)
+        launched = self.client.launch(records, counts, self.sampling, _seed_for(self.config, step, 0), timer)
         launched.sampler_state = self.sampler.state_dict()
         launched.allocation_metrics = allocation_metrics
         return launched
@@ -160,35 +157,20 @@ class Trainer:
         import ray
 
         started = time.perf_counter()
-        if self.loop_started is None:
-            self.loop_started = started
-        timer = self._timer = PhaseTimer()
+        self.loop_started = self.loop_started or started
+        timer = PhaseTimer()
+        for ahead in self.pipeline.to_launch(step):   # sync: this step; async: up to max_staleness ahead
+            self.pipeline.add(ahead, self.launch(ahead, timer))
         launched = self.pipeline.take(step)
-        shard_refs, scored = self.client.collect(launched, timer)
-        records, round_metrics = launched.records, dict(launched.allocation_metrics)
-        self.trained_sampler_state = launched.sampler_state
-        if self.batches.step_pilot:   # the rest of the step's budget, by GVM on its own pilot
-            refs, more, spread = self.rounds.rest_after_pilot(step, 1, records, 0, shard_refs, scored, timer)
-            shard_refs, scored = shard_refs + refs, merge_scored(scored, more)
-            round_metrics.update(spread)
-        mask = None
-        if self.config.algorithm.dynamic_sampling:   # sync mode only: nothing was drawn ahead of it
-            records, shard_refs, scored, mask, sampling_metrics = self.rounds.dynamic_sampling(
-                step, records, shard_refs, scored, timer)
-            self.trained_sampler_state = self.sampler.state_dict()
-            round_metrics.update(sampling_metrics)
-        prompt_ids = [record.prompt_id for record in records]
-        staleness = self.weight_version - np.asarray(scored["weight_versions"], dtype=np.int64)
-        if staleness.size and int(staleness.max()) > self.pipeline.max_staleness:
-            raise RuntimeError(f"step {step} sampled with weights {int(staleness.max())} versions old, "
-                               f"beyond the bound of {self.pipeline.max_staleness}")
-        rewards = np.asarray(scored["rewards"], dtype=np.float64)
-        request_index = np.asarray(scored["request_index"], dtype=np.int64)
-        is_accepted = accepted(rewards, self.accept_threshold)
-        samples = np.bincount(request_index, minlength=len(records))
+        shard_refs, scored = self.client.collect(launched, timer)                      # generate -> score
+        records, shard_refs, scored, mask, round_metrics = self.rounds.extend(step, launched, shard_refs, scored, timer)
+        self.trained_sampler_state = self.sampler.state_dict() if mask is not None else launched.sampler_state
+        staleness = self.check_staleness(step, scored)
+        is_accepted = accepted(np.asarray(scored["rewards"], dtype=np.float64), self.accept_threshold)
         # Dynamic sampling may draw a prompt twice in one step: the statistics see it once.
+        prompt_ids = [record.prompt_id for record in records]
         unique_ids, record_slot = np.unique(prompt_ids, return_inverse=True)
-        sample_slot = record_slot[request_index]
+        sample_slot = record_slot[np.asarray(scored["request_index"], dtype=np.int64)]
         with timer.phase("statistics"):
             statistics = ray.get(self.roles.statistics.update_acceptance.remote(
                 unique_ids.tolist(), np.bincount(sample_slot, weights=is_accepted, minlength=len(unique_ids)).tolist(),
@@ -196,7 +178,7 @@ class Trainer:
         with timer.phase("train"):
             train_metrics, sample_grad_norms = ray.get(self.roles.learner.train_step.remote(
                 shard_refs, scored["rewards"], self.batches.wants_grad_norms, mask))
-        if sample_grad_norms is not None:
+        if sample_grad_norms is not None:   # §GVM.1 norms, taken on the weights that generated the samples
             with timer.phase("statistics"):
                 per_prompt = per_prompt_mean(sample_grad_norms, sample_slot, len(unique_ids))
                 train_metrics["nonfinite_grad_norms_dropped"] = float(ray.get(
@@ -205,45 +187,32 @@ class Trainer:
             versions, sync_metrics = self.weight_sync.publish(self.weight_version + 1)
         self.weight_version = min(versions)
 
-        step_seconds = time.perf_counter() - started
-        lengths = np.asarray(scored["completion_lengths"])
-        pilot_completions = self.batches.pop_pilot_completions()   # offline pilot: generated, not trained on
-        completions, tokens = len(rewards) + pilot_completions, int(lengths.sum())
-        self.totals["completions"] += completions
-        self.totals["completion_tokens"] += tokens
-        waited = sum(timer.seconds.values())
-        metrics = {
-            "reward_mean": _mean(rewards),
-            "accepted_fraction": _mean(is_accepted),
-            "completion_length_mean": _mean(lengths),
-            "truncated_fraction": 1.0 - _mean(scored["finished"]),
-            "completions": float(completions),   # pilot samples included (§GVM.6 cost accounting)
-            "pilot_completions": float(pilot_completions),
-            "completion_tokens": float(tokens),
-            "completions_per_s": completions / step_seconds,
-            "tokens_per_s": tokens / step_seconds,
-            **{key: float(scored[key]) for key in REWARD_COUNTER_KEYS},
-            "weight_version": float(self.weight_version),
-            "sample_staleness_mean": _mean(staleness),
-            "rollouts_in_flight": float(self.pipeline.in_flight),
-            "generator_engines": float(len(self.roles.generators)),
-            "step_seconds": step_seconds,
-            "driver_overhead_fraction": max(step_seconds - waited, 0.0) / step_seconds,
-            **{f"time_{name}_s": seconds for name, seconds in timer.seconds.items()},
-            "time_driver_s": max(step_seconds - waited, 0.0),
-            **statistics,
-            **round_metrics,
-            **train_metrics,
-            **sync_metrics,
-        }
-        for name in ("generate", "reward", "statistics", "train", "publish", "driver"):
+        metrics = step_metrics(scored, is_accepted, staleness, timer, time.perf_counter() - started,
+                               self.batches.pop_pilot_completions(), self.weight_version, self.pipeline.in_flight,
+                               len(self.roles.generators), statistics, round_metrics, train_metrics, sync_metrics)
+        samples = np.bincount(np.asarray(scored["request_index"], dtype=np.int64), minlength=len(records))
+        self.record(step, metrics, prompt_ids, samples.tolist())
+        return metrics
+
+    def check_staleness(self, step: int, scored: dict) -> np.ndarray:
+        """Each sample's lag behind the learner in weight versions; beyond the bound is a bug."""
+        staleness = self.weight_version - np.asarray(scored["weight_versions"], dtype=np.int64)
+        if staleness.size and int(staleness.max()) > self.pipeline.max_staleness:
+            raise RuntimeError(f"step {step} sampled with weights {int(staleness.max())} versions old, "
+                               f"beyond the bound of {self.pipeline.max_staleness}")
+        return staleness
+
+    def record(self, step: int, metrics: dict, prompt_ids: list, samples: list[int]) -> None:
+        """Totals, phase times, the live gauges, metrics.jsonl, the ledger and the autoscaler."""
+        self.totals["completions"] += int(metrics["completions"])
+        self.totals["completion_tokens"] += int(metrics["completion_tokens"])
+        for name in PHASES:
             self.phase_totals[name] += metrics.get(f"time_{name}_s", 0.0)
         self.telemetry.record_step(metrics)
         self.run_dir.log(step, metrics)
-        self.run_dir.log_ledger(step, prompt_ids, samples.tolist())
+        self.run_dir.log_ledger(step, prompt_ids, samples)
         if self.autoscaler is not None:
             self.autoscaler.observe(metrics)
-        return metrics
 
     def collapsed(self) -> bool:
         """The collapse guard: eval accuracy fell `guard.max_eval_drop` below the best seen."""

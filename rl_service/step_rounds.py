@@ -25,6 +25,20 @@ class StepRounds:
         self.config, self.roles, self.client, self.batches, self.sampling = config, roles, client, batches, sampling
         self.accept_threshold = acceptance_threshold(config)
 
+    def extend(self, step: int, launched, shard_refs, scored, timer: PhaseTimer):
+        """The step's rounds after its first: the rest of the budget after a step pilot, then dynamic
+        sampling. Returns (records, shard refs, scores, train mask or None, round metrics)."""
+        records, metrics, mask = launched.records, dict(launched.allocation_metrics), None
+        if self.batches.step_pilot:   # the rest of the step's budget, by GVM on its own pilot
+            refs, more, spread = self.rest_after_pilot(step, 1, records, 0, shard_refs, scored, timer)
+            shard_refs, scored = shard_refs + refs, merge_scored(scored, more)
+            metrics.update(spread)
+        if self.config.algorithm.dynamic_sampling:   # sync mode only: nothing was drawn ahead of it
+            records, shard_refs, scored, mask, sampling_metrics = self.dynamic_sampling(step, records, shard_refs,
+                                                                                        scored, timer)
+            metrics.update(sampling_metrics)
+        return records, shard_refs, scored, mask, metrics
+
     def _round(self, step: int, round_: int, records, counts, timer: PhaseTimer):
         """Generate and score `counts[i]` more samples of `records[i]`, with this round's own seed."""
         seed = step_seed(self.config.seed, step, 10 + round_)

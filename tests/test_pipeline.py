@@ -10,12 +10,11 @@ def _trace(max_staleness: int, steps: int) -> list[tuple]:
     """Events in order: ("launch", step) when a rollout is launched, ("train", step) when trained."""
     events: list[tuple] = []
 
-    def launch(step: int) -> str:
-        events.append(("launch", step))
-        return f"rollout {step}"
-
-    pipeline = RolloutPipeline(launch, max_staleness, last_step=steps)
+    pipeline = RolloutPipeline(max_staleness, last_step=steps)
     for step in range(1, steps + 1):
+        for ahead in pipeline.to_launch(step):   # what the driver does at the start of a step
+            events.append(("launch", ahead))
+            pipeline.add(ahead, f"rollout {ahead}")
         assert pipeline.take(step) == f"rollout {step}"
         events.append(("train", step))
     return events
@@ -39,14 +38,25 @@ def test_each_rollout_is_launched_at_most_max_staleness_updates_before_it_trains
     assert events[-1] == ("train", steps) and ("launch", steps + 1) not in events
 
 
-def test_rollouts_are_taken_in_step_order():
-    pipeline = RolloutPipeline(lambda step: step, 1, last_step=5)
-    pipeline.take(1)
-    assert pipeline.in_flight == 1
-    with pytest.raises(RuntimeError, match="step order"):
+def test_rollouts_are_launched_and_taken_in_step_order():
+    pipeline = RolloutPipeline(1, last_step=5)
+    assert list(pipeline.to_launch(1)) == [1, 2]
+    pipeline.add(1, "one")
+    with pytest.raises(RuntimeError, match="launched in step order"):
+        pipeline.add(3, "three")
+    pipeline.add(2, "two")
+    assert pipeline.take(1) == "one" and pipeline.in_flight == 1
+    with pytest.raises(RuntimeError, match="taken in step order"):
         pipeline.take(3)
+
+
+def test_a_resumed_pipeline_launches_from_the_step_after_the_checkpoint():
+    pipeline = RolloutPipeline(2, last_step=10)
+    pipeline.next_to_launch = 5   # resumed after step 4
+    assert list(pipeline.to_launch(5)) == [5, 6, 7]
+    assert list(RolloutPipeline(2, last_step=6).to_launch(5)) == [1, 2, 3, 4, 5, 6]   # never past the last step
 
 
 def test_negative_staleness_is_refused():
     with pytest.raises(ValueError, match="max_staleness"):
-        RolloutPipeline(lambda step: step, -1, last_step=2)
+        RolloutPipeline(-1, last_step=2)
