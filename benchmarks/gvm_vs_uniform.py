@@ -207,10 +207,11 @@ def variance_ratios() -> dict:
     """The mechanism measured directly, from the newest gvm_variance.py result if there is one."""
     found = sorted((REPO / "benchmarks" / "results").glob("gvm_variance*.json"))
     if not found:
-        return {"gvm_grad_variance_ratio_grpo": None, "gvm_grad_variance_ratio_raft": None}
+        return {f"gvm_grad_variance_ratio_{algorithm}{mode}": None for algorithm in ("grpo", "raft") for mode in ("", "_online")}
     data = json.loads(found[-1].read_text().strip().splitlines()[-1])
-    return {key: data.get(key) for key in ("gvm_grad_variance_ratio_grpo", "gvm_grad_variance_ratio_raft")} | {
-        "gvm_variance_source": found[-1].name}
+    keys = [f"gvm_grad_variance_ratio_{algorithm}{mode}" for algorithm in ("grpo", "raft") for mode in ("", "_online")]
+    return {key: data.get(key) for key in keys} | {"gvm_variance_loss": data.get("loss", "token_mean"),
+                                                  "gvm_variance_source": found[-1].name}
 
 
 def print_table(result: dict) -> None:
@@ -273,7 +274,9 @@ def main() -> None:
             algorithm, arm, seed = job
             passthrough = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in
                            ("steps", "eval_every", "eval_prompts", "prompts", "samples", "num_train")]
-            env = {**os.environ, "RAY_TMPDIR": f"{os.environ.get('RAY_TMPDIR', '/tmp/ray')}_{algorithm}_{arm}_{seed}"}
+            # Short: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
+            tag = f"{algorithm[0]}{list(ARMS).index(arm)}s{seed}"
+            env = {**os.environ, "RAY_TMPDIR": f"{os.environ.get('RAY_TMPDIR', '/tmp/ray')}_{tag}"}
             command = [sys.executable, __file__, *passthrough, *sum((["--set", o] for o in args.overrides), []),
                        "--single", algorithm, arm, str(seed)]
             for attempt in range(3):   # Ray's 30 s raylet start-up limit can pass on a loaded machine: retry

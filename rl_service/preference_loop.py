@@ -35,7 +35,7 @@ from rl_service.guard import eval_collapsed
 from rl_service.errors import ConfigError, ModelLoadError
 from rl_service.models.loading import load_tokenizer, render_prompt
 from rl_service.step_loop import LoopResult, loop_outcome, run_steps
-from rl_service.roles import Roles, ray_session, run_with_restarts, start_preference_roles
+from rl_service.roles import Roles, ray_session, run_with_restarts, start_roles
 from rl_service.weight_sync import WeightSync
 from rl_service.rollout import SamplingParams, step_seed
 from rl_service.run_dir import RunDirectory
@@ -245,7 +245,7 @@ def _run_once(job: PreparedPreferenceJob, run_dir_path: Path, resume_from: Path 
     state = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8")) if resume_from else None
     # A restart with no checkpoint yet starts over: the rows of the failed attempt go.
     run_dir = RunDirectory(run_dir_path, config, resume_step=state["step"] if state else (-1 if restart else None))
-    start = partial(start_preference_roles, resume_from=str(resume_from) if resume_from else None)
+    start = partial(start_roles, resume_from=str(resume_from) if resume_from else None)
     try:
         with ray_session(config, start, job.task.verifier) as roles:
             trainer = PreferenceTrainer(job, roles, run_dir)

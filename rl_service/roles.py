@@ -196,34 +196,51 @@ def generator_options(config: JobConfig, index: int) -> dict:
 
 
 def start_roles(config: JobConfig, verifier: str, resume_from: str | None = None) -> Roles:
-    """The roles of a GRPO / RAFT++ job; `resume_from`: a checkpoint the learner continues from."""
+    """The job's roles: the generator pool, the reward actors and the learner (continuing from the
+    checkpoint `resume_from`, if given), for both job kinds. A GRPO / RAFT++ job adds the statistics
+    actor and a learner group of `learner.num_ranks`; a DPO / BVPO job (ALGORITHMS.md §BVPO) has one
+    preference learner, no statistics (no sample allocation), and reward actors that hold the reward
+    model when `preference.reward_source` is `reward_model`."""
     import ray
 
     from actors.generator import GeneratorActor
     from actors.generator_pool import GeneratorPool
-    from actors.learner_group import start_learner_group
     from actors.reward import RewardActor
-    from actors.statistics import StatisticsActor
     from rl_service.rewards.custom import custom_reward_spec
 
-    generator = config.generator
     generators = [GeneratorActor.options(**generator_options(config, index)).remote(config, index)
-                  for index in range(generator.num_engines)]
+                  for index in range(config.generator.num_engines)]
     pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(
         generators, engine_resources=engine_resources(config))
+    preference = config.preference
+    reward_model = (preference.reward_model_path if config.algorithm.is_preference
+                    and preference.reward_source == "reward_model" else None)
     custom = custom_reward_spec(config.reward)  # an absolute path: actors may not share our working directory
     rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus, config.reward.num_gpus,
                                                  config.reward.resources), **STATELESS_RESTARTS)
-               .remote(verifier, config.reward.timeout_s, custom=custom, clip=tuple(config.reward.clip))
+               .remote(verifier, config.reward.timeout_s, None, reward_model, preference.reward_model_batch_size,
+                       custom=custom, clip=tuple(config.reward.clip))
                for index in range(config.reward.num_actors)]
-    statistics = StatisticsActor.options(**_options(config, "statistics", 0, config.statistics.num_cpus, 0.0,
-                                                      config.statistics.resources)).remote(
-        config.statistics)
-    # The learner's ranks join while the other roles start; fail here, with the actor's own error, if
-    # any role could not start.
-    learner = start_learner_group(config, resume_from)
-    ray.get([learner.ready.remote(), pool.num_engines.remote(), statistics.allocate.remote([0], 1)]
-            + [engine.weight_version.remote() for engine in generators])
+    waits = [pool.num_engines.remote()] + [engine.weight_version.remote() for engine in generators]
+    statistics = None
+    if config.algorithm.is_preference:
+        from actors.preference_learner import PreferenceLearnerActor
+
+        learner = PreferenceLearnerActor.options(**_options(config, "learner", 0, config.learner.num_cpus,
+                                                            config.learner.num_gpus, config.learner.resources)
+                                                 ).remote(config, resume_from)
+        waits += [actor.__ray_ready__.remote() for actor in rewards]
+    else:
+        from actors.learner_group import start_learner_group
+        from actors.statistics import StatisticsActor
+
+        statistics = StatisticsActor.options(**_options(config, "statistics", 0, config.statistics.num_cpus, 0.0,
+                                                          config.statistics.resources)).remote(config.statistics)
+        # The learner's ranks join while the other roles start.
+        learner = start_learner_group(config, resume_from)
+        waits.append(statistics.allocate.remote([0], 1))
+    # Fail here, with the actor's own error, if any role could not start.
+    ray.get([learner.ready.remote()] + waits)
     return Roles(pool=pool, generators=generators, rewards=rewards, statistics=statistics, learner=learner)
 
 
@@ -265,35 +282,3 @@ def stop_roles(roles: Roles, timeout_s: float = 30.0) -> None:
         except Exception:  # noqa: BLE001 - already failing engines are being torn down anyway
             pass
 
-
-def start_preference_roles(config: JobConfig, verifier: str, resume_from: str | None = None) -> Roles:
-    """Roles of a DPO / BVPO job (ALGORITHMS.md §BVPO): generator pool, reward actors (holding the
-    reward model when `preference.reward_source` is `reward_model`), a preference learner (continuing
-    from the checkpoint `resume_from`, if given); no statistics actor (no sample allocation)."""
-    import ray
-
-    from actors.generator import GeneratorActor
-    from actors.generator_pool import GeneratorPool
-    from actors.preference_learner import PreferenceLearnerActor
-    from actors.reward import RewardActor
-    from rl_service.rewards.custom import custom_reward_spec
-
-    generator = config.generator
-    generators = [GeneratorActor.options(**generator_options(config, index)).remote(config, index)
-                  for index in range(generator.num_engines)]
-    pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(
-        generators, engine_resources=engine_resources(config))
-    preference = config.preference
-    reward_model = preference.reward_model_path if preference.reward_source == "reward_model" else None
-    rewards = [RewardActor.options(**_options(config, "reward", index, config.reward.num_cpus, config.reward.num_gpus,
-                                                 config.reward.resources), **STATELESS_RESTARTS)
-               .remote(verifier, config.reward.timeout_s, None, reward_model, preference.reward_model_batch_size,
-                       custom=custom_reward_spec(config.reward), clip=tuple(config.reward.clip))
-               for index in range(config.reward.num_actors)]
-    learner_config = config.learner
-    learner = PreferenceLearnerActor.options(**_options(config, "learner", 0, learner_config.num_cpus,
-                                                        learner_config.num_gpus, learner_config.resources)).remote(config, resume_from)
-    ray.get([learner.ready.remote(), pool.num_engines.remote()]
-            + [engine.weight_version.remote() for engine in generators]
-            + [actor.__ray_ready__.remote() for actor in rewards])
-    return Roles(pool=pool, generators=generators, rewards=rewards, statistics=None, learner=learner)
