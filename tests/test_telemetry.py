@@ -181,8 +181,10 @@ def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
     return samples
 
 
-def wait_for_series(port: int, wanted: dict[tuple[str, tuple[tuple[str, str], ...]], float], timeout_s: float = 30.0):
-    """Poll the endpoint until every (series name, label subset) has its value; returns the last scrape."""
+def wait_for_series(port: int, wanted: dict[tuple[str, tuple[tuple[str, str], ...]], float], timeout_s: float = 180.0):
+    """Poll the endpoint until every (series name, label subset) has its value; returns the last scrape.
+    A deadline, not a timing check: on a loaded 2-core machine the node's metrics agent took over
+    30 s to serve the first series (no rl_service series at all after 30 s; 10 s when quiet)."""
     deadline = time.monotonic() + timeout_s
     while True:
         samples = scrape(port)
