@@ -17,6 +17,7 @@ step 1). Arms:
   bvpo_same_prompts    bvpo, α = 0.5, pairing same_prompts: only prompts with a pair in both modes
   bvpo_alpha_hat       bvpo, α̂ online (§BVPO.6: K = 4 resamples per prompt on the head, EMA 0.9), per_term
   bvpo_off16           bvpo_per_term with 16 reasoning-off samples per prompt instead of 8: configs/bvpo.yaml
+  bvpo_off24, bvpo_off32 (opt-in) bvpo_per_term with 24 / 32 reasoning-off samples per prompt
   bvpo_alpha_hat_off16 (opt-in) bvpo_alpha_hat with 16 reasoning-off samples
 
 Per arm, over seeds: greedy verifier accuracy on the eval split with reasoning on and off after
@@ -59,6 +60,11 @@ ARMS = {
     # Twice the reasoning-off samples, where the model rarely answers without a trace: what bvpo.yaml ships.
     "bvpo_off16": ["algorithm.name=bvpo", "preference.alpha=0.5", "preference.pairing=per_term",
                    "preference.off_samples_per_prompt=16"],
+    # Opt-in: larger reasoning-off budgets (the off-mode pair yield is the bottleneck of L_empty).
+    "bvpo_off24": ["algorithm.name=bvpo", "preference.alpha=0.5", "preference.pairing=per_term",
+                   "preference.off_samples_per_prompt=24"],
+    "bvpo_off32": ["algorithm.name=bvpo", "preference.alpha=0.5", "preference.pairing=per_term",
+                   "preference.off_samples_per_prompt=32"],
     # Opt-in: the shipped budget split with the online α̂ instead of α = 0.5.
     "bvpo_alpha_hat_off16": ["algorithm.name=bvpo", "preference.alpha_mode=online", "preference.alpha_resamples=4",
                              "preference.alpha_ema=0.9", "preference.pairing=per_term",
