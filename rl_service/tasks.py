@@ -67,7 +67,11 @@ def check_job_inputs(config: JobConfig, task: TaskData, tokenizer) -> None:
     """What would fail only inside the run, checked before Ray starts: the weights against the
     model's config, a batch the train split can fill, and every prompt (train and eval) against
     the model's context with `generator.max_new_tokens` (refused, or `data.long_prompts: truncate`)."""
-    check_weights_match_config(config.model.path, config.model.trust_remote_code)
+    model = check_weights_match_config(config.model.path, config.model.trust_remote_code)
+    if config.learner.lora is not None:
+        from rl_service.training.lora import check_targets
+
+        check_targets(model, config.learner.lora)
     if config.data.prompts_per_step > len(task.train):
         raise DataError(f"data.prompts_per_step: {config.data.prompts_per_step} but the train split has "
                         f"{len(task.train)} prompts (a batch lists each prompt once)")

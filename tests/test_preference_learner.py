@@ -292,3 +292,20 @@ def test_a_restored_learner_continues_bit_identically(tmp_path, mode):
         assert want[-1]["reference_cache_hits"] > 0
     for a, b in zip(_parameters(resumed), _parameters(whole)):
         assert torch.equal(a, b)
+
+
+def test_a_lora_preference_learner_starts_at_log_two_and_keeps_the_base_as_its_reference():
+    # π_ref under LoRA is the base with the adapters off: equal to the policy at step 1 (B = 0), so the
+    # first loss is log 2 as with a second copy of the model, and the base never moves.
+    from rl_service.models.loading import load_causal_lm
+
+    fresh = _learner("learner.lora.rank=4", "preference.alpha_mode=online", mode="online")
+    pairs = _with_resamples(fresh)
+    first = fresh.train_step(pairs)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5) and first["bvpo_trace_variance"] > 0
+    assert fresh.train_step(pairs)["loss"] < math.log(2)
+    base = load_causal_lm("builtin", "float32")
+    ids = torch.tensor([pairs[0].trace_prompt + pairs[0].trace_chosen])
+    assert torch.equal(fresh.reference_model(input_ids=ids).logits, base(input_ids=ids).logits)
+    assert sequence_logps(fresh.reference_model, [pairs[0].trace_prompt], [pairs[0].trace_chosen],
+                          fresh.pad_token_id) == pytest.approx(float(fresh.reference_logps(pairs[:1])[0, 0]))

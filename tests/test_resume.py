@@ -45,19 +45,22 @@ def _kill_after_checkpoint(run_dir, step: int, timeout_s: float = 240, config_na
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full_weights", "lora"])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, lora):
     from rl_service.cli import main
 
+    # LoRA: the checkpoint holds the adapter (adapter/) and the optimizer state of the adapters only.
+    extra = EXTRA + (["learner.lora.rank=4", "learner.lr=1e-3"] if lora else [])
     uninterrupted = tmp_path / "uninterrupted"
-    run_short_job(uninterrupted, EXTRA, steps=STEPS)
+    run_short_job(uninterrupted, extra, steps=STEPS)
 
     killed = tmp_path / "killed"
-    _kill_after_checkpoint(killed, step=2)
+    _kill_after_checkpoint(killed, step=2, overrides=short_run_overrides(STEPS) + extra)
     assert not (killed / "summary.json").exists()
     assert main(["resume", str(killed)]) == 0
 
     assert _without_timings(read_metrics(killed)) == _without_timings(read_metrics(uninterrupted))
-    final = f"checkpoints/step_{STEPS}/model/model.safetensors"
+    final = f"checkpoints/step_{STEPS}/" + ("adapter/adapter_model.safetensors" if lora else "model/model.safetensors")
     got, want = load_file(str(killed / final)), load_file(str(uninterrupted / final))
     assert got.keys() == want.keys() and all((got[name] == want[name]).all() for name in want)
     summary = json.loads((killed / "summary.json").read_text())

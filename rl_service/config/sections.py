@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rl_service.config.lora import LoraConfig
+
 
 class _Section(BaseModel):
     # No field takes inf or NaN (`reward.timeout_s: .inf` passed, then overflowed in the run).
@@ -211,6 +213,15 @@ class LearnerConfig(_Section):
     num_cpus: float = Field(0.5, gt=0.0, le=1024)
     num_gpus: float = Field(0.0, ge=0.0, le=64)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray node resources per rank, e.g. {learner: 1}")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters on the frozen base instead of every weight")
+
+    @model_validator(mode="after")
+    def _lora_needs_whole_parameters(self) -> "LearnerConfig":
+        if self.lora is not None and self.zero_stage == 3:
+            # The adapters wrap the base's linear layers, which ZeRO-3 has partitioned: peft needs them whole.
+            raise ValueError("learner.lora applies to learner.zero_stage 0-2 (ZeRO-3 partitions the base layers the "
+                             "adapters wrap); the frozen base holds no optimizer state, so ZeRO-2 already saves most")
+        return self
 
 
 class WeightSyncConfig(_Section):

@@ -164,10 +164,10 @@ def model_context_length(path: str, trust_remote_code: bool = False) -> int | No
     return None
 
 
-def check_weights_match_config(path: str, trust_remote_code: bool = False, field: str = "model.path") -> None:
+def check_weights_match_config(path: str, trust_remote_code: bool = False, field: str = "model.path"):
     """Every tensor in the safetensors files has the shape the config.json's model gives it (the model
     built on the meta device: no memory, no weights read). A config that disagrees with its weights
-    is named here, before Ray starts, instead of failing inside every actor."""
+    is named here, before Ray starts, instead of failing inside every actor. Returns the meta model."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -184,6 +184,7 @@ def check_weights_match_config(path: str, trust_remote_code: bool = False, field
             if name in expected and expected[name] != shape:
                 raise ModelLoadError(f"{field}: {file.name} holds {name} of shape {list(shape)} but config.json makes "
                                      f"it {list(expected[name])}: the config does not describe these weights")
+    return model
 
 
 def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:

@@ -102,21 +102,31 @@ def deepspeed_config(config: JobConfig) -> dict:
     }
 
 
-def build_engine(config: JobConfig, weights_from: str | None = None):
+def build_engine(config: JobConfig, resume_from: str | Path | None = None):
     """(tokenizer, DeepSpeed engine) of the policy: seeded, AdamW with linear warm-up, our config;
-    weights from `model.path`, or from `weights_from` (a checkpoint's `model/`) when resuming.
-    The process group must exist (`init_process_group`); a world of one is made here if not."""
+    weights from `model.path`, or from the checkpoint `resume_from` (its `model/`; under LoRA the
+    base from `model.path` and the adapter from its `adapter/`). The process group must exist
+    (`init_process_group`); a world of one is made here if not."""
     import deepspeed
 
     torch.manual_seed(config.seed)
     init_process_group()
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+    lora = config.learner.lora
+    checkpoint = Path(resume_from) if resume_from is not None else None
+    weights_from = config.model.path if lora is not None or checkpoint is None else str(checkpoint / "model")
     # Every rank materialises the whole model before ZeRO-3 partitions it: deepspeed.zero.Init, which
     # would build it partitioned, fails on torch 2.13 (its Tensor.__new__ patch no longer matches).
-    model = load_causal_lm(weights_from or config.model.path, config.model.dtype, config.model.trust_remote_code)
+    model = load_causal_lm(weights_from, config.model.dtype, config.model.trust_remote_code)
     model.config.use_cache = False
+    if lora is not None:
+        from rl_service.training.lora import ADAPTER_DIR, with_adapters
+
+        model = with_adapters(model, lora, checkpoint / ADAPTER_DIR if checkpoint is not None else None)
     learner = config.learner
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, betas=learner.adam_betas,
+    # Only what trains (all of it, or the adapters) gets optimizer state.
+    optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad],
+                                  lr=learner.lr, betas=learner.adam_betas,
                                   weight_decay=learner.weight_decay, foreach=False)
     warmup = learner.warmup_steps
 
@@ -126,6 +136,16 @@ def build_engine(config: JobConfig, weights_from: str | None = None):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config))
     return tokenizer, engine
+
+
+def reference_policy(config: JobConfig, engine):
+    """π_ref, the initial policy frozen (the KL term's reference, §DPO's π_ref): a second copy from
+    `model.path`, or under LoRA the engine's own base with the adapters off (no second copy)."""
+    if config.learner.lora is not None:
+        from rl_service.training.lora import AdaptersOff
+
+        return AdaptersOff(engine.module)
+    return load_causal_lm(config.model.path, config.model.dtype, config.model.trust_remote_code).eval().requires_grad_(False)
 
 
 @contextmanager
@@ -149,9 +169,18 @@ def full_numel(parameter: torch.nn.Parameter) -> int:
 class EngineWeights:
     """What every learner does with its weights: publish them in flat buckets (DESIGN.md "Weight sync")
     and save them as a loadable HF directory (safetensors + tokenizer). Needs `engine`, `tokenizer`
-    and `config`."""
+    and `config`. Under LoRA what goes out is the merged weights under the base's names
+    (rl_service/training/lora.py): the engines never see adapters."""
 
     weight_version = 0   # the version these weights were last published as (0: the initial model)
+
+    def published_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of what the generators load: the parameters, or the merged LoRA weights."""
+        if self.config.learner.lora is not None:
+            from rl_service.training.lora import merged_named_weights
+
+            return list(merged_named_weights(self.engine.module))
+        return list(self.engine.module.named_parameters())
 
     def weight_buckets(self, version: int, bucket_bytes: int | None = None,
                        packed: bool = True) -> Iterator[FlatWeights | WeightViews]:
@@ -164,7 +193,7 @@ class EngineWeights:
             bucket_bytes = int(self.config.weight_sync.bucket_mb * 2**20)
         self.weight_version = version
         rank, _ = rank_and_world()
-        named = list(self.engine.module.named_parameters())
+        named = self.published_weights()
         sizes = [(name, full_numel(parameter) * parameter.element_size()) for name, parameter in named]
         by_name = dict(named)
         for bucket in plan_buckets(sizes, bucket_bytes):
@@ -178,7 +207,7 @@ class EngineWeights:
         """The layout of every bucket `weight_buckets` packs (the same at every version), from the
         parameters' full shapes: nothing is packed or gathered."""
         bucket_bytes = int(self.config.weight_sync.bucket_mb * 2**20)
-        named = dict(self.engine.module.named_parameters())
+        named = dict(self.published_weights())
         sizes = [(name, full_numel(parameter) * parameter.element_size()) for name, parameter in named.items()]
         return [BucketLayout.plan((name, tuple(getattr(named[name], "ds_shape", named[name].shape)), named[name].dtype)
                                   for name in bucket)
@@ -187,7 +216,7 @@ class EngineWeights:
     def mailbox_layout(self) -> MailboxLayout:
         """Where each parameter sits in a weight-mailbox slot: from full shapes, nothing gathered."""
         return MailboxLayout.of((name, tuple(getattr(parameter, "ds_shape", parameter.shape)), parameter.dtype)
-                                for name, parameter in self.engine.module.named_parameters())
+                                for name, parameter in self.published_weights())
 
     def flat_weights(self, version: int) -> FlatWeights:
         """All weights in one flat buffer (rank 0; a world of one, or tests)."""
@@ -195,11 +224,33 @@ class EngineWeights:
         return flat
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Rank 0 writes; under ZeRO-3 every rank must call it (the parameters are gathered)."""
+        """A loadable HF directory of the weights (under LoRA: merged, with the adapter in `adapter/`).
+        Rank 0 writes; under ZeRO-3 every rank must call it (the parameters are gathered)."""
         directory = Path(directory)
         rank, _ = rank_and_world()
         with gathered(list(self.engine.module.parameters()), self.config.learner.zero_stage):
             if rank == 0:
                 directory.mkdir(parents=True, exist_ok=True)
+                if self.config.learner.lora is not None:
+                    from rl_service.training.lora import ADAPTER_DIR, save_adapter, save_merged
+
+                    save_merged(self.engine.module, self.tokenizer, directory)
+                    save_adapter(self.engine.module, directory / ADAPTER_DIR)
+                    return
                 self.engine.module.save_pretrained(str(directory), safe_serialization=True)
                 self.tokenizer.save_pretrained(str(directory))
+
+    def save_checkpoint_weights(self, directory: str | Path) -> None:
+        """A checkpoint's weights, what `build_engine(config, directory)` resumes from: `model/`; under
+        LoRA the adapter (`adapter/`) and, with `lora.save_merged`, the merged model in `model/`."""
+        directory = Path(directory)
+        lora = self.config.learner.lora
+        if lora is None:
+            self.save_pretrained(directory / "model")
+            return
+        from rl_service.training.lora import ADAPTER_DIR, save_adapter, save_merged
+
+        if rank_and_world()[0] == 0:   # no ZeRO-3 under LoRA: every rank holds the adapters whole
+            save_adapter(self.engine.module, directory / ADAPTER_DIR)
+            if lora.save_merged:
+                save_merged(self.engine.module, self.tokenizer, directory / "model")

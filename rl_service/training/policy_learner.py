@@ -26,12 +26,11 @@ from rl_service.algorithms.grad_norms import per_sample_embedding_grad_norms
 from rl_service.algorithms.logprobs import token_log_probs
 from rl_service.algorithms.policy_loss import PolicyLossConfig, loss_normalizer_for, policy_loss, prompt_mean_weights
 from rl_service.config import JobConfig
-from rl_service.models.loading import load_causal_lm
 from rl_service.rollout import Rollout
 from rl_service.training.batch import TrainingBatch, build_training_batch, micro_batches
 from rl_service.training.data_parallel import (all_gather_floats, all_reduce_metrics, all_reduce_sum_, lock_step,
                                                shard_rows, sum_gradients_)
-from rl_service.training.engine import EngineWeights, build_engine, gathered, rank_and_world
+from rl_service.training.engine import EngineWeights, build_engine, gathered, rank_and_world, reference_policy
 from rl_service.training.state import load_learner_state, save_learner_state
 
 
@@ -40,15 +39,14 @@ class PolicyLearner(EngineWeights):
         """`resume_from`: a checkpoint directory whose weights, optimizer state, LR schedule, RNG and
         counters this learner continues from (the reference model still comes from `model.path`)."""
         self.config = config
-        self.tokenizer, self.engine = build_engine(config, str(Path(resume_from) / "model") if resume_from else None)
+        self.tokenizer, self.engine = build_engine(config, resume_from)
         self.rank, self.world_size = rank_and_world()
         if config.learner.zero_stage == 0 and self.world_size > 1:
             # We sum the ranks' gradients ourselves before the norm (clip, NaN guard): see _optimizer_step.
             self.engine.enable_backward_allreduce = False
         self.reference_model = None
         if config.algorithm.kl_coef > 0:
-            self.reference_model = load_causal_lm(config.model.path, config.model.dtype,
-                                                  config.model.trust_remote_code).eval().requires_grad_(False)
+            self.reference_model = reference_policy(config, self.engine)
         algorithm = config.algorithm
         self.loss_config = PolicyLossConfig(
             clip_low=algorithm.clip_low, clip_high=algorithm.clip_high, dual_clip=algorithm.dual_clip,
@@ -61,7 +59,7 @@ class PolicyLearner(EngineWeights):
             self.optimizer_steps, self.weight_version = counters["optimizer_steps"], counters["weight_version"]
 
     def save_checkpoint(self, directory: str | Path) -> None:
-        self.save_pretrained(Path(directory) / "model")
+        self.save_checkpoint_weights(directory)
         save_learner_state(directory, self.engine, {"optimizer_steps": self.optimizer_steps,
                                                     "weight_version": self.weight_version}, self._state_layout(), self.rank)
 

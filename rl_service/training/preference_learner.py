@@ -33,8 +33,7 @@ from rl_service.algorithms.preference import (OnlineAlphaEstimator, PreferenceLo
                                               dpo_loss, per_term_alpha, per_term_trains)
 from rl_service.config import JobConfig
 from rl_service.data.preferences import TokenizedPair
-from rl_service.models.loading import load_causal_lm
-from rl_service.training.engine import EngineWeights, build_engine
+from rl_service.training.engine import EngineWeights, build_engine, reference_policy
 from rl_service.training.state import load_learner_state, save_learner_state
 
 # Column order of a pair's four sequences in every [B, 4] log-prob table.
@@ -118,12 +117,10 @@ class PreferenceLearner(EngineWeights):
         state, LR schedule, RNG, counters, α̂ moving averages and reference cache this learner
         continues from; π_ref still comes from `model.path` (it is the initial policy)."""
         self.config = config
-        model_config = config.model
-        self.tokenizer, self.engine = build_engine(config, str(Path(resume_from) / "model") if resume_from else None)
+        self.tokenizer, self.engine = build_engine(config, resume_from)
         self.pad_token_id = self.tokenizer.pad_token_id
         # π_ref is the initial policy, frozen (§DPO); on the learner: the models here are small.
-        self.reference_model = load_causal_lm(model_config.path, model_config.dtype,
-                                              model_config.trust_remote_code).eval().requires_grad_(False)
+        self.reference_model = reference_policy(config, self.engine)
         preference = config.preference
         self.with_empty = config.algorithm.name == "bvpo"   # dpo: trace-only, i.e. BVPO with α = 1
         self.beta = preference.beta
@@ -172,6 +169,8 @@ class PreferenceLearner(EngineWeights):
         (rows R), and a pair's DPO gradient is −β σ(−h) (∇ log π(y_w) − ∇ log π(y_l)) (§DPO).
         """
         module = self.engine.module
+        # Under LoRA the head is frozen, its gradient still the same cheap proxy of the pair variance.
+        module = module.get_base_model() if hasattr(module, "get_base_model") else module   # peft's wrapper off
         head = module.get_output_embeddings()
         index: dict[tuple, int] = {}
         sequences: list[tuple[list[int], list[int]]] = []
@@ -349,7 +348,7 @@ class PreferenceLearner(EngineWeights):
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        self.save_pretrained(directory / "model")
+        self.save_checkpoint_weights(directory)
         counters = {**self.counters, "weight_version": self.weight_version,
                     "alpha_estimator": self.alpha_state() or None}
         save_learner_state(directory, self.engine, counters, self._state_layout())
