@@ -156,7 +156,9 @@ class InProcessRun:
                                  step_seed(config.seed, step, 3), preference.pairing)
         metrics = self.learner.train_step(pairs_from_rollout(rollout, selection, self.next_pair_id))
         self.next_pair_id += len(selection.prompts)
-        self.engine.model.load_state_dict(self.learner.engine.module.state_dict())
+        # What a publication carries (under LoRA the merged weights); a tied head follows its embedding.
+        missing, unexpected = self.engine.model.load_state_dict(dict(self.learner.published_weights()), strict=False)
+        assert not unexpected and all(name in self.engine.model._tied_weights_keys for name in missing), (missing, unexpected)
         return {**selection.counts, **metrics}
 
 
