@@ -113,3 +113,24 @@ def test_prompt_mean_aggregation_weighs_prompts_equally_whatever_their_sample_co
     assert torch.allclose(grad_parts, grad_full, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="sequence_weights"):
         policy_loss(logprobs, old, advantages, mask, config)
+    # A prompt whose samples were all rejected (no row left) still counts in the mean over prompts.
+    assert prompt_mean_weights(mask, groups, absent_prompts=1.0).tolist() == pytest.approx([1 / 18] * 3 + [1 / 12, 0.0])
+
+
+def test_raft_prompt_mean_divides_by_every_prompt_of_the_batch_as_gvm2_does():
+    # §GVM.2's estimator is (1/B) Σ_i (mean over prompt i's accepted samples): a prompt with no
+    # accepted sample adds 0 but still counts in B. At the first update the ratio is exactly 1 and
+    # A = 1 on every kept token, so each prompt with an accepted sample adds -1 and the loss is -P_kept/B.
+    from conftest import arithmetic_requests
+    from rl_service.config import load_config
+    from rl_service.generation.hf_engine import HFGenerationEngine
+    from rl_service.rollout import SamplingParams
+    from rl_service.training.policy_learner import PolicyLearner
+
+    rollout = HFGenerationEngine("builtin").generate(arithmetic_requests(4, 3, seed=5), SamplingParams(max_new_tokens=16), seed=0)
+    rewards = [float(prompt in (1, 3) and k % 3 == 0) for k, prompt in enumerate(rollout.request_index)]
+    learner = PolicyLearner(load_config(None, ["algorithm.name=raft++", "algorithm.aggregation=prompt_mean",
+                                               "algorithm.drop_rejected=true", "learner.micro_batch_size=4"]))
+    metrics = learner.train_step(rollout, rewards)
+    assert metrics["all_rejected_prompts"] == 2 and metrics["trained_samples"] == 2
+    assert metrics["loss"] == pytest.approx(-2 / 4, abs=1e-6)

@@ -30,8 +30,10 @@ P prompts of the mini-batch, $\mathcal{L} = -\frac{1}{P}\sum_g \frac{\sum_{i \in
 allocation that gives a prompt more samples also gives it more weight: it changes *what* the batch
 estimates, not only how noisily. Prompt-mean keeps every prompt's weight fixed, which is the
 estimator whose variance §GVM.2 minimises (with `drop_rejected`, RAFT++'s per-prompt mean over the
-accepted samples, exactly §GVM.2's). Pass ``sequence_weights=prompt_mean_weights(...)`` of the
-mini-batch; the normaliser is then 1.
+accepted samples, exactly §GVM.2's). A prompt all of whose samples RAFT++ rejected has no row left,
+but it is one of §GVM.2's B prompts (its gradient is 0, not absent): ``absent_prompts`` counts such
+prompts in P. Pass ``sequence_weights=prompt_mean_weights(...)`` of the mini-batch; the normaliser is
+then 1.
 
 Gradient accumulation: pass ``loss_normalizer=loss_normalizer_for(minibatch_mask, aggregation)`` to
 every micro-batch; the micro-batch losses (and gradients) then sum to the mini-batch loss exactly.
@@ -193,12 +195,14 @@ def policy_loss(
     return loss, metrics
 
 
-def prompt_mean_weights(completion_mask: Tensor, groups: Tensor) -> Tensor:
+def prompt_mean_weights(completion_mask: Tensor, groups: Tensor, absent_prompts: float = 0.0) -> Tensor:
     """Per-sequence weights ``1 / (P · T_g)`` of the prompt_mean aggregation, float64 [B].
 
     ``groups[i]`` is sequence i's prompt; ``T_g`` the completion tokens of prompt g's sequences and
-    ``P`` the prompts with at least one token, all within the given (mini-)batch. A sequence with no
-    completion token gets weight 0.
+    ``P`` the prompts with at least one token within the given (mini-)batch, plus ``absent_prompts``:
+    prompts of the batch whose samples were all dropped as rejected (RAFT++), which add a zero
+    gradient but count in the mean over prompts (§GVM.2's 1/B). A sequence with no completion token
+    gets weight 0.
     """
     tokens = completion_mask.to(torch.float64).sum(-1)
     _, group = torch.unique(groups, return_inverse=True)
@@ -208,7 +212,8 @@ def prompt_mean_weights(completion_mask: Tensor, groups: Tensor) -> Tensor:
     if prompts == 0:
         return torch.zeros_like(tokens)
     group_tokens = per_group[group]
-    return torch.where(group_tokens > 0, 1.0 / (prompts * group_tokens.clamp(min=1.0)), torch.zeros_like(tokens))
+    return torch.where(group_tokens > 0, 1.0 / ((prompts + absent_prompts) * group_tokens.clamp(min=1.0)),
+                       torch.zeros_like(tokens))
 
 
 @torch.no_grad()

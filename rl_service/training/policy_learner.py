@@ -93,7 +93,12 @@ class PolicyLearner(EngineWeights):
         else:
             threshold = acceptance_threshold(self.config)
             advantages = raft_plus_plus_advantages(rewards, threshold)
+            eligible = keep.clone()
             keep &= raft_plus_plus_keep_mask(rewards, algorithm.drop_rejected, threshold)
+            # Prompts with no accepted sample: no row trains, but prompt_mean still counts them (§GVM.2).
+            had_rows = torch.zeros(int(group_index.max()) + 1, dtype=torch.bool).index_fill_(0, group_index[eligible], True)
+            kept_rows = torch.zeros_like(had_rows).index_fill_(0, group_index[keep], True)
+            metrics["all_rejected_prompts"] = float((had_rows & ~kept_rows).sum())
         metrics["trained_samples"] = float(keep.sum())
         return advantages, keep, metrics
 
@@ -146,6 +151,7 @@ class PolicyLearner(EngineWeights):
         batch = build_training_batch(rollout, advantages, keep, self.tokenizer.pad_token_id)
         # Each kept row's prompt: the prompt_mean aggregation weighs prompts, not samples.
         self._row_groups = torch.tensor(rollout.request_index, dtype=torch.long)[keep]
+        self._absent_prompts = metrics.get("all_rejected_prompts", 0.0)
         self.engine.train()
         single_update = learner.mini_batches == 1 and learner.ppo_epochs == 1
         old_logprobs = None if single_update else self._frozen_logprobs(
@@ -179,7 +185,9 @@ class PolicyLearner(EngineWeights):
         weights = None
         if aggregation == "prompt_mean":   # over the whole mini-batch, indexed by row
             weights = torch.zeros(len(batch), dtype=torch.float64)
-            weights[mini_rows] = prompt_mean_weights(batch.completion_mask[mini_rows], self._row_groups[mini_rows])
+            # All-rejected prompts have no row: each mini-batch counts its share of them.
+            absent = self._absent_prompts * len(mini_rows) / len(batch)
+            weights[mini_rows] = prompt_mean_weights(batch.completion_mask[mini_rows], self._row_groups[mini_rows], absent)
         active_rows = self._rows_with_gradient(batch, mini_rows)
         # Keys summed over the ranks (each rank adds its rows' share); the rest are the same on every rank.
         totals: dict[str, float] = {"loss": 0.0, "behaviour_logprob_abs_diff": 0.0,
