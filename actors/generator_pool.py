@@ -118,6 +118,3 @@ class GeneratorPool:
         (weights_ref,) = weights
         self.outstanding_work()   # drop finished shards' refs, so their samples are not kept alive here
         return ray.get([engine.load_weights.remote(weights_ref) for engine in self.engines])
-
-    def weight_versions(self) -> list[int]:
-        return ray.get([engine.weight_version.remote() for engine in self.engines])

@@ -63,9 +63,3 @@ class RewardActor:
             "verify_seconds": time.perf_counter() - started,
             **counts,
         }
-
-    def custom_reward_totals(self) -> dict[str, int]:
-        """Failures of the custom function over this actor's life, and how often its process started."""
-        if self.custom is None:
-            return {}
-        return {**self.custom.totals, "custom_reward_process_starts": self.custom.starts}

@@ -61,7 +61,8 @@ def test_failing_reward_function_scores_0_and_is_counted(case, caplog):
     finally:
         runner.close()
     assert rewards == [case.get("score", 0.0)]
-    assert counts == {"custom_reward_errors": case.get("errors", 0), "custom_reward_timeouts": case.get("timeouts", 0)}
+    assert counts == {"custom_reward_errors": case.get("errors", 0), "custom_reward_timeouts": case.get("timeouts", 0),
+                      "custom_reward_restarts": 0}   # one completion: a replacement process starts with the next
     assert set(counts) == set(COUNTER_KEYS)
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     if "log" in case:

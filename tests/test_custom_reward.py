@@ -61,7 +61,7 @@ def test_good_calls_run_in_one_limited_subprocess(mixed):
     finally:
         runner.close()
     assert rewards[:3] == [2.1, 4.2, 3.0]
-    assert counts == {"custom_reward_errors": 0, "custom_reward_timeouts": 0}
+    assert counts == {"custom_reward_errors": 0, "custom_reward_timeouts": 0, "custom_reward_restarts": 0}
     assert again == [rewards[3]] and runner.starts == 1  # one long-lived process
     assert rewards[4] == 256                         # under the address-space limit
 
@@ -78,9 +78,12 @@ def test_failures_score_0_are_counted_logged_once_per_kind_and_the_rest_still_sc
     finally:
         runner.close()
     assert rewards == [0.0, 2.1, 0.0, 0.0, 3.1, 0.0, 0.0, 0.0, 1.1, 0.0]
-    assert counts == {"custom_reward_errors": 5, "custom_reward_timeouts": 2}
-    assert second == [0.0, 2.1] and second_counts == {"custom_reward_errors": 1, "custom_reward_timeouts": 0}
-    assert runner.totals == {"custom_reward_errors": 6, "custom_reward_timeouts": 2}
+    # A process is started again when the next completion needs it: after "slow" and "hog" in this
+    # call, after the last "slow" at the start of the next.
+    assert counts == {"custom_reward_errors": 5, "custom_reward_timeouts": 2, "custom_reward_restarts": 2}
+    assert second == [0.0, 2.1] and second_counts == {"custom_reward_errors": 1, "custom_reward_timeouts": 0,
+                                                      "custom_reward_restarts": 1}
+    assert runner.totals == {"custom_reward_errors": 6, "custom_reward_timeouts": 2, "custom_reward_restarts": 3}
     assert seconds < 2 * 1.0 + 5                     # each slow call cut at its 1 s limit
     # Timeouts and the memory blow-up restart the process: first start + slow + hog + slow.
     assert runner.starts == 4
@@ -98,7 +101,8 @@ def test_a_module_that_stops_importing_fails_the_batch_once_not_per_completion(t
                                        "    raise RuntimeError('config moved')\n\ndef reward(c, a):\n    return 1\n")
     runner = CustomRewardRunner(CustomRewardSpec(str(tmp_path / "flaky.py"), "reward", 1.0, 256))
     try:
-        assert runner.score(["x"], ["1"]) == ([1.0], {"custom_reward_errors": 0, "custom_reward_timeouts": 0})
+        assert runner.score(["x"], ["1"]) == ([1.0], {"custom_reward_errors": 0, "custom_reward_timeouts": 0,
+                                                    "custom_reward_restarts": 0})
         flag.touch()
         runner._stop_worker()   # as if the process had died: the next call imports the module again
         rewards, counts = runner.score(["x", "y", "z"], ["1"] * 3)
@@ -222,7 +226,6 @@ def test_reward_actor_uses_the_function_returns_counters_and_keeps_the_verifier_
         shard = ray.put(rollout)
         scored = ray.get(actor.score.remote([shard], ["2", "3"]))
         verified = ray.get(actor.score.remote([shard], ["2", "3"], verifier_only=True))
-        totals = ray.get(actor.custom_reward_totals.remote())
         plain = ray.get(RewardActor.remote("integer", 5.0).score.remote([shard], ["2", "3"]))
     finally:
         ray.shutdown()
@@ -231,7 +234,8 @@ def test_reward_actor_uses_the_function_returns_counters_and_keeps_the_verifier_
     assert (scored["custom_reward_errors"], scored["custom_reward_timeouts"], scored["rewards_clipped"]) == (1, 1, 1)
     assert verified["rewards"] == [1.0, 0.0, 0.0, 1.0, 0.0] and verified["custom_reward_errors"] == 0
     assert verified["rewards_clipped"] == 0
-    assert totals == {"custom_reward_errors": 1, "custom_reward_timeouts": 1, "custom_reward_process_starts": 2}
+    # The timed-out process was replaced once: the restart reaches the step's metrics with the failures.
+    assert scored["custom_reward_restarts"] == 1 and verified["custom_reward_restarts"] == 0
     assert plain["rewards"] == [1.0, 0.0, 0.0, 1.0, 0.0] and plain["custom_reward_timeouts"] == 0
 
 

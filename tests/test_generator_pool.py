@@ -191,7 +191,7 @@ def test_pool_over_hf_engines_returns_samples_in_request_order(ray_local):
                 for k, shard in enumerate(split_requests(requests, 2))]
     assert [s.completion_token_ids for s in shards] == [e.completion_token_ids for e in expected]
     assert ray.get(pool.outstanding_work.remote()) == [0, 0]
-    assert ray.get(pool.weight_versions.remote()) == [0, 0]
+    assert ray.get([engine.weight_version.remote() for engine in engines]) == [0, 0]
     # Only zero-count requests: one (empty) shard comes back.
     empty = ray.get(ray.get(pool.generate.remote([requests[1]], sampling, 6)))
     assert len(empty) == 1 and len(empty[0]) == 0

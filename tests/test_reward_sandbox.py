@@ -87,7 +87,8 @@ def test_auto_picks_bubblewrap_where_it_works():
 def test_no_write_outside_the_scratch_directory(escapes, tmp_path):
     target = tmp_path / "escaped.txt"
     assert _score(escapes("write_outside"), answer=str(target)) == (0.0, {"custom_reward_errors": 1,
-                                                                          "custom_reward_timeouts": 0})
+                                                                          "custom_reward_timeouts": 0,
+                                   "custom_reward_restarts": 0})
     assert not target.exists()
     # /tmp inside is the scratch directory: writable, and gone with the process.
     assert _score(escapes("write_scratch"))[0] == 1.0
@@ -96,7 +97,8 @@ def test_no_write_outside_the_scratch_directory(escapes, tmp_path):
 
 @needs_bwrap
 def test_no_read_of_etc_passwd(escapes):
-    assert _score(escapes("read_passwd")) == (0.0, {"custom_reward_errors": 1, "custom_reward_timeouts": 0})
+    assert _score(escapes("read_passwd")) == (0.0, {"custom_reward_errors": 1, "custom_reward_timeouts": 0,
+                                   "custom_reward_restarts": 0})
     # The same function unsandboxed reads it: the test would catch a sandbox that stopped isolating.
     off = CustomRewardSpec(escapes("read_passwd").path, "read_passwd", 1.0, 256, "off")
     assert _score(off)[0] == 1.0
@@ -111,7 +113,8 @@ def test_no_connection_to_a_server_on_loopback(escapes):
         server.settimeout(0.5)
         port = server.getsockname()[1]
         assert _score(escapes("connect"), answer=str(port)) == (0.0, {"custom_reward_errors": 1,
-                                                                      "custom_reward_timeouts": 0})
+                                                                      "custom_reward_timeouts": 0,
+                                   "custom_reward_restarts": 0})
         with pytest.raises(socket.timeout):
             server.accept()
 
@@ -130,7 +133,7 @@ def test_the_parent_cannot_be_killed(escapes):
             runner.close()
         """)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert parent.returncode == 0, parent.stderr
-    assert "([0.0, 0.0], {'custom_reward_errors': 2, 'custom_reward_timeouts': 0})" in parent.stdout
+    assert "([0.0, 0.0], {'custom_reward_errors': 2, 'custom_reward_timeouts': 0, 'custom_reward_restarts': 0})" in parent.stdout
 
 
 @pytest.mark.parametrize("completion", ["hang", "return"])
@@ -155,7 +158,8 @@ def test_forked_children_do_not_outlive_the_call_or_the_time_limit(escapes, comp
 
 
 def test_a_reward_of_1e308_is_clipped_and_counted(escapes):
-    assert _score(escapes("huge")) == (1e308, {"custom_reward_errors": 0, "custom_reward_timeouts": 0})
+    assert _score(escapes("huge")) == (1e308, {"custom_reward_errors": 0, "custom_reward_timeouts": 0,
+                                   "custom_reward_restarts": 0})
     # The RewardActor clips what the function returned to reward.clip (tested through Ray in
     # test_custom_reward.py); here the rule itself, checked by hand.
     assert clip_rewards([1e308, -1e308, 0.5, math.nan, math.inf, 2.0], -1.0, 2.0) == ([2.0, -1.0, 0.5, 0.0, 0.0, 2.0], 4)

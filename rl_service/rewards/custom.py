@@ -44,7 +44,7 @@ from typing import Sequence
 log = logging.getLogger("rl_service")
 
 FIELD = "reward.custom"
-COUNTER_KEYS = ("custom_reward_errors", "custom_reward_timeouts")
+COUNTER_KEYS = ("custom_reward_errors", "custom_reward_timeouts", "custom_reward_restarts")
 # Importing the user's module may load heavy libraries (sympy, numpy): allowed more than one call.
 STARTUP_TIMEOUT_S = 60.0
 # Kinds of failure (each logged once); "timeout" is counted apart, the rest are errors. After these
@@ -244,6 +244,7 @@ class CustomRewardRunner:
         if len(completions) != len(answers):
             raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
         counts = dict.fromkeys(COUNTER_KEYS, 0)
+        starts = self.starts
         rewards: list[float] = []
         start_failure: dict | None = None
         for completion, answer in zip(completions, answers):
@@ -262,6 +263,8 @@ class CustomRewardRunner:
                 if kind in _RESTART_AFTER:
                     self._stop_worker()
             rewards.append(reward)
+        # Processes started again after a timeout, a crash or a kill (the first start is not a restart).
+        counts["custom_reward_restarts"] = self.starts - starts
         for key, value in counts.items():
             self.totals[key] += value
         return rewards, counts
