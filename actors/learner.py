@@ -1,4 +1,5 @@
-"""LearnerActor: one DeepSpeed rank applying GRPO / RAFT++ updates and publishing weights.
+"""LearnerActor: one DeepSpeed rank applying GRPO / RAFT++ updates (`PolicyLearner`), or DPO / BVPO
+updates (`PreferenceLearner`, one rank) for a preference job, and publishing weights.
 
 A rank is created, then joins: `join` sets up the process group (rank 0 hands out the address,
 `actors/learner_group.py` passes it on), and `build` makes the engine, a collective DeepSpeed step.
@@ -73,9 +74,11 @@ class LearnerActor:
         """Build this rank's engine (every rank together: DeepSpeed broadcasts and partitions). Not
         under the join time limit: loading a large model may take long, and a peer that dies here
         fails the others at once."""
-        from rl_service.training.policy_learner import PolicyLearner
-
-        self.learner = PolicyLearner(self.config, self.resume_from)
+        if self.config.algorithm.is_preference:
+            from rl_service.training.preference_learner import PreferenceLearner as Learner
+        else:
+            from rl_service.training.policy_learner import PolicyLearner as Learner
+        self.learner = Learner(self.config, self.resume_from)
         return True
 
     def ready(self) -> bool:
@@ -95,6 +98,18 @@ class LearnerActor:
     def grad_norms(self, shard_refs: list[ray.ObjectRef], rewards: list[float]) -> list[float]:
         """Gradient norms alone: the offline pilot (§GVM.5) measures without training."""
         return self.learner.accepted_grad_norms(Rollout.concat(ray.get(shard_refs)), rewards)
+
+    def train_online(self, shard_refs: list[ray.ObjectRef], selection, first_pair_id: int) -> dict[str, float]:
+        """Preference job, online: one DPO / BVPO update on the pairs the driver selected (§BVPO.3)."""
+        return self.learner.train_online(Rollout.concat(ray.get(shard_refs)), selection, first_pair_id)
+
+    def train_offline(self, rows: list) -> dict[str, float]:
+        """Preference job, offline: one update on dataset rows (§BVPO.7)."""
+        return self.learner.train_offline(rows)
+
+    def alpha_state(self) -> dict[str, float]:
+        """Preference job: the α̂ moving averages (§BVPO.6), for the driver's checkpoint."""
+        return self.learner.alpha_state()
 
     @collective
     def completion_logprobs(self, shard_refs: list[ray.ObjectRef]) -> list[list[float]]:

@@ -19,7 +19,7 @@ from rl_service.errors import UserError
 
 # Calls that run on every rank (collectives inside); rank 0's result is the group's.
 ALL_RANK_METHODS = ("ready", "train_step", "grad_norms", "completion_logprobs", "publish_weights",
-                   "save_pretrained", "save_checkpoint")
+                   "save_pretrained", "save_checkpoint", "train_online", "train_offline", "alpha_state")
 
 
 class RankJoinTimeout(UserError):

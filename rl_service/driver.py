@@ -22,11 +22,8 @@ and what the driver itself costs.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,26 +34,19 @@ from rl_service.algorithms.acceptance import acceptance_threshold, accepted
 from rl_service.batch_source import make_batch_source, per_prompt_mean
 from rl_service.models.loading import load_tokenizer
 from rl_service.evaluation import accuracy_by_group
-from rl_service.guard import eval_collapsed
-from rl_service.step_loop import LoopResult, loop_outcome, run_steps
+from rl_service.step_loop import LoopResult, loop_outcome
 from rl_service.pipeline import RolloutPipeline
-from rl_service.roles import Roles, ray_session, run_with_restarts, start_roles
+from rl_service.roles import Roles
 from rl_service.rollout import SamplingParams, step_seed
 from rl_service.rollout_client import LaunchedRollout, PhaseTimer, RolloutClient
 from rl_service.run_dir import RunDirectory
 from rl_service.step_metrics import PHASES, step_metrics
 from rl_service.step_rounds import StepRounds
-from rl_service.tasks import TaskData, check_job_inputs, load_task
+from rl_service.tasks import check_job_inputs, load_task
+from rl_service.training_run import PreparedJob, TrainerBase, run_job
 from rl_service.weight_sync import make_weight_sync
 from rl_service.elastic import Autoscaler, apply_requested_scale
 
-
-
-@dataclass
-class PreparedJob:
-    config: JobConfig
-    task: TaskData
-    tokenizer: object
 
 
 def prepare_job(config: JobConfig) -> PreparedJob:
@@ -75,36 +65,25 @@ def _seed_for(config: JobConfig, step: int, purpose: int) -> int:
     return step_seed(config.seed, step, purpose)
 
 
-class Trainer:
+class Trainer(TrainerBase):
+    """A GRPO / RAFT++ job's steps: a batch of rollouts, its rewards and statistics, one learner update."""
+
     def __init__(self, job: PreparedJob, roles: Roles, run_dir: RunDirectory):
-        self.config = job.config
-        self.task = job.task
-        self.roles = roles
-        self.run_dir = run_dir
+        super().__init__(job, roles, run_dir)
         schedule = self.config.schedule
         self.pipelined = schedule.mode == "async" and schedule.max_staleness > 0
         self.client = RolloutClient(roles, job.tokenizer, job.config.model.thinking, job.task.max_prompt_tokens,
                                     self.pipelined)
         self.sampler = PromptSampler(len(self.task.train), self.config.data.prompts_per_step, self.config.seed)
         self.batches = make_batch_source(self.config, self.task, self.sampler, roles, self.client.rollout)
-        generator = self.config.generator
-        self.sampling = SamplingParams(generator.temperature, generator.top_p, generator.max_new_tokens)
         self.rounds = StepRounds(self.config, roles, self.client, self.batches, self.sampling)
         self.weight_sync = make_weight_sync(roles, self.config)
         self.accept_threshold = acceptance_threshold(self.config)
         self.autoscaler = Autoscaler(roles, self.config) if self.config.generator.autoscale else None
-        self.weight_version = 0
         self.totals = {"completions": 0, "completion_tokens": 0}
-        # Training wall time of the run before this attempt (from the checkpoint it resumed), and this
-        # attempt's loop clock (started by its first step): throughput is over the whole run.
-        self.wall_before_s, self.loop_started, self.loop_s_at_checkpoint = 0.0, None, 0.0
-        self.eval_history: list[tuple[int, float]] = []
         self.phase_totals: dict[str, float] = defaultdict(float)
         self.pipeline = RolloutPipeline(schedule.max_staleness if self.pipelined else 0, self.config.steps)
         self.trained_sampler_state = self.sampler.state_dict()
-        from rl_service.telemetry import StepTelemetry
-
-        self.telemetry = StepTelemetry(self.config.job_name)   # live metrics for Ray's dashboard / Prometheus
 
     def launch(self, step: int, timer: PhaseTimer) -> LaunchedRollout:
         """Step `step`'s prompts, allocation and rollout, sent out and not waited for (timed in the
@@ -156,8 +135,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         import ray
 
-        started = time.perf_counter()
-        self.loop_started = self.loop_started or started
+        started = self.start_step_clock()
         timer = PhaseTimer()
         for ahead in self.pipeline.to_launch(step):   # sync: this step; async: up to max_staleness ahead
             self.pipeline.add(ahead, self.launch(ahead, timer))
@@ -214,26 +192,18 @@ class Trainer:
         if self.autoscaler is not None:
             self.autoscaler.observe(metrics)
 
-    def collapsed(self) -> bool:
-        """The collapse guard: eval accuracy fell `guard.max_eval_drop` below the best seen."""
-        return eval_collapsed([accuracy for _, accuracy in self.eval_history], self.config.guard.max_eval_drop,
-                              len(self.task.eval))
-
-    def loop_seconds(self) -> float:
-        """Wall seconds since this attempt's first step."""
-        return time.perf_counter() - self.loop_started if self.loop_started is not None else 0.0
-
-    def restore(self, checkpoint: Path, state: dict) -> None:
-        """Continue from `checkpoint` (the learner already holds its weights and optimizer state):
-        data cursor, statistics, counters, and the generators serving the checkpoint's weights."""
+    def begin(self, checkpoint: Path | None, state: dict | None) -> None:
+        """Continue from `checkpoint` if given (the learner already holds its weights and optimizer
+        state): data cursor, statistics, counters, and the generators serving the checkpoint's weights."""
+        if state is None:
+            return
         import ray
         from safetensors.numpy import load_file
 
+        self.restore_common(state)
         self.sampler.load_state_dict(state["sampler"])
         self.trained_sampler_state = state["sampler"]
-        self.totals = dict(state["totals"])
-        self.wall_before_s = float(self.totals.pop("train_wall_s", 0.0))   # absent in older checkpoints
-        self.eval_history = [tuple(entry) for entry in state["eval_history"]]
+        self.totals = {key: value for key, value in state["totals"].items() if key != "train_wall_s"}
         self.weight_version = int(state["weight_version"])
         self.pipeline.next_to_launch = int(state["step"]) + 1
         statistics = load_file(str(checkpoint / "statistics.safetensors"))
@@ -245,16 +215,36 @@ class Trainer:
 
         statistics = ray.get(self.roles.statistics.state_dict.remote())
         # The cursor after the last trained batch: async mode has drawn batches ahead of it.
-        self.loop_s_at_checkpoint = self.loop_seconds()
-        totals = {**self.totals, "train_wall_s": self.wall_before_s + self.loop_s_at_checkpoint}
+        totals = {**self.totals, "train_wall_s": self.train_wall_s()}
         state = {"step": step, "weight_version": self.weight_version, "sampler": self.trained_sampler_state,
                  "totals": totals, "eval_history": self.eval_history}
         return self.run_dir.write_checkpoint(
             step, lambda directory: ray.get(self.roles.learner.save_checkpoint.remote(directory)), statistics, state)
 
 
+    def summary(self, result: LoopResult, lost_s: float = 0.0) -> dict:
+        """Throughput over the whole run: every completion of its trained steps over the training wall
+        time summed over its attempts (before the checkpoint it resumed, replays after a role's death,
+        this attempt), not over this attempt's time alone. The time a SIGKILLed process spent after its
+        newest checkpoint is not known to a later `resume`, and is not counted."""
+        completions = self.totals["completions"]
+        train_wall_s = self.wall_before_s + lost_s + result.train_wall_s
+        phase_total = sum(self.phase_totals.values()) or 1.0
+        return {
+            "steps": result.steps,
+            "completions": completions,
+            "completion_tokens": self.totals["completion_tokens"],
+            "train_wall_s": train_wall_s,
+            "train_wall_s_this_attempt": result.train_wall_s,
+            "completions_per_s": completions / train_wall_s if train_wall_s > 0 else 0.0,
+            "tokens_per_s": self.totals["completion_tokens"] / train_wall_s if train_wall_s > 0 else 0.0,
+            **loop_outcome(self, result),
+            **{f"time_share_{name}": seconds / phase_total for name, seconds in self.phase_totals.items()},
+        }
+
+
 def run_training(job: PreparedJob, run_dir_path: str | Path, resume_from: Path | None = None) -> dict:
-    """Run the whole job; returns the summary (also written to RUN_DIR/summary.json).
+    """Run the whole job (either kind); returns the summary (also written to RUN_DIR/summary.json).
 
     `resume_from`: a checkpoint of this run directory to continue from (`rl-service resume`).
     When a role's process dies (DESIGN.md "Faults"), every role is restarted from the newest
@@ -263,61 +253,7 @@ def run_training(job: PreparedJob, run_dir_path: str | Path, resume_from: Path |
     actor restarted alone would come back without the weights, moments or statistics it held.
     """
     if job.config.algorithm.is_preference:
-        from rl_service.preference_loop import run_preference_training
-
-        return run_preference_training(job, run_dir_path, resume_from)
-    attempts: dict = {"lost_s": 0.0}   # training time of failed attempts after their newest checkpoint
-
-    def count_lost_time() -> None:   # replayed from the checkpoint: the time after it was spent, and is counted
-        failed = attempts.pop("trainer", None)
-        if failed is not None:
-            attempts["lost_s"] += failed.loop_seconds() - failed.loop_s_at_checkpoint
-
-    return run_with_restarts(job.config, run_dir_path, resume_from,
-                             lambda resume, restart, failures: _run_once(job, Path(run_dir_path), resume, restart,
-                                                                         failures, attempts),
-                             on_failure=count_lost_time)
-
-
-def _run_once(job: PreparedJob, run_dir_path: Path, resume_from: Path | None, restart: bool, failures: int,
-              attempts: dict | None = None) -> dict:
-    config = job.config
-    state = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8")) if resume_from else None
-    # A restart with no checkpoint yet starts over: the rows of the failed attempt go.
-    resume_step = state["step"] if state else (-1 if restart else None)
-    run_dir = RunDirectory(run_dir_path, config, resume_step=resume_step)
-    start = partial(start_roles, resume_from=str(resume_from) if resume_from else None)
-    try:
-        with ray_session(config, start, job.task.verifier) as roles:
-            trainer = Trainer(job, roles, run_dir)
-            attempts = attempts if attempts is not None else {"lost_s": 0.0}
-            attempts["trainer"] = trainer
-            if state is not None:
-                trainer.restore(resume_from, state)
-            result = run_steps(config, trainer, start_step=state["step"] if state else 0)
-            summary = {**_summary(trainer, result, attempts["lost_s"]), "role_failures_recovered": failures}
-            run_dir.write_summary(summary)
-            return summary
-    finally:
-        run_dir.close()
-
-
-def _summary(trainer: Trainer, result: LoopResult, lost_s: float = 0.0) -> dict:
-    """Throughput over the whole run: every completion of its trained steps over the training wall
-    time summed over its attempts (before the checkpoint it resumed, replays after a role's death,
-    this attempt), not over this attempt's time alone. The time a SIGKILLed process spent after its
-    newest checkpoint is not known to a later `resume`, and is not counted."""
-    completions = trainer.totals["completions"]
-    train_wall_s = trainer.wall_before_s + lost_s + result.train_wall_s
-    phase_total = sum(trainer.phase_totals.values()) or 1.0
-    return {
-        "steps": result.steps,
-        "completions": completions,
-        "completion_tokens": trainer.totals["completion_tokens"],
-        "train_wall_s": train_wall_s,
-        "train_wall_s_this_attempt": result.train_wall_s,
-        "completions_per_s": completions / train_wall_s if train_wall_s > 0 else 0.0,
-        "tokens_per_s": trainer.totals["completion_tokens"] / train_wall_s if train_wall_s > 0 else 0.0,
-        **loop_outcome(trainer, result),
-        **{f"time_share_{name}": seconds / phase_total for name, seconds in trainer.phase_totals.items()},
-    }
+        from rl_service.preference_loop import PreferenceTrainer as trainer_class
+    else:
+        trainer_class = Trainer
+    return run_job(job, run_dir_path, resume_from, trainer_class)

@@ -17,43 +17,31 @@ The driver holds prompt ids, rewards and metrics; samples travel as object refer
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from rl_service.config import JobConfig
-from rl_service.data.preferences import PreferenceDataset, load_preference_file, select_pairs
+from rl_service.data.preferences import load_preference_file, select_pairs
 from rl_service.data.prompts import PromptRecord
 from rl_service.data.sampler import PromptSampler
 from rl_service.rollout_client import PhaseTimer, RolloutClient, mean_or_nan as _mean
-from rl_service.guard import eval_collapsed
 from rl_service.errors import ConfigError, ModelLoadError
 from rl_service.models.loading import load_tokenizer, render_prompt
-from rl_service.step_loop import LoopResult, loop_outcome, run_steps
-from rl_service.roles import Roles, ray_session, run_with_restarts, start_roles
-from rl_service.weight_sync import WeightSync
+from rl_service.step_loop import LoopResult, loop_outcome
+from rl_service.roles import Roles
+from rl_service.weight_sync import make_weight_sync
 from rl_service.rollout import SamplingParams, step_seed
 from rl_service.run_dir import RunDirectory
-from rl_service.tasks import TaskData, load_task
-from rl_service.telemetry import StepTelemetry
+from rl_service.tasks import load_task
+from rl_service.training_run import PreparedJob, TrainerBase
 
 MODES = ("reasoning_on", "reasoning_off")
 
 
-@dataclass
-class PreparedPreferenceJob:
-    config: JobConfig
-    task: TaskData          # offline: `train` lists the dataset's prompts (ids = pair ids)
-    tokenizer: object
-    dataset: PreferenceDataset | None
-
-
-def prepare_preference_job(config: JobConfig) -> PreparedPreferenceJob:
+def prepare_preference_job(config: JobConfig) -> PreparedJob:
     """Everything that can fail on user input (config, dataset rows, model dirs), before Ray starts."""
     task = load_task(config)
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
@@ -71,7 +59,7 @@ def prepare_preference_job(config: JobConfig) -> PreparedPreferenceJob:
         from rl_service.models.loading import resolve_model_dir
 
         resolve_model_dir(preference.reward_model_path, "preference.reward_model_path", allow_builtin=False)
-    return PreparedPreferenceJob(config=config, task=task, tokenizer=tokenizer, dataset=dataset)
+    return PreparedJob(config=config, task=task, tokenizer=tokenizer, dataset=dataset)
 
 
 def check_preference_sampling(config: JobConfig) -> None:
@@ -87,23 +75,23 @@ def check_preference_sampling(config: JobConfig) -> None:
                           f"got algorithm.name={config.algorithm.name}, preference.mode={preference.mode}")
 
 
-class PreferenceTrainer:
-    def __init__(self, job: PreparedPreferenceJob, roles: Roles, run_dir: RunDirectory):
-        self.config, self.task, self.dataset, self.roles, self.run_dir = job.config, job.task, job.dataset, roles, run_dir
+class PreferenceTrainer(TrainerBase):
+    """A DPO / BVPO job's steps: pairs from both reasoning modes (or the dataset), one learner update."""
+
+    eval_completions_per_prompt = 2   # the eval split with reasoning on and off
+
+    def __init__(self, job: PreparedJob, roles: Roles, run_dir: RunDirectory):
+        super().__init__(job, roles, run_dir)
+        self.dataset = job.dataset
         self.with_empty = self.config.algorithm.name == "bvpo"
-        self.weight_sync = WeightSync(roles, self.config)   # one rank: the object store
+        self.weight_sync = make_weight_sync(roles, self.config)
         self.client = RolloutClient(roles, job.tokenizer, True, job.task.max_prompt_tokens, pipelined=False)
         num_rows = len(self.dataset.rows) if self.dataset is not None else len(self.task.train)
         self.sampler = PromptSampler(num_rows, self.config.data.prompts_per_step, self.config.seed)
-        generator = self.config.generator
-        self.sampling = SamplingParams(generator.temperature, generator.top_p, generator.max_new_tokens)
-        self.weight_version = 0          # version the pool serves
         self.learner_version = 0         # optimizer steps taken (ahead of the pool in offline mode)
         self.next_pair_id = 0
         self.totals: dict[str, float] = defaultdict(float)
-        self.eval_history: list[tuple[int, float]] = []
         self.last_learner_metrics: dict[str, float] = {}
-        self.telemetry = StepTelemetry(self.config.job_name)   # live metrics, BVPO's alpha-hat among them
 
     # -- generation + scoring, both modes in one request batch (§BVPO.2) ----------------------
     def _generate_and_score(self, records, samples: int, sampling: SamplingParams, seed: int, timer: PhaseTimer,
@@ -150,7 +138,7 @@ class PreferenceTrainer:
 
     # -- one training step ---------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
-        started = time.perf_counter()
+        started = self.start_step_clock()
         timer = PhaseTimer()
         metrics = self._online_step(step, timer) if self.dataset is None else self._offline_step(timer)
         # A skipped step (no pairs, NaN loss) leaves the weights, and so the version, as they were.
@@ -201,86 +189,57 @@ class PreferenceTrainer:
         with timer.phase("train"):
             return ray.get(self.roles.learner.train_offline.remote(rows))
 
-    def collapsed(self) -> bool:
-        """The collapse guard on the mean accuracy of both modes (2 × the eval split's prompts)."""
-        return eval_collapsed([accuracy for _, accuracy in self.eval_history], self.config.guard.max_eval_drop,
-                              2 * len(self.task.eval))
-
     def checkpoint(self, step: int) -> Path:
         import ray
 
         alpha_state = ray.get(self.roles.learner.alpha_state.remote())
         state = {"step": step, "weight_version": self.learner_version, "sampler": self.sampler.state_dict(),
-                 "next_pair_id": self.next_pair_id, "totals": dict(self.totals), "eval_history": self.eval_history,
+                 "next_pair_id": self.next_pair_id, "totals": {**self.totals, "train_wall_s": self.train_wall_s()},
+                 "eval_history": self.eval_history,
                  "alpha_estimator": alpha_state}   # α̂ is restored from the learner's own state; here to read
         return self.run_dir.write_checkpoint(
             step, lambda directory: ray.get(self.roles.learner.save_checkpoint.remote(str(directory))), {}, state)
 
-    def restore(self, state: dict) -> None:
+    def begin(self, checkpoint: Path | None, state: dict | None) -> None:
         """Continue after a checkpoint (the learner already holds its weights, optimizer, α̂ and
         reference cache): data cursor, pair ids, totals, evals, and a pool serving the checkpoint's
         weights. (Offline, a pool that had not been sent the newest weights yet, no evaluation since
-        the last publish, now logs the newer `weight_version`; training is the same.)"""
+        the last publish, now logs the newer `weight_version`; training is the same.) A fresh offline
+        run logs what its dataset holds."""
+        if state is None:
+            if self.dataset is not None:
+                self.run_dir.log(0, {"dataset_rows": float(len(self.dataset.rows)),
+                                     "bad_rows_skipped": float(self.dataset.num_skipped)})
+            return
+        self.restore_common(state)
         self.sampler.load_state_dict(state["sampler"])
         self.next_pair_id = int(state["next_pair_id"])
-        self.totals = defaultdict(float, state["totals"])
-        self.eval_history = [tuple(entry) for entry in state["eval_history"]]
+        self.totals = defaultdict(float, {key: value for key, value in state["totals"].items() if key != "train_wall_s"})
         self.learner_version = int(state["weight_version"])
         self.publish(PhaseTimer())
 
-
-def run_preference_training(job: PreparedPreferenceJob, run_dir_path: str | Path, resume_from: Path | None = None) -> dict:
-    """Run a DPO / BVPO job; returns the summary (also written to RUN_DIR/summary.json).
-
-    `resume_from`: a checkpoint of this run directory to continue from (`rl-service resume`). When a
-    role's process dies, every role restarts from the newest checkpoint and the steps after it are
-    replayed, up to `cluster.max_role_failures` times, as for RL jobs (`driver.run_training`)."""
-    return run_with_restarts(job.config, run_dir_path, resume_from,
-                             lambda resume, restart, failures: _run_once(job, Path(run_dir_path), resume, restart, failures))
-
-
-def _run_once(job: PreparedPreferenceJob, run_dir_path: Path, resume_from: Path | None, restart: bool,
-              failures: int) -> dict:
-    config = job.config
-    state = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8")) if resume_from else None
-    # A restart with no checkpoint yet starts over: the rows of the failed attempt go.
-    run_dir = RunDirectory(run_dir_path, config, resume_step=state["step"] if state else (-1 if restart else None))
-    start = partial(start_roles, resume_from=str(resume_from) if resume_from else None)
-    try:
-        with ray_session(config, start, job.task.verifier) as roles:
-            trainer = PreferenceTrainer(job, roles, run_dir)
-            if state is not None:
-                trainer.restore(state)
-            elif job.dataset is not None:
-                run_dir.log(0, {"dataset_rows": float(len(job.dataset.rows)), "bad_rows_skipped": float(job.dataset.num_skipped)})
-            result = run_steps(config, trainer, start_step=state["step"] if state else 0)
-            summary = {**_summary(trainer, result), "role_failures_recovered": failures}
-            run_dir.write_summary(summary)
-            return summary
-    finally:
-        run_dir.close()
-
-
-def _summary(trainer: PreferenceTrainer, result: LoopResult) -> dict:
-    totals, last, train_wall_s = trainer.totals, trainer.last_learner_metrics, result.train_wall_s
-    summary = {
-        "algorithm": trainer.config.algorithm.name,
-        "mode": trainer.config.preference.mode,
-        "steps": result.steps,
-        "completions": int(totals["completions"]),
-        "completion_tokens": int(totals["completion_tokens"]),
-        "train_wall_s": train_wall_s,
-        "completions_per_s": totals["completions"] / train_wall_s if train_wall_s > 0 else 0.0,
-        "pairs_trained": int(totals["pairs"]),            # prompts that trained (a pair in one mode or both)
-        "trace_pairs_trained": int(totals["trace_pairs"]),
-        "empty_pairs_trained": int(totals["empty_pairs"]),
-        "trace_ties_skipped": int(totals["trace_ties"]),
-        "empty_ties_skipped": int(totals["empty_ties"]),
-        "nan_skipped_steps": int(last.get("nan_skipped_steps", 0)),
-        "bad_rows_skipped": trainer.dataset.num_skipped if trainer.dataset is not None else 0,
-        **loop_outcome(trainer, result),
-    }
-    for label in MODES:
-        summary[f"initial_eval_accuracy_{label}"] = result.initial.get(f"eval_accuracy_{label}")
-        summary[f"final_eval_accuracy_{label}"] = result.final.get(f"eval_accuracy_{label}")
-    return summary
+    def summary(self, result: LoopResult, lost_s: float = 0.0) -> dict:
+        """Pairs, ties and throughput over the whole run (its attempts' training time, as RL jobs count it)."""
+        totals, last = self.totals, self.last_learner_metrics
+        train_wall_s = self.wall_before_s + lost_s + result.train_wall_s
+        summary = {
+            "algorithm": self.config.algorithm.name,
+            "mode": self.config.preference.mode,
+            "steps": result.steps,
+            "completions": int(totals["completions"]),
+            "completion_tokens": int(totals["completion_tokens"]),
+            "train_wall_s": train_wall_s,
+            "completions_per_s": totals["completions"] / train_wall_s if train_wall_s > 0 else 0.0,
+            "pairs_trained": int(totals["pairs"]),            # prompts that trained (a pair in one mode or both)
+            "trace_pairs_trained": int(totals["trace_pairs"]),
+            "empty_pairs_trained": int(totals["empty_pairs"]),
+            "trace_ties_skipped": int(totals["trace_ties"]),
+            "empty_ties_skipped": int(totals["empty_ties"]),
+            "nan_skipped_steps": int(last.get("nan_skipped_steps", 0)),
+            "bad_rows_skipped": self.dataset.num_skipped if self.dataset is not None else 0,
+            **loop_outcome(self, result),
+        }
+        for label in MODES:
+            summary[f"initial_eval_accuracy_{label}"] = result.initial.get(f"eval_accuracy_{label}")
+            summary[f"final_eval_accuracy_{label}"] = result.final.get(f"eval_accuracy_{label}")
+        return summary

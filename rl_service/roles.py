@@ -197,9 +197,9 @@ def generator_options(config: JobConfig, index: int) -> dict:
 
 def start_roles(config: JobConfig, verifier: str, resume_from: str | None = None) -> Roles:
     """The job's roles: the generator pool, the reward actors and the learner (continuing from the
-    checkpoint `resume_from`, if given), for both job kinds. A GRPO / RAFT++ job adds the statistics
-    actor and a learner group of `learner.num_ranks`; a DPO / BVPO job (ALGORITHMS.md §BVPO) has one
-    preference learner, no statistics (no sample allocation), and reward actors that hold the reward
+    checkpoint `resume_from`, if given), for both job kinds: a learner group of `learner.num_ranks`
+    (one rank for DPO / BVPO). A GRPO / RAFT++ job adds the statistics actor; a DPO / BVPO job
+    (ALGORITHMS.md §BVPO) has none (no sample allocation), and reward actors that hold the reward
     model when `preference.reward_source` is `reward_model`."""
     import ray
 
@@ -223,22 +223,18 @@ def start_roles(config: JobConfig, verifier: str, resume_from: str | None = None
                for index in range(config.reward.num_actors)]
     waits = [pool.num_engines.remote()] + [engine.weight_version.remote() for engine in generators]
     statistics = None
-    if config.algorithm.is_preference:
-        from actors.preference_learner import PreferenceLearnerActor
-
-        learner = PreferenceLearnerActor.options(**_options(config, "learner", 0, config.learner.num_cpus,
-                                                            config.learner.num_gpus, config.learner.resources)
-                                                 ).remote(config, resume_from)
-        waits += [actor.__ray_ready__.remote() for actor in rewards]
-    else:
-        from actors.learner_group import start_learner_group
+    if not config.algorithm.is_preference:   # preference jobs allocate no samples: no statistics role
         from actors.statistics import StatisticsActor
 
         statistics = StatisticsActor.options(**_options(config, "statistics", 0, config.statistics.num_cpus, 0.0,
                                                           config.statistics.resources)).remote(config.statistics)
-        # The learner's ranks join while the other roles start.
-        learner = start_learner_group(config, resume_from)
         waits.append(statistics.allocate.remote([0], 1))
+    else:
+        waits += [actor.__ray_ready__.remote() for actor in rewards]
+    from actors.learner_group import start_learner_group
+
+    # The learner's ranks join while the other roles start.
+    learner = start_learner_group(config, resume_from)
     # Fail here, with the actor's own error, if any role could not start.
     ray.get([learner.ready.remote()] + waits)
     return Roles(pool=pool, generators=generators, rewards=rewards, statistics=statistics, learner=learner)

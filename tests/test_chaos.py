@@ -124,7 +124,7 @@ def test_a_killed_preference_learner_is_recovered(tmp_path):
     reference = tmp_path / "uninterrupted"
     run(reference)
     run_dir = tmp_path / "run"
-    killer = Killer(run_dir, "PreferenceLearnerActor", after_step=3)
+    killer = Killer(run_dir, "LearnerActor", after_step=3)
     killer.start()
     summary = run(run_dir)
     killer.join(timeout=5)

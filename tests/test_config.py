@@ -78,3 +78,13 @@ def test_collapse_guard_needs_a_drop_beyond_the_noise_of_the_eval_set():
     assert eval_collapsed([0.5625, 0.375], 0.15, 256)
     assert not eval_collapsed([0.5, 0.4], 0.15, 10_000)     # > 3 SE but within the configured drop
     assert not eval_collapsed([0.5, 0.0], None, 256)        # guard off
+
+
+def test_a_preference_job_takes_the_shared_memory_transport_but_not_zero_3_or_collective():
+    # One LearnerActor serves both job kinds: the preference learner publishes like an RL rank.
+    from rl_service.errors import ConfigError
+
+    load_config(None, ["algorithm.name=dpo", "weight_sync.transport=shared_memory"])
+    for override in ("weight_sync.transport=collective", "learner.zero_stage=3"):
+        with pytest.raises(ConfigError, match="apply to grpo and raft\\+\\+ jobs; the dpo learner runs as one ZeRO 0-2 rank"):
+            load_config(None, ["algorithm.name=dpo", override])

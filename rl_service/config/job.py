@@ -89,11 +89,10 @@ class JobConfig(_Section):
     @model_validator(mode="after")
     def _ranks_divide_the_batch(self) -> "JobConfig":
         learner = self.learner
-        if self.algorithm.is_preference and (
-                learner.zero_stage == 3 or self.weight_sync.transport in ("collective", "shared_memory")):
-            raise ValueError(f"learner.zero_stage 3 and weight_sync.transport 'collective' or 'shared_memory' apply to "
-                             f"grpo and raft++ jobs; the {self.algorithm.name} learner runs as one ZeRO 0-2 rank on "
-                             "the object store")
+        if self.algorithm.is_preference and (learner.zero_stage == 3 or self.weight_sync.transport == "collective"):
+            raise ValueError(f"learner.zero_stage 3 and weight_sync.transport 'collective' apply to grpo and raft++ "
+                             f"jobs; the {self.algorithm.name} learner runs as one ZeRO 0-2 rank (object store or "
+                             "shared memory)")
         if learner.num_ranks == 1:
             return self
         if self.algorithm.is_preference:

@@ -16,7 +16,7 @@ modes for BVPO, trace only for DPO):
    optimizer step.
 
 A non-finite loss (or, at ZeRO 0, gradient) skips the step: the gradients are discarded, the
-weights are not touched, and the skip is counted. No Ray here: `actors/preference_learner.py` wraps it.
+weights are not touched, and the skip is counted. No Ray here: `actors/learner.py` wraps it (the LearnerActor of a preference job).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from rl_service.algorithms.logprobs import token_log_probs
 from rl_service.algorithms.preference import (OnlineAlphaEstimator, PreferenceLogps, bvpo_loss, bvpo_per_term_loss,
                                               dpo_loss, per_term_alpha, per_term_trains)
 from rl_service.config import JobConfig
-from rl_service.data.preferences import TokenizedPair
+from rl_service.data.preferences import PairSelection, PreferenceRow, TokenizedPair, pairs_from_rollout, tokenize_row
 from rl_service.training.engine import EngineWeights, build_engine, reference_policy
 from rl_service.training.state import load_learner_state, save_learner_state
 
@@ -131,6 +131,7 @@ class PreferenceLearner(EngineWeights):
         # Pairs per micro-batch: 4 sequences each for bvpo, 2 for dpo.
         self.pairs_per_micro = max(1, config.learner.micro_batch_size // (4 if self.with_empty else 2))
         self.reference_cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._tokenized_rows: dict[int, TokenizedPair] = {}   # offline rows, tokenized once each
         self.cache_size = preference.reference_cache_size
         self.counters = {"nan_skipped_steps": 0, "optimizer_steps": 0, "reference_cache_hits": 0,
                          "reference_pairs_computed": 0}
@@ -334,6 +335,18 @@ class PreferenceLearner(EngineWeights):
         return {key: float(value) for key, value in self.counters.items()}
 
     # -- state ---------------------------------------------------------------------------------
+    def train_online(self, rollout, selection: PairSelection, first_pair_id: int) -> dict[str, float]:
+        """One update on the pairs the driver selected from a step's samples (online mode)."""
+        return self.train_step(pairs_from_rollout(rollout, selection, first_pair_id))
+
+    def train_offline(self, rows: list[PreferenceRow]) -> dict[str, float]:
+        """One update on dataset rows (offline mode, §BVPO.7); each row is tokenized once (its id
+        keys the reference cache)."""
+        for row in rows:
+            if row.pair_id not in self._tokenized_rows:
+                self._tokenized_rows[row.pair_id] = tokenize_row(self.tokenizer, row, self.with_empty)
+        return self.train_step([self._tokenized_rows[row.pair_id] for row in rows])
+
     def alpha_state(self) -> dict[str, float]:
         return self.alpha_estimator.state_dict() if self.alpha_estimator is not None else {}
 
