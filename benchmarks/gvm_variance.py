@@ -247,9 +247,8 @@ def learner_check(policy: FrozenPolicy, pool, pool_result, seed: int) -> float:
              else ("grpo_prompt_mean", "raft_accepted_mean"))
     for kind, probe in zip(kinds, (policy.grpo, policy.raft)):
         learner_grad, _ = probe(rollout, rewards.tolist())
+        # The learner's prompt mean divides by all B prompts, those with no accepted sample included (§GVM.2).
         c = estimator_coefficients(kind, rewards, pool.lengths[picked], groups, pool.num_prompts)
-        if kind == "raft_accepted_mean":   # the learner averages over the prompts it kept (≥ 1 accepted), not all B
-            c = c * pool.num_prompts / max(len(np.unique(groups[rewards == 1])), 1)
         rows = pool.stored[picked]
         combined = torch.zeros(pool.vectors.shape[0], dtype=torch.float64)
         combined.index_add_(0, torch.as_tensor(rows[rows >= 0]), torch.as_tensor(c[rows >= 0]))
