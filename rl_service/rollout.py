@@ -119,8 +119,3 @@ def balance_requests(requests: Sequence[GenerationRequest], outstanding: Sequenc
         cumulative += work
     return [(engine, shard) for engine, shard in zip(receivers, shards) if shard]
 
-
-def split_requests(requests: Sequence[GenerationRequest], num_shards: int) -> list[list[GenerationRequest]]:
-    """Contiguous shards with sample counts as even as possible, order kept (deterministic): the
-    balancer with `num_shards` idle engines."""
-    return [shard for _, shard in balance_requests(requests, [0] * num_shards)]

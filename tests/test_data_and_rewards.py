@@ -7,7 +7,7 @@ from rl_service.data.prompts import load_prompt_file
 from rl_service.data.sampler import PromptSampler
 from rl_service.errors import DataError
 from rl_service.rewards.verifiers import final_answer_text, score_batch, verify_integer, verify_math
-from rl_service.rollout import GenerationRequest, split_requests
+from rl_service.rollout import GenerationRequest, balance_requests
 
 
 def _write_jsonl(path, rows):
@@ -97,14 +97,14 @@ def test_score_batch_checks_lengths_and_verifier_name():
         score_batch(["1"], ["1"], "regex")
 
 
-def test_split_requests_keeps_order_and_balances_samples():
+def test_the_balancer_on_idle_engines_keeps_order_and_balances_samples():
     requests = [GenerationRequest(i, 100 + i, [1, 2], n) for i, n in enumerate([8, 8, 8, 8, 1, 15])]
-    shards = split_requests(requests, 3)
+    shards = [shard for _, shard in balance_requests(requests, [0, 0, 0])]
     flat = [request for shard in shards for request in shard]
     assert [r.request_index for r in flat] == list(range(6))
     loads = [sum(r.num_samples for r in shard) for shard in shards]
     assert max(loads) - min(loads) <= 15 and sum(loads) == 48
-    assert len(split_requests(requests[:1], 4)) == 1
+    assert len(balance_requests(requests[:1], [0, 0, 0, 0])) == 1
 
 
 def test_a_check_past_its_time_limit_scores_0_and_is_counted():

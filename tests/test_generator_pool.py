@@ -15,7 +15,7 @@ import pytest
 from rl_service.config import load_config
 from rl_service.errors import ConfigError
 from rl_service.roles import tensor_parallel_bundles
-from rl_service.rollout import GenerationRequest, Rollout, SamplingParams, balance_requests, request_work, split_requests
+from rl_service.rollout import GenerationRequest, Rollout, SamplingParams, balance_requests, request_work
 
 
 def make_requests(counts: list[int]) -> list[GenerationRequest]:
@@ -56,13 +56,17 @@ def test_shards_are_contiguous_in_request_order_and_balanced(trial):
             assert biggest >= share / 2
 
 
-def test_even_counts_split_exactly_and_the_old_splitter_agrees():
+def _even_split(requests, num_shards: int) -> list:
+    """The balancer with `num_shards` idle engines: what a pool of fresh engines is handed."""
+    return [shard for _, shard in balance_requests(requests, [0] * num_shards)]
+
+
+def test_even_counts_split_exactly():
     requests = make_requests([4] * 12)
     assignment = balance_requests(requests, [0, 0, 0])
     assert [(engine, [r.request_index for r in shard]) for engine, shard in assignment] == [
         (0, [0, 1, 2, 3]), (1, [4, 5, 6, 7]), (2, [8, 9, 10, 11])]
-    assert split_requests(requests, 3) == [shard for _, shard in assignment]
-    assert split_requests(requests[:1], 4) == [requests[:1]]
+    assert _even_split(requests[:1], 4) == [requests[:1]]
 
 
 def test_outstanding_work_is_respected():
@@ -120,7 +124,7 @@ def test_zero_count_requests_are_kept_in_place():
     zeros = make_requests([0, 0, 0])
     assert balance_requests(zeros, [5, 1, 1]) == [(1, zeros)]
     assert balance_requests([], [0, 0]) == []
-    assert split_requests(zeros, 3) == [zeros]
+    assert _even_split(zeros, 3) == [zeros]
 
 
 def test_balancer_rejects_bad_arguments():
@@ -188,7 +192,7 @@ def test_pool_over_hf_engines_returns_samples_in_request_order(ray_local):
     assert merged.weight_versions == [0] * len(merged)
     # Shard k is shard k of the balancer, seeded (seed, k): the same samples as the engine run in-process.
     expected = [reference.generate(shard, sampling, 5 * 1_000_003 + k)
-                for k, shard in enumerate(split_requests(requests, 2))]
+                for k, shard in enumerate(_even_split(requests, 2))]
     assert [s.completion_token_ids for s in shards] == [e.completion_token_ids for e in expected]
     assert ray.get(pool.outstanding_work.remote()) == [0, 0]
     assert ray.get([engine.weight_version.remote() for engine in engines]) == [0, 0]
