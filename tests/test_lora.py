@@ -146,3 +146,13 @@ def test_an_unknown_target_module_is_refused_before_ray_starts():
     with pytest.raises(UserError, match=r"learner.lora.target_modules: no linear layer named 'qkv'.*q_proj"):
         check_targets(check_weights_match_config("builtin"), config.learner.lora)
     check_targets(check_weights_match_config("builtin"), load_config(None, ["learner.lora.target_modules=[q_proj,v_proj]"]).learner.lora)
+
+
+def test_a_model_path_naming_an_adapter_says_what_it_is(trained, tmp_path):
+    from rl_service.errors import ModelLoadError
+    from rl_service.models.loading import resolve_model_dir
+
+    learner, _ = trained
+    learner.save_checkpoint(tmp_path)
+    with pytest.raises(ModelLoadError, match="model.path: .*/adapter is a LoRA adapter, not a model"):
+        resolve_model_dir(tmp_path / "adapter")

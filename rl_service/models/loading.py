@@ -24,6 +24,9 @@ def resolve_model_dir(path: str | Path, field: str = "model.path", allow_builtin
         hint = " (use 'builtin' or a local HF model directory)" if allow_builtin else ""
         raise ModelLoadError(f"{field}: {directory} is not a directory{hint}")
     if not (directory / "config.json").is_file():
+        if (directory / "adapter_config.json").is_file():   # a checkpoint's adapter/ (learner.lora)
+            raise ModelLoadError(f"{field}: {directory} is a LoRA adapter, not a model: name its base model, or a "
+                                 f"merged model (learner.lora.save_merged: true writes one to each checkpoint's model/)")
         raise ModelLoadError(f"{field}: {directory} has no config.json")
     _check_model_config(directory, field, trust_remote_code)
     weights = sorted(directory.glob("*.safetensors"))
