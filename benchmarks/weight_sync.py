@@ -80,8 +80,10 @@ class _Roles:
     pool: object
 
 
-def sync_seconds(model_dir: Path, generators: int, repeats: int, transport: str, backend: str) -> tuple[float, int]:
-    """Best publish + receive seconds over `repeats` publications (after one warm-up), and the bytes."""
+def sync_seconds(model_dir: Path, generators: int, repeats: int, transport: str, backend: str,
+                 overrides: tuple[str, ...] = ()) -> tuple[float, int]:
+    """Best publish + receive seconds over `repeats` publications (after one warm-up), and the bytes;
+    `overrides`: more config settings (benchmarks/lora_sync.py: `learner.lora.*`)."""
     import ray
 
     from actors.generator import GeneratorActor
@@ -92,7 +94,7 @@ def sync_seconds(model_dir: Path, generators: int, repeats: int, transport: str,
 
     config = load_config(None, [f"model.path={model_dir}", f"generator.backend={backend}", "learner.num_cpus=0.5",
                                 f"generator.num_engines={generators}", "cluster.torch_threads=1",
-                                f"weight_sync.transport={transport}"])
+                                f"weight_sync.transport={transport}", *overrides])
     learner = start_learner_group(config)
     engines = [GeneratorActor.options(num_cpus=0.5).remote(config, index) for index in range(generators)]
     pool = GeneratorPool.options(num_cpus=0.1).remote(engines)
