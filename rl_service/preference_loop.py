@@ -35,7 +35,7 @@ from rl_service.roles import Roles
 from rl_service.weight_sync import make_weight_sync
 from rl_service.rollout import SamplingParams, step_seed
 from rl_service.run_dir import RunDirectory
-from rl_service.tasks import load_task
+from rl_service.tasks import check_job_inputs, load_task
 from rl_service.training_run import PreparedJob, TrainerBase
 
 MODES = ("reasoning_on", "reasoning_off")
@@ -55,6 +55,7 @@ def prepare_preference_job(config: JobConfig) -> PreparedJob:
     if preference.mode == "offline":
         dataset = load_preference_file(preference.dataset_path, preference.on_bad_row)
         task.train = [PromptRecord(row.pair_id, row.prompt, row.answer or "") for row in dataset.rows]
+    check_job_inputs(config, task, tokenizer)   # weights vs config, batch size, prompt lengths (both modes)
     if preference.reward_source == "reward_model":
         from rl_service.models.loading import resolve_model_dir
 

@@ -86,7 +86,9 @@ def check_job_inputs(config: JobConfig, task: TaskData, tokenizer) -> None:
     if config.data.long_prompts == "truncate":
         task.max_prompt_tokens = budget
         return
-    overhead = len(tokenizer(render_prompt(tokenizer, "", config.model.thinking), add_special_tokens=False)["input_ids"])
+    modes = _reasoning_modes(config)
+    overhead = max(len(tokenizer(render_prompt(tokenizer, "", thinking), add_special_tokens=False)["input_ids"])
+                   for thinking in modes)
     source = ({"train": config.data.train_path, "eval": config.data.eval_path} if config.data.source == "jsonl" else
               {"train": f"{config.data.hf.path} [{config.data.hf.train_split}]",
                "eval": f"{config.data.hf.path} [{config.data.hf.eval_split}]"} if config.data.source == "hf" else {})
@@ -97,13 +99,21 @@ def check_job_inputs(config: JobConfig, task: TaskData, tokenizer) -> None:
             if overhead + len(text.encode("utf-8")) <= budget:
                 continue
             length = (None if len(text) > budget * _MAX_CHARS_PER_TOKEN else
-                      len(tokenizer(render_prompt(tokenizer, record.prompt, config.model.thinking, record.messages),
-                                    add_special_tokens=False, verbose=False)["input_ids"]))
+                      max(len(tokenizer(render_prompt(tokenizer, record.prompt, thinking, record.messages),
+                                        add_special_tokens=False, verbose=False)["input_ids"]) for thinking in modes))
             if length is None or length > budget:
                 size = f"{len(text)} characters" if length is None else f"{length} tokens"
                 raise DataError(f"{source.get(split, 'data.arithmetic')}: {split} prompt id {record.prompt_id} is {size}, "
                                 f"more than the {budget} the model's {context}-position context leaves beside "
                                 f"generator.max_new_tokens {max_new} (shorten it or set data.long_prompts: truncate)")
+
+
+def _reasoning_modes(config: JobConfig) -> tuple[bool, ...]:
+    """The chat-template modes prompts are rendered in: preference jobs sample with reasoning on, and
+    BVPO with it off too (rl_service/preference_loop.py); RL jobs in `model.thinking`."""
+    if config.algorithm.is_preference:
+        return (True, False) if config.algorithm.name == "bvpo" else (True,)
+    return (config.model.thinking,)
 
 
 def _prompt_text(record: PromptRecord) -> str:

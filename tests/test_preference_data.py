@@ -250,7 +250,8 @@ def test_cli_reports_bad_rows_and_alpha_in_one_line_with_exit_2(tmp_path):
                   "--set", "generator.samples_per_prompt=2")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "generator.samples_per_prompt (2) must be >= 3 with preference.alpha_mode=online" in result.stderr
-    skipped = _cli("validate", "configs/bvpo_offline.yaml", "--set", f"preference.dataset_path={bad}")
+    skipped = _cli("validate", "configs/bvpo_offline.yaml", "--set", f"preference.dataset_path={bad}",
+                   "--set", "data.prompts_per_step=1")   # one usable row: a batch lists each row once
     assert skipped.returncode == 0 and "1 train prompts" in skipped.stdout and f"{bad}:2" in skipped.stderr
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,13 @@ def _row_problem(row: object, index: int, seen_ids: dict[int, int], line_number:
     answer = row.get("answer")
     if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
         return None, "field 'answer' must be a string or number"
+    if isinstance(answer, float) and not math.isfinite(answer):   # JSON's NaN / Infinity: "nan" is no answer
+        return None, f"field 'answer' is {answer}, not a finite number"
+    for name in ("prompt", *PAIR_FIELDS, *(["answer"] if isinstance(answer, str) else [])):
+        try:
+            row[name].encode("utf-8")
+        except UnicodeEncodeError as exc:   # a lone surrogate ("\ud800"): valid JSON, not text (the tokenizer fails)
+            return None, f"field '{name}' holds {row[name][exc.start]!r} at character {exc.start}, a lone surrogate"
     pair_id = row.get("id", index)
     if isinstance(pair_id, bool) or not isinstance(pair_id, int) or not 0 <= pair_id < _MAX_PAIR_ID:
         return None, "field 'id' must be an integer in [0, 2**40)"
@@ -104,6 +112,8 @@ def load_preference_file(path: str | Path, on_bad_row: Literal["skip", "error"] 
             row, problem = None, f"not valid UTF-8 (byte {exc.start})"
         except json.JSONDecodeError as exc:
             row, problem = None, f"not valid JSON ({exc.msg})"
+        except RecursionError:
+            row, problem = None, "nested too deeply to be a preference row"
         index += 1
         if row is None:
             message = f"{file}:{line_number}: {problem}"
