@@ -182,12 +182,42 @@ def check_weights_match_config(path: str, trust_remote_code: bool = False, field
     except Exception as exc:  # noqa: BLE001 - whatever transformers says about the config is the user's to see
         raise ModelLoadError(f"{field}: {directory}/config.json does not build a causal LM ({_reason(exc)})") from None
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    stored: set[str] = set()
     for file in sorted(directory.glob("*.safetensors")):
         for name, shape in _safetensors_shapes(file).items():
+            stored.add(name)
             if name in expected and expected[name] != shape:
                 raise ModelLoadError(f"{field}: {file.name} holds {name} of shape {list(shape)} but config.json makes "
                                      f"it {list(expected[name])}: the config does not describe these weights")
+    # Tensors on one side only: transformers would initialise the missing ones at random (a config
+    # with more layers than the weights) or drop the extra ones (fewer), with a warning in each actor.
+    missing = [name for name in _unsatisfied(model, stored)
+               if not _matches(name, getattr(model, "_keys_to_ignore_on_load_missing", None))]
+    extra = sorted(name for name in stored - set(expected)
+                   if not _matches(name, getattr(model, "_keys_to_ignore_on_load_unexpected", None)))
+    for names, side in ((missing, "config.json makes {n} tensor(s) the weights do not hold"),
+                        (extra, "the weights hold {n} tensor(s) config.json's model does not have")):
+        if names:
+            raise ModelLoadError(f"{field}: {side.format(n=len(names))} (first: {names[0]}): the config does not "
+                                 "describe these weights")
     return model
+
+
+def _unsatisfied(model, stored: set[str]) -> list[str]:
+    """State-dict names no stored tensor provides; tied parameters (one tensor under several names,
+    e.g. lm_head.weight = embed_tokens.weight) are provided by any of their names."""
+    aliases: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    tied = {name: names for names in aliases.values() for name in names}
+    return sorted(name for name in model.state_dict()
+                  if name not in stored and not any(alias in stored for alias in tied.get(name, ())))
+
+
+def _matches(name: str, patterns) -> bool:
+    import re
+
+    return any(re.search(pattern, name) for pattern in patterns or ())
 
 
 def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
