@@ -35,6 +35,9 @@ def write_scratch(completion, answer):
         scratch.write("fine")
     return float(open("/tmp/allowed").read() == "fine")
 
+def read_environment(completion, answer):
+    return float(answer in os.environ)          # a secret of the host's environment (RAY_AUTH_TOKEN, ...)
+
 def read_passwd(completion, answer):
     return float(len(open("/etc/passwd").read()) > 0)
 
@@ -44,8 +47,13 @@ def connect(completion, answer):
     return 1.0
 
 def kill_parent(completion, answer):
-    os.kill(int(answer), signal.SIGKILL)       # the RewardActor's pid, handed over in the answer
-    os.kill(os.getppid(), signal.SIGKILL)
+    # The runner's pid (handed over in the answer), then whatever this process's parent is; each
+    # attempt runs whatever the other did, and the function returns as if both had worked.
+    for target in (int(answer), os.getppid()):
+        try:
+            os.kill(target, signal.SIGKILL)
+        except OSError:
+            pass
     return 1.0
 
 def fork_and_hang(completion, answer):
@@ -104,6 +112,19 @@ def test_no_read_of_etc_passwd(escapes):
     assert _score(off)[0] == 1.0
 
 
+@pytest.mark.parametrize("kind", ["bwrap", "unshare"])
+def test_no_secret_of_the_environment_reaches_the_reward(escapes, monkeypatch, kind):
+    from rl_service.rewards import sandbox
+
+    if sandbox._works(kind) is not None:
+        pytest.skip(f"{kind} does not work here: {sandbox._works(kind)}")
+    monkeypatch.setenv("RL_SERVICE_TEST_SECRET", "s3cret")
+    monkeypatch.setattr(sandbox, "choose", lambda mode: kind if mode != "off" else "none")
+    assert _score(escapes("read_environment"), answer="RL_SERVICE_TEST_SECRET")[0] == 0.0
+    off = CustomRewardSpec(escapes("read_environment").path, "read_environment", 1.0, 256, "off")
+    assert _score(off, answer="RL_SERVICE_TEST_SECRET")[0] == 1.0   # unsandboxed it is there
+
+
 def test_no_connection_to_a_server_on_loopback(escapes):
     if choose("auto") == "none":
         pytest.skip("no namespaces on this machine: the network is not isolated (warned at run time)")
@@ -130,10 +151,15 @@ def test_the_parent_cannot_be_killed(escapes):
             from rl_service.rewards.custom import CustomRewardRunner, CustomRewardSpec
             runner = CustomRewardRunner(CustomRewardSpec({spec.path!r}, "kill_parent", 1.0, 256))
             print(runner.score(["x", "y"], [str(os.getpid())] * 2))
+            print(runner.score(["x"], [str(os.getpid())]))
             runner.close()
         """)], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert parent.returncode == 0, parent.stderr
-    assert "([0.0, 0.0], {'custom_reward_errors': 2, 'custom_reward_timeouts': 0, 'custom_reward_restarts': 0})" in parent.stdout
+    # Unsandboxed, the first kill ends the runner's process (exit -9). Sandboxed, the host pid does not
+    # exist in the reward's pid namespace and its parent is nobody (getppid() is 0: the kill goes to
+    # its own group, which pid 1 of a namespace ignores), so it returns 1.0 and the runner lives on.
+    assert parent.returncode == 0, (parent.returncode, parent.stderr)
+    counts = "{'custom_reward_errors': 0, 'custom_reward_timeouts': 0, 'custom_reward_restarts': 0}"
+    assert f"([1.0, 1.0], {counts})" in parent.stdout and f"([1.0], {counts})" in parent.stdout, parent.stdout
 
 
 @pytest.mark.parametrize("completion", ["hang", "return"])
@@ -178,7 +204,8 @@ def test_the_unshare_fallback_still_takes_network_signals_and_children(escapes, 
     monkeypatch.setattr(sandbox, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="rl_service"):
         assert sandbox.choose("auto") == "unshare"
-    assert any("file access is NOT confined" in record.getMessage() for record in caplog.records)
+    assert any("is NOT confined" in record.getMessage() and "environment" in record.getMessage()
+               for record in caplog.records)
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)

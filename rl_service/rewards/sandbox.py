@@ -67,14 +67,19 @@ def _bwrap_prefix(entry_script: str, reward_file: str, scratch: str) -> list[str
         command += ["--ro-bind", root, root]
     command += ["--proc", "/proc", "--dev", "/dev", "--chdir", SCRATCH,
                 "--remount-ro", "/", "--clearenv"]
-    environment = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": SCRATCH, "TMPDIR": SCRATCH,
+    for name, value in _clean_environment(SCRATCH).items():
+        command += ["--setenv", name, value]
+    return command + ["--"]
+
+
+def _clean_environment(scratch: str) -> dict[str, str]:
+    """All a sandboxed reward sees of the environment: no RAY_AUTH_TOKEN, cloud keys or the run's paths."""
+    environment = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch,
                    "PYTHONDONTWRITEBYTECODE": "1", **dict.fromkeys(_THREAD_VARIABLES, "1")}
     for name in ("LANG", "LC_ALL", *_THREAD_VARIABLES):
         if os.environ.get(name):
             environment[name] = os.environ[name]
-    for name, value in environment.items():
-        command += ["--setenv", name, value]
-    return command + ["--"]
+    return environment
 
 
 _UNSHARE_PREFIX = ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
@@ -117,8 +122,9 @@ def choose(mode: str) -> str:
     if kind not in _warned:
         _warned.add(kind)
         if kind == "unshare":
-            log.warning("reward.custom: %s, so the custom reward's file access is NOT confined (network and "
-                        "signals are, with unshare); install bubblewrap for the full sandbox", problem)
+            log.warning("reward.custom: %s, so the custom reward's file access (files and path-bound Unix sockets "
+                        "such as Ray's) is NOT confined; network, signals and the environment are, with unshare; "
+                        "install bubblewrap for the full sandbox", problem)
         else:
             log.warning("reward.custom: no sandbox (%s; %s): the custom reward runs with this user's file, network "
                         "and signal access, limited in time and memory only", problem, fallback_problem)
@@ -135,11 +141,14 @@ def sandboxed_command(kind: str, argv: list[str], entry_script: str, reward_file
     """(command, scratch directory, environment) running `argv` (the interpreter and the entry
     script first) isolated as `kind`; the caller removes the scratch directory when the process is gone."""
     scratch = _make_scratch()
+    if kind == "bwrap":   # bwrap clears the environment and sets its own (_bwrap_prefix)
+        return (_bwrap_prefix(entry_script, reward_file, scratch) + argv + ["--own-pid-namespace"], scratch,
+                _clean_environment(scratch))
+    if kind == "unshare":
+        return _UNSHARE_PREFIX + argv + ["--own-pid-namespace"], scratch, _clean_environment(scratch)
+    # No sandbox (`off`, for a function that calls a remote judge and may need its key): this user's
+    # environment, with the scratch directory as home.
     environment = {**os.environ, "HOME": scratch, "TMPDIR": scratch}
     for name in _THREAD_VARIABLES:
         environment.setdefault(name, "1")   # one call at a time: threads would only reserve address space
-    if kind == "bwrap":
-        return _bwrap_prefix(entry_script, reward_file, scratch) + argv + ["--own-pid-namespace"], scratch, environment
-    if kind == "unshare":
-        return _UNSHARE_PREFIX + argv + ["--own-pid-namespace"], scratch, environment
     return list(argv), scratch, environment
