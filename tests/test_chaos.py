@@ -13,31 +13,11 @@ import psutil
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import read_metrics, run_short_job
+from conftest import FRACTIONS, comparable_metrics, read_metrics, run_short_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 STEPS = 4
 EXTRA = ["checkpoint.every=2"]
-
-
-# Metrics that measure time, by name: the only ones a recovered run may differ in. Every other metric
-# (accepted, truncated, non-finite, clip and padding fractions included) must equal the reference's.
-TIMING_METRICS = frozenset({
-    "completions_per_s", "tokens_per_s", "step_seconds", "train_seconds", "eval_seconds", "weight_sync_seconds",
-    "driver_overhead_fraction", "time_generate_s", "time_reward_s", "time_statistics_s", "time_train_s",
-    "time_publish_s", "time_scale_s", "time_driver_s"})
-# Fractions the earlier comparison skipped (any name containing "fraction"): compared now, checked present.
-FRACTIONS = {"accepted_fraction", "truncated_fraction", "nonfinite_update_fraction", "clip_frac_low", "clip_frac_high",
-             "padding_fraction", "zero_variance_sample_fraction", "stale_sample_fraction"}
-
-
-def _comparable(rows: list[dict]) -> list[dict]:
-    """Each row without its timing metrics; fails on a metric that looks like a timing but is not
-    named above, so a new one is either added there or compared, never skipped by a pattern."""
-    for row in rows:
-        unnamed = {key for key in row if key.endswith(("_s", "seconds")) and key not in TIMING_METRICS}
-        assert not unnamed, f"timing-like metrics not in TIMING_METRICS: {sorted(unnamed)}"
-    return [{key: value for key, value in row.items() if key not in TIMING_METRICS} for row in rows]
 
 
 def _ledger(run_dir) -> list[dict]:
@@ -93,8 +73,8 @@ def test_a_killed_role_is_recovered_and_every_prompt_is_trained_once(reference, 
     ledger = _ledger(run_dir)
     assert [row["step"] for row in ledger] == list(range(1, STEPS + 1))       # every step once, none twice
     assert ledger == _ledger(reference)                                       # the same prompts and counts
-    compared = _comparable(read_metrics(run_dir))
-    assert compared == _comparable(read_metrics(reference))
+    compared = comparable_metrics(read_metrics(run_dir))
+    assert compared == comparable_metrics(read_metrics(reference))
     assert FRACTIONS <= set().union(*compared), FRACTIONS - set().union(*compared)
     final = f"checkpoints/step_{STEPS}/model/model.safetensors"
     got, want = load_file(str(run_dir / final)), load_file(str(reference / final))
@@ -130,8 +110,8 @@ def test_a_killed_preference_learner_is_recovered(tmp_path):
     killer.join(timeout=5)
     assert killer.killed and killer.run_had_finished is False, "the kill must land inside the run"
 
-    compared = _comparable(read_metrics(run_dir))
-    assert compared == _comparable(read_metrics(reference))
+    compared = comparable_metrics(read_metrics(run_dir))
+    assert compared == comparable_metrics(read_metrics(reference))
     assert [row["step"] for row in compared if "loss" in row] == list(range(1, STEPS + 1))
     assert any("bvpo_alpha" in row for row in compared)
     final = f"checkpoints/step_{STEPS}/model/model.safetensors"

@@ -8,8 +8,7 @@ import math
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import read_metrics, run_short_job
-from test_e2e_quickstart import _without_timings
+from conftest import comparable_metrics, read_metrics, run_short_job
 
 pytestmark = pytest.mark.slow
 ASYNC = ["schedule.mode=async"]
@@ -26,7 +25,7 @@ def _same_weights(first, second) -> bool:
 def test_staleness_zero_equals_sync_mode(short_run, tmp_path):
     sync_dir, sync_summary = short_run
     summary = run_short_job(tmp_path / "async0", ASYNC + ["schedule.max_staleness=0"])
-    assert _without_timings(read_metrics(tmp_path / "async0")) == _without_timings(read_metrics(sync_dir))
+    assert comparable_metrics(read_metrics(tmp_path / "async0")) == comparable_metrics(read_metrics(sync_dir))
     assert _same_weights(_final_weights(tmp_path / "async0"), _final_weights(sync_dir))
     assert summary["final_eval_accuracy"] == sync_summary["final_eval_accuracy"]
 
@@ -61,5 +60,5 @@ def test_staleness_one_lags_one_version_and_corrects_for_it(async_run, short_run
 def test_async_run_replays_bit_for_bit(async_run, tmp_path):
     run_dir, _ = async_run
     run_short_job(tmp_path / "again", ASYNC + ["schedule.max_staleness=1"])
-    assert _without_timings(read_metrics(tmp_path / "again")) == _without_timings(read_metrics(run_dir))
+    assert comparable_metrics(read_metrics(tmp_path / "again")) == comparable_metrics(read_metrics(run_dir))
     assert _same_weights(_final_weights(tmp_path / "again"), _final_weights(run_dir))

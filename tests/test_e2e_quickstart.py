@@ -7,13 +7,7 @@ import math
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import read_metrics, run_short_job
-
-TIMING_KEYS = ("seconds", "_s", "per_s", "fraction")
-
-
-def _without_timings(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if not any(k.endswith(t) or t in k for t in TIMING_KEYS)} for row in rows]
+from conftest import comparable_metrics, read_metrics, run_short_job
 
 
 def test_short_run_trains_logs_and_checkpoints(short_run):
@@ -72,4 +66,4 @@ def test_checkpoint_loads_as_a_model_and_evaluates(short_run):
 def test_same_seed_gives_same_metrics(short_run, tmp_path):
     run_dir, _ = short_run
     run_short_job(tmp_path / "again")
-    assert _without_timings(read_metrics(tmp_path / "again")) == _without_timings(read_metrics(run_dir))
+    assert comparable_metrics(read_metrics(tmp_path / "again")) == comparable_metrics(read_metrics(run_dir))

@@ -13,8 +13,7 @@ import time
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import REPO, read_metrics, run_short_job, short_run_overrides
-from test_e2e_quickstart import _without_timings
+from conftest import REPO, comparable_metrics, read_metrics, run_short_job, short_run_overrides
 
 STEPS = 5
 EXTRA = ["checkpoint.every=2", "checkpoint.keep_last=2"]
@@ -59,7 +58,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, lora):
     assert not (killed / "summary.json").exists()
     assert main(["resume", str(killed)]) == 0
 
-    assert _without_timings(read_metrics(killed)) == _without_timings(read_metrics(uninterrupted))
+    assert comparable_metrics(read_metrics(killed)) == comparable_metrics(read_metrics(uninterrupted))
     final = f"checkpoints/step_{STEPS}/" + ("adapter/adapter_model.safetensors" if lora else "model/model.safetensors")
     got, want = load_file(str(killed / final)), load_file(str(uninterrupted / final))
     assert got.keys() == want.keys() and all((got[name] == want[name]).all() for name in want)
@@ -179,7 +178,7 @@ def test_a_killed_preference_run_resumes_to_the_uninterrupted_result(tmp_path, c
     assert not (killed / "summary.json").exists()
     assert main(["resume", str(killed)]) == 0
 
-    got, want = _without_timings(read_metrics(killed)), _without_timings(read_metrics(uninterrupted))
+    got, want = comparable_metrics(read_metrics(killed)), comparable_metrics(read_metrics(uninterrupted))
     assert got == want and [row["step"] for row in got if "loss" in row] == list(range(1, PREFERENCE_STEPS + 1))
     final = f"checkpoints/step_{PREFERENCE_STEPS}/model/model.safetensors"
     got_weights, want_weights = load_file(str(killed / final)), load_file(str(uninterrupted / final))
