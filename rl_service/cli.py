@@ -77,7 +77,7 @@ def _run_id(config) -> str:
 
 def _default_run_dir(config) -> Path:
     run_dir = Path(config.logging.output_dir) / _run_id(config)
-    if not run_dir.is_absolute() and os.environ.get("RAY_ADDRESS"):
+    if not run_dir.is_absolute() and config.cluster.address_to_join():
         logging.getLogger("rl_service").warning(
             "run directory %s is inside the job's working directory, which Ray deletes: pass --run-dir or set "
             "logging.output_dir to an absolute path (rl-service submit does)", run_dir.resolve())
@@ -99,14 +99,14 @@ def _command_run(args) -> int:
 
     from rl_service.run_dir import latest_checkpoint, prepare_run_dir
 
+    if args.resume and not args.run_dir:
+        raise UserError("run --resume needs --run-dir: the run directory to continue")
     config = load_config(args.config, args.overrides)
     _run_id(config)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config)
     prepare_run_dir(run_dir, args.resume, args.overwrite, clear=False)   # a file, /proc, an existing run
     _announce(run_dir)
     if args.resume:
-        if not args.run_dir:
-            raise UserError("run --resume needs --run-dir: the run directory to continue")
         if latest_checkpoint(args.run_dir) is not None:
             saved = Path(args.run_dir) / "config.yaml"
             if saved.read_text(encoding="utf-8") != dump_config(config):
@@ -122,10 +122,10 @@ def _command_run(args) -> int:
 
 def _command_resume(args) -> int:
     from rl_service.config import load_config
-    from rl_service.job_runs import is_job_id, resume_job
+    from rl_service.job_runs import as_job_id, is_job_id, resume_job
 
     if is_job_id(args.run_dir):
-        return resume_job(args)
+        return as_job_id(args.run_dir, lambda: resume_job(args))
     run_dir = Path(args.run_dir)
     _announce(run_dir)
     saved = run_dir / "config.yaml"
@@ -172,10 +172,10 @@ def _command_eval(args) -> int:
 
 
 def _command_report(args) -> int:
-    from rl_service.job_runs import is_job_id, report_job
+    from rl_service.job_runs import as_job_id, is_job_id, report_job
     from rl_service.report import write_report
 
-    run_dir = report_job(args) if is_job_id(args.run_dir) else args.run_dir
+    run_dir = as_job_id(args.run_dir, lambda: report_job(args)) if is_job_id(args.run_dir) else args.run_dir
     result = write_report(run_dir, args.out)
     for notice in result.notices:   # skipped plots: on stderr, so stdout lists only the written files
         print(f"rl-service report: {notice}", file=sys.stderr)

@@ -34,6 +34,8 @@ def config_paths(config) -> list[tuple[str, str]]:
     if config.data.source == "jsonl":
         paths += [(field, value) for field, value in (("data.train_path", config.data.train_path),
                                                       ("data.eval_path", config.data.eval_path)) if value]
+    if config.data.source == "hf" and config.data.hf is not None:
+        paths.append(("data.hf.path", config.data.hf.path))   # a local dataset directory (rl_service/data/hf_datasets.py)
     if config.algorithm.is_preference:
         preference = config.preference
         if preference.mode == "offline" and preference.dataset_path:
@@ -81,6 +83,15 @@ def job_run_dir(client, job_id: str, call) -> Path:
 def is_job_id(value: str) -> bool:
     """A job id names no path: no '/', and nothing of that name here."""
     return "/" not in value and not Path(value).exists()
+
+
+def as_job_id(value: str, command):
+    """`command()` for a name `is_job_id` took for a job id; its error also says that no run
+    directory has that name here: a mistyped run directory is as likely as a job id."""
+    try:
+        return command()
+    except UserError as error:
+        raise UserError(f"{value}: no run directory of that name here; as a job id: {error}") from None
 
 
 def report_job(args) -> Path:

@@ -7,6 +7,7 @@ on the nodes a user names and scale independently.
 """
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -101,7 +102,11 @@ def job_namespace(config: JobConfig) -> str:
 def start_ray(config: JobConfig):
     """Join `cluster.address` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1 only. Returns
     the local Ray's reaper (`reap_if_driver_dies`; stop it after `ray.shutdown()`), else None."""
-    address = config.cluster.address or os.environ.get("RAY_ADDRESS")
+    address = config.cluster.address_to_join()
+    if not address and os.environ.get("RAY_ADDRESS"):
+        logging.getLogger("rl_service").warning(
+            "RAY_ADDRESS=%s is a job server URL (for rl-service submit/status/...), not a cluster a run can join: "
+            "this run starts its own local Ray; `rl-service submit` runs it on that cluster", os.environ["RAY_ADDRESS"])
     if not address:
         # Ray resolves "127.0.0.1" to the machine's routable address unless cluster mode is off
         # (read when `ray` is first imported); a local job serves nobody else, so every Ray

@@ -54,7 +54,9 @@ def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = Fa
     from rl_service.errors import UserError
 
     directory = Path(path).expanduser().absolute()
-    if any(directory == Path(top) or Path(top) in directory.parents for top in _KERNEL_FILE_SYSTEMS):
+    under = lambda top: directory == Path(top) or Path(top) in directory.parents   # noqa: E731
+    # /dev/shm is an ordinary tmpfs (memory-backed, gone at reboot), not a kernel interface.
+    if any(under(top) for top in _KERNEL_FILE_SYSTEMS) and not under("/dev/shm"):
         raise UserError(f"--run-dir {path}: under {next(t for t in _KERNEL_FILE_SYSTEMS if str(directory).startswith(t))}, "
                         "a kernel file system, not a place for results")
     if directory.exists() and not directory.is_dir():

@@ -15,7 +15,6 @@ evaluation is taken inside the bar, so the bar ends on the accuracy the summary 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +54,7 @@ def checkpoint_every(config: JobConfig) -> int:
     or lost job can be resumed; a local run only at the end."""
     if config.checkpoint.every is not None:
         return config.checkpoint.every
-    return CLUSTER_CHECKPOINT_EVERY if (config.cluster.address or os.environ.get("RAY_ADDRESS")) else 0
+    return CLUSTER_CHECKPOINT_EVERY if config.cluster.address_to_join() else 0
 
 
 def _record(trainer, step: int, evaluation: dict | None = None) -> None:

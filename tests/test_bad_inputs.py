@@ -41,6 +41,10 @@ def test_corpus_is_large_named_uniquely_and_has_no_stray_files():
 def test_cli_reports_one_line_and_exits_2(case, capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # the cases' paths are relative to the repository, like a user's
     monkeypatch.setenv("RL_SERVICE_SUBMISSION_ID", "bad-inputs-corpus")   # `run` would set one for this process
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        # The job commands clear or set these; setenv first so that monkeypatch restores them afterwards.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     code = main([str(arg) for arg in case["args"]])
     out, err = capsys.readouterr()
     assert code == EXIT_USER_ERROR, f"exit {code}; stdout: {out!r}; stderr: {err!r}"

@@ -5,6 +5,8 @@ The refusals themselves, one line and exit 2, are in tests/bad_inputs (test_bad_
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +57,18 @@ def test_new_and_empty_directories_are_fine_and_created(tmp_path):
     assert (tmp_path / "a" / "b").is_dir()
     prepare_run_dir(tmp_path / "a" / "b")                       # empty: not a run yet
     assert list((tmp_path / "a" / "b").iterdir()) == []
+
+
+def test_kernel_file_systems_are_refused_but_dev_shm_is_an_ordinary_place(tmp_path):
+    for path in ("/proc/runs", "/sys/x", "/dev/null_dir"):
+        with pytest.raises(UserError, match="a kernel file system"):
+            prepare_run_dir(path, clear=False)
+    shm = f"/dev/shm/rl_service_test_{tmp_path.name}"
+    try:
+        prepare_run_dir(shm)
+        assert (Path(shm)).is_dir()
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
 
 
 def test_long_prompts_truncate_cuts_each_prompt_to_the_context_budget(tmp_path):

@@ -32,7 +32,8 @@ def test_an_explicit_address_beats_ray_address_for_every_job_command(head):
                      "RAY_API_SERVER_ADDRESS": address}
     nowhere = f"http://127.0.0.1:{_free_port()}"
     commands = [["list"], ["status", "some-job"], ["logs", "some-job"], ["stop", "some-job"],
-                ["scale", "some-job", "--generators", "2"], ["submit", "configs/quickstart.yaml", *SHORT_JOB]]
+                ["scale", "some-job", "--generators", "2"], ["report", "some-job"], ["resume", "some-job"],
+                ["submit", "configs/quickstart.yaml", *SHORT_JOB]]
     for command in commands:
         # The environment names a live head; the command line names a dead address: the dead one is used.
         result = cli([*command, "--address", nowhere], authenticated)
@@ -54,6 +55,9 @@ def test_a_local_run_starts_its_own_ray_on_loopback_beside_a_running_head(head, 
     local_env = {key: value for key, value in env.items()
                  if key not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     local_env["RAY_TMPDIR"] = str(scratch)
+    # deploy/README.md has users export the head's job server URL for the job commands; a driver cannot
+    # join a cluster by that URL, so with it set a run is still a local one (and says so).
+    local_env["RAY_ADDRESS"] = address
     run_dir = tmp_path / "run"
     overrides = [*SHORT_JOB, "--set", "steps=4", "--set", "cluster.include_dashboard=true"]
     process = subprocess.Popen([sys.executable, "-m", "rl_service.cli", "run", "configs/quickstart.yaml",
@@ -71,6 +75,7 @@ def test_a_local_run_starts_its_own_ray_on_loopback_beside_a_running_head(head, 
             process.wait()
     assert process.returncode == 0, output[-3000:]
     assert "InvalidAuthToken" not in output and "existing Ray cluster" not in output, output[-3000:]
+    assert f"RAY_ADDRESS={address} is a job server URL" in output, output[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4
     # Ray's servers (GCS, raylet, object manager, dashboard and its agents, workers' gRPC), the

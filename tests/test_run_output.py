@@ -53,6 +53,12 @@ def test_a_run_on_a_cluster_checkpoints_by_default_and_a_local_one_at_the_end(mo
     monkeypatch.delenv("RAY_ADDRESS")
     assert checkpoint_every(load_config(quickstart, ["checkpoint.every=null", "cluster.address=10.0.0.1:6379"])) == 10
     assert load_config(quickstart).checkpoint.every is None   # the default is the automatic choice
+    # deploy/README.md has users export the job server's URL for the job commands: no cluster to join.
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    config = load_config(quickstart, ["checkpoint.every=null"])
+    assert config.cluster.address_to_join() is None and checkpoint_every(config) == 0
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert config.cluster.address_to_join() == "127.0.0.1:6379"
 
 
 def _cli(args: list[str], env_extra: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

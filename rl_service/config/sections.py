@@ -4,6 +4,7 @@ Every field carries its default, unit and range; unknown keys are errors (`extra
 """
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -314,6 +315,26 @@ class ClusterConfig(_Section):
     max_role_failures: int = Field(
         3, ge=0, le=1000, description="role deaths (generator, reward, statistics, learner) a run recovers from by "
                                       "restarting every role from the newest checkpoint; 0 = fail at the first")
+
+    @field_validator("address")
+    @classmethod
+    def _not_a_job_server(cls, address: str | None) -> str | None:
+        if address and _is_job_server_url(address):
+            raise ValueError(f"{address} is a Ray job server (dashboard) URL, for `rl-service submit --address`; a run "
+                             "joins a cluster by its GCS address (host:6379) or ray://host:10001")
+        return address
+
+    def address_to_join(self) -> str | None:
+        """The Ray cluster a run joins: `address`, else RAY_ADDRESS (Ray's job supervisor sets it for a
+        submitted job's driver), else None: a local Ray. A RAY_ADDRESS that is a job server URL
+        (deploy/README.md has users export http://HEAD:8265 for the job commands) names no cluster a
+        driver can join, so a run on that shell is a local one (rl_service/roles.py says so once)."""
+        address = self.address or os.environ.get("RAY_ADDRESS")
+        return None if not address or _is_job_server_url(address) else address
+
+
+def _is_job_server_url(address: str) -> bool:
+    return address.strip().lower().startswith(("http://", "https://"))
 
 
 class ScheduleConfig(_Section):
