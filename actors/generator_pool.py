@@ -74,6 +74,9 @@ class GeneratorPool:
         retired = [(engine, [ref for ref, _, _ in pending])
                    for engine, pending in zip(self.engines[-count:], self._pending[-count:])]
         del self.engines[-count:], self._pending[-count:]
+        if self._tags is not None:
+            # A gauge keeps its last value: a retired engine's queue would stay in every `sum by` forever.
+            self._telemetry.record(queue_depth_values([0] * count, self._tags, first=len(self.engines)))
         return retired
 
     def num_engines(self) -> int:

@@ -131,10 +131,11 @@ def loop_metric_values(step: int, evaluation: Mapping[str, float] | None, tags: 
     return values
 
 
-def queue_depth_values(outstanding_samples: Sequence[int], tags: Mapping[str, str]) -> list[MetricValue]:
-    """One queue depth per engine: samples sent to it whose results are not ready yet."""
+def queue_depth_values(outstanding_samples: Sequence[int], tags: Mapping[str, str], first: int = 0) -> list[MetricValue]:
+    """One queue depth per engine, engines `first`, `first` + 1, ...: samples sent to it whose results
+    are not ready yet."""
     return [MetricValue("rl_service_generator_queue_depth", float(samples), {**tags, ROLE_TAG: f"generator/{index}"})
-            for index, samples in enumerate(outstanding_samples)]
+            for index, samples in enumerate(outstanding_samples, start=first)]
 
 
 class MetricRecorder:

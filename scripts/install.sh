@@ -38,6 +38,8 @@ if ! command -v prometheus >/dev/null; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } \
             >/dev/null 2>&1 || echo "prometheus not installed (apt-get failed); the Prometheus test will skip"
+    else
+        echo "prometheus not found (installed here only as root with apt-get): the Prometheus test will skip"
     fi
 fi
 # The custom reward's sandbox (rl_service/rewards/sandbox.py) uses bubblewrap where it is installed;

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.cluster   # own Ray head: `pytest -m cluster`
 
 # SHORT_JOB's sizes, run long, with the defaults under test: checkpoint.every (automatic) and the bar (on).
 LONG_JOB = [item for flag, value in zip(SHORT_JOB[::2], SHORT_JOB[1::2])
-            if value.split("=")[0] not in ("steps", "checkpoint.every", "logging.progress_bar")
-            for item in (flag, value)] + ["--set", "steps=100000"]
+            if value.split("=")[0] not in ("steps", "checkpoint.every", "logging.progress_bar", "eval_every")
+            for item in (flag, value)] + ["--set", "steps=100000", "--set", "eval_every=2"]
 
 
 def _job_id(result) -> str:
@@ -52,7 +52,7 @@ def test_submit_scale_stop_report_and_resume_one_job_by_its_id(head, tmp_path):
     logs = _wait_for_log(job_id, address, env, "step 3/100000 | reward")
     driver_lines = logs.split("Running entrypoint for job", 1)[1].splitlines()[1:]   # after Ray's own lines
     assert driver_lines[0] == f"run directory: {run_dir}"   # finding 1: the driver's first line, absolute
-    assert "eval step 0 | accuracy" in logs
+    assert "eval step 0 | accuracy" in logs and "eval step 2 | accuracy" in logs   # evaluations while it runs
 
     # Finding 7: scaling is answered by the job itself; no helper job appears, a refusal fails nothing.
     refused = cli(["scale", job_id, "--generators", "100", "--address", address], env, timeout=300)

@@ -102,6 +102,8 @@ def test_queue_depth_is_one_series_per_engine():
     assert [(value.name, value.value, value.tags) for value in values] == [
         ("rl_service_generator_queue_depth", float(depth), {**TAGS, ROLE_TAG: f"generator/{index}"})
         for index, depth in enumerate([8, 0, 3])]
+    # Engines 3 and 4 retired by a scale-down: their series are set to 0, not left at their last depth.
+    assert [value.tags[ROLE_TAG] for value in queue_depth_values([0, 0], TAGS, first=3)] == ["generator/3", "generator/4"]
 
 
 def test_every_named_metric_is_recorded_with_the_tags_it_declares():
