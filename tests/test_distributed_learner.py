@@ -207,3 +207,23 @@ def test_a_two_rank_zero3_checkpoint_resumes_bit_for_bit(ray_session, rollout_re
     want_tensors = [tensor for bucket in want for _, tensor in bucket.tensors()]
     got_tensors = [tensor for bucket in got for _, tensor in bucket.tensors()]
     assert len(want_tensors) == len(got_tensors) and all(map(torch.equal, want_tensors, got_tensors))
+
+
+def test_the_rendezvous_store_listens_on_its_address_only():
+    """Issue #19 finding 2: torch's env:// store listened on every interface; ours binds the group's address."""
+    from datetime import timedelta
+
+    import psutil
+
+    from rl_service.training.rendezvous import rendezvous_store
+    from rl_service.training.engine import free_port
+
+    port = free_port("127.0.0.1")
+    store = rendezvous_store("127.0.0.1", port, 1, True, timedelta(seconds=30))
+    store.set("key", "value")
+    listening = {(connection.laddr.ip, connection.laddr.port)
+                 for connection in psutil.Process().net_connections(kind="inet")
+                 if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port}
+    assert listening == {("127.0.0.1", port)}
+    assert store.get("key") == b"value"
+    del store
