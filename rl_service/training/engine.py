@@ -7,12 +7,13 @@ No Ray here.
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from contextlib import closing, contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -166,6 +167,10 @@ def full_numel(parameter: torch.nn.Parameter) -> int:
     return int(getattr(parameter, "ds_numel", parameter.numel()))
 
 
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 class EngineWeights:
     """What every learner does with its weights: publish them in flat buckets (DESIGN.md "Weight sync")
     and save them as a loadable HF directory (safetensors + tokenizer). Needs `engine`, `tokenizer`
@@ -176,11 +181,17 @@ class EngineWeights:
 
     def published_weights(self) -> list[tuple[str, torch.Tensor]]:
         """(name, tensor) of what the generators load: the parameters, or the merged LoRA weights."""
-        if self.config.learner.lora is not None:
-            from rl_service.training.lora import merged_named_weights
+        return [(name, make()) for name, _, make in self._published_sources()]
 
-            return list(merged_named_weights(self.engine.module))
-        return list(self.engine.module.named_parameters())
+    def _published_sources(self) -> list[tuple[str, torch.Tensor, Callable[[], torch.Tensor]]]:
+        """(name, a tensor of the published shape and dtype, what makes the published tensor): under
+        LoRA a merged layer is made only when its bucket goes out (rl_service/training/lora.py)."""
+        if self.config.learner.lora is not None:
+            from rl_service.training.lora import published_sources
+
+            return list(published_sources(self.engine.module))
+        return [(name, parameter, functools.partial(_same, parameter))
+                for name, parameter in self.engine.module.named_parameters()]
 
     def weight_buckets(self, version: int, bucket_bytes: int | None = None,
                        packed: bool = True) -> Iterator[FlatWeights | WeightViews]:
@@ -193,30 +204,28 @@ class EngineWeights:
             bucket_bytes = int(self.config.weight_sync.bucket_mb * 2**20)
         self.weight_version = version
         rank, _ = rank_and_world()
-        named = self.published_weights()
-        sizes = [(name, full_numel(parameter) * parameter.element_size()) for name, parameter in named]
-        by_name = dict(named)
+        sources = {name: (tensor, make) for name, tensor, make in self._published_sources()}
+        sizes = [(name, full_numel(tensor) * tensor.element_size()) for name, (tensor, _) in sources.items()]
         for bucket in plan_buckets(sizes, bucket_bytes):
-            parameters = [by_name[name] for name in bucket]
-            with gathered(parameters, self.config.learner.zero_stage):
+            with gathered([sources[name][0] for name in bucket], self.config.learner.zero_stage):
                 if rank == 0:
-                    make = flatten_named_tensors if packed else tensor_views
-                    yield make(((name, by_name[name]) for name in bucket), version)
+                    pack = flatten_named_tensors if packed else tensor_views
+                    yield pack(((name, sources[name][1]()) for name in bucket), version)
 
     def bucket_layouts(self) -> list[BucketLayout]:
         """The layout of every bucket `weight_buckets` packs (the same at every version), from the
-        parameters' full shapes: nothing is packed or gathered."""
+        parameters' full shapes: nothing is packed, gathered or merged."""
         bucket_bytes = int(self.config.weight_sync.bucket_mb * 2**20)
-        named = dict(self.published_weights())
-        sizes = [(name, full_numel(parameter) * parameter.element_size()) for name, parameter in named.items()]
+        named = {name: tensor for name, tensor, _ in self._published_sources()}
+        sizes = [(name, full_numel(tensor) * tensor.element_size()) for name, tensor in named.items()]
         return [BucketLayout.plan((name, tuple(getattr(named[name], "ds_shape", named[name].shape)), named[name].dtype)
                                   for name in bucket)
                 for bucket in plan_buckets(sizes, bucket_bytes)]
 
     def mailbox_layout(self) -> MailboxLayout:
-        """Where each parameter sits in a weight-mailbox slot: from full shapes, nothing gathered."""
-        return MailboxLayout.of((name, tuple(getattr(parameter, "ds_shape", parameter.shape)), parameter.dtype)
-                                for name, parameter in self.published_weights())
+        """Where each parameter sits in a weight-mailbox slot: from full shapes, nothing gathered or merged."""
+        return MailboxLayout.of((name, tuple(getattr(tensor, "ds_shape", tensor.shape)), tensor.dtype)
+                                for name, tensor, _ in self._published_sources())
 
     def flat_weights(self, version: int) -> FlatWeights:
         """All weights in one flat buffer (rank 0; a world of one, or tests)."""
