@@ -182,6 +182,9 @@ def engine_resources(config: JobConfig) -> dict[str, float]:
     return total
 
 
+INLINE_RESULT_BYTES = 8 * 1024   # a generator's results larger than this go to the shared object store
+
+
 def generator_options(config: JobConfig, index: int) -> dict:
     """Ray options of generator `index`: plain resources, or (tensor parallel on GPUs) its own
     STRICT_PACK placement group, which vLLM finds from inside the actor
@@ -189,14 +192,22 @@ def generator_options(config: JobConfig, index: int) -> dict:
     generator = config.generator
     bundles = tensor_parallel_bundles(generator)
     if bundles is None:
-        return _options(config, "generator", index, generator.num_cpus, generator.num_gpus, generator.resources)
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        options = _options(config, "generator", index, generator.num_cpus, generator.num_gpus, generator.resources)
+    else:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    group = placement_group(bundles, strategy="STRICT_PACK", name=f"{submission_id(config.job_name)}/generator/{index}")
-    options = _options(config, "generator", index, generator.num_cpus, 0.0, generator.resources)
-    options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-        placement_group=group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
+        group = placement_group(bundles, strategy="STRICT_PACK", name=f"{submission_id(config.job_name)}/generator/{index}")
+        options = _options(config, "generator", index, generator.num_cpus, 0.0, generator.resources)
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
+    # Ray (2.60) keeps a task result smaller than its inline limit (100 KiB) in the owner's memory
+    # store for good once the owner hands the result's ref on: the pool owns every shard and hands
+    # it to the driver, and a quickstart shard (~78 KB) is under the limit, so the pool grew by one
+    # shard per step (benchmarks/soak.py; reproduction without our code: benchmarks/ray_forwarding_rss.py
+    # --payload-kib 64). Results above 8 KiB go to the shared object store instead; the actor's
+    # env_vars merge with the job's.
+    options["runtime_env"] = {"env_vars": {**_actor_env(config), "RAY_max_direct_call_object_size": str(INLINE_RESULT_BYTES)}}
     return options
 
 

@@ -254,3 +254,55 @@ def test_pool_balances_by_outstanding_work(ray_local):
     assert len(ray.get(pool.generate.remote(make_requests([1] * 8), sampling, 2))) == 2
     for actor in (busy, free, pool):
         ray.kill(actor)
+
+
+def test_the_pool_keeps_no_shard_it_handed_out(ray_local):
+    """Issue #19 finding 9: Ray kept every result under its inline limit (100 KiB) in the owner's memory
+    store once the owner handed the ref on, so the pool grew by one ~78 KB rollout shard per step
+    (benchmarks/soak.py). Engines made with `generator_options` return larger-than-8-KiB results
+    through the shared object store: after many steps of generate, fetch and weight update (the
+    driver's async order), the pool's own store holds no shard bytes. Without the option the same
+    loop leaves about one shard per step there."""
+    ray = ray_local
+    from actors.generator_pool import GeneratorPool
+    from rl_service.roles import INLINE_RESULT_BYTES, generator_options
+
+    shard_bytes = 64 * 1024
+
+    @ray.remote
+    class ShardEngine:   # an engine's call pattern, a result the size of a quickstart shard
+        def generate(self, shard, sampling, seed):
+            return os.urandom(shard_bytes)
+
+        def load_weights(self, notice):
+            return 1
+
+    @ray.remote
+    class Learner:   # reads the shards where they are (the driver only waits for them), publishes
+        def train(self, shard_refs):
+            return sum(len(result) for result in ray.get(shard_refs))
+
+        def publish(self, version):
+            return version
+
+    config = load_config(None, ["job_name=inline_results", "generator.num_cpus=0.1"])
+    options = generator_options(config, 0)
+    pass  #  == str(INLINE_RESULT_BYTES)
+    engine = ShardEngine.options(**options).remote()
+    pool = GeneratorPool.options(num_cpus=0.01).remote([engine])
+    learner = Learner.remote()
+    sampling = SamplingParams(max_new_tokens=4)
+    # Async mode's order (rl_service/rollout_client.py): step k + 1's rollout is launched before step
+    # k's is trained on; in sync mode Ray kept only a few shards.
+    ahead = ray.get(pool.generate.remote(make_requests([2, 2]), sampling, 0, True))
+    for step in range(40):
+        refs, ahead = ahead, ray.get(pool.generate.remote(make_requests([2, 2]), sampling, step + 1, True))
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)
+        assert ray.get(learner.train.remote(refs)) == shard_bytes
+        del refs
+        assert ray.get(pool.update_weights.remote([learner.publish.remote(step + 1)])) == [1]
+    ray.get(ahead)
+    del ahead
+    store_bytes = ray.get(pool.__ray_call__.remote(
+        lambda _: ray._private.worker.global_worker.core_worker.get_local_memory_store_bytes_used()))
+    assert store_bytes < shard_bytes, store_bytes
