@@ -92,3 +92,30 @@ def test_long_prompts_truncate_cuts_each_prompt_to_the_context_budget(tmp_path):
     assert lengths[0] == lengths[1] == 200 and lengths[2] == len(full(job.task.train[2])) < 200
     # The end survives (the chat template's generation prompt, what the model continues from).
     assert tokenize(job.task.train[0])[-20:] == full(job.task.train[0])[-20:]
+
+
+def test_a_50_mb_prompt_is_refused_in_one_line_without_tokenizing_it(tmp_path):
+    """Issue #19 finding 4: a 50 MB one-line prompt took the driver to 10 GB and then asked for 100 GB.
+    Now the length check refuses it from its character count; the whole `validate` stays small."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "huge.jsonl"
+    with data.open("w") as out:
+        out.write(json.dumps({"id": 0, "prompt": "What is 1 + 1? " * (50 * 2**20 // 15), "answer": "2"}) + "\n")
+        for index in range(1, 17):
+            out.write(json.dumps({"id": index, "prompt": f"{index} + 1?", "answer": str(index + 1)}) + "\n")
+    # A fresh parent whose only child is the command, so RUSAGE_CHILDREN's peak is that command's alone.
+    measure = ("import resource, subprocess, sys; result = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "sys.stderr.write(result.stderr); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+               "sys.exit(result.returncode)")
+    result = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "rl_service.cli", "validate",
+                             "tests/bad_inputs/configs/base_jsonl.yaml", "--set", f"data.train_path={data}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    peak_mib = int(result.stdout.split()[-1]) / 1024   # ru_maxrss is in KiB on Linux
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train prompt id 0 is 52428" in lines[0] and "characters" in lines[0], lines
+    # A few copies of 50 MB of text (file, JSON string, record) beside torch and transformers, never
+    # the tokenized prompt (10 GB, then a 100 GB allocation before the fix).
+    assert peak_mib < 2048, peak_mib
