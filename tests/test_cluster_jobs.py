@@ -63,12 +63,16 @@ def test_clients_without_the_right_token_are_refused_in_one_line(head, tmp_path)
     no_token.pop("RAY_AUTH_MODE", None)
     wrong_file = tmp_path / "wrong"
     wrong_file.write_text(secrets.token_hex(32))
-    for args, environment in ((["list", "--address", address], no_token),
-                              (["list", "--address", address, "--token-file", str(wrong_file)], no_token)):
-        result = cli(args, environment)
-        assert result.returncode == 2, result
-        assert len(result.stderr.strip().splitlines()) == 1 and "auth token" in result.stderr
-        assert wrong_file.read_text() not in result.stderr
+    # Every command that talks to the job server, with no token and with a wrong one.
+    commands = [["list"], ["status", "some-job"], ["logs", "some-job"], ["stop", "some-job"],
+                ["scale", "some-job", "--generators", "2"], ["report", "some-job"], ["resume", "some-job"],
+                ["submit", "configs/quickstart.yaml", *SHORT_JOB]]
+    for command in commands:
+        for args in ([*command, "--address", address], [*command, "--address", address, "--token-file", str(wrong_file)]):
+            result = cli(args, no_token)
+            assert result.returncode == 2, (args, result.stderr)
+            assert len(result.stderr.strip().splitlines()) == 1 and "auth token" in result.stderr, (args, result.stderr)
+            assert wrong_file.read_text() not in result.stderr
 
 
 def test_bad_addresses_and_job_ids_are_one_line_errors(head):
@@ -77,6 +81,9 @@ def test_bad_addresses_and_job_ids_are_one_line_errors(head):
     cases = [(["status", "no-such-job", "--address", address], authenticated, "no such job"),
              (["scale", "no-such-job", "--generators", "2", "--address", address], authenticated, "no such job"),
              (["logs", "no-such-job", "--address", address], authenticated, "no such job"),
+             (["stop", "no-such-job", "--address", address], authenticated, "no such job"),
+             (["report", "no-such-job", "--address", address], authenticated, "no such job"),
+             (["resume", "no-such-job", "--address", address], authenticated, "no such job"),
              (["status", "x", "--address", f"http://127.0.0.1:{_free_port()}"], authenticated, "cannot reach"),
              (["submit", "configs/quickstart.yaml", "--address", address, "--set", "learner.lr=-1"], authenticated,
               "learner.lr"),
