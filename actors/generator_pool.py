@@ -15,7 +15,7 @@ an even split for the same reason.
 
 Queue depth: after each hand-out the pool records, per engine, the samples it has sent and not seen
 finish as the live metric `rl_service_generator_queue_depth` (rl_service/telemetry.py); only a
-pool of a run (rl_service/roles.py puts the run's ids in its actors' environment) records.
+pool of a run (rl_service/driver/roles.py puts the run's ids in its actors' environment) records.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class GeneratorPool:
         self._target: int | None = None   # engines asked for by `rl-service scale`, applied by the driver
         self._engine_resources = dict(engine_resources or {})
 
-    # -- elasticity (rl_service/elastic.py drives it at step boundaries) --------------------------
+    # -- elasticity (rl_service/driver/elastic.py drives it at step boundaries) --------------------------
     def request_engines(self, count: int) -> int:
         """Record a wish for `count` engines; the driver applies it before its next launch."""
         if count < 1:

@@ -1,7 +1,7 @@
 """The learner's side of weight sync (DESIGN.md "Weight sync"): rank 0 holds one publisher, made when
 the job starts, that turns a version's buckets into what every generator loads. The other ranks
 only take part in ZeRO-3's gathers of each bucket (`drain`). One `publish(buckets, version)` per
-transport; the driver's side is rl_service/weight_sync.py, the generators' `GeneratorActor.load_weights`.
+transport; the driver's side is rl_service/driver/weight_sync.py, the generators' `GeneratorActor.load_weights`.
 
 - `ObjectStorePublisher` (any hardware): each bucket `ray.put` once as it is made, so rank 0 holds one
   bucket at a time, not the model; generators read them zero-copy from their node's object store.

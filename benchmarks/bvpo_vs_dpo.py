@@ -95,14 +95,14 @@ class InProcessRun:
     """One DPO / BVPO run of `config` in this process: the job's own pieces — prepare_preference_job
     (config checks, task split), PromptSampler, the `torch` generation engine, the verifier,
     select_pairs / pairs_from_rollout and the PreferenceLearner (a DeepSpeed engine, world of one) —
-    in the order of `rl_service/preference_loop.py`'s online step, without Ray: on this shared 2-core
+    in the order of `rl_service/driver/preference_loop.py`'s online step, without Ray: on this shared 2-core
     machine a Ray run spends ~100 s starting Ray and its four actors, more than its 40 steps take.
     The generator gets the learner's weights after every update (as `publish` does)."""
 
     def __init__(self, config):
         from rl_service.data.sampler import PromptSampler
         from rl_service.generation.torch_engine import TorchGenerationEngine
-        from rl_service.preference_loop import prepare_preference_job
+        from rl_service.driver.preference_loop import prepare_preference_job
         from rl_service.rollout import SamplingParams
         from rl_service.tasks import PromptTokenizer
         from rl_service.training.preference_learner import PreferenceLearner

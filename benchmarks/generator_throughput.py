@@ -116,7 +116,7 @@ def main() -> None:
 
     from actors.generator import GeneratorActor
     from actors.generator_pool import GeneratorPool
-    from rl_service.roles import start_ray
+    from rl_service.driver.roles import start_ray
 
     start_ray(config)
     try:

@@ -3,7 +3,7 @@
 For models of about 1M, 10M and 100M parameters (random weights of the built-in model's Qwen2
 architecture, scaled up), 1 and 2 generators, HF engines (and vLLM engines at the sizes in
 `--vllm-sizes`), each transport timed from the driver's side exactly as a training step does it
-(`WeightSync.publish`, rl_service/weight_sync.py):
+(`WeightSync.publish`, rl_service/driver/weight_sync.py):
 - object_store: the learner rank `ray.put`s the weights in buckets, every engine loads them;
 - shared_memory (what `auto` picks on one node): the learner copies the version into the node's
   mailbox in /dev/shm; HF engines serve their parameters from it (no copy), vLLM engines reload
@@ -90,7 +90,7 @@ def sync_seconds(model_dir: Path, generators: int, repeats: int, transport: str,
     from actors.generator_pool import GeneratorPool
     from actors.learner_group import start_learner_group
     from rl_service.config import load_config
-    from rl_service.weight_sync import make_weight_sync
+    from rl_service.driver.weight_sync import make_weight_sync
 
     config = load_config(None, [f"model.path={model_dir}", f"generator.backend={backend}", "learner.num_cpus=0.5",
                                 f"generator.num_engines={generators}", "cluster.torch_threads=1",

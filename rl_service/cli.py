@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from rl_service.errors import UserError
-from rl_service.jobs import JOB_COMMANDS, add_job_commands, connection
+from rl_service.driver.jobs import JOB_COMMANDS, add_job_commands, connection
 
 EXIT_USER_ERROR = 2
 
@@ -69,8 +69,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_id(config) -> str:
     """One id per run (a submitted job's is its submission id), shared by its default run directory,
-    actor names and metric tags (rl_service/roles.py)."""
-    from rl_service.roles import SUBMISSION_ID_ENV, new_submission_id
+    actor names and metric tags (rl_service/driver/roles.py)."""
+    from rl_service.driver.roles import SUBMISSION_ID_ENV, new_submission_id
 
     return os.environ.setdefault(SUBMISSION_ID_ENV, new_submission_id(config.job_name))
 
@@ -87,17 +87,17 @@ def _default_run_dir(config) -> Path:
 def _announce(run_dir: Path) -> None:
     """The run directory, absolute, on stdout before anything else is done: the first line of a
     job's log (`rl-service report JOB_ID` reads it from there for a job submitted without our CLI)."""
-    from rl_service.job_runs import RUN_DIR_LOG_PREFIX
+    from rl_service.driver.job_runs import RUN_DIR_LOG_PREFIX
 
     print(f"{RUN_DIR_LOG_PREFIX}{run_dir.resolve()}", flush=True)
 
 
 def _command_run(args) -> int:
-    from rl_service.config import dump_config, load_config
-    from rl_service.driver import prepare_job, run_training
+    from rl_service.config import load_config
+    from rl_service.driver.trainer import prepare_job, run_training
     from rl_service.progress import print_summary
 
-    from rl_service.run_dir import latest_checkpoint, prepare_run_dir
+    from rl_service.driver.run_dir import latest_checkpoint, prepare_run_dir
 
     if args.resume and not args.run_dir:
         raise UserError("run --resume needs --run-dir: the run directory to continue")
@@ -109,7 +109,8 @@ def _command_run(args) -> int:
     if args.resume:
         if latest_checkpoint(args.run_dir) is not None:
             saved = Path(args.run_dir) / "config.yaml"
-            if saved.read_text(encoding="utf-8") != dump_config(config):
+            # Compared as configs, not text: a newer rl-service may write the same config in another order.
+            if load_config(saved).model_dump() != config.model_dump():
                 raise UserError(f"{args.config}: differs from {saved}, the config the run started with; continue it "
                                 f"with `rl-service resume {args.run_dir} [--set KEY=VALUE]` to change a field")
             return _resume(Path(args.run_dir), config)
@@ -122,7 +123,7 @@ def _command_run(args) -> int:
 
 def _command_resume(args) -> int:
     from rl_service.config import load_config
-    from rl_service.job_runs import as_job_id, is_job_id, resume_job
+    from rl_service.driver.job_runs import as_job_id, is_job_id, resume_job
 
     if is_job_id(args.run_dir):
         return as_job_id(args.run_dir, lambda: resume_job(args))
@@ -135,9 +136,9 @@ def _command_resume(args) -> int:
 
 
 def _resume(run_dir: Path, config) -> int:
-    from rl_service.driver import prepare_job, run_training
+    from rl_service.driver.trainer import prepare_job, run_training
     from rl_service.progress import print_summary
-    from rl_service.run_dir import latest_checkpoint
+    from rl_service.driver.run_dir import latest_checkpoint
 
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
@@ -152,7 +153,7 @@ def _resume(run_dir: Path, config) -> int:
 
 def _command_validate(args) -> int:
     from rl_service.config import load_config
-    from rl_service.driver import prepare_job
+    from rl_service.driver.trainer import prepare_job
 
     config = load_config(args.config, args.overrides)
     job = prepare_job(config)
@@ -163,7 +164,7 @@ def _command_validate(args) -> int:
 
 def _command_eval(args) -> int:
     from rl_service.config import load_config
-    from rl_service.evaluation import evaluate_model_dir
+    from rl_service.driver.evaluation import evaluate_model_dir
 
     config = load_config(args.config, args.overrides + [f"model.path={args.checkpoint}"])
     metrics = evaluate_model_dir(config)
@@ -172,7 +173,7 @@ def _command_eval(args) -> int:
 
 
 def _command_report(args) -> int:
-    from rl_service.job_runs import as_job_id, is_job_id, report_job
+    from rl_service.driver.job_runs import as_job_id, is_job_id, report_job
     from rl_service.report import write_report
 
     run_dir = as_job_id(args.run_dir, lambda: report_job(args)) if is_job_id(args.run_dir) else args.run_dir

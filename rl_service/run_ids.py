@@ -1,7 +1,7 @@
 """A run's identity: its submission id and job name, as the driver hands them to its actors.
 
 Its own module (no Ray, no roles) because the actors' telemetry reads it and the role start-up
-(`rl_service/roles.py`) writes it; telemetry importing roles would make a cycle through the actors.
+(`rl_service/driver/roles.py`) writes it; telemetry importing roles would make a cycle through the actors.
 """
 from __future__ import annotations
 

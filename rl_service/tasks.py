@@ -110,7 +110,7 @@ def check_job_inputs(config: JobConfig, task: TaskData, tokenizer) -> None:
 
 def _reasoning_modes(config: JobConfig) -> tuple[bool, ...]:
     """The chat-template modes prompts are rendered in: preference jobs sample with reasoning on, and
-    BVPO with it off too (rl_service/preference_loop.py); RL jobs in `model.thinking`."""
+    BVPO with it off too (rl_service/driver/preference_loop.py); RL jobs in `model.thinking`."""
     if config.algorithm.is_preference:
         return (True, False) if config.algorithm.name == "bvpo" else (True,)
     return (config.model.thinking,)

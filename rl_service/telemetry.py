@@ -10,10 +10,10 @@ What is recorded, and where:
 - The generator pool (actors/generator_pool.py) records its queue depth per engine each time it
   hands out work: it alone knows what each engine still has to do, and asking it from the driver
   after a step would always read 0 in sync mode (the driver waits for every shard first).
-- The loop (rl_service/step_loop.py) records the step number and each evaluation's accuracy.
+- The loop (rl_service/driver/step_loop.py) records the step number and each evaluation's accuracy.
 
 Names and kinds are `rl_service/telemetry_names.py`. Every metric carries the `job_name` tag (the
-config's `job_name`) and the `submission_id` tag (the run's id, rl_service/roles.py), so two runs
+config's `job_name`) and the `submission_id` tag (the run's id, rl_service/driver/roles.py), so two runs
 of one config are two series; the queue depth also a `role` tag naming the engine the way its actor
 is named without the run (`generator/0`, `generator/1`, ...), so that per-engine series stay apart.
 Every metric is a gauge, so a run's series end with it: Ray's agent drops a gauge its process has
@@ -66,14 +66,14 @@ STEP_KEY_TO_METRIC: dict[str, str] = {
     "completions_per_s": "rl_service_samples_per_second",
     "tokens_per_s": "rl_service_tokens_per_second",
     "weight_version": "rl_service_weight_version",
-    "weight_sync_seconds": "rl_service_sync_seconds",    # rl_service/weight_sync.py, every publish
+    "weight_sync_seconds": "rl_service_sync_seconds",    # rl_service/driver/weight_sync.py, every publish
     "bvpo_alpha": "rl_service_alpha_hat",                # AlphaEstimator.metrics(), BVPO's online α̂
     "loss": "rl_service_loss",
     "kl_k3_mean": "rl_service_kl",                        # policy_loss(), only with a KL term
     "grad_norm": "rl_service_grad_norm",
     "generator_engines": "rl_service_generator_engines",
 }
-# Recorded by the loop (rl_service/step_loop.py), which knows the step and every evaluation.
+# Recorded by the loop (rl_service/driver/step_loop.py), which knows the step and every evaluation.
 STEP_METRIC, EVAL_METRIC = "rl_service_step", "rl_service_eval_accuracy"
 # allocation_spread_metrics (rl_service/algorithms/gvm.py) via the statistics actor: n_i's extremes.
 ALLOCATION_MAX_KEY, ALLOCATION_MIN_KEY = "allocation_samples_max", "allocation_samples_min"
@@ -100,7 +100,7 @@ def run_tags(job_name: str, submission_id: str) -> dict[str, str]:
 
 
 def run_tags_from_env() -> dict[str, str] | None:
-    """The run's tags in one of its actors (rl_service/roles.py start_ray puts both ids in every
+    """The run's tags in one of its actors (rl_service/driver/roles.py start_ray puts both ids in every
     actor's environment), or None in a process no run started (a test's bare pool): no metrics."""
     from rl_service.run_ids import JOB_NAME_ENV, SUBMISSION_ID_ENV
 

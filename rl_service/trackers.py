@@ -90,7 +90,7 @@ class MlflowTracker:
             self._client.update_run(run_id, status="RUNNING")
         else:
             run = self._client.create_run(experiment_id, run_name=run_dir.name,
-                                          tags={"rl_service.run_dir": str(run_dir.resolve())})
+                                          tags={"rl_service.driver.run_dir": str(run_dir.resolve())})
             self.run_id = run.info.run_id
             params = [Param(key, value[:6000]) for key, value in flatten_config(config).items()]
             for start in range(0, len(params), 100):   # MLflow takes at most 100 params per batch

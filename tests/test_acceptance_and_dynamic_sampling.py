@@ -47,7 +47,7 @@ def test_acceptance_threshold_comes_from_the_config_and_custom_rewards_must_set_
     load_config(quickstart, [f"reward.custom={reward}:fn", "statistics.allocation=gvm", "statistics.accept_threshold=0.5"])
     with pytest.raises(ConfigError, match="schedule.mode 'sync'"):
         load_config(quickstart, ["algorithm.dynamic_sampling=true"])
-    with pytest.raises(ConfigError, match="applies to grpo"):
+    with pytest.raises(ConfigError, match="algorithm.dynamic_sampling: not a setting of algorithm.name .raft\+\+."):
         load_config(quickstart, ["algorithm.dynamic_sampling=true", "schedule.mode=sync", "algorithm.name=raft++"])
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import REPO, read_metrics, run_short_job
 from rl_service.config import load_config
-from rl_service.elastic import autoscale_target
+from rl_service.driver.elastic import autoscale_target
 from rl_service.errors import ConfigError
 
 

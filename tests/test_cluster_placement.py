@@ -28,7 +28,7 @@ def cluster():
 def test_generators_run_on_the_rollout_node_and_learner_ranks_on_the_learner_node(cluster):
     import ray
 
-    from rl_service.roles import start_ray, start_roles, stop_roles
+    from rl_service.driver.roles import start_ray, start_roles, stop_roles
 
     ray_cluster, rollout_node, learner_node = cluster
     config = load_config(None, [

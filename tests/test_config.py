@@ -3,10 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from rl_service.config import JobConfig, load_config
+from rl_service.config import JobConfig, dump_config, load_config
 from rl_service.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -34,7 +35,9 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     (["learner.lrr=1"], "learner.lrr: unknown key"),
     (["learner.lr=-1"], "learner.lr: Input should be greater than 0"),
     (["generator.temperature=hot"], "generator.temperature"),
-    (["algorithm.name=ppo"], "algorithm.name"),
+    (["algorithm.name=ppo"], "algorithm.name: 'ppo' is not one of grpo, raft++, dpo, bvpo"),
+    (["algorithm=3"], "algorithm: expected a section whose name is one of grpo, raft++, dpo, bvpo, got 3"),
+    (["algorithm.clip_low=2"], "algorithm.clip_low: Input should be less than or equal to 1 (got 2)"),
     (["generator.samples_per_prompt=1"], "generator.samples_per_prompt must be >= 2"),
     (["data.source=jsonl"], "data.train_path is required"),
     (["learner"], "expected KEY=VALUE"),
@@ -88,3 +91,37 @@ def test_a_preference_job_takes_the_shared_memory_transport_but_not_zero_3_or_co
     for override in ("weight_sync.transport=collective", "learner.zero_stage=3"):
         with pytest.raises(ConfigError, match="apply to grpo and raft\\+\\+ jobs; the dpo learner runs as one ZeRO 0-2 rank"):
             load_config(None, ["algorithm.name=dpo", override])
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["algorithm.name=raft++", "algorithm.scale_rewards=false"],
+     "algorithm.scale_rewards: not a setting of algorithm.name 'raft++' (its settings: clip_low,"),
+    (["algorithm.name=grpo", "algorithm.drop_rejected=true"], "algorithm.drop_rejected: not a setting of algorithm.name 'grpo'"),
+    (["algorithm.name=dpo", "algorithm.kl_coef=0.1"],
+     "algorithm.kl_coef: not a setting of algorithm.name 'dpo' (its settings are the `preference:` section)"),
+    (["algorithm.name=bvpo", "algorithm.clip_high=0.3"], "algorithm.clip_high: not a setting of algorithm.name 'bvpo'"),
+])
+def test_an_algorithm_setting_belongs_to_the_algorithms_that_read_it(overrides, expected):
+    """`algorithm` is one section per algorithm.name (a discriminated union): a setting the chosen
+    algorithm would ignore is refused, naming the field as the user wrote it (no union tag in it)."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert f"(defaults): {expected}" in str(error.value)
+
+
+def test_the_algorithm_section_is_chosen_by_its_name_and_defaults_to_grpo(tmp_path):
+    from rl_service.config import BVPOConfig, DPOConfig, GRPOConfig, RAFTPlusPlusConfig
+
+    path = tmp_path / "job.yaml"
+    path.write_text("algorithm:\n  kl_coef: 0.05\n")   # no name: the default algorithm, GRPO
+    config = load_config(path)
+    assert type(config.algorithm) is GRPOConfig and config.algorithm.kl_coef == 0.05
+    for name, section, preference in (("raft++", RAFTPlusPlusConfig, False), ("dpo", DPOConfig, True), ("bvpo", BVPOConfig, True)):
+        algorithm = load_config(None, [f"algorithm.name={name}"]).algorithm
+        assert (type(algorithm), algorithm.is_preference) == (section, preference)
+    # The written config names the algorithm first, and reads back to the same config.
+    dumped = dump_config(load_config(REPO / "configs" / "gvm_raft.yaml"))
+    assert dumped.split("algorithm:\n", 1)[1].startswith("  name: raft++\n  clip_low: 0.2\n")
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(dumped)
+    assert load_config(saved) == load_config(REPO / "configs" / "gvm_raft.yaml")

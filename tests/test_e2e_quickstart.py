@@ -53,7 +53,7 @@ def test_short_run_trains_logs_and_checkpoints(short_run):
 
 def test_checkpoint_loads_as_a_model_and_evaluates(short_run):
     from rl_service.config import load_config
-    from rl_service.evaluation import evaluate_model_dir
+    from rl_service.driver.evaluation import evaluate_model_dir
 
     run_dir, summary = short_run
     config = load_config(None, [f"model.path={run_dir / 'checkpoints' / 'step_3' / 'model'}",

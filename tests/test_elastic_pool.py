@@ -69,7 +69,7 @@ def _scrape_until(port: int, needle: str, timeout_s: float = 60.0) -> str:
 
 def test_scaling_from_one_to_two_generators_and_back_trains_every_prompt_once(cluster, tmp_path, monkeypatch):
     from rl_service.driver import prepare_job, run_training
-    from rl_service.elastic import request_scale
+    from rl_service.driver.elastic import request_scale
 
     monkeypatch.setenv("RL_SERVICE_SUBMISSION_ID", NAMESPACE_ID)
     config = load_config(REPO / "configs" / "quickstart.yaml", short_run_overrides(steps=STEPS) + [

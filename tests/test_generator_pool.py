@@ -14,7 +14,7 @@ import pytest
 
 from rl_service.config import load_config
 from rl_service.errors import ConfigError
-from rl_service.roles import tensor_parallel_bundles
+from rl_service.driver.roles import tensor_parallel_bundles
 from rl_service.rollout import GenerationRequest, Rollout, SamplingParams, balance_requests, request_work
 
 
@@ -265,7 +265,7 @@ def test_the_pool_keeps_no_shard_it_handed_out(ray_local):
     loop leaves about one shard per step there."""
     ray = ray_local
     from actors.generator_pool import GeneratorPool
-    from rl_service.roles import INLINE_RESULT_BYTES, generator_options
+    from rl_service.driver.roles import INLINE_RESULT_BYTES, generator_options
 
     shard_bytes = 64 * 1024
 
@@ -292,7 +292,7 @@ def test_the_pool_keeps_no_shard_it_handed_out(ray_local):
     pool = GeneratorPool.options(num_cpus=0.01).remote([engine])
     learner = Learner.remote()
     sampling = SamplingParams(max_new_tokens=4)
-    # Async mode's order (rl_service/rollout_client.py): step k + 1's rollout is launched before step
+    # Async mode's order (rl_service/driver/rollout_client.py): step k + 1's rollout is launched before step
     # k's is trained on; in sync mode Ray kept only a few shards.
     ahead = ray.get(pool.generate.remote(make_requests([2, 2]), sampling, 0, True))
     for step in range(40):

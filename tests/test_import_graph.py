@@ -7,7 +7,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Cycles someone chose to keep, each named (source, target), so that no new one slips in. None now:
-# jobs <-> job_runs went when the SDK plumbing both used moved to rl_service/job_client.py.
+# jobs <-> job_runs went when the SDK plumbing both used moved to rl_service/driver/job_client.py.
 KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()
 
 
@@ -63,3 +63,14 @@ def test_no_import_cycles():
         if module not in state:
             cycle = visit(module)
             assert cycle is None, " -> ".join(cycle)
+
+
+def test_only_the_driver_package_and_the_cli_import_actors():
+    """DESIGN.md "Layering": actors wrap the pure modules; the pure modules never reach back up."""
+    files = [path for package in ("rl_service", "actors") for path in (REPO / package).rglob("*.py")]
+    modules = {_module_name(path) for path in files}
+    importers = {_module_name(path) for path in files if path.is_relative_to(REPO / "rl_service")
+                 and any(target.startswith("actors") for target in _imports(path, modules))}
+    assert importers, "no module imports actors/: the walk found nothing, so it checks nothing"
+    outside = sorted(name for name in importers if not (name.startswith("rl_service.driver.") or name == "rl_service.cli"))
+    assert outside == [], f"{outside} import actors/; only rl_service.driver.* and rl_service.cli may"

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 from rl_service.errors import UserError
-from rl_service.run_dir import prepare_run_dir
+from rl_service.driver.run_dir import prepare_run_dir
 
 
 def _fake_run(path, checkpoint: bool):

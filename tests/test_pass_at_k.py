@@ -70,7 +70,7 @@ def test_eval_config_rules():
 
 def test_in_process_eval_reports_pass_at_k():
     from rl_service.config import load_config
-    from rl_service.evaluation import evaluate_model_dir
+    from rl_service.driver.evaluation import evaluate_model_dir
 
     config = load_config("configs/quickstart.yaml", ["data.arithmetic.num_eval=4", "generator.max_new_tokens=24",
                                                      "eval.samples=3"])

@@ -1,9 +1,9 @@
-"""The rollout schedule of sync and async mode (rl_service/pipeline.py), without Ray."""
+"""The rollout schedule of sync and async mode (rl_service/driver/pipeline.py), without Ray."""
 from __future__ import annotations
 
 import pytest
 
-from rl_service.pipeline import RolloutPipeline
+from rl_service.driver.pipeline import RolloutPipeline
 
 
 def _trace(max_staleness: int, steps: int) -> list[tuple]:

@@ -220,11 +220,11 @@ def test_bad_preference_config_names_the_field(overrides, expected):
      "generator.samples_per_prompt (2) must be >= 3 with preference.alpha_mode=online"),
     (["algorithm.name=dpo", "preference.off_samples_per_prompt=4"], "preference.off_samples_per_prompt applies to online bvpo"),
 ])
-def test_preference_sampling_that_cannot_work_is_refused_before_ray(overrides, expected):
+def test_preference_sampling_that_cannot_work_is_refused_at_load_time(overrides, expected):
     from rl_service.driver import prepare_job
 
     with pytest.raises(ConfigError) as error:
-        prepare_job(load_config(REPO / "configs" / "bvpo.yaml", overrides))
+        load_config(REPO / "configs" / "bvpo.yaml", overrides)
     assert expected in str(error.value) and "\n" not in str(error.value)
     job = prepare_job(load_config(REPO / "configs" / "bvpo.yaml", ["preference.alpha_mode=online",
                                                                    "generator.samples_per_prompt=3",

@@ -85,7 +85,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
         from pathlib import Path
         sys.path.insert(0, {str(REPO)!r})
         from rl_service.config import load_config
-        from rl_service.run_dir import RunDirectory
+        from rl_service.driver.run_dir import RunDirectory
 
         def save(directory, stall):
             model = Path(directory) / "model"
@@ -106,7 +106,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     process.wait()
 
     from rl_service.config import load_config
-    from rl_service.run_dir import RunDirectory, latest_checkpoint
+    from rl_service.driver.run_dir import RunDirectory, latest_checkpoint
 
     checkpoint = latest_checkpoint(tmp_path)
     assert checkpoint == tmp_path / "checkpoints" / "step_1"

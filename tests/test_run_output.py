@@ -17,7 +17,7 @@ import pytest
 from rl_service.config import load_config
 from rl_service.config.sections import CLUSTER_CHECKPOINT_EVERY
 from rl_service.progress import format_eval_line, format_step_line
-from rl_service.step_loop import checkpoint_every
+from rl_service.driver.step_loop import checkpoint_every
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["steps=3", "eval_every=2", "data.prompts_per_step=4", "generator.samples_per_prompt=4",

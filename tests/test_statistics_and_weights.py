@@ -132,7 +132,7 @@ def test_statistics_round_trip_keeps_grad_norms():
 
 
 def test_per_prompt_mean_of_accepted_norms_keeps_failures_visible():
-    from rl_service.batch_source import per_prompt_mean
+    from rl_service.driver.batch_source import per_prompt_mean
 
     nan, inf = float("nan"), float("inf")
     # prompt 0: two accepted (1, 3) and a rejected (NaN); prompt 1: none accepted; prompt 2: a failure.

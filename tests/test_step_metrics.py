@@ -1,4 +1,4 @@
-"""An RL step's logged row (rl_service/step_metrics.py) on a hand case: no Ray."""
+"""An RL step's logged row (rl_service/driver/step_metrics.py) on a hand case: no Ray."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from rl_service.rewards.verifiers import SCORE_COUNTER_KEYS
-from rl_service.rollout_client import PhaseTimer
-from rl_service.step_metrics import step_metrics
+from rl_service.driver.rollout_client import PhaseTimer
+from rl_service.driver.step_metrics import step_metrics
 
 
 def _scored() -> dict:

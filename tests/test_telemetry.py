@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from rl_service.roles import JOB_NAME_ENV, SUBMISSION_ID_ENV
+from rl_service.driver.roles import JOB_NAME_ENV, SUBMISSION_ID_ENV
 from rl_service.telemetry import (
     ROLE_TAG, TAG_KEYS, MetricRecorder, MetricValue, loop_metric_values, queue_depth_values, run_tags,
     run_tags_from_env, step_metric_values,
@@ -23,7 +23,7 @@ from rl_service.telemetry import (
 from rl_service.telemetry_names import JOB_TAG, METRIC_NAMES, PROMETHEUS_NAMESPACE, SUBMISSION_TAG
 
 # A local Ray binds its servers to loopback only when this is set before `ray` is first imported
-# (the same as rl_service/roles.py start_ray does for a local job).
+# (the same as rl_service/driver/roles.py start_ray does for a local job).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 JOB = "telemetry_test"
@@ -158,7 +158,7 @@ def ray_with_metrics_port():
     port = free_port()
     # Processes report to the node's metrics agent every metrics_report_interval_ms (10 s by
     # default); 1 s keeps the test short. The agent (ray[default]) serves them on `port`.
-    # The run's ids reach its actors through the runtime env, as rl_service/roles.py start_ray passes them.
+    # The run's ids reach its actors through the runtime env, as rl_service/driver/roles.py start_ray passes them.
     ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=port,
              _system_config={"metrics_report_interval_ms": 1000}, logging_level="WARNING",
              runtime_env={"env_vars": {JOB_NAME_ENV: JOB, SUBMISSION_ID_ENV: SUBMISSION}})

@@ -71,7 +71,7 @@ def mlflow_run(tmp_path: Path, run_id: str):
 
 
 def test_trackers_get_the_config_and_every_row(tmp_path):
-    from rl_service.run_dir import RunDirectory
+    from rl_service.driver.run_dir import RunDirectory
 
     run_dir = tmp_path / "run"
     directory = RunDirectory(run_dir, _config(tmp_path))
@@ -105,7 +105,7 @@ def test_trackers_get_the_config_and_every_row(tmp_path):
 
 
 def test_a_run_without_trackers_imports_neither(tmp_path):
-    code = ("import sys; from rl_service.config import load_config; from rl_service.run_dir import RunDirectory\n"
+    code = ("import sys; from rl_service.config import load_config; from rl_service.driver.run_dir import RunDirectory\n"
             f"d = RunDirectory({str(tmp_path)!r}, load_config('configs/quickstart.yaml', ['logging.tensorboard=false']))\n"
             "d.log(0, {'loss': 1.0}); d.close()\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('wandb', 'mlflow')))")
@@ -117,7 +117,7 @@ def test_a_run_without_trackers_imports_neither(tmp_path):
 def test_tracker_config_errors(tmp_path, monkeypatch):
     from rl_service.config import load_config
     from rl_service.errors import UserError
-    from rl_service.run_dir import RunDirectory
+    from rl_service.driver.run_dir import RunDirectory
 
     with pytest.raises(UserError, match="logging.wandb.project"):
         load_config(REPO / "configs" / "quickstart.yaml", ["logging.wandb.mode=offline"])
@@ -131,7 +131,7 @@ def test_tracker_config_errors(tmp_path, monkeypatch):
 
 def test_file_store_needs_no_environment(tmp_path, monkeypatch):
     """MLflow 3 refuses a file store unless MLFLOW_ALLOW_FILE_STORE is set: a config naming one sets it."""
-    from rl_service.run_dir import RunDirectory
+    from rl_service.driver.run_dir import RunDirectory
 
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
     config = _config(tmp_path, ["logging.wandb=null"])

@@ -34,7 +34,7 @@ def _sync_and_check(ray, transport: str, backends: list[str]) -> dict[str, float
     from actors.generator import GeneratorActor
     from actors.generator_pool import GeneratorPool
     from actors.learner_group import start_learner_group
-    from rl_service.weight_sync import make_weight_sync
+    from rl_service.driver.weight_sync import make_weight_sync
 
     config = _config(transport)
     group = start_learner_group(config)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from rl_service.config.algorithm import AlgorithmConfig, GRPOConfig, PreferenceConfig
 from rl_service.config.sections import (
     ModelConfig, DataConfig, GeneratorConfig, RewardConfig, StatisticsConfig, LearnerConfig,
-    WeightSyncConfig, AlgorithmConfig, PreferenceConfig, ClusterConfig, ScheduleConfig,
-    LoggingConfig, CheckpointConfig, GuardConfig, EvalConfig, _Section)
+    WeightSyncConfig, ClusterConfig, ScheduleConfig, LoggingConfig, CheckpointConfig, GuardConfig, EvalConfig,
+    _Section)
 
 
 class JobConfig(_Section):
@@ -21,7 +22,7 @@ class JobConfig(_Section):
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=GRPOConfig, description="one section per algorithm.name")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -42,8 +43,17 @@ class JobConfig(_Section):
         if preference.alpha_mode == "online" and (self.algorithm.name != "bvpo" or preference.mode != "online"):
             raise ValueError("preference.alpha_mode 'online' needs algorithm.name 'bvpo' and preference.mode 'online' "
                              "(α̂ comes from resampled generated traces, §BVPO.6)")
-        if preference.mode == "online" and self.generator.samples_per_prompt < 2:
+        per_prompt = self.generator.samples_per_prompt
+        if preference.mode == "online" and per_prompt < 2:
             raise ValueError("generator.samples_per_prompt must be >= 2 for online dpo/bvpo (a pair needs two samples)")
+        if preference.alpha_mode == "online" and per_prompt < 3:
+            # Two samples give at most one reward-ordered pair: all K resamples are that pair, tr Σ̂_t = 0
+            # and α̂ = 1 whatever the estimators do (§BVPO.6 needs resamples that can differ).
+            raise ValueError(f"generator.samples_per_prompt ({per_prompt}) must be >= 3 with preference.alpha_mode=online: "
+                             "the preference.alpha_resamples trace pairs of 2 samples are all the same pair (α̂ would be 1)")
+        if preference.off_samples_per_prompt is not None and (self.algorithm.name != "bvpo" or preference.mode != "online"):
+            raise ValueError("preference.off_samples_per_prompt applies to online bvpo only (reasoning-off samples); "
+                             f"got algorithm.name={self.algorithm.name}, preference.mode={preference.mode}")
         return self
 
     @model_validator(mode="after")
@@ -67,11 +77,8 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _dynamic_sampling_is_for_grpo(self) -> "JobConfig":
-        if not self.algorithm.dynamic_sampling:
+        if not (isinstance(self.algorithm, GRPOConfig) and self.algorithm.dynamic_sampling):
             return self
-        if self.algorithm.name != "grpo":
-            raise ValueError(f"algorithm.dynamic_sampling applies to grpo (groups with a reward spread), not "
-                             f"algorithm.name '{self.algorithm.name}'")
         if self.generator.samples_per_prompt < 2:
             raise ValueError("algorithm.dynamic_sampling needs generator.samples_per_prompt >= 2 (a spread needs two samples)")
         if self.schedule.mode == "async" and self.schedule.max_staleness > 0:

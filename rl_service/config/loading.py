@@ -10,16 +10,30 @@ import yaml
 from pydantic import ValidationError
 
 from rl_service.config.job import JobConfig
+from rl_service.config.algorithm import ALGORITHMS
 from rl_service.errors import ConfigError
 
 
 def _format_validation_error(source: str, error: ValidationError) -> str:
     problems = []
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        loc, algorithm = list(item["loc"]), None
+        if loc[:1] == ["algorithm"] and len(loc) > 1 and loc[1] in ALGORITHMS:
+            algorithm = loc.pop(1)   # the union's tag: the user wrote algorithm.X, not algorithm.grpo.X
+        field = ".".join(str(part) for part in loc) or "(top level)"
         message = re.sub(r" or instance of \w+$", "", item["msg"])  # pydantic's class names mean nothing to a user
+        if item["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            names = ", ".join(ALGORITHMS)
+            value = item["input"]
+            problems.append(f"{field}.name: {value.get('name')!r} is not one of {names}" if isinstance(value, dict)
+                            else f"{field}: expected a section whose name is one of {names}, got {value!r}")
+            continue
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+            if algorithm is not None:
+                settings = [name for name in ALGORITHMS[algorithm].model_fields if name != "name"]
+                message = (f"not a setting of algorithm.name {algorithm!r} "
+                           + (f"(its settings: {', '.join(settings)})" if settings else "(its settings are the `preference:` section)"))
         elif item["type"] == "value_error":
             # Our validators' messages name their fields already; drop pydantic's "Value error, " prefix.
             message = str(item.get("ctx", {}).get("error", message))

@@ -6,7 +6,7 @@ A trainer provides `evaluate(step) -> metrics`, `train_step(step) -> metrics`, `
 path`, `collapsed() -> bool`, `eval_history` [(step, accuracy)] and `run_dir`. Ray set-up and tear-down stay with
 the caller, so this loop is the same whichever roles a job runs. Where the trainer has them, the loop
 also records the step and each evaluation as live metrics (`telemetry`) and answers `rl-service
-scale` requests for its pool (`roles`, rl_service/elastic.py).
+scale` requests for its pool (`roles`, rl_service/driver/elastic.py).
 
 Progress: a bar on a terminal; elsewhere (a Ray job's log, a pipe) or with the bar off, one log
 line every `logging.log_every` steps and one per evaluation (rl_service/progress.py). The final
@@ -66,7 +66,7 @@ def _record(trainer, step: int, evaluation: dict | None = None) -> None:
 def run_steps(config: JobConfig, trainer, start_step: int = 0) -> LoopResult:
     """Steps `start_step + 1` … `config.steps`; a resumed run (`start_step` > 0) does not evaluate
     again before its first step: the run it continues already did."""
-    from rl_service.elastic import ScaleListener
+    from rl_service.driver.elastic import ScaleListener
 
     bar = config.logging.progress_bar and on_terminal()
     log_every = 0 if bar else config.logging.log_every

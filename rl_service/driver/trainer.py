@@ -8,12 +8,12 @@
     metrics = learner.train_step(samples, rewards)
     pool.update_weights(learner.publish_weights(version + 1))
 
-Between scoring and training, a step may grow its rollout (`rl_service/step_rounds.py`): the GVM
+Between scoring and training, a step may grow its rollout (`rl_service/driver/step_rounds.py`): the GVM
 step pilot spreads the rest of its budget by the pilot's statistics, and DAPO dynamic sampling adds
 prompts until enough groups have a reward spread.
 
 That is sync mode (`schedule.mode: sync`). Async mode launches the next steps' rollouts before
-training on this one, at most `schedule.max_staleness` weight versions ahead (`rl_service/pipeline.py`
+training on this one, at most `schedule.max_staleness` weight versions ahead (`rl_service/driver/pipeline.py`
 holds the schedule); with a bound of 0 it is the loop above, call for call.
 
 The driver holds prompt ids, rewards and metrics only; samples and weights travel between actors
@@ -31,28 +31,28 @@ import numpy as np
 from rl_service.config import JobConfig
 from rl_service.data.sampler import PromptSampler
 from rl_service.algorithms.acceptance import acceptance_threshold, accepted
-from rl_service.batch_source import make_batch_source, per_prompt_mean
+from rl_service.driver.batch_source import make_batch_source, per_prompt_mean
 from rl_service.models.loading import load_tokenizer
-from rl_service.evaluation import accuracy_by_group
-from rl_service.step_loop import LoopResult, loop_outcome
-from rl_service.pipeline import RolloutPipeline
-from rl_service.roles import Roles
+from rl_service.driver.evaluation import accuracy_by_group
+from rl_service.driver.step_loop import LoopResult, loop_outcome
+from rl_service.driver.pipeline import RolloutPipeline
+from rl_service.driver.roles import Roles
 from rl_service.rollout import SamplingParams, step_seed
-from rl_service.rollout_client import LaunchedRollout, PhaseTimer, RolloutClient
-from rl_service.run_dir import RunDirectory
-from rl_service.step_metrics import PHASES, step_metrics
-from rl_service.step_rounds import StepRounds
+from rl_service.driver.rollout_client import LaunchedRollout, PhaseTimer, RolloutClient
+from rl_service.driver.run_dir import RunDirectory
+from rl_service.driver.step_metrics import PHASES, step_metrics
+from rl_service.driver.step_rounds import StepRounds
 from rl_service.tasks import check_job_inputs, load_task
-from rl_service.training_run import PreparedJob, TrainerBase, run_job
-from rl_service.weight_sync import make_weight_sync
-from rl_service.elastic import Autoscaler, apply_requested_scale
+from rl_service.driver.training_run import PreparedJob, TrainerBase, run_job
+from rl_service.driver.weight_sync import make_weight_sync
+from rl_service.driver.elastic import Autoscaler, apply_requested_scale
 
 
 
 def prepare_job(config: JobConfig) -> PreparedJob:
     """Everything that can fail on user input, done before Ray starts."""
     if config.algorithm.is_preference:  # preference jobs have their own loop (ALGORITHMS.md §BVPO)
-        from rl_service.preference_loop import prepare_preference_job
+        from rl_service.driver.preference_loop import prepare_preference_job
 
         return prepare_preference_job(config)
     task = load_task(config)
@@ -253,7 +253,7 @@ def run_training(job: PreparedJob, run_dir_path: str | Path, resume_from: Path |
     actor restarted alone would come back without the weights, moments or statistics it held.
     """
     if job.config.algorithm.is_preference:
-        from rl_service.preference_loop import PreferenceTrainer as trainer_class
+        from rl_service.driver.preference_loop import PreferenceTrainer as trainer_class
     else:
         trainer_class = Trainer
     return run_job(job, run_dir_path, resume_from, trainer_class)

@@ -1,6 +1,6 @@
 """Evaluation of a model directory in this process (no Ray): `rl-service eval`. Greedy accuracy, and
 pass@k / mean@k when `eval.samples` is set (rl_service/pass_at_k.py). `accuracy_by_group` is also
-the training loop's (rl_service/driver.py)."""
+the training loop's (rl_service/driver/trainer.py)."""
 from __future__ import annotations
 
 from collections import defaultdict

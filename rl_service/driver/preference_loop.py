@@ -27,16 +27,16 @@ from rl_service.config import JobConfig
 from rl_service.data.preferences import load_preference_file, select_pairs
 from rl_service.data.prompts import PromptRecord
 from rl_service.data.sampler import PromptSampler
-from rl_service.rollout_client import PhaseTimer, RolloutClient, mean_or_nan as _mean
-from rl_service.errors import ConfigError, ModelLoadError
+from rl_service.driver.rollout_client import PhaseTimer, RolloutClient, mean_or_nan as _mean
+from rl_service.errors import ModelLoadError
 from rl_service.models.loading import load_tokenizer, render_prompt
-from rl_service.step_loop import LoopResult, loop_outcome
-from rl_service.roles import Roles
-from rl_service.weight_sync import make_weight_sync
+from rl_service.driver.step_loop import LoopResult, loop_outcome
+from rl_service.driver.roles import Roles
+from rl_service.driver.weight_sync import make_weight_sync
 from rl_service.rollout import SamplingParams, step_seed
-from rl_service.run_dir import RunDirectory
+from rl_service.driver.run_dir import RunDirectory
 from rl_service.tasks import check_job_inputs, load_task
-from rl_service.training_run import PreparedJob, TrainerBase
+from rl_service.driver.training_run import PreparedJob, TrainerBase
 
 MODES = ("reasoning_on", "reasoning_off")
 
@@ -50,7 +50,6 @@ def prepare_preference_job(config: JobConfig) -> PreparedJob:
         # Without the switch "reasoning off" would silently be reasoning on, and L_e a copy of L_t.
         raise ModelLoadError(f"model.path: the chat template of {config.model.path} has no enable_thinking switch; "
                              "bvpo needs reasoning-off prompts (ALGORITHMS.md §BVPO.2) — use algorithm.name=dpo")
-    check_preference_sampling(config)
     dataset = None
     if preference.mode == "offline":
         dataset = load_preference_file(preference.dataset_path, preference.on_bad_row)
@@ -61,19 +60,6 @@ def prepare_preference_job(config: JobConfig) -> PreparedJob:
 
         resolve_model_dir(preference.reward_model_path, "preference.reward_model_path", allow_builtin=False)
     return PreparedJob(config=config, task=task, tokenizer=tokenizer, dataset=dataset)
-
-
-def check_preference_sampling(config: JobConfig) -> None:
-    """Sampling settings that cannot work together (a one-line ConfigError, before Ray starts)."""
-    preference, per_prompt = config.preference, config.generator.samples_per_prompt
-    if preference.alpha_mode == "online" and per_prompt < 3:
-        # Two samples give at most one reward-ordered pair: all K resamples are that pair, tr Σ̂_t = 0
-        # and α̂ = 1 whatever the estimators do (§BVPO.6 needs resamples that can differ).
-        raise ConfigError(f"generator.samples_per_prompt ({per_prompt}) must be >= 3 with preference.alpha_mode=online: "
-                          f"the preference.alpha_resamples trace pairs of 2 samples are all the same pair (α̂ would be 1)")
-    if preference.off_samples_per_prompt is not None and (config.algorithm.name != "bvpo" or preference.mode != "online"):
-        raise ConfigError("preference.off_samples_per_prompt applies to online bvpo only (reasoning-off samples); "
-                          f"got algorithm.name={config.algorithm.name}, preference.mode={preference.mode}")
 
 
 class PreferenceTrainer(TrainerBase):

@@ -5,9 +5,9 @@ reaches the cluster), then sends `python -m rl_service.cli run CONFIG --run-dir 
 the working directory as the job's runtime env (code, configs, data, custom reward files; `.venv`,
 `.git`, `runs/` left out), and the submission id in `RL_SERVICE_SUBMISSION_ID`, which names the
 job's Ray namespace, prefixes its actors' names and tags its metrics. DIR is absolute and kept in
-the job's metadata, so `report` and `resume` find the run by job id (rl_service/job_runs.py).
+the job's metadata, so `report` and `resume` find the run by job id (rl_service/driver/job_runs.py).
 `scale` writes its request into the cluster's KV store, where the job's driver picks it up
-(rl_service/elastic.py): no helper job.
+(rl_service/driver/elastic.py): no helper job.
 
 Authentication is Ray's token auth: the token comes from `--token-file`, `RAY_AUTH_TOKEN` or
 `RAY_AUTH_TOKEN_PATH` (Ray's own variables; `~/.ray/auth_token` last), and is sent as a bearer
@@ -26,8 +26,8 @@ import uuid
 from pathlib import Path
 
 from rl_service.errors import UserError
-from rl_service.job_client import UPLOAD_EXCLUDES, cause, connection, job_server_client, sdk_call, server_address, submit_job
-from rl_service.roles import SUBMISSION_ID_ENV
+from rl_service.driver.job_client import UPLOAD_EXCLUDES, cause, connection, job_server_client, sdk_call, server_address, submit_job
+from rl_service.driver.roles import SUBMISSION_ID_ENV
 
 def add_job_commands(commands) -> None:
     """The job subcommands on the CLI's subparsers."""
@@ -56,11 +56,11 @@ def add_job_commands(commands) -> None:
 
 
 def command_submit(args) -> int:
-    """Validate, decide the run directory (rl_service/job_runs.py), submit; prints the run directory
+    """Validate, decide the run directory (rl_service/driver/job_runs.py), submit; prints the run directory
     on stderr and the job id on stdout. The job's metadata `job_name` is the dashboard's Name column."""
     from rl_service.config import load_config
-    from rl_service.job_runs import RUN_DIR_LOG_PREFIX, RUN_DIR_METADATA, check_local_paths, submit_run_dir
-    from rl_service.roles import new_submission_id
+    from rl_service.driver.job_runs import RUN_DIR_LOG_PREFIX, RUN_DIR_METADATA, check_local_paths, submit_run_dir
+    from rl_service.driver.roles import new_submission_id
 
     config_path = Path(args.config).resolve()
     config = load_config(config_path, args.overrides)   # fails here, before anything is submitted
@@ -131,8 +131,8 @@ def command_list(args) -> int:
 
 def command_scale(args) -> int:
     """Writes the request into the cluster's KV store and waits for the job's driver to answer it in
-    its log (rl_service/elastic.py `ScaleListener`): no Ray job of its own."""
-    from rl_service.elastic import scale_answer, scale_request_key
+    its log (rl_service/driver/elastic.py `ScaleListener`): no Ray job of its own."""
+    from rl_service.driver.elastic import scale_answer, scale_request_key
 
     if args.generators < 1:
         raise UserError(f"--generators {args.generators}: a job needs at least one generator engine")

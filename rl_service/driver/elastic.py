@@ -31,8 +31,8 @@ def apply_requested_scale(roles, config: JobConfig, weight_version: int) -> int 
     import ray
 
     from actors.generator import GeneratorActor
-    from rl_service.roles import generator_options
-    from rl_service.weight_sync import use_collective
+    from rl_service.driver.roles import generator_options
+    from rl_service.driver.weight_sync import use_collective
 
     target = ray.get(roles.pool.requested_engines.remote())
     if target is None:
@@ -146,7 +146,7 @@ class ScaleListener:
         roles = getattr(trainer, "roles", None)
         if roles is None or getattr(roles, "pool", None) is None:
             return None
-        from rl_service.roles import submission_id
+        from rl_service.driver.roles import submission_id
 
         refusal = None
         if config.algorithm.is_preference:

@@ -3,7 +3,7 @@ actors, then collect the scores (DESIGN.md "One training step": generate → sco
 
 Samples stay in the object store as shard references; the driver only ever holds the small
 per-sample facts the reward actors return (`SCORED_KEYS` plus the reward counters). Training steps,
-their extra rounds (`rl_service/step_rounds.py`) and evaluations all go through `RolloutClient`.
+their extra rounds (`rl_service/driver/step_rounds.py`) and evaluations all go through `RolloutClient`.
 """
 from __future__ import annotations
 

@@ -15,9 +15,10 @@ import numpy as np
 
 from rl_service.algorithms.acceptance import acceptance_threshold, accepted_per_prompt
 from rl_service.algorithms.dynamic_sampling import groups_with_spread, selected_groups, train_mask
-from rl_service.batch_source import per_prompt_mean
+from rl_service.config.algorithm import GRPOConfig
+from rl_service.driver.batch_source import per_prompt_mean
 from rl_service.rollout import step_seed
-from rl_service.rollout_client import PhaseTimer, merge_scored
+from rl_service.driver.rollout_client import PhaseTimer, merge_scored
 
 
 class StepRounds:
@@ -33,7 +34,8 @@ class StepRounds:
             refs, more, spread = self.rest_after_pilot(step, 1, records, 0, shard_refs, scored, timer)
             shard_refs, scored = shard_refs + refs, merge_scored(scored, more)
             metrics.update(spread)
-        if self.config.algorithm.dynamic_sampling:   # sync mode only: nothing was drawn ahead of it
+        algorithm = self.config.algorithm
+        if isinstance(algorithm, GRPOConfig) and algorithm.dynamic_sampling:   # sync mode only: nothing was drawn ahead of it
             records, shard_refs, scored, mask, sampling_metrics = self.dynamic_sampling(step, records, shard_refs,
                                                                                         scored, timer)
             metrics.update(sampling_metrics)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from rl_service.rewards.verifiers import SCORE_COUNTER_KEYS
-from rl_service.rollout_client import PhaseTimer, mean_or_nan
+from rl_service.driver.rollout_client import PhaseTimer, mean_or_nan
 
 PHASES = ("generate", "reward", "statistics", "train", "publish", "driver")
 

@@ -1,4 +1,4 @@
-"""The Ray Jobs SDK as rl-service's job commands use it (rl_service/jobs.py, rl_service/job_runs.py):
+"""The Ray Jobs SDK as rl-service's job commands use it (rl_service/driver/jobs.py, rl_service/driver/job_runs.py):
 the job server's address and auth token, and every SDK error turned into one line (UserError, exit
 code 2) that names the address and the cause, never the token."""
 from __future__ import annotations

@@ -5,11 +5,11 @@ prepared inputs, what both trainers share, and the attempts of a run (DESIGN.md 
     roles   = start_roles(config, resume_from)        # generators, rewards, learner (+ statistics)
     trainer = Trainer(job, roles, run_dir)            # or PreferenceTrainer: how a batch meets the learner
     trainer.begin(resume_from, state)
-    result  = run_steps(config, trainer, start_step)  # rl_service/step_loop.py: evaluate, step, checkpoint
+    result  = run_steps(config, trainer, start_step)  # rl_service/driver/step_loop.py: evaluate, step, checkpoint
     summary = trainer.summary(result, lost_s)
 
 When a role's process dies, every role is restarted from the newest checkpoint and the steps after
-it are replayed, up to `cluster.max_role_failures` times (`run_with_restarts`, rl_service/roles.py).
+it are replayed, up to `cluster.max_role_failures` times (`run_with_restarts`, rl_service/driver/roles.py).
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 from rl_service.config import JobConfig
 from rl_service.guard import eval_collapsed
-from rl_service.roles import Roles, ray_session, run_with_restarts, start_roles
+from rl_service.driver.roles import Roles, ray_session, run_with_restarts, start_roles
 from rl_service.rollout import SamplingParams
-from rl_service.run_dir import RunDirectory
-from rl_service.step_loop import LoopResult, run_steps
+from rl_service.driver.run_dir import RunDirectory
+from rl_service.driver.step_loop import LoopResult, run_steps
 from rl_service.tasks import TaskData
 
 

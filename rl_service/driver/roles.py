@@ -58,7 +58,7 @@ def run_with_restarts(config: JobConfig, run_dir_path, resume_from, attempt: Cal
     times. `on_failure()` runs after each failed attempt (the RL trainer counts its lost time)."""
     import logging
 
-    from rl_service.run_dir import latest_checkpoint
+    from rl_service.driver.run_dir import latest_checkpoint
 
     failures, restart, limit = 0, False, config.cluster.max_role_failures
     while True:

@@ -96,7 +96,7 @@ def as_job_id(value: str, command):
 
 def report_job(args) -> Path:
     """The run directory of job `args.run_dir` for `rl-service report JOB_ID`, checked to be readable here."""
-    from rl_service.job_client import job_server_client, sdk_call
+    from rl_service.driver.job_client import job_server_client, sdk_call
 
     run_dir = job_run_dir(job_server_client(args), args.run_dir, lambda action: sdk_call(_as_job(args), action))
     if not (run_dir / "metrics.jsonl").is_file():
@@ -110,8 +110,8 @@ def resume_job(args) -> int:
     directory from its newest checkpoint (`rl-service resume RUN_DIR` there); prints the new id."""
     import sys
 
-    from rl_service.job_client import UPLOAD_EXCLUDES, job_server_client, sdk_call, submit_job
-    from rl_service.roles import SUBMISSION_ID_ENV, new_submission_id
+    from rl_service.driver.job_client import UPLOAD_EXCLUDES, job_server_client, sdk_call, submit_job
+    from rl_service.driver.roles import SUBMISSION_ID_ENV, new_submission_id
 
     client = job_server_client(args)
     call = lambda action: sdk_call(_as_job(args), action)   # noqa: E731 - errors name the job asked about
@@ -119,7 +119,7 @@ def resume_job(args) -> int:
     status = call(lambda: client.get_job_status(args.run_dir)).value
     if status in ("PENDING", "RUNNING"):
         raise UserError(f"job {args.run_dir} is {status}: stop it first (`rl-service stop {args.run_dir}`)")
-    from rl_service.run_dir import latest_checkpoint
+    from rl_service.driver.run_dir import latest_checkpoint
 
     if (run_dir / "config.yaml").is_file() and latest_checkpoint(run_dir) is None:   # visible here: check now
         raise UserError(f"job {args.run_dir}: {run_dir} has no complete checkpoint to resume from")
@@ -138,6 +138,6 @@ def resume_job(args) -> int:
 
 
 def _as_job(args):
-    """`args` with `job_id` set, which the SDK error messages of rl_service/jobs.py name."""
+    """`args` with `job_id` set, which the SDK error messages of rl_service/driver/jobs.py name."""
     args.job_id = args.run_dir
     return args
