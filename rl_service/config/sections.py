@@ -250,7 +250,7 @@ class ClusterConfig(_Section):
     @field_validator("address")
     @classmethod
     def _not_a_job_server(cls, address: str | None) -> str | None:
-        if address and _is_job_server_url(address):
+        if address and is_job_server_url(address):
             raise ValueError(f"{address} is a Ray job server (dashboard) URL, for `rl-service submit --address`; a run "
                              "joins a cluster by its GCS address (host:6379) or ray://host:10001")
         return address
@@ -261,10 +261,11 @@ class ClusterConfig(_Section):
         (deploy/README.md has users export http://HEAD:8265 for the job commands) names no cluster a
         driver can join, so a run on that shell is a local one (rl_service/driver/roles.py says so once)."""
         address = self.address or os.environ.get("RAY_ADDRESS")
-        return None if not address or _is_job_server_url(address) else address
+        return None if not address or is_job_server_url(address) else address
 
 
-def _is_job_server_url(address: str) -> bool:
+def is_job_server_url(address: str) -> bool:
+    """An http(s) URL: a Ray job server (the dashboard), not a GCS address a run can join."""
     return address.strip().lower().startswith(("http://", "https://"))
 
 

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from rl_service.config.sections import is_job_server_url
 from rl_service.errors import UserError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -23,9 +24,10 @@ def connection(parser) -> None:
 
 def server_address(address: str | None) -> str:
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
-    if not address.startswith(("http://", "https://")):
+    if not is_job_server_url(address):
         raise UserError(f"--address {address}: the job server is an http(s) URL (the dashboard, e.g. {DEFAULT_ADDRESS})")
-    return address
+    scheme, _, rest = address.strip().partition("://")
+    return f"{scheme.lower()}://{rest}"   # Ray's job client reads "HTTP://" as a module name
 
 
 def job_server_client(args):

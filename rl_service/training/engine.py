@@ -20,6 +20,7 @@ import torch
 from rl_service.config import JobConfig
 from rl_service.models.loading import load_causal_lm, load_tokenizer
 from rl_service.weights.flat import FlatWeights, WeightViews, flatten_named_tensors, plan_buckets, tensor_views
+from rl_service.training.lora import unchanged
 from rl_service.training.rendezvous import rendezvous_store
 from rl_service.weights.collective import BucketLayout
 from rl_service.weights.shared_memory import MailboxLayout
@@ -167,10 +168,6 @@ def full_numel(parameter: torch.nn.Parameter) -> int:
     return int(getattr(parameter, "ds_numel", parameter.numel()))
 
 
-def _same(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
-
-
 class EngineWeights:
     """What every learner does with its weights: publish them in flat buckets (DESIGN.md "Weight sync")
     and save them as a loadable HF directory (safetensors + tokenizer). Needs `engine`, `tokenizer`
@@ -190,7 +187,7 @@ class EngineWeights:
             from rl_service.training.lora import published_sources
 
             return list(published_sources(self.engine.module))
-        return [(name, parameter, functools.partial(_same, parameter))
+        return [(name, parameter, functools.partial(unchanged, parameter))
                 for name, parameter in self.engine.module.named_parameters()]
 
     def weight_buckets(self, version: int, bucket_bytes: int | None = None,

@@ -68,7 +68,7 @@ def published_sources(model) -> Iterator[tuple[str, torch.Tensor, Callable[[], t
         if owner in adapted and leaf == "weight":
             yield f"{owner}.weight", weight, functools.partial(_merged, adapted[owner], weight)
         else:
-            yield (f"{owner}.{leaf}" if owner in adapted else name), weight, functools.partial(_identity, weight)
+            yield (f"{owner}.{leaf}" if owner in adapted else name), weight, functools.partial(unchanged, weight)
 
 
 def merged_named_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
@@ -78,7 +78,8 @@ def merged_named_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, make()
 
 
-def _identity(tensor: torch.Tensor) -> torch.Tensor:
+def unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    """A published source that is the tensor itself (a picklable partial, unlike a lambda)."""
     return tensor
 
 
