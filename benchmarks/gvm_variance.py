@@ -1,11 +1,12 @@
 """Does GVM's allocation lower the variance of the learner's policy gradient? (issue #21 item 3, ALGORITHMS.md §GVM)
 
-    .venv/bin/python benchmarks/gvm_variance.py [--draws 32] [--pool 32] [--pool-draws 2000]
+    .venv/bin/python benchmarks/gvm_variance.py [--draws 32] [--prompts 16] [--pool 32] [--pool-draws 2000]
+        [--train-seeds 0 1 ...]
 
-Two frozen snapshots of the built-in model: the shipped one, and one after 40 uniform GRPO steps of
-the quickstart job (32 prompts × 8, lr 1e-4; trained here by the service's sync step run in process,
-see `trained_snapshot`; cached under benchmarks/results/gvm_variance_snapshot/, not committed). A fixed batch of B = 16 held-out prompts
-(levels 1-5) and a fixed budget N = 8·B.
+Frozen snapshots of the built-in model: the shipped one, and one after 40 uniform GRPO steps of the
+quickstart job per `--train-seeds` seed (32 prompts × 8, lr 1e-4; trained here by the service's sync
+step run in process, see `trained_snapshot`; cached under benchmarks/results/gvm_variance_snapshot/,
+not committed). A fixed batch of B held-out prompts (levels 1-5) and a fixed budget N = 8·B.
 
 Real draws (the measurement the issue asks for): R independent draws under (i) uniform allocation,
 (ii) GVM on a fresh pilot of 8 samples per prompt each draw (§GVM.5's statistics: p̂, Ĝ = the §GVM.1
@@ -58,15 +59,18 @@ SNAPSHOT_DIR = REPO / "benchmarks" / "results" / "gvm_variance_snapshot"
 REAL_ARMS = ("uniform", "gvm_pilot", "gvm_online")
 
 
-def trained_snapshot(steps: int) -> Path:
-    """The model after `steps` uniform GRPO steps of the quickstart job (seed 0), made once and cached.
+def trained_snapshot(steps: int, seed: int = 0) -> Path:
+    """The model after `steps` uniform GRPO steps of the quickstart job (`seed`: its prompt order,
+    sampling and init), made once and cached.
 
     The sync-mode step of the service, in this process: the project's prompt sampler, torch generator,
     verifier and `PolicyLearner.train_step` (one rank, ZeRO 0: on one rank ZeRO 1 is the same update),
     the new weights loaded into the generator after every step. (`run_training` under Ray does the same
     with four processes; on the shared 2-core machine its actors ran at 100-200 s a step.)"""
-    settings = {"config": "configs/quickstart.yaml", "steps": steps, "loop": "in-process sync", "seed": 0}
-    marker, model = SNAPSHOT_DIR / "snapshot.json", SNAPSHOT_DIR / "model"
+    settings = {"config": "configs/quickstart.yaml", "steps": steps, "loop": "in-process sync", "seed": seed}
+    directory = SNAPSHOT_DIR / f"seed{seed}"
+    directory.mkdir(parents=True, exist_ok=True)
+    marker, model = directory / "snapshot.json", directory / "model"
     if marker.is_file() and json.loads(marker.read_text()) == settings and (model / "model.safetensors").is_file():
         return model
     from rl_service.data.sampler import PromptSampler
@@ -74,7 +78,7 @@ def trained_snapshot(steps: int) -> Path:
     from rl_service.training.policy_learner import PolicyLearner
 
     started = time.perf_counter()
-    config = job_config("builtin", "grpo")
+    config = job_config("builtin", "grpo", [f"seed={seed}"])
     learner = PolicyLearner(config)
     policy_engine = TorchGenerationEngine("builtin", config.model.dtype, config.model.trust_remote_code)
     task = load_task(config)
@@ -293,6 +297,8 @@ def main() -> None:
                         help="the learner's loss in the real draws: shipped = configs/gvm_*.yaml's (prompt mean; RAFT++ "
                              "over accepted samples), token_mean = the quickstart's")
     parser.add_argument("--snapshots", nargs="+", default=["builtin", "trained"], choices=["builtin", "trained"])
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[0],
+                        help="one trained snapshot per seed (several: is a ratio a property of GVM or of one snapshot?)")
     parser.add_argument("--save", help="also write this run's per-snapshot results to this JSON file")
     parser.add_argument("--merge", nargs="+", help="no measuring: print the tables and JSON of saved runs together")
     args = parser.parse_args()
@@ -306,7 +312,13 @@ def main() -> None:
     print(f"machine: {machine()}", flush=True)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    paths = {name: ("builtin" if name == "builtin" else str(trained_snapshot(args.train_steps))) for name in args.snapshots}
+    paths = {}
+    for name in args.snapshots:
+        if name == "builtin":
+            paths[name] = "builtin"
+            continue
+        for train_seed in args.train_seeds:   # seed 0 keeps the name earlier results use
+            paths[name if train_seed == 0 else f"{name}_seed{train_seed}"] = str(trained_snapshot(args.train_steps, train_seed))
     settings = load_config(REPO / "configs" / "gvm_grpo.yaml").statistics
     raft_settings = load_config(REPO / "configs" / "gvm_raft.yaml").statistics
     print(f"GVM settings (gvm_grpo.yaml): alpha {settings.alpha}, beta {settings.beta}, n_min {settings.n_min}, "
@@ -334,7 +346,7 @@ def main() -> None:
         del policy, pool
     run_settings = {"machine": machine(), "draws": args.draws, "prompts": args.prompts, "budget": args.prompts * args.samples,
                     "pilot": args.pilot, "pool_per_prompt": args.pool, "pool_draws": args.pool_draws,
-                    "train_steps": args.train_steps, "seed": args.seed, "loss": args.loss}
+                    "train_steps": args.train_steps, "train_seeds": args.train_seeds, "seed": args.seed, "loss": args.loss}
     wall = time.perf_counter() - started
     if args.save:
         Path(args.save).write_text(json.dumps({"settings": run_settings, "wall_s": wall, "results": results}))

@@ -45,7 +45,10 @@ def learner_loss(algorithm: str, loss: str) -> list[str]:
     if loss != "shipped":
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     shipped = load_config(REPO / "configs" / ("gvm_grpo.yaml" if algorithm == "grpo" else "gvm_raft.yaml")).algorithm
-    return [f"algorithm.aggregation={shipped.aggregation}", f"algorithm.drop_rejected={str(shipped.drop_rejected).lower()}"]
+    overrides = [f"algorithm.aggregation={shipped.aggregation}"]
+    if algorithm != "grpo":   # a RAFT++ setting: GRPO has no rejected samples to drop
+        overrides.append(f"algorithm.drop_rejected={str(shipped.drop_rejected).lower()}")
+    return overrides
 
 
 class CapturedGradient:
