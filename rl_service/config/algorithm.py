@@ -48,16 +48,19 @@ class RAFTPlusPlusConfig(_PolicyGradientConfig):
     drop_rejected: bool = Field(False, description="drop rejected samples instead of A = 0 (ours)")
 
 
-class DPOConfig(_Section):
-    """Trace-only DPO (ALGORITHMS.md §DPO; BVPO with α = 1). Its settings are the `preference:` section."""
+class _PreferenceAlgorithmConfig(_Section):
+    """DPO and BVPO: pairs, not rewards, reach the learner; their settings are the `preference:`
+    section (kept apart so that the users' `preference.*` keys stay what they were)."""
     is_preference: ClassVar[bool] = True
+
+
+class DPOConfig(_PreferenceAlgorithmConfig):
+    """Trace-only DPO (ALGORITHMS.md §DPO; BVPO with α = 1)."""
     name: Literal["dpo"] = "dpo"
 
 
-class BVPOConfig(_Section):
-    """BVPO (ALGORITHMS.md §BVPO): trace and empty-reasoning pairs mixed by α. Its settings are the
-    `preference:` section."""
-    is_preference: ClassVar[bool] = True
+class BVPOConfig(_PreferenceAlgorithmConfig):
+    """BVPO (ALGORITHMS.md §BVPO): trace and empty-reasoning pairs mixed by α."""
     name: Literal["bvpo"] = "bvpo"
 
 
