@@ -57,6 +57,9 @@ from rl_service.tasks import PromptTokenizer, load_task  # noqa: E402
 
 SNAPSHOT_DIR = REPO / "benchmarks" / "results" / "gvm_variance_snapshot"
 REAL_ARMS = ("uniform", "gvm_pilot", "gvm_online")
+# RAFT++ with accepted_normaliser 'expected' (§GVM.2's estimator) divides by n_i·p̄_i: uniform and GVM
+# use the same p̄ (the pilot's, or the online averages'), so the two estimate the same gradient.
+EXPECTED_ARMS = {"raft_expected_pilot": ("uniform", "gvm_pilot"), "raft_expected_online": ("uniform", "gvm_online")}
 
 
 def trained_snapshot(steps: int, seed: int = 0) -> Path:
@@ -113,7 +116,10 @@ def real_draws(policy: FrozenPolicy, settings, args, seed: int) -> dict:
     """R draws per arm through the generator and the learner; per (arm, algorithm): Gram of the draws,
     mean gradient, zero-advantage fraction and the allocations."""
     prompts, budget, draws = policy.num_prompts, policy.num_prompts * args.samples, args.draws
-    grads = {(arm, alg): np.empty((draws, policy.grpo.size), dtype=np.float32) for arm in REAL_ARMS for alg in ("grpo", "raft")}
+    keys = [(arm, alg) for arm in REAL_ARMS for alg in ("grpo", "raft")]
+    if policy.raft_expected is not None:
+        keys += [(arm, alg) for alg, arms in EXPECTED_ARMS.items() for arm in arms]
+    grads = {key: np.empty((draws, policy.grpo.size), dtype=np.float32) for key in keys}
     zero = {key: [] for key in grads}
     allocations = {arm: [] for arm in REAL_ARMS}
     online = OnlineAllocator(settings, policy.prompt_ids, budget)
@@ -121,20 +127,27 @@ def real_draws(policy: FrozenPolicy, settings, args, seed: int) -> dict:
         result = policy.draw(online.allocate(), seed + 7 * warm + 5)
         online.observe(*policy.prompt_statistics(result))
     for r in range(draws):
+        # This draw's statistics, fixed before any of its arms samples: the pilot (gvm_pilot's seed) and
+        # the online averages (updated after gvm_online's draw).
+        pilot_stats = policy.prompt_statistics(policy.draw([args.pilot] * prompts, seed + 1000 * (r + 1) + 11))
+        estimates = {"raft_expected_pilot": pilot_stats[0] / pilot_stats[1],
+                     "raft_expected_online": online.acceptance_estimates()}
         for a, arm in enumerate(REAL_ARMS):
             started = time.perf_counter()
             base = seed + 1000 * (r + 1) + 10 * a
             if arm == "uniform":
                 counts = uniform_allocation(prompts, budget)
             elif arm == "gvm_pilot":
-                pilot = policy.draw([args.pilot] * prompts, base + 1)
-                counts = pilot_allocation(*policy.prompt_statistics(pilot), budget, settings)
+                counts = pilot_allocation(*pilot_stats, budget, settings)
             else:
                 counts = online.allocate()
             result = policy.draw(counts, base)
             allocations[arm].append(np.asarray(counts).tolist())
-            for alg, probe in (("grpo", policy.grpo), ("raft", policy.raft)):
-                gradient, metrics = probe(result.rollout, result.rewards.tolist())
+            probes = [("grpo", policy.grpo, None), ("raft", policy.raft, None)]
+            probes += [(alg, policy.raft_expected, estimates[alg]) for alg, arms in EXPECTED_ARMS.items()
+                       if (arm, alg) in grads]
+            for alg, probe, estimate in probes:
+                gradient, metrics = probe(result.rollout, result.rewards.tolist(), estimate)
                 grads[arm, alg][r] = gradient.numpy()
                 zero[arm, alg].append(metrics["zero_variance_sample_fraction"] if alg == "grpo"
                                       else float((result.rewards != 1).mean()))
@@ -153,10 +166,12 @@ def real_draws(policy: FrozenPolicy, settings, args, seed: int) -> dict:
 
 def summarise_real(real: dict, draws: int) -> dict:
     table = {}
-    for alg in ("grpo", "raft"):
+    for alg, arms in {"grpo": REAL_ARMS, "raft": REAL_ARMS, **EXPECTED_ARMS}.items():
+        if ("uniform", alg) not in real:
+            continue
         uniform = real["uniform", alg]
         u_trace, u_mean_sq = gram_covariance_trace(uniform["gram"]), gram_mean_sq_norm(uniform["gram"])
-        for arm in REAL_ARMS:
+        for arm in arms:
             entry = real[arm, alg]
             trace, mean_sq = gram_covariance_trace(entry["gram"]), gram_mean_sq_norm(entry["gram"])
             low, high = bootstrap_ratio_interval(entry["gram"], uniform["gram"], reps=1000, statistic=gram_covariance_trace)
@@ -356,16 +371,25 @@ def main() -> None:
 def final_output(results: dict, run_settings: dict, wall: float) -> dict:
     """The one JSON line: the issue's keys (pilot GVM / uniform, learner's loss, worst snapshot), then the rest."""
     output = {**run_settings, "wall_s": wall, "target": 0.7}
+
+    def worst(prefix: str, arm: str, alg: str) -> None:
+        by = {name: r["real"].get(f"{arm}/{alg}", {}).get("ratio_vs_uniform") if r["real"] else None
+              for name, r in results.items()}
+        values = [v for v in by.values() if v is not None]
+        key = prefix + ("" if arm == "gvm_pilot" else "_online")
+        output[key] = max(values) if values else None
+        output[key + "_by_snapshot"] = by
+
     for alg in ("grpo", "raft"):
         for arm in ("gvm_pilot", "gvm_online"):
-            key = f"gvm_grad_variance_ratio_{alg}" + ("" if arm == "gvm_pilot" else "_online")
-            by = {name: (r["real"][f"{arm}/{alg}"]["ratio_vs_uniform"] if r["real"] else None) for name, r in results.items()}
-            values = [v for v in by.values() if v is not None]
-            output[key] = max(values) if values else None
-            output[key + "_by_snapshot"] = by
+            worst(f"gvm_grad_variance_ratio_{alg}", arm, alg)
         output[f"zero_advantage_fraction_{alg}"] = {
             name: {arm: r["real"][f"{arm}/{alg}"]["zero_advantage_fraction"] for arm in REAL_ARMS}
             for name, r in results.items() if r["real"]}
+    # The same RAFT++ draws with §GVM.2's estimator (accepted_normaliser 'expected'): uniform and GVM
+    # divided by the same p̄, so they estimate the same gradient.
+    for alg, (_, arm) in EXPECTED_ARMS.items():
+        worst("gvm_grad_variance_ratio_raft_expected", arm, alg)
     output["diagnostic_arms"] = {name: {arm: {kind: round(entry[kind]["ratio_vs_uniform"], 4) for kind in ESTIMATORS}
                                         for arm, entry in r["pool"]["arms"].items()} for name, r in results.items()}
     output["diagnostic_arms_mse_vs_uniform_mean"] = {

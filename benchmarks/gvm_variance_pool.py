@@ -48,6 +48,10 @@ class OnlineAllocator:
         return self.stats.gvm_allocate(self.prompt_ids, self.budget, alpha=s.alpha, beta=s.beta, n_min=s.n_min,
                                        n_max=s.n_max, n_pilot=s.n_pilot, laplace=s.laplace_smoothing)
 
+    def acceptance_estimates(self) -> np.ndarray:
+        """The p̃ the allocation uses (moving average, Laplace-smoothed if configured)."""
+        return self.stats.allocation_inputs(self.prompt_ids, self.settings.laplace_smoothing)["acceptance_rate"]
+
     def observe(self, accepted, samples, grad_norm) -> None:
         self.stats.update_acceptance(self.prompt_ids, accepted, samples)
         self.stats.update_grad_norms(self.prompt_ids, grad_norm)

@@ -67,9 +67,10 @@ class CapturedGradient:
         for parameter in self.parameters:
             parameter.grad = None
 
-    def __call__(self, rollout: Rollout, rewards: list[float]) -> tuple[torch.Tensor, dict]:
+    def __call__(self, rollout: Rollout, rewards: list[float], acceptance_estimates=None) -> tuple[torch.Tensor, dict]:
         self._captured = None
-        metrics = self.learner.train_step(rollout, rewards)
+        estimates = None if acceptance_estimates is None else np.asarray(acceptance_estimates, dtype=np.float64).tolist()
+        metrics = self.learner.train_step(rollout, rewards, acceptance_estimates=estimates)
         if self._captured is None:   # nothing trained (every sample masked out): the update is zero
             return torch.zeros(self.size), metrics
         return self._captured, metrics
@@ -89,6 +90,10 @@ class FrozenPolicy:
         self.loss = loss
         self.grpo = CapturedGradient(job_config(model_path, "grpo", learner_loss("grpo", loss)))
         self.raft = CapturedGradient(job_config(model_path, "raft++", learner_loss("raft", loss)))
+        # §GVM.2's estimator: the shipped loss with each prompt divided by n_i·p̄_i (needs the prompt mean)
+        self.raft_expected = (CapturedGradient(job_config(model_path, "raft++", learner_loss("raft", loss)
+                                                          + ["algorithm.accepted_normaliser=expected"]))
+                              if loss == "shipped" else None)
         config = self.grpo.learner.config
         self.engine = TorchGenerationEngine(model_path, config.model.dtype, config.model.trust_remote_code)
         generator = config.generator

@@ -119,3 +119,43 @@ def raft_plus_plus_keep_mask(rewards: Tensor, drop_rejected: bool = False, accep
     if drop_rejected:
         return rewards >= accept_threshold
     return torch.ones_like(rewards, dtype=torch.bool)
+
+
+def raft_expected_count_scale(accepted_mask: Tensor, group_index: Tensor, eligible: Tensor,
+                              acceptance_estimate: Tensor) -> Tensor:
+    r"""float64 [N]: per-sample factor ``a_i / (n_i p̄_i)`` that turns RAFT++'s per-prompt mean over
+    accepted samples into the estimator whose variance §GVM.2 states (ALGORITHMS.md §GVM.2, §RAFT).
+
+    The EM gradient of prompt i is ``∇ log P(accept | x_i) = E[1[acc] ∇log π] / p_i``. Its unbiased
+    Monte-Carlo estimate from ``n_i`` samples divides the accepted samples' sum by the *expected*
+    accepted count ``n_i p_i``, not by the observed one ``a_i``:
+
+    $$ \hat g_i = \frac{1}{n_i \bar p_i} \sum_{j \le n_i} 1[\text{acc}_{ij}]\, \nabla \log\pi(y_{ij}|x_i),
+       \qquad \operatorname{Var}\hat g_i \approx \frac{G_i^2}{n_i p_i} \ (\bar p_i = p_i), $$
+
+    which is exactly the variance §GVM.2 minimises, and whose expectation ``(p_i / p̄_i) μ_i`` does not
+    depend on ``n_i``: allocations then differ in noise only. The observed-count mean is 0 when no
+    sample is accepted and ``μ_i`` otherwise, so its expectation ``(1 − (1 − p_i)^{n_i}) μ_i`` grows with
+    ``n_i`` and its variance has a term ``(1 − p_i)^{n_i}`` that G²/(n p) leaves out. ``p̄_i`` must not
+    come from the same samples (then the factor is 1): the statistics role's estimate from earlier
+    visits or a pilot. A prompt with ``p̄_i ≤ 0`` (never seen accepted) gets factor 0, as GVM gives it
+    weight 0 (§GVM.4).
+
+    Args:
+        accepted_mask: bool [N], sample accepted.
+        group_index: long [N], the sample's prompt (0 … B−1).
+        eligible: bool [N], the sample counts in n_i (not removed by dynamic sampling / singleton rules).
+        acceptance_estimate: [B] p̄ per prompt, in [0, 1].
+    """
+    estimate = acceptance_estimate.to(torch.float64)
+    if estimate.ndim != 1 or not bool(torch.isfinite(estimate).all()) or bool(((estimate < 0) | (estimate > 1)).any()):
+        raise ValueError("acceptance_estimate must be a 1-D tensor of finite values in [0, 1]")
+    if group_index.numel() and int(group_index.max()) >= estimate.numel():
+        raise ValueError(f"acceptance_estimate has {estimate.numel()} prompts, the samples name prompt "
+                         f"{int(group_index.max())}")
+    size = estimate.numel()
+    n = torch.zeros(size, dtype=torch.float64).index_add_(0, group_index, eligible.to(torch.float64))
+    a = torch.zeros(size, dtype=torch.float64).index_add_(0, group_index, (eligible & accepted_mask).to(torch.float64))
+    expected = n * estimate
+    scale = torch.where(expected > 0, a / expected.clamp(min=1e-300), torch.zeros_like(a))
+    return scale[group_index]

@@ -46,6 +46,17 @@ class GRPOConfig(_PolicyGradientConfig):
 class RAFTPlusPlusConfig(_PolicyGradientConfig):
     name: Literal["raft++"] = Field("raft++", description="ALGORITHMS.md §RAFT (RAFT++): A = 1 accepted, 0 rejected")
     drop_rejected: bool = Field(False, description="drop rejected samples instead of A = 0 (ours)")
+    accepted_normaliser: Literal["observed", "expected"] = Field(
+        "observed", description="prompt_mean with drop_rejected: divide a prompt's accepted samples by their count "
+                                "(observed) or by n·p̄, the count the statistics role's acceptance estimate expects "
+                                "(expected: the unbiased EM-gradient estimator whose variance §GVM.2 minimises; ours)")
+
+    @model_validator(mode="after")
+    def _expected_needs_the_accepted_prompt_mean(self):
+        if self.accepted_normaliser == "expected" and (self.aggregation != "prompt_mean" or not self.drop_rejected):
+            raise ValueError("accepted_normaliser 'expected' rescales the per-prompt mean over accepted samples: it "
+                             "needs algorithm.aggregation: prompt_mean and algorithm.drop_rejected: true")
+        return self
 
 
 class _PreferenceAlgorithmConfig(_Section):

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from rl_service.algorithms.acceptance import acceptance_threshold, accepted
-from rl_service.algorithms.advantages import (grpo_advantages, raft_plus_plus_advantages, raft_plus_plus_keep_mask,
-                                               zero_variance_groups)
+from rl_service.algorithms.advantages import (grpo_advantages, raft_expected_count_scale, raft_plus_plus_advantages,
+                                               raft_plus_plus_keep_mask, zero_variance_groups)
 from rl_service.algorithms.grad_norms import per_sample_embedding_grad_norms
 from rl_service.algorithms.logprobs import token_log_probs
 from rl_service.algorithms.policy_loss import PolicyLossConfig, loss_normalizer_for, policy_loss, prompt_mean_weights
@@ -68,14 +68,17 @@ class PolicyLearner(EngineWeights):
                 "model.dtype": self.config.model.dtype}
 
     # -- advantages -------------------------------------------------------------------------
-    def advantages_and_mask(self, rollout: Rollout, rewards: torch.Tensor,
-                            train_mask: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def advantages_and_mask(self, rollout: Rollout, rewards: torch.Tensor, train_mask: list[bool] | None = None,
+                            acceptance_estimates: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Per-sample advantages and which samples train (ALGORITHMS.md §GRPO.2, §RAFT).
 
-        `train_mask` (the driver's dynamic sampling, §DAPO): samples outside it do not train."""
+        `train_mask` (the driver's dynamic sampling, §DAPO): samples outside it do not train.
+        `acceptance_estimates` (RAFT++ with `accepted_normaliser: expected`): p̄ per prompt of the
+        rollout, from the statistics role; sets `self._row_scale`."""
         algorithm = self.config.algorithm
         group_index = torch.tensor(rollout.request_index, dtype=torch.long)
         keep = torch.ones(len(rollout), dtype=torch.bool)
+        self._sample_scale = None   # per kept row: the expected-count factor of accepted_normaliser 'expected'
         if train_mask is not None:
             keep &= torch.tensor(train_mask, dtype=torch.bool)
         metrics: dict[str, float] = {}
@@ -99,6 +102,14 @@ class PolicyLearner(EngineWeights):
             had_rows = torch.zeros(int(group_index.max()) + 1, dtype=torch.bool).index_fill_(0, group_index[eligible], True)
             kept_rows = torch.zeros_like(had_rows).index_fill_(0, group_index[keep], True)
             metrics["all_rejected_prompts"] = float((had_rows & ~kept_rows).sum())
+            if algorithm.accepted_normaliser == "expected":
+                if acceptance_estimates is None:
+                    raise ValueError("algorithm.accepted_normaliser 'expected' needs the statistics role's acceptance "
+                                     "estimate of every prompt of the step")
+                self._sample_scale = raft_expected_count_scale(
+                    rewards >= threshold, group_index, eligible, torch.tensor(acceptance_estimates, dtype=torch.float64))
+        if self._sample_scale is not None:
+            self._sample_scale = self._sample_scale[keep]
         metrics["trained_samples"] = float(keep.sum())
         return advantages, keep, metrics
 
@@ -140,11 +151,12 @@ class PolicyLearner(EngineWeights):
             logprobs[micro_rows, :micro_logprobs.shape[1]] = micro_logprobs
         return all_reduce_sum_(logprobs * batch.completion_mask)   # each row was filled by one rank
 
-    def train_step(self, rollout: Rollout, rewards: list[float], train_mask: list[bool] | None = None) -> dict[str, float]:
+    def train_step(self, rollout: Rollout, rewards: list[float], train_mask: list[bool] | None = None,
+                   acceptance_estimates: list[float] | None = None) -> dict[str, float]:
         started = time.perf_counter()
         learner = self.config.learner
         reward_tensor = torch.tensor(rewards, dtype=torch.float32)
-        advantages, keep, metrics = self.advantages_and_mask(rollout, reward_tensor, train_mask)
+        advantages, keep, metrics = self.advantages_and_mask(rollout, reward_tensor, train_mask, acceptance_estimates)
         if not bool(keep.any()):
             metrics.update(skipped_step=1.0, train_seconds=time.perf_counter() - started)
             return metrics
@@ -188,6 +200,8 @@ class PolicyLearner(EngineWeights):
             # All-rejected prompts have no row: each mini-batch counts its share of them.
             absent = self._absent_prompts * len(mini_rows) / len(batch)
             weights[mini_rows] = prompt_mean_weights(batch.completion_mask[mini_rows], self._row_groups[mini_rows], absent)
+            if self._sample_scale is not None:   # a_i / (n_i p̄_i): §GVM.2's estimator (advantages.py)
+                weights[mini_rows] *= self._sample_scale[mini_rows]
         active_rows = self._rows_with_gradient(batch, mini_rows)
         # Keys summed over the ranks (each rank adds its rows' share); the rest are the same on every rank.
         totals: dict[str, float] = {"loss": 0.0, "behaviour_logprob_abs_diff": 0.0,
