@@ -86,13 +86,15 @@ class LearnerActor:
 
     @collective
     def train_step(self, shard_refs: list[ray.ObjectRef], rewards: list[float], with_grad_norms: bool = False,
-                   train_mask: list[bool] | None = None) -> tuple[dict[str, float], list[float] | None]:
+                   train_mask: list[bool] | None = None,
+                   acceptance_estimates: list[float] | None = None) -> tuple[dict[str, float], list[float] | None]:
         """One update on a step's rollouts; with GVM also the accepted samples' gradient norms (§GVM.1),
         taken before the update, on the weights that generated them. `train_mask`: which samples
-        train (dynamic sampling, §DAPO); all of them when None."""
+        train (dynamic sampling, §DAPO); all of them when None. `acceptance_estimates`: p̄ per
+        prompt of the step (RAFT++ `accepted_normaliser: expected`)."""
         rollout = Rollout.concat(ray.get(shard_refs))
         grad_norms = self.learner.accepted_grad_norms(rollout, rewards) if with_grad_norms else None
-        return self.learner.train_step(rollout, rewards, train_mask), grad_norms
+        return self.learner.train_step(rollout, rewards, train_mask, acceptance_estimates), grad_norms
 
     @collective
     def grad_norms(self, shard_refs: list[ray.ObjectRef], rewards: list[float]) -> list[float]:

@@ -12,10 +12,18 @@ pytestmark = pytest.mark.slow
 
 
 def test_online_gvm_raft_allocates_the_budget_and_tracks_grad_norms(tmp_path):
+    # With §GVM.2's estimator (accepted_normaliser 'expected'): p̄ from the statistics role reaches the learner.
     summary = run_short_job(tmp_path, ["algorithm.name=raft++", "statistics.allocation=gvm", "statistics.n_pilot=2",
-                                       "statistics.n_min=1", "data.arithmetic.num_train=8"], steps=4)
+                                       "statistics.n_min=1", "data.arithmetic.num_train=8",
+                                       "algorithm.aggregation=prompt_mean", "algorithm.drop_rejected=true",
+                                       "algorithm.accepted_normaliser=expected"], steps=4)
     rows = [row for row in read_metrics(tmp_path) if "loss" in row or "skipped_step" in row]
     assert len(rows) == 4
+    # Steps 1-2 see every prompt for the first time (no p̄: observed count); step 3 revisits them, and any
+    # revisited prompt with an accepted sample reports a / (n p̄) > 0.
+    assert "accepted_over_expected" not in rows[0]
+    revisited = [row["accepted_over_expected"] for row in rows[2:] if "accepted_over_expected" in row]
+    assert revisited and min(revisited) >= 0 and max(revisited) > 0
     for row in rows:
         assert row["completions"] == 4 * 4                   # same budget every step, however spread
         assert row["allocation_samples_min"] >= 1 and row["nonfinite_grad_norms_dropped"] == 0

@@ -22,6 +22,10 @@ def test_scale_is_observed_over_expected_accepted_count_by_hand():
     # The estimate equal to the batch's own fraction gives 1: the observed-count mean.
     own = torch.tensor([1 / 3, 1.0, 0.0, 1.0], dtype=torch.float64)
     assert raft_expected_count_scale(accepted, group, eligible, own)[:5].tolist() == pytest.approx([1.0] * 5)
+    # No estimate yet (NaN): the observed count, factor 1 for a prompt with an accepted sample.
+    unknown = torch.tensor([float("nan"), 0.25, float("nan"), 0.9], dtype=torch.float64)
+    assert raft_expected_count_scale(accepted, group, eligible, unknown).tolist() == pytest.approx(
+        [1.0] * 3 + [4.0, 4.0] + [0.0, 0.0] + [0.0])
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         raft_expected_count_scale(accepted, group, eligible, torch.tensor([0.5, 1.5, 0.1, 0.1]))
     with pytest.raises(ValueError, match="the samples name prompt 3"):

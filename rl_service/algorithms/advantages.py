@@ -138,24 +138,26 @@ def raft_expected_count_scale(accepted_mask: Tensor, group_index: Tensor, eligib
     sample is accepted and ``μ_i`` otherwise, so its expectation ``(1 − (1 − p_i)^{n_i}) μ_i`` grows with
     ``n_i`` and its variance has a term ``(1 − p_i)^{n_i}`` that G²/(n p) leaves out. ``p̄_i`` must not
     come from the same samples (then the factor is 1): the statistics role's estimate from earlier
-    visits or a pilot. A prompt with ``p̄_i ≤ 0`` (never seen accepted) gets factor 0, as GVM gives it
-    weight 0 (§GVM.4).
+    visits or a pilot. A prompt with ``p̄_i = 0`` (never seen accepted) gets factor 0, as GVM gives it
+    weight 0 (§GVM.4); one with ``p̄_i`` NaN (no estimate yet: a prompt never seen) keeps the observed
+    count (factor 1).
 
     Args:
         accepted_mask: bool [N], sample accepted.
         group_index: long [N], the sample's prompt (0 … B−1).
         eligible: bool [N], the sample counts in n_i (not removed by dynamic sampling / singleton rules).
-        acceptance_estimate: [B] p̄ per prompt, in [0, 1].
+        acceptance_estimate: [B] p̄ per prompt, in [0, 1], or NaN for none.
     """
     estimate = acceptance_estimate.to(torch.float64)
-    if estimate.ndim != 1 or not bool(torch.isfinite(estimate).all()) or bool(((estimate < 0) | (estimate > 1)).any()):
-        raise ValueError("acceptance_estimate must be a 1-D tensor of finite values in [0, 1]")
+    known = ~torch.isnan(estimate)
+    if estimate.ndim != 1 or bool(((estimate[known] < 0) | (estimate[known] > 1)).any()):
+        raise ValueError("acceptance_estimate must be a 1-D tensor of values in [0, 1] (NaN: no estimate)")
     if group_index.numel() and int(group_index.max()) >= estimate.numel():
         raise ValueError(f"acceptance_estimate has {estimate.numel()} prompts, the samples name prompt "
                          f"{int(group_index.max())}")
     size = estimate.numel()
     n = torch.zeros(size, dtype=torch.float64).index_add_(0, group_index, eligible.to(torch.float64))
     a = torch.zeros(size, dtype=torch.float64).index_add_(0, group_index, (eligible & accepted_mask).to(torch.float64))
-    expected = n * estimate
+    expected = torch.where(known, n * estimate, a)
     scale = torch.where(expected > 0, a / expected.clamp(min=1e-300), torch.zeros_like(a))
     return scale[group_index]

@@ -79,6 +79,7 @@ class Trainer(TrainerBase):
         self.rounds = StepRounds(self.config, roles, self.client, self.batches, self.sampling)
         self.weight_sync = make_weight_sync(roles, self.config)
         self.accept_threshold = acceptance_threshold(self.config)
+        self.expected_count_normaliser = getattr(self.config.algorithm, "accepted_normaliser", None) == "expected"
         self.autoscaler = Autoscaler(roles, self.config) if self.config.generator.autoscale else None
         self.totals = {"completions": 0, "completion_tokens": 0}
         self.phase_totals: dict[str, float] = defaultdict(float)
@@ -150,12 +151,13 @@ class Trainer(TrainerBase):
         unique_ids, record_slot = np.unique(prompt_ids, return_inverse=True)
         sample_slot = record_slot[np.asarray(scored["request_index"], dtype=np.int64)]
         with timer.phase("statistics"):
+            estimates = self.acceptance_estimates(unique_ids, record_slot)   # before this step folds in
             statistics = ray.get(self.roles.statistics.update_acceptance.remote(
                 unique_ids.tolist(), np.bincount(sample_slot, weights=is_accepted, minlength=len(unique_ids)).tolist(),
                 np.bincount(sample_slot, minlength=len(unique_ids)).tolist()))
         with timer.phase("train"):
             train_metrics, sample_grad_norms = ray.get(self.roles.learner.train_step.remote(
-                shard_refs, scored["rewards"], self.batches.wants_grad_norms, mask))
+                shard_refs, scored["rewards"], self.batches.wants_grad_norms, mask, estimates))
         if sample_grad_norms is not None:   # §GVM.1 norms, taken on the weights that generated the samples
             with timer.phase("statistics"):
                 per_prompt = per_prompt_mean(sample_grad_norms, sample_slot, len(unique_ids))
@@ -171,6 +173,17 @@ class Trainer(TrainerBase):
         samples = np.bincount(np.asarray(scored["request_index"], dtype=np.int64), minlength=len(records))
         self.record(step, metrics, prompt_ids, samples.tolist())
         return metrics
+
+    def acceptance_estimates(self, unique_ids: np.ndarray, record_slot: np.ndarray) -> list[float] | None:
+        """p̄ per record for RAFT++'s expected-count normaliser (§GVM.2): the statistics role's moving
+        averages of earlier visits (NaN: never seen), so p̄ does not come from the samples it divides;
+        None when the learner does not use them."""
+        if not self.expected_count_normaliser:
+            return None
+        import ray
+
+        estimates = ray.get(self.roles.statistics.acceptance_estimates.remote(unique_ids.tolist()))
+        return np.asarray(estimates, dtype=np.float64)[record_slot].tolist()
 
     def check_staleness(self, step: int, scored: dict) -> np.ndarray:
         """Each sample's lag behind the learner in weight versions; beyond the bound is a bug."""

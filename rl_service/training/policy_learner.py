@@ -106,8 +106,14 @@ class PolicyLearner(EngineWeights):
                 if acceptance_estimates is None:
                     raise ValueError("algorithm.accepted_normaliser 'expected' needs the statistics role's acceptance "
                                      "estimate of every prompt of the step")
-                self._sample_scale = raft_expected_count_scale(
-                    rewards >= threshold, group_index, eligible, torch.tensor(acceptance_estimates, dtype=torch.float64))
+                estimate = torch.tensor(acceptance_estimates, dtype=torch.float64)
+                self._sample_scale = raft_expected_count_scale(rewards >= threshold, group_index, eligible, estimate)
+                # How far the observed accepted counts sit from the p̄ the step expected (1 on average when
+                # p̄ is right), over the prompts with an estimate and an accepted sample.
+                rows = keep & ~torch.isnan(estimate[group_index])
+                if bool(rows.any()):
+                    per_prompt = torch.zeros_like(estimate).index_copy_(0, group_index[rows], self._sample_scale[rows])
+                    metrics["accepted_over_expected"] = float(per_prompt[torch.unique(group_index[rows])].mean())
         if self._sample_scale is not None:
             self._sample_scale = self._sample_scale[keep]
         metrics["trained_samples"] = float(keep.sum())
