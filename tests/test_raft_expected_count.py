@@ -41,7 +41,11 @@ def test_config_needs_the_accepted_prompt_mean():
         load_config(None, base)
     with pytest.raises(ConfigError, match="accepted_normaliser: not a setting of algorithm.name 'grpo'"):
         load_config(None, ["algorithm.accepted_normaliser=expected"])
-    load_config(None, base + ["algorithm.aggregation=prompt_mean", "algorithm.drop_rejected=true"])
+    shipped_loss = base + ["algorithm.aggregation=prompt_mean", "algorithm.drop_rejected=true"]
+    load_config(None, shipped_loss)
+    # p̄ must come from earlier visits, not from a pilot whose samples the step trains on.
+    with pytest.raises(ConfigError, match="moving averages \\(statistics.mode 'online'\\), not statistics.mode 'step_pilot'"):
+        load_config(None, shipped_loss + ["statistics.allocation=gvm", "statistics.mode=step_pilot"])
 
 
 def _captured_gradient(learner):
