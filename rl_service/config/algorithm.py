@@ -49,7 +49,9 @@ class RAFTPlusPlusConfig(_PolicyGradientConfig):
     accepted_normaliser: Literal["observed", "expected"] = Field(
         "observed", description="prompt_mean with drop_rejected: divide a prompt's accepted samples by their count "
                                 "(observed) or by n·p̄, the count the statistics role's acceptance estimate expects "
-                                "(expected: the unbiased EM-gradient estimator whose variance §GVM.2 minimises; ours)")
+                                "(expected: the EM-gradient estimator whose variance §GVM.2 minimises, its expectation "
+                                "free of n; ours. Measured: with moving-average p̄ its 1/p̄ weights are heavy-tailed, "
+                                "benchmarks/README.md)")
 
     @model_validator(mode="after")
     def _expected_needs_the_accepted_prompt_mean(self):
