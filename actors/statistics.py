@@ -56,10 +56,9 @@ class StatisticsActor:
         return allocation_spread_metrics(counts, acceptance)
 
     def acceptance_estimates(self, prompt_ids: list[int]) -> list[float]:
-        """p̃ of each prompt as the allocation reads it, NaN for a prompt never seen: RAFT++'s
-        expected-count normaliser (`rl_service.algorithms.advantages.raft_expected_count_scale`)."""
-        p = self.stats.acceptance_for_allocation(prompt_ids, self.config.laplace_smoothing)
-        return np.where(self.stats.get("visit_count", prompt_ids) > 0, p, np.nan).tolist()
+        """p̄ of each prompt for RAFT++'s expected-count normaliser, NaN for a prompt never seen
+        (`PromptStatistics.expected_count_acceptance`)."""
+        return self.stats.expected_count_acceptance(prompt_ids).tolist()
 
     def update_acceptance(self, prompt_ids: list[int], accepted: list[int], samples: list[int]) -> dict[str, float]:
         """Fold in a step's accepted counts (`rl_service.algorithms.acceptance`); returns the summary."""

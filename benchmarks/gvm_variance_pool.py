@@ -49,8 +49,8 @@ class OnlineAllocator:
                                        n_max=s.n_max, n_pilot=s.n_pilot, laplace=s.laplace_smoothing)
 
     def acceptance_estimates(self) -> np.ndarray:
-        """The p̃ the allocation uses (moving average, Laplace-smoothed if configured)."""
-        return self.stats.allocation_inputs(self.prompt_ids, self.settings.laplace_smoothing)["acceptance_rate"]
+        """p̄ of RAFT++'s expected-count normaliser, as the statistics role gives it to the learner."""
+        return self.stats.expected_count_acceptance(self.prompt_ids)
 
     def observe(self, accepted, samples, grad_norm) -> None:
         self.stats.update_acceptance(self.prompt_ids, accepted, samples)

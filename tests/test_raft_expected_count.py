@@ -2,6 +2,7 @@
 estimator whose variance §GVM.2 writes as G²/(n p) (ALGORITHMS.md §GVM.2, §RAFT)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,19 @@ def test_learner_gradient_is_the_per_prompt_rescaled_accepted_mean():
     assert float((expected_grad["g"] - reference).norm() / reference.norm()) < 1e-5
     with pytest.raises(ValueError, match="acceptance estimate"):
         expected_learner.train_step(rollout, rewards)
+
+
+def test_the_normaliser_reads_laplace_smoothed_counts_bounded_away_from_zero():
+    from rl_service.statistics.prompt_stats import PromptStatistics
+
+    stats = PromptStatistics(ema_weight=0.5)
+    stats.update_acceptance([3, 5], [1, 4], [8, 8])
+    for _ in range(10):   # prompt 3 never accepted again: its raw EMA of p decays towards 0
+        stats.update_acceptance([3], [0], [8])
+    estimate = stats.expected_count_acceptance([3, 5, 9])
+    decay = 0.5 ** 10
+    # EMA-weighted counts: a = 1·0.5^10, m = 8·0.5^10 + 8·(1 + 0.5 + … + 0.5^9); prompt 5: a = 4, m = 8
+    m3 = 8 * decay + 8 * sum(0.5 ** k for k in range(10))
+    assert estimate[:2].tolist() == pytest.approx([(decay + 1) / (m3 + 2), 5 / 10], rel=1e-6)
+    assert stats.acceptance_rate_of([3])[0] == pytest.approx(0.125 * decay, rel=1e-5)   # the raw EMA: ~1e-4
+    assert np.isnan(estimate[2])                                                          # never seen

@@ -164,6 +164,17 @@ class PromptStatistics:
                                                self.get("sample_ema_count", prompt_ids))
         return self.acceptance_rate_of(prompt_ids)
 
+    def expected_count_acceptance(self, prompt_ids) -> np.ndarray:
+        """p̄ for RAFT++'s expected-count normaliser (`raft_expected_count_scale`), NaN for a prompt never
+        seen: the Laplace-smoothed EMA counts (a + 1)/(m + 2), whatever the allocation reads.
+
+        The normaliser divides a prompt's accepted samples by n·p̄. The raw EMA of p decays towards 0
+        and never reaches it (a prompt accepted once, then missed ten visits: p̃ ≈ 1e-3), so a rare
+        success was weighted ~1/(n·1e-3) and one draw dominated the gradient (benchmarks/README.md);
+        (a + 1)/(m + 2) ≥ 1/(m + 2) bounds that weight by (m + 2)/n."""
+        p = laplace_smoothed_acceptance(self.get("accepted_ema_count", prompt_ids), self.get("sample_ema_count", prompt_ids))
+        return np.where(self.get("visit_count", prompt_ids) > 0, p, np.nan)
+
     def allocation_inputs(self, prompt_ids, laplace: bool) -> dict[str, np.ndarray]:
         """The keyword arguments of `online_gvm_allocation` for a batch: seen, p̃, G̃ and whether G̃ exists."""
         prompt_ids = self._unique_ids(prompt_ids)
