@@ -19,7 +19,10 @@ gradient, for GRPO and for RAFT++ on the same samples, with the loss the shipped
 mean (`--loss token_mean`). Reported: tr Cov of the flattened 1.1M-entry gradient, GVM over uniform
 with a bootstrap 95% interval, ‖E g‖² per allocation (a token mean weights a prompt by its sample
 count, so the allocations estimate different expectations), the relative shift of E g, and the
-fraction of samples with advantage 0. GVM settings: configs/gvm_grpo.yaml's statistics.
+fraction of samples with advantage 0. With the shipped loss, RAFT++ is also measured with
+`accepted_normaliser: expected` (§GVM.2's estimator: a prompt's accepted samples over n_i·p̄_i), uniform
+and GVM divided by the same p̄ (the draw's pilot, or the online statistics as the learner gets them), so
+both estimate the same gradient. GVM settings: configs/gvm_grpo.yaml's statistics.
 
 Pool engine (diagnostics): M samples per prompt, their per-sample gradients and Gram matrix; thousands
 of draws resampled from the pool under every allocation rule and five estimators (the learner's token
