@@ -1,7 +1,7 @@
 """BVPO vs trace-only DPO on the built-in model, online, with the power to decide (issue 17;
 ALGORITHMS.md §DPO, §BVPO.3, §BVPO.6).
 
-    .venv/bin/python benchmarks/bvpo_vs_dpo.py [--seeds 0 1 2 3 4] [--steps 40] [--eval-prompts 512]
+    .venv/bin/python benchmarks/bvpo_vs_dpo.py [--seeds 0 1 2 3 4] [--steps 80] [--eval-prompts 512]
         [--arms dpo_trace ...] [--set k=v ...]
 
 Every (arm, seed) is a run of configs/bvpo.yaml with the same overrides, executed in this process
@@ -276,7 +276,7 @@ def previous_runs(paths: list[Path], settings: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--eval-prompts", type=int, default=512)
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
