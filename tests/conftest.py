@@ -6,6 +6,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,17 @@ def _free_port() -> int:
     from rl_service.training.engine import free_port
 
     return free_port()
+
+
+@contextmanager
+def unreachable_url():
+    """`http://127.0.0.1:PORT` where nothing listens, for as long as the block runs. The port stays
+    bound (never listening), so a connect is refused and no other process can take it between pick
+    and use: a free port picked and released was once taken by a Ray head's own worker, and the
+    "dead" address answered with an auth error."""
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{blocker.getsockname()[1]}"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import SHORT_JOB, _free_port, _wait_status, cli
+from conftest import SHORT_JOB, _wait_status, cli, unreachable_url
 
 pytestmark = pytest.mark.cluster   # own Ray head or multi-node Cluster: `pytest -m cluster`
 
@@ -78,17 +78,18 @@ def test_clients_without_the_right_token_are_refused_in_one_line(head, tmp_path)
 def test_bad_addresses_and_job_ids_are_one_line_errors(head):
     address, env, token_file = head
     authenticated = {**env, "RAY_AUTH_TOKEN_PATH": str(token_file)}
-    cases = [(["status", "no-such-job", "--address", address], authenticated, "no such job"),
-             (["scale", "no-such-job", "--generators", "2", "--address", address], authenticated, "no such job"),
-             (["logs", "no-such-job", "--address", address], authenticated, "no such job"),
-             (["stop", "no-such-job", "--address", address], authenticated, "no such job"),
-             (["report", "no-such-job", "--address", address], authenticated, "no such job"),
-             (["resume", "no-such-job", "--address", address], authenticated, "no such job"),
-             (["status", "x", "--address", f"http://127.0.0.1:{_free_port()}"], authenticated, "cannot reach"),
-             (["submit", "configs/quickstart.yaml", "--address", address, "--set", "learner.lr=-1"], authenticated,
-              "learner.lr"),
-             (["list", "--address", address, "--token-file", "/nonexistent/token"], authenticated, "no such file")]
-    for args, environment, expected in cases:
-        result = cli(args, environment)
-        assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    with unreachable_url() as nowhere:
+        cases = [(["status", "no-such-job", "--address", address], authenticated, "no such job"),
+                 (["scale", "no-such-job", "--generators", "2", "--address", address], authenticated, "no such job"),
+                 (["logs", "no-such-job", "--address", address], authenticated, "no such job"),
+                 (["stop", "no-such-job", "--address", address], authenticated, "no such job"),
+                 (["report", "no-such-job", "--address", address], authenticated, "no such job"),
+                 (["resume", "no-such-job", "--address", address], authenticated, "no such job"),
+                 (["status", "x", "--address", nowhere], authenticated, "cannot reach"),
+                 (["submit", "configs/quickstart.yaml", "--address", address, "--set", "learner.lr=-1"], authenticated,
+                  "learner.lr"),
+                 (["list", "--address", address, "--token-file", "/nonexistent/token"], authenticated, "no such file")]
+        for args, environment, expected in cases:
+            result = cli(args, environment)
+            assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from conftest import REPO, SHORT_JOB, _free_port, cli
+from conftest import REPO, SHORT_JOB, cli, unreachable_url
 
 pytestmark = pytest.mark.cluster   # starts its own Ray head (the `head` fixture)
 
@@ -30,20 +30,20 @@ def test_an_explicit_address_beats_ray_address_for_every_job_command(head):
     address, env, token_file = head
     authenticated = {**env, "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_ADDRESS": address,
                      "RAY_API_SERVER_ADDRESS": address}
-    nowhere = f"http://127.0.0.1:{_free_port()}"
     commands = [["list"], ["status", "some-job"], ["logs", "some-job"], ["stop", "some-job"],
                 ["scale", "some-job", "--generators", "2"], ["report", "some-job"], ["resume", "some-job"],
                 ["submit", "configs/quickstart.yaml", *SHORT_JOB]]
-    for command in commands:
-        # The environment names a live head; the command line names a dead address: the dead one is used.
-        result = cli([*command, "--address", nowhere], authenticated)
-        assert result.returncode == 2, (command, result.stdout, result.stderr)
-        assert "cannot reach" in result.stderr and nowhere in result.stderr, (command, result.stderr)
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    # ... and the other way round: a dead RAY_ADDRESS does not hide the live head named on the line.
-    dead_env = {**authenticated, "RAY_ADDRESS": nowhere, "RAY_API_SERVER_ADDRESS": nowhere}
-    listed = cli(["list", "--address", address], dead_env)
-    assert listed.returncode == 0 and listed.stdout.startswith("job id"), listed.stderr
+    with unreachable_url() as nowhere:
+        for command in commands:
+            # The environment names a live head; the command line names a dead address: the dead one is used.
+            result = cli([*command, "--address", nowhere], authenticated)
+            assert result.returncode == 2, (command, result.stdout, result.stderr)
+            assert "cannot reach" in result.stderr and nowhere in result.stderr, (command, result.stderr)
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        # ... and the other way round: a dead RAY_ADDRESS does not hide the live head named on the line.
+        dead_env = {**authenticated, "RAY_ADDRESS": nowhere, "RAY_API_SERVER_ADDRESS": nowhere}
+        listed = cli(["list", "--address", address], dead_env)
+        assert listed.returncode == 0 and listed.stdout.startswith("job id"), listed.stderr
 
 
 def test_a_local_run_starts_its_own_ray_on_loopback_beside_a_running_head(head, tmp_path):
