@@ -74,7 +74,7 @@ class PolicyLearner(EngineWeights):
 
         `train_mask` (the driver's dynamic sampling, §DAPO): samples outside it do not train.
         `acceptance_estimates` (RAFT++ with `accepted_normaliser: expected`): p̄ per prompt of the
-        rollout, from the statistics role; sets `self._row_scale`."""
+        rollout, from the statistics role; sets `self._sample_scale`."""
         algorithm = self.config.algorithm
         group_index = torch.tensor(rollout.request_index, dtype=torch.long)
         keep = torch.ones(len(rollout), dtype=torch.bool)
@@ -107,9 +107,10 @@ class PolicyLearner(EngineWeights):
                     raise ValueError("algorithm.accepted_normaliser 'expected' needs the statistics role's acceptance "
                                      "estimate of every prompt of the step")
                 estimate = torch.tensor(acceptance_estimates, dtype=torch.float64)
-                self._sample_scale = raft_expected_count_scale(rewards >= threshold, group_index, eligible, estimate)
-                # How far the observed accepted counts sit from the p̄ the step expected (1 on average when
-                # p̄ is right), over the prompts with an estimate and an accepted sample.
+                self._sample_scale = raft_expected_count_scale(accepted(rewards, threshold), group_index, eligible,
+                                                               estimate)
+                # a / (n p̄): how far the accepted counts sit from what p̄ expected, averaged over the
+                # prompts that have an estimate and an accepted sample.
                 rows = keep & ~torch.isnan(estimate[group_index])
                 if bool(rows.any()):
                     per_prompt = torch.zeros_like(estimate).index_copy_(0, group_index[rows], self._sample_scale[rows])
