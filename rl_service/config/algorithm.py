@@ -28,6 +28,11 @@ class _PolicyGradientConfig(_Section):
         "token_mean", description="§GRPO.5; prompt_mean (ours): token mean per prompt, then mean over prompts, so a "
                                   "prompt's weight does not grow with its GVM sample count (the §GVM.2 estimator)")
 
+    @property
+    def divides_by_expected_count(self) -> bool:
+        """Whether the learner needs the statistics role's p̄ each step (RAFT++ `accepted_normaliser: expected`)."""
+        return False
+
 
 class GRPOConfig(_PolicyGradientConfig):
     name: Literal["grpo"] = Field("grpo", description="ALGORITHMS.md §GRPO")
@@ -53,6 +58,10 @@ class RAFTPlusPlusConfig(_PolicyGradientConfig):
                                 "free of n; ours. Measured: with moving-average p̄ its 1/p̄ weights are heavy-tailed, "
                                 "benchmarks/README.md)")
 
+    @property
+    def divides_by_expected_count(self) -> bool:
+        return self.accepted_normaliser == "expected"
+
     @model_validator(mode="after")
     def _expected_needs_the_accepted_prompt_mean(self):
         if self.accepted_normaliser == "expected" and (self.aggregation != "prompt_mean" or not self.drop_rejected):
@@ -65,6 +74,7 @@ class _PreferenceAlgorithmConfig(_Section):
     """DPO and BVPO: pairs, not rewards, reach the learner; their settings are the `preference:`
     section (kept apart so that the users' `preference.*` keys stay what they were)."""
     is_preference: ClassVar[bool] = True
+    divides_by_expected_count: ClassVar[bool] = False
 
 
 class DPOConfig(_PreferenceAlgorithmConfig):

@@ -146,7 +146,7 @@ class JobConfig(_Section):
             if statistics.mode == "online" and statistics.n_pilot > per_prompt:
                 raise ValueError(f"statistics.n_pilot ({statistics.n_pilot}) exceeds generator.samples_per_prompt "
                                  f"({per_prompt}): a batch of unseen prompts would overspend the budget")
-        if getattr(self.algorithm, "accepted_normaliser", "observed") == "expected" and statistics.mode != "online":
+        if self.algorithm.divides_by_expected_count and statistics.mode != "online":
             # p̄ must not come from the samples it normalises: the moving averages of earlier visits do not.
             raise ValueError(f"algorithm.accepted_normaliser 'expected' reads p̄ from the statistics role's moving "
                              f"averages (statistics.mode 'online'), not statistics.mode '{statistics.mode}'")

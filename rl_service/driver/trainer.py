@@ -79,7 +79,7 @@ class Trainer(TrainerBase):
         self.rounds = StepRounds(self.config, roles, self.client, self.batches, self.sampling)
         self.weight_sync = make_weight_sync(roles, self.config)
         self.accept_threshold = acceptance_threshold(self.config)
-        self.expected_count_normaliser = getattr(self.config.algorithm, "accepted_normaliser", None) == "expected"
+        self.expected_count_normaliser = self.config.algorithm.divides_by_expected_count
         self.autoscaler = Autoscaler(roles, self.config) if self.config.generator.autoscale else None
         self.totals = {"completions": 0, "completion_tokens": 0}
         self.phase_totals: dict[str, float] = defaultdict(float)
