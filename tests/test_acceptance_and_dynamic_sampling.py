@@ -8,7 +8,7 @@ import torch
 
 from rl_service.algorithms.acceptance import acceptance_threshold, accepted, accepted_per_prompt
 from rl_service.algorithms.advantages import raft_plus_plus_advantages
-from rl_service.algorithms.dynamic_sampling import groups_with_spread, selected_groups, train_mask
+from rl_service.algorithms.dynamic_sampling import groups_with_spread, selected_groups, selected_samples, train_mask
 from rl_service.algorithms.gvm import gvm_allocation, online_gvm_allocation
 from rl_service.statistics.prompt_stats import PromptStatistics
 
@@ -134,3 +134,19 @@ def test_raft_prompt_mean_divides_by_every_prompt_of_the_batch_as_gvm2_does():
     metrics = learner.train_step(rollout, rewards)
     assert metrics["all_rejected_prompts"] == 2 and metrics["trained_samples"] == 2
     assert metrics["loss"] == pytest.approx(-2 / 4, abs=1e-6)
+
+
+def test_dynamic_sampling_by_samples_fills_a_sample_budget_and_equals_the_group_count_on_equal_groups():
+    spread = np.array([False, True, True, False, True, True])
+    sizes = np.array([2, 2, 12, 8, 3, 6])
+    # Draw order: prompt 1 (2 samples, 2 so far), prompt 2 (12 → 14 ≥ 8): the group that reaches the target is in.
+    assert selected_samples(spread, sizes, 8).tolist() == [False, True, True, False, False, False]
+    assert selected_samples(spread, sizes, 15).tolist() == [False, True, True, False, True, False]
+    assert selected_samples(spread, sizes, 100).tolist() == spread.tolist()      # short: every spread group
+    assert not selected_samples(spread, sizes, 0).any()
+    rng = np.random.default_rng(0)
+    for _ in range(50):   # equal groups of k: a budget of t·k samples picks what a count of t groups picks
+        spread, k, t = rng.random(20) < 0.5, int(rng.integers(2, 9)), int(rng.integers(1, 12))
+        assert np.array_equal(selected_samples(spread, np.full(20, k), t * k), selected_groups(spread, t))
+    with pytest.raises(ValueError, match="3 group sizes for 2 groups"):
+        selected_samples([True, False], [1, 2, 3], 4)

@@ -33,6 +33,20 @@ def selected_groups(spread, target: int) -> np.ndarray:
     return chosen
 
 
+def selected_samples(spread, group_sizes, target_samples: int) -> np.ndarray:
+    """bool mask of the first prompts with a spread, in draw order, until their samples reach
+    `target_samples` (the group that reaches it included; all of them when there are fewer)."""
+    spread = np.asarray(spread, dtype=bool)
+    sizes = np.asarray(group_sizes, dtype=np.int64)
+    if sizes.shape != spread.shape:
+        raise ValueError(f"{sizes.size} group sizes for {spread.size} groups")
+    candidates = np.flatnonzero(spread)
+    before = np.concatenate([[0], np.cumsum(sizes[candidates])[:-1]])   # samples already chosen ahead of each
+    chosen = np.zeros(spread.size, dtype=bool)
+    chosen[candidates[before < target_samples]] = True
+    return chosen
+
+
 def train_mask(request_index, chosen) -> list[bool]:
     """Per sample: whether its prompt's group was chosen."""
     return np.asarray(chosen, dtype=bool)[np.asarray(request_index, dtype=np.int64)].tolist()

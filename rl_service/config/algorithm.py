@@ -43,6 +43,10 @@ class GRPOConfig(_PolicyGradientConfig):
         False, description="DAPO dynamic sampling (§DAPO): drop groups whose rewards are all equal and sample more "
                            "prompts until the batch holds data.prompts_per_step groups with a spread; every generated "
                            "sample counts in the step's completions")
+    dynamic_sampling_target: Literal["groups", "samples"] = Field(
+        "groups", description="dynamic sampling fills the step with data.prompts_per_step groups with a spread (groups, "
+                              "DAPO) or with prompts_per_step × generator.samples_per_prompt samples in such groups "
+                              "(samples, ours: GVM's unequal groups fill a sample budget in fewer rounds)")
     dynamic_sampling_max_rounds: int = Field(
         3, ge=1, le=64, description="dynamic sampling: most rounds of generation in one step (the first included); "
                                     "a step that still lacks groups trains on those it has")

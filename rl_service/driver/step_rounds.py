@@ -5,8 +5,9 @@ between collecting the step's batch and training on it.
 - Step pilot: the first round gave each prompt `n_pilot` samples; the rest of each prompt's budget
   is spread by GVM on that pilot's p and G (`StatisticsActor.allocate_from_pilot`, §GVM.3–4) and
   generated. A prompt's new samples join its group (same request index), and all are trained on.
-- Dynamic sampling: while fewer than `prompts_per_step` groups have a reward spread (and under the
-  round cap), the batch source hands out more prompts; the step trains on the first groups with a
+- Dynamic sampling: while fewer than `prompts_per_step` groups have a reward spread (or, with
+  `dynamic_sampling_target: samples`, fewer than that many groups' worth of samples; under the round
+  cap), the batch source hands out more prompts; the step trains on the first groups with a
   spread (`rl_service/algorithms/dynamic_sampling.py`). Every sample generated counts.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from rl_service.algorithms.acceptance import acceptance_threshold, accepted_per_prompt
-from rl_service.algorithms.dynamic_sampling import groups_with_spread, selected_groups, train_mask
+from rl_service.algorithms.dynamic_sampling import groups_with_spread, selected_groups, selected_samples, train_mask
 from rl_service.config.algorithm import GRPOConfig
 from rl_service.driver.batch_source import per_prompt_mean
 from rl_service.rollout import step_seed
@@ -69,11 +70,20 @@ class StepRounds:
         return refs, scored, spread
 
     def dynamic_sampling(self, step: int, records, shard_refs, scored, timer: PhaseTimer):
-        """More rounds of prompts until `prompts_per_step` groups have a reward spread (or the round
-        cap). Returns the grown (records, shard_refs, scores), which samples train, and metrics."""
-        target, rounds = self.config.data.prompts_per_step, 1
-        spread = groups_with_spread(scored["rewards"], scored["request_index"], len(records))
-        while spread.sum() < target and rounds < self.config.algorithm.dynamic_sampling_max_rounds:
+        """More rounds of prompts until `prompts_per_step` groups (or that many groups' worth of
+        samples) have a reward spread, or the round cap. Returns the grown (records, shard_refs,
+        scores), which samples train, and metrics."""
+        groups = self.config.algorithm.dynamic_sampling_target == "groups"
+        target = self.config.data.prompts_per_step * (1 if groups else self.config.generator.samples_per_prompt)
+
+        def spread_and_filled(scored, num_prompts: int):
+            spread = groups_with_spread(scored["rewards"], scored["request_index"], num_prompts)
+            sizes = np.bincount(np.asarray(scored["request_index"], dtype=np.int64), minlength=num_prompts)
+            return spread, sizes, int(spread.sum() if groups else sizes[spread].sum())
+
+        rounds = 1
+        spread, sizes, filled = spread_and_filled(scored, len(records))
+        while filled < target and rounds < self.config.algorithm.dynamic_sampling_max_rounds:
             first = len(records)
             new_records, new_counts, _ = self.batches.next(step, timer)
             records = records + new_records
@@ -83,8 +93,8 @@ class StepRounds:
                 refs, more, _ = self.rest_after_pilot(step, 100 + rounds, records, first, refs, more, timer)
                 shard_refs, scored = shard_refs + refs, merge_scored(scored, more)
             rounds += 1
-            spread = groups_with_spread(scored["rewards"], scored["request_index"], len(records))
-        chosen = selected_groups(spread, target)
+            spread, sizes, filled = spread_and_filled(scored, len(records))
+        chosen = selected_groups(spread, target) if groups else selected_samples(spread, sizes, target)
         metrics = {"dynamic_sampling_rounds": float(rounds), "groups_with_spread": float(spread.sum()),
                    "trained_groups": float(chosen.sum())}
         return records, shard_refs, scored, train_mask(scored["request_index"], chosen), metrics
