@@ -1,6 +1,6 @@
 """GVM vs uniform allocation vs DAPO dynamic sampling, GRPO and RAFT++ (ALGORITHMS.md §GVM, §DAPO).
 
-    .venv/bin/python benchmarks/gvm_vs_uniform.py [--seeds 5] [--steps 50] [--workers 2]
+    .venv/bin/python benchmarks/gvm_vs_uniform.py [--seeds 5] [--first-seed 0] [--steps 30] [--lr 5e-5] [--workers 1]
     .venv/bin/python benchmarks/gvm_vs_uniform.py --summarise benchmarks/results/gvm_vs_uniform_DATE.jsonl
 
 Every run starts from the shipped model on the built-in task (levels 2-5 mixed: level 1 has only 200
@@ -83,17 +83,17 @@ ARMS = {
 }
 # Run order: the arms the issue's figures need first, every seed of them, then the rest; a benchmark
 # cut short by time still has whole arms.
-PRIORITY = [("grpo", "uniform"), ("grpo", "gvm_online"), ("raft", "uniform"), ("raft", "gvm_online"),
-            ("grpo", "dynamic"), ("grpo", "gvm_offline"), ("raft", "gvm_offline"), ("grpo", "gvm_dynamic"),
-            ("grpo", "gvm_dynamic_samples"), ("grpo", "uniform_prompt_mean"), ("raft", "uniform_prompt_mean"), ("grpo", "gvm_step_pilot"),
-            ("raft", "gvm_step_pilot")]
+PRIORITY = [("grpo", "uniform"), ("grpo", "dynamic"), ("grpo", "gvm_dynamic_samples"), ("grpo", "gvm_online"),
+            ("raft", "uniform"), ("raft", "uniform_prompt_mean"), ("raft", "gvm_online"),
+            ("grpo", "gvm_offline"), ("raft", "gvm_offline"), ("grpo", "gvm_dynamic"), ("grpo", "uniform_prompt_mean"),
+            ("grpo", "gvm_step_pilot"), ("raft", "gvm_step_pilot")]
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def run_overrides(algorithm: str, arm: str, seed: int, args) -> list[str]:
     return [f"seed={seed}", f"steps={args.steps}", f"eval_every={args.eval_every}",
             f"algorithm.name={ALGORITHMS[algorithm]}", f"data.prompts_per_step={args.prompts}",
-            f"generator.samples_per_prompt={args.samples}", f"data.arithmetic.num_train={args.num_train}",
+            f"generator.samples_per_prompt={args.samples}", f"learner.lr={args.lr}", f"data.arithmetic.num_train={args.num_train}",
             "data.arithmetic.levels=[2,3,4,5]", f"data.arithmetic.num_eval={args.eval_prompts}",
             "schedule.mode=sync", "logging.progress_bar=false", "logging.tensorboard=false",
             "guard.max_eval_drop=null", f"statistics.n_min={2 if algorithm == 'grpo' else 1}",
@@ -124,7 +124,8 @@ def run_once(algorithm: str, arm: str, seed: int, args) -> dict:
                 zero_adv.append(row["zero_variance_sample_fraction"])
     curve = [{"step": row["step"], "accuracy": row["eval_accuracy"], "generated": counts_at[row["step"]][0],
               "trained": counts_at[row["step"]][1]} for row in rows if "eval_accuracy" in row]
-    return {"algorithm": algorithm, "arm": arm, "seed": seed, "steps": steps, "wall_s": wall, "curve": curve,
+    return {"algorithm": algorithm, "arm": arm, "seed": seed, "steps": steps, "lr": config.learner.lr,
+            "wall_s": wall, "curve": curve,
             "zero_advantage_fraction": statistics.mean(zero_adv) if zero_adv else None}
 
 
@@ -230,28 +231,31 @@ def summarise(runs: list[dict], target_gain: float) -> dict:
 
 
 def versus_dynamic(runs: list[dict]) -> dict:
-    """GVM + dynamic sampling against dynamic sampling alone, paired by seed: the issue's "at least as
-    good as dynamic sampling alone". Both filter flat groups; GVM should need fewer extra rounds to
-    fill a step, so the samples each generates are the measure, with accuracy at equal steps and at
-    the dynamic run's sample count (a curve that ends sooner keeps its final accuracy)."""
+    """GVM + dynamic sampling (both targets) against dynamic sampling alone, paired by seed: the
+    issue's "at least as good as dynamic sampling alone". Both filter flat groups; GVM should need
+    fewer extra rounds to fill a step, so the samples each generates are the measure, with accuracy at
+    equal steps and at the dynamic run's sample count (a curve that ends sooner keeps its final accuracy)."""
     def arm_runs(arm: str) -> dict:
         return {run["seed"]: run for run in runs if run["algorithm"] == "grpo" and run["arm"] == arm}
-    dynamic, combined = arm_runs("dynamic"), arm_runs("gvm_dynamic")
-    seeds = sorted(set(dynamic) & set(combined))
-    if not seeds:
-        return {}
+
     def curve(run: dict, key: str) -> list[float]:
         return [point[key] for point in run["curve"]]
-    def at_dynamic_samples(run: dict, seed: int) -> float:
-        return interpolate(curve(run, "generated"), curve(run, "accuracy"), dynamic[seed]["curve"][-1]["generated"])
-    return {"gvm_dynamic_vs_dynamic": {
-        "seeds": len(seeds),
-        "generated_ratio": mean_ci([combined[s]["curve"][-1]["generated"] / dynamic[s]["curve"][-1]["generated"]
-                                    for s in seeds]),
-        "final_minus_dynamic": mean_ci([combined[s]["curve"][-1]["accuracy"] - dynamic[s]["curve"][-1]["accuracy"]
-                                        for s in seeds]),
-        "at_dynamic_samples_minus_dynamic": mean_ci([at_dynamic_samples(combined[s], s) - dynamic[s]["curve"][-1]["accuracy"]
-                                                     for s in seeds])}}
+
+    dynamic, result = arm_runs("dynamic"), {}
+    for arm in ("gvm_dynamic", "gvm_dynamic_samples"):
+        combined = arm_runs(arm)
+        seeds = sorted(set(dynamic) & set(combined))
+        if not seeds:
+            continue
+        ends = {s: dynamic[s]["curve"][-1] for s in seeds}
+        result[f"{arm}_vs_dynamic"] = {
+            "seeds": len(seeds),
+            "generated_ratio": mean_ci([combined[s]["curve"][-1]["generated"] / ends[s]["generated"] for s in seeds]),
+            "final_minus_dynamic": mean_ci([combined[s]["curve"][-1]["accuracy"] - ends[s]["accuracy"] for s in seeds]),
+            "at_dynamic_samples_minus_dynamic": mean_ci(
+                [interpolate(curve(combined[s], "generated"), curve(combined[s], "accuracy"), ends[s]["generated"])
+                 - ends[s]["accuracy"] for s in seeds])}
+    return result
 
 
 # The runs of gvm_variance.py (--save) that hold every arm on current code, B = 64, four snapshots between
@@ -301,9 +305,11 @@ def print_table(result: dict) -> None:
               f"| {show(entry['at_equal_samples'])} | {show(entry['at_equal_samples_minus_uniform'], 100, 1)} pt "
               f"| {show(entry['samples_to_target'], 1, 0)} | {show(entry['steps_to_target'], 1, 1)} "
               f"| {entry['reached']}/{entry['seeds']} | {show(entry['zero_advantage_fraction'], 1, 2)} |")
-    versus = result.get("gvm_dynamic_vs_dynamic")
-    if versus:
-        print(f"\nGRPO, GVM + dynamic sampling vs dynamic sampling alone ({versus['seeds']} seeds, paired): samples "
+    for arm in ("gvm_dynamic", "gvm_dynamic_samples"):
+        versus = result.get(f"{arm}_vs_dynamic")
+        if not versus:
+            continue
+        print(f"\nGRPO, {arm} vs dynamic sampling alone ({versus['seeds']} seeds, paired): samples "
               f"generated {show(versus['generated_ratio'], 1, 2)}×, final accuracy "
               f"{show(versus['final_minus_dynamic'], 100, 1)} pt, accuracy at dynamic's sample count "
               f"{show(versus['at_dynamic_samples_minus_dynamic'], 100, 1)} pt")
@@ -315,7 +321,10 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds first-seed … first-seed + seeds - 1 (held-out seeds tune a learning rate)")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=5e-5,
+                        help="every arm's learning rate: uniform allocation's best on held-out seeds 100-104 "
+                             "(2.5e-5 ties it, 1e-4 is 2-3 points worse, 2e-4 diverges; benchmarks/README.md)")
     parser.add_argument("--eval-prompts", type=int, default=1024)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--samples", type=int, default=8)
@@ -325,7 +334,8 @@ def main() -> None:
     parser.add_argument("--target-gain", type=float, default=0.03)
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--workers", type=int, default=2, help="runs at once, each in its own process and Ray")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs at once, each in its own process and Ray (on 2 cores, 2 at once took 4x as long each)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", type=Path, default=None, help="JSONL of finished runs (appended; reused on restart)")
     parser.add_argument("--summarise", type=Path, nargs="+", default=None,
@@ -353,7 +363,7 @@ def main() -> None:
         def launch(job: tuple[str, str, int]) -> None:
             algorithm, arm, seed = job
             passthrough = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in
-                           ("steps", "eval_every", "eval_prompts", "prompts", "samples", "num_train")]
+                           ("steps", "eval_every", "eval_prompts", "prompts", "samples", "num_train", "lr")]
             # Short: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
             tag = f"{algorithm[0]}{list(ARMS).index(arm)}s{seed}"
             env = {**os.environ, "RAY_TMPDIR": f"{os.environ.get('RAY_TMPDIR', '/tmp/ray')}_{tag}"}

@@ -1,0 +1,51 @@
+"""Hand cases for the summary of benchmarks/gvm_vs_uniform.py: curve interpolation, samples to target,
+the pairing against dynamic sampling, and merged run files that must agree."""
+import json
+
+import pytest
+
+from benchmarks.gvm_vs_uniform import first_crossing, interpolate, load_runs, mean_ci, versus_dynamic
+
+
+def run(arm: str, seed: int, points: list[tuple[int, float, int]]) -> dict:
+    return {"algorithm": "grpo", "arm": arm, "seed": seed, "steps": points[-1][0], "wall_s": 1.0,
+            "zero_advantage_fraction": None,
+            "curve": [{"step": s, "accuracy": a, "generated": g, "trained": g} for s, a, g in points]}
+
+
+def test_interpolation_and_first_crossing_by_hand():
+    xs, ys = [0, 100, 300], [0.30, 0.34, 0.30]
+    assert interpolate(xs, ys, 50) == pytest.approx(0.32)
+    assert interpolate(xs, ys, 200) == pytest.approx(0.32)
+    assert interpolate(xs, ys, 900) == 0.30                      # past the end: the last value
+    assert first_crossing(xs, ys, 0.33) == pytest.approx(75)    # 0.30 → 0.34 over 100 samples
+    assert first_crossing(xs, ys, 0.35) is None
+    assert first_crossing(xs, ys, 0.30) == 0
+    entry = mean_ci([1.0, 3.0])                                  # t(1) = 12.706, sd √2, n 2 → 12.706
+    assert entry["mean"] == 2.0 and entry["ci95"] == pytest.approx(12.706)
+
+
+def test_gvm_with_dynamic_sampling_is_paired_with_dynamic_sampling_by_seed():
+    runs = [run("dynamic", 0, [(0, 0.30, 0), (10, 0.36, 1000)]), run("dynamic", 1, [(0, 0.30, 0), (10, 0.40, 2000)]),
+            run("gvm_dynamic_samples", 0, [(0, 0.30, 0), (10, 0.38, 800)]),
+            run("gvm_dynamic_samples", 1, [(0, 0.30, 0), (10, 0.40, 1000)]),
+            run("gvm_dynamic_samples", 2, [(0, 0.30, 0), (10, 0.50, 10)])]   # no dynamic twin: left out
+    versus = versus_dynamic(runs)["gvm_dynamic_samples_vs_dynamic"]
+    assert versus["seeds"] == 2
+    assert versus["generated_ratio"]["mean"] == pytest.approx((0.8 + 0.5) / 2)
+    assert versus["final_minus_dynamic"]["mean"] == pytest.approx((0.02 + 0.0) / 2)
+    # at dynamic's sample count a shorter curve keeps its final accuracy
+    assert versus["at_dynamic_samples_minus_dynamic"]["mean"] == pytest.approx(0.01)
+    assert "gvm_dynamic_vs_dynamic" not in versus_dynamic(runs)
+
+
+def test_merged_run_files_must_agree_run_for_run(tmp_path, capsys):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    same = run("uniform", 0, [(0, 0.3, 0), (10, 0.35, 1280)])
+    first.write_text(json.dumps(same) + "\n")
+    second.write_text(json.dumps(same) + "\n" + json.dumps(run("uniform", 1, [(0, 0.3, 0)])) + "\n")
+    assert len(load_runs([first, second])) == 2
+    assert "reproduced to the digit: ('grpo', 'uniform', 0)" in capsys.readouterr().out
+    second.write_text(json.dumps(run("uniform", 0, [(0, 0.3, 0), (10, 0.36, 1280)])) + "\n")
+    with pytest.raises(SystemExit, match=r"b.jsonl:1: \('grpo', 'uniform', 0\) differs"):
+        load_runs([first, second])
