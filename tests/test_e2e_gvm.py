@@ -77,37 +77,40 @@ def test_step_pilot_spends_the_budget_after_its_own_pilot(tmp_path):
     assert summary["completions"] == 3 * 24
 
 
-def test_dynamic_sampling_by_samples_with_gvm_fills_the_sample_budget(tmp_path):
-    # GVM online gives unequal groups (n_min 2 .. n_max 12); the step fills 4 prompts × 4 samples = 16
-    # samples in groups with a spread, whatever the number of groups.
+def dynamic_sampling_steps(tmp_path, extra: list[str], steps: int) -> list[tuple[dict, dict, int]]:
+    """Run a dynamic-sampling job (4 prompts × 4 samples a round, at most 3 rounds) and check what
+    holds for either target: every round's samples are generated and counted. Returns each step's
+    (metrics row, ledger entry, rounds)."""
     summary = run_short_job(tmp_path, ["algorithm.name=grpo", "algorithm.dynamic_sampling=true",
-                                       "algorithm.dynamic_sampling_target=samples", "algorithm.dynamic_sampling_max_rounds=3",
-                                       "algorithm.aggregation=prompt_mean", "statistics.allocation=gvm",
-                                       "statistics.n_pilot=2", "statistics.n_min=2", "statistics.n_max=12",
-                                       "data.arithmetic.num_train=8"], steps=5)
+                                       "algorithm.dynamic_sampling_max_rounds=3", *extra], steps=steps)
     rows = [row for row in read_metrics(tmp_path) if "step_seconds" in row]
     ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
     assert sum(row["completions"] for row in rows) == summary["completions"]
-    for row, entry in zip(rows, ledger):
-        rounds = int(row["dynamic_sampling_rounds"])
-        assert 1 <= rounds <= 3 and len(entry["prompt_ids"]) == 4 * rounds
-        assert row["completions"] == 16 * rounds == sum(entry["samples"])    # each round spends the step budget
-        assert row["trained_samples"] >= 16 or rounds == 3                   # short only at the round cap
-        assert row["trained_samples"] < 16 + max(entry["samples"])            # stops at the group that fills it
-        assert row["trained_groups"] <= row["groups_with_spread"]
-    assert any(len(set(entry["samples"])) > 1 for entry in ledger)            # the groups really were unequal
-
-
-def test_dynamic_sampling_counts_every_sample_and_trains_groups_with_a_spread(tmp_path):
-    summary = run_short_job(tmp_path, ["algorithm.name=grpo", "algorithm.dynamic_sampling=true",
-                                       "algorithm.dynamic_sampling_max_rounds=3"], steps=3)
-    rows = [row for row in read_metrics(tmp_path) if "step_seconds" in row]
-    ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
-    assert sum(row["completions"] for row in rows) == summary["completions"]
+    steps_seen = []
     for row, entry in zip(rows, ledger):
         rounds = int(row["dynamic_sampling_rounds"])
         assert 1 <= rounds <= 3 and len(entry["prompt_ids"]) == 4 * rounds
         assert row["completions"] == 16 * rounds == sum(entry["samples"])   # dropped groups still cost
+        steps_seen.append((row, entry, rounds))
+    return steps_seen
+
+
+def test_dynamic_sampling_by_samples_with_gvm_fills_the_sample_budget(tmp_path):
+    # GVM online gives unequal groups (n_min 2 .. n_max 12); the step fills 4 prompts × 4 samples = 16
+    # samples in groups with a spread, whatever the number of groups.
+    steps = dynamic_sampling_steps(tmp_path, ["algorithm.dynamic_sampling_target=samples",
+                                              "algorithm.aggregation=prompt_mean", "statistics.allocation=gvm",
+                                              "statistics.n_pilot=2", "statistics.n_min=2", "statistics.n_max=12",
+                                              "data.arithmetic.num_train=8"], steps=5)
+    for row, entry, rounds in steps:
+        assert row["trained_samples"] >= 16 or rounds == 3                   # short only at the round cap
+        assert row["trained_samples"] < 16 + max(entry["samples"])            # stops at the group that fills it
+        assert row["trained_groups"] <= row["groups_with_spread"]
+    assert any(len(set(entry["samples"])) > 1 for _, entry, _ in steps)      # the groups really were unequal
+
+
+def test_dynamic_sampling_counts_every_sample_and_trains_groups_with_a_spread(tmp_path):
+    for row, _, rounds in dynamic_sampling_steps(tmp_path, [], steps=3):
         assert row["trained_groups"] == min(row["groups_with_spread"], 4)
         assert row["trained_groups"] == 4 or rounds == 3                      # short only at the round cap
         assert row["trained_samples"] == 4 * row["trained_groups"]
