@@ -79,7 +79,6 @@ class Trainer(TrainerBase):
         self.rounds = StepRounds(self.config, roles, self.client, self.batches, self.sampling)
         self.weight_sync = make_weight_sync(roles, self.config)
         self.accept_threshold = acceptance_threshold(self.config)
-        self.expected_count_normaliser = self.config.algorithm.divides_by_expected_count
         self.autoscaler = Autoscaler(roles, self.config) if self.config.generator.autoscale else None
         self.totals = {"completions": 0, "completion_tokens": 0}
         self.phase_totals: dict[str, float] = defaultdict(float)
@@ -178,7 +177,7 @@ class Trainer(TrainerBase):
         """p̄ per record for RAFT++'s expected-count normaliser (§GVM.2): the statistics role's moving
         averages of earlier visits (NaN: never seen), so p̄ does not come from the samples it divides;
         None when the learner does not use them."""
-        if not self.expected_count_normaliser:
+        if not self.config.algorithm.divides_by_expected_count:
             return None
         import ray
 
