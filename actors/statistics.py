@@ -3,7 +3,9 @@
 The allocation policies are pure functions of `rl_service.algorithms.gvm` (§GVM.3–6); this role
 stores the moving averages they read. Each allocation returns its spread metrics with its counts,
 so the driver logs them on the step that trains those counts (in async mode the next allocation
-happens before this step's statistics come back).
+happens before this step's statistics come back). With `statistics.unseen_prompts: group` it also
+keeps the moving averages of each group of alike prompts (a difficulty level), folded in from the
+same batches, for the prompts it has never seen.
 """
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from actors.process import configure_process
 from rl_service.algorithms.gvm import (allocation_spread_metrics, gvm_allocation, online_gvm_allocation,
                                        uniform_allocation)
 from rl_service.config import StatisticsConfig
-from rl_service.statistics.prompt_stats import PromptStatistics
+from rl_service.statistics.prompt_stats import PromptStatistics, group_ids, group_mean, group_totals
+
+
+_GROUP = "group."   # checkpoint key prefix of the group statistics
 
 
 @ray.remote
@@ -23,16 +28,21 @@ class StatisticsActor:
         configure_process(1)
         self.config = config
         self.stats = PromptStatistics(ema_weight=config.ema_weight)
+        self.groups = PromptStatistics(ema_weight=config.ema_weight) if config.unseen_prompts == "group" else None
 
-    def allocate(self, prompt_ids: list[int], budget: int) -> tuple[list[int], dict[str, float]]:
-        """Samples per prompt for the next batch (§GVM.6 online policy, or uniform), and its spread."""
+    def allocate(self, prompt_ids: list[int], budget: int,
+                 groups: list[str | None] | None = None) -> tuple[list[int], dict[str, float]]:
+        """Samples per prompt for the next batch (§GVM.6 online policy, or uniform), and its spread.
+        `groups[i]` names the group of `prompt_ids[i]` (None: no group)."""
         config = self.config
         if config.allocation == "uniform":
             counts = np.asarray(uniform_allocation(len(prompt_ids), budget))
         else:
+            group = (None if self.groups is None or groups is None else
+                     self.groups.grouped_allocation_inputs(group_ids(groups), config.laplace_smoothing))
             counts = online_gvm_allocation(**self.stats.allocation_inputs(prompt_ids, config.laplace_smoothing),
                                            budget=budget, alpha=config.alpha, beta=config.beta, n_min=config.n_min,
-                                           n_max=config.n_max, n_pilot=config.n_pilot)
+                                           n_max=config.n_max, n_pilot=config.n_pilot, group=group)
         return counts.tolist(), self._spread(prompt_ids, counts)
 
     def allocate_from_pilot(self, prompt_ids: list[int], acceptance: list[float], grad_norms: list[float],
@@ -60,16 +70,29 @@ class StatisticsActor:
         (`PromptStatistics.expected_count_acceptance`)."""
         return self.stats.expected_count_acceptance(prompt_ids).tolist()
 
-    def update_acceptance(self, prompt_ids: list[int], accepted: list[int], samples: list[int]) -> dict[str, float]:
+    def update_acceptance(self, prompt_ids: list[int], accepted: list[int], samples: list[int],
+                          groups: list[str | None] | None = None) -> dict[str, float]:
         """Fold in a step's accepted counts (`rl_service.algorithms.acceptance`); returns the summary."""
         self.stats.update_acceptance(np.asarray(prompt_ids), np.asarray(accepted), np.asarray(samples))
+        if self.groups is not None and groups is not None:   # a group's batch rate: its prompts' counts pooled
+            ids, group_accepted, group_samples = group_totals(group_ids(groups), accepted, samples)
+            self.groups.update_acceptance(ids, group_accepted, np.rint(group_samples).astype(np.int64))
         return self.stats.summary()
 
-    def update_grad_norms(self, prompt_ids: list[int], grad_norms: list[float]) -> int:
+    def update_grad_norms(self, prompt_ids: list[int], grad_norms: list[float],
+                          groups: list[str | None] | None = None) -> int:
+        if self.groups is not None and groups is not None:
+            self.groups.update_grad_norms(*group_mean(group_ids(groups), grad_norms))
         return self.stats.update_grad_norms(prompt_ids, grad_norms)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return self.stats.state_dict()
+        state = self.stats.state_dict()
+        if self.groups is not None:
+            state.update({f"{_GROUP}{key}": value for key, value in self.groups.state_dict().items()})
+        return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.stats.load_state_dict(state)
+        self.stats.load_state_dict({key: value for key, value in state.items() if not key.startswith(_GROUP)})
+        group_state = {key[len(_GROUP):]: value for key, value in state.items() if key.startswith(_GROUP)}
+        if self.groups is not None and group_state:
+            self.groups.load_state_dict(group_state)

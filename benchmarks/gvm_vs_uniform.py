@@ -17,7 +17,10 @@ filter):
 - gvm_offline: the paper's procedure (§GVM.5): pilot 8 per prompt of a 10-step chunk, joint budget;
 - gvm_step_pilot: each step pilots n_pilot per prompt, then spreads the rest by GVM (ours);
 - gvm_dynamic: GVM online allocation, then dynamic sampling;
-- gvm_dynamic_samples: the same, dynamic sampling filling a sample budget, not a group count (ours).
+- gvm_dynamic_samples: the same, dynamic sampling filling a sample budget, not a group count (ours);
+- gvm_online_groups, gvm_dynamic_samples_groups: gvm_online and gvm_dynamic_samples where a prompt never
+  seen takes its difficulty level's moving averages instead of a pilot (`statistics.unseen_prompts:
+  group`, ours); with a large `--num-train` no prompt is revisited and only these arms allocate.
 Every GVM arm uses the prompt-mean loss (algorithm.aggregation=prompt_mean; RAFT++ also
 drop_rejected): §GVM.2's per-prompt estimator, whose variance the allocation minimises.
 
@@ -80,13 +83,20 @@ ARMS = {
     "gvm_dynamic_samples": lambda algorithm: [*GVM, "statistics.mode=online", "statistics.ema_weight=0.3",
                                               "algorithm.dynamic_sampling=true",
                                               "algorithm.dynamic_sampling_target=samples", *PROMPT_MEAN[algorithm]],
+    # A prompt never seen takes its difficulty level's moving averages instead of a pilot (ours): GVM
+    # allocates from the second step on, even in a pool the run never revisits (--num-train large).
+    "gvm_online_groups": lambda algorithm: [*ARMS["gvm_online"](algorithm), "statistics.unseen_prompts=group"],
+    "gvm_dynamic_samples_groups": lambda algorithm: [*ARMS["gvm_dynamic_samples"](algorithm),
+                                                     "statistics.unseen_prompts=group"],
 }
 # Run order: the arms the issue's figures need first, every seed of them, then the rest; a benchmark
 # cut short by time still has whole arms.
 PRIORITY = [("grpo", "uniform"), ("grpo", "dynamic"), ("grpo", "gvm_dynamic_samples"), ("grpo", "gvm_online"),
             ("raft", "uniform"), ("raft", "uniform_prompt_mean"), ("raft", "gvm_online"),
             ("grpo", "gvm_offline"), ("raft", "gvm_offline"), ("grpo", "gvm_dynamic"), ("grpo", "uniform_prompt_mean"),
-            ("grpo", "gvm_step_pilot"), ("raft", "gvm_step_pilot")]
+            ("grpo", "gvm_step_pilot"), ("raft", "gvm_step_pilot"), ("grpo", "gvm_online_groups"),
+            ("grpo", "gvm_dynamic_samples_groups"), ("raft", "gvm_online_groups")]
+DYNAMIC_COMBINED = ("gvm_dynamic", "gvm_dynamic_samples", "gvm_dynamic_samples_groups")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -223,6 +233,7 @@ def summarise(runs: list[dict], target_gain: float) -> dict:
         result[f"paper_steps_ratio_{algorithm}"] = ratio("gvm_offline", "steps_to_target")
         result[f"{algorithm}_step_pilot_samples_ratio"] = ratio("gvm_step_pilot", "samples_to_target")
         result[f"{algorithm}_offline_samples_ratio"] = ratio("gvm_offline", "samples_to_target")
+        result[f"{algorithm}_groups_samples_ratio"] = ratio("gvm_online_groups", "samples_to_target")
     result |= versus_dynamic(runs)
     result["dynamic_sampling_samples_ratio"] = (result["grpo_dynamic"]["samples_to_target"]["mean"]
                                                 / result["grpo_uniform"]["samples_to_target"]["mean"]
@@ -242,7 +253,7 @@ def versus_dynamic(runs: list[dict]) -> dict:
         return [point[key] for point in run["curve"]]
 
     dynamic, result = arm_runs("dynamic"), {}
-    for arm in ("gvm_dynamic", "gvm_dynamic_samples"):
+    for arm in DYNAMIC_COMBINED:
         combined = arm_runs(arm)
         seeds = sorted(set(dynamic) & set(combined))
         if not seeds:
@@ -305,7 +316,7 @@ def print_table(result: dict) -> None:
               f"| {show(entry['at_equal_samples'])} | {show(entry['at_equal_samples_minus_uniform'], 100, 1)} pt "
               f"| {show(entry['samples_to_target'], 1, 0)} | {show(entry['steps_to_target'], 1, 1)} "
               f"| {entry['reached']}/{entry['seeds']} | {show(entry['zero_advantage_fraction'], 1, 2)} |")
-    for arm in ("gvm_dynamic", "gvm_dynamic_samples"):
+    for arm in DYNAMIC_COMBINED:
         versus = result.get(f"{arm}_vs_dynamic")
         if not versus:
             continue

@@ -31,24 +31,22 @@ def load_task(config: JobConfig) -> TaskData:
             config.seed, data.arithmetic.num_train, data.arithmetic.num_eval, data.arithmetic.levels)
 
         def to_record(problem):
-            return PromptRecord(problem.prompt_id, problem.question, problem.answer)
+            return PromptRecord(problem.prompt_id, problem.question, problem.answer, group=f"level_{problem.level}")
 
         train = [to_record(problem) for problem in train_problems]
         evaluation = [to_record(problem) for problem in eval_problems]
-        groups = {problem.prompt_id: f"level_{problem.level}" for problem in eval_problems}
         default_verifier = "integer"
     elif data.source == "hf":
         from rl_service.data.hf_datasets import load_hf_split
 
         train = load_hf_split(data.hf, data.hf.train_split, "data.hf.train_split")
         evaluation = load_hf_split(data.hf, data.hf.eval_split, "data.hf.eval_split") if data.hf.eval_split else []
-        groups = {}
         default_verifier = "math"
     else:
-        train = load_prompt_file(data.train_path)
-        evaluation = load_prompt_file(data.eval_path) if data.eval_path else []
-        groups = {}
+        train = load_prompt_file(data.train_path, data.group_field)
+        evaluation = load_prompt_file(data.eval_path, data.group_field) if data.eval_path else []
         default_verifier = "math"
+    groups = {record.prompt_id: record.group for record in evaluation if record.group is not None}
     if data.eval_limit is not None:
         evaluation = evaluation[:data.eval_limit]
     verifier = default_verifier if config.reward.verifier == "auto" else config.reward.verifier

@@ -77,6 +77,36 @@ def test_step_pilot_spends_the_budget_after_its_own_pilot(tmp_path):
     assert summary["completions"] == 3 * 24
 
 
+def test_online_gvm_allocates_prompts_never_seen_from_their_groups_statistics(tmp_path):
+    # 64 prompts, 4 a step: no prompt comes back within the run, so per-prompt GVM would pilot every prompt
+    # (uniform); with group statistics a new prompt of a level already seen is allocated like a seen one.
+    from rl_service.algorithms.gvm import online_gvm_allocation
+    from rl_service.config import load_config
+    from rl_service.statistics.prompt_stats import PromptStatistics, group_ids
+    from rl_service.tasks import load_task
+    from conftest import REPO, short_run_overrides
+
+    extra = ["algorithm.name=grpo", "statistics.allocation=gvm", "statistics.unseen_prompts=group",
+             "statistics.n_pilot=2", "statistics.n_min=1"]
+    run_short_job(tmp_path, extra, steps=3)
+    ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert len({prompt for entry in ledger for prompt in entry["prompt_ids"]}) == 12   # never revisited
+    # Step 3's allocation, recomputed from the step-2 checkpoint (prompt and group stores) and the task.
+    state = load_file(str(tmp_path / "checkpoints" / "step_2" / "statistics.safetensors"))
+    prompts, groups = PromptStatistics(), PromptStatistics()
+    prompts.load_state_dict({key: value for key, value in state.items() if not key.startswith("group.")})
+    groups.load_state_dict({key[len("group."):]: value for key, value in state.items() if key.startswith("group.")})
+    task = load_task(load_config(REPO / "configs" / "quickstart.yaml", short_run_overrides(3) + extra))
+    group_of = {record.prompt_id: record.group for record in task.train}
+    step_3 = ledger[2]["prompt_ids"]
+    group = groups.grouped_allocation_inputs(group_ids([group_of[prompt] for prompt in step_3]), laplace=False)
+    assert group["seen"].any() and not prompts.allocation_inputs(step_3, laplace=False)["seen"].any()
+    counts = online_gvm_allocation(**prompts.allocation_inputs(step_3, laplace=False), budget=16, n_min=1,
+                                   n_pilot=2, group=group)
+    assert ledger[2]["samples"] == counts.tolist()
+    assert sum(ledger[2]["samples"]) == 16
+
+
 def dynamic_sampling_steps(tmp_path, extra: list[str], steps: int) -> list[tuple[dict, dict, int]]:
     """Run a dynamic-sampling job (4 prompts × 4 samples a round, at most 3 rounds) and check what
     holds for either target: every round's samples are generated and counted. Returns each step's

@@ -87,6 +87,28 @@ def test_local_data_file_directory(tmp_path):
     assert [(r.prompt, r.answer) for r in task.eval] == [("What is 1 + 6?", "7")]
 
 
+def test_group_column_names_each_prompts_group_for_eval_and_gvm(tmp_path):
+    import datasets
+
+    from rl_service.tasks import load_task
+
+    directory = tmp_path / "levels"
+    directory.mkdir()
+    for split, rows in (("train", [("What is 2 + 2?", 4, "Level 1"), ("What is 13 * 7?", 91, "Level 3")]),
+                        ("test", [("What is 1 + 6?", 7, "Level 1")])):
+        datasets.Dataset.from_dict({"prompt": [q for q, _, _ in rows], "answer": [a for _, a, _ in rows],
+                                    "level": [g for _, _, g in rows]}).to_parquet(str(directory / f"{split}.parquet"))
+    extra = [f"data.hf.path={directory}", "data.hf.eval_split=test", "statistics.allocation=gvm",
+             "statistics.unseen_prompts=group"]
+    with pytest.raises(Exception, match="set data.hf.group_column"):
+        _config(extra)
+    task = load_task(_config([*extra, "data.hf.group_column=level"]))
+    assert [r.group for r in task.train] == ["Level 1", "Level 3"]
+    assert task.eval_groups == {0: "Level 1"}   # eval accuracy is reported per group
+    with pytest.raises(DataError, match=r"no column 'difficulty' \(data.hf.group_column\)"):
+        load_task(_config([f"data.hf.path={directory}", "data.hf.group_column=difficulty"]))
+
+
 def test_errors_name_the_dataset_split_and_row(tmp_path, saved_dict):
     import datasets
 

@@ -220,16 +220,33 @@ def gvm_allocation(acceptance_rate, grad_norm, budget: int, alpha: float = 1e-3,
     return round_preserving_sum(n_star, budget, lower=n_min, upper=n_max)
 
 
+def _statistics_arrays(seen, acceptance_rate, grad_norm, has_grad_norm):
+    seen = np.asarray(seen, dtype=bool)
+    p = _finite_vector("acceptance_rate", acceptance_rate)
+    g = np.asarray(grad_norm, dtype=np.float64)
+    has_g = np.asarray(has_grad_norm, dtype=bool)
+    if not (seen.shape == p.shape == g.shape == has_g.shape) or seen.ndim != 1:
+        raise ValueError(f"seen, acceptance_rate, grad_norm and has_grad_norm must be 1-D and of one shape: "
+                         f"{seen.shape}, {p.shape}, {g.shape}, {has_g.shape}")
+    return seen, p, g, has_g
+
+
 def online_gvm_allocation(seen, acceptance_rate, grad_norm, has_grad_norm, budget: int, *, alpha: float = 1e-3,
-                          beta: float = 2.0, n_min: int = 1, n_max: int | None = None, n_pilot: int = 4) -> np.ndarray:
+                          beta: float = 2.0, n_min: int = 1, n_max: int | None = None, n_pilot: int = 4,
+                          group: dict | None = None) -> np.ndarray:
     """The online GVM policy, ALGORITHMS.md §GVM.6 (ours): counts ``n_i`` with ``Σ n_i = budget``.
 
     Args (all [B], one entry per prompt of the batch):
         seen: whether the prompt has statistics (was sampled before).
         acceptance_rate: its p̃ (EMA, or the Laplace-smoothed counts when that option is on).
         grad_norm, has_grad_norm: its G̃ and whether it has one (an accepted sample with a finite norm).
+        group: optional statistics of each prompt's group (prompts that are alike, e.g. one difficulty
+            level), the same four keys; a prompt never seen whose group was seen takes its group's
+            p̃ and G̃ instead of a pilot (ours: with a pool larger than steps × prompts a step, no
+            prompt is seen twice and the per-prompt policy would be uniform allocation).
 
     Rules, in order:
+    - a prompt never seen whose group was seen counts as seen, with its group's statistics;
     - a prompt never seen gets a pilot of ``n_pilot``; if the budget cannot pilot every new prompt,
       it pilots as many as fit, spread uniformly in batch order, and the seen prompts get nothing;
     - a batch with no seen prompt is spread uniformly;
@@ -239,13 +256,15 @@ def online_gvm_allocation(seen, acceptance_rate, grad_norm, has_grad_norm, budge
       ``n_min`` (lowered to what the rest can give each) and ``n_max`` (dropped when it cannot hold
       the rest).
     """
-    seen = np.asarray(seen, dtype=bool)
-    p = _finite_vector("acceptance_rate", acceptance_rate)
-    g = np.asarray(grad_norm, dtype=np.float64)
-    has_g = np.asarray(has_grad_norm, dtype=bool)
-    if not (seen.shape == p.shape == g.shape == has_g.shape) or seen.ndim != 1:
-        raise ValueError(f"seen, acceptance_rate, grad_norm and has_grad_norm must be 1-D and of one shape: "
-                         f"{seen.shape}, {p.shape}, {g.shape}, {has_g.shape}")
+    seen, p, g, has_g = _statistics_arrays(seen, acceptance_rate, grad_norm, has_grad_norm)
+    if group is not None:
+        group_seen, group_p, group_g, group_has_g = _statistics_arrays(**group)
+        if group_seen.shape != seen.shape:
+            raise ValueError(f"group statistics cover {group_seen.size} prompts, the batch has {seen.size}")
+        borrow = ~seen & group_seen
+        seen = seen | borrow
+        p, g, has_g = (np.where(borrow, group_p, p), np.where(borrow, group_g, g),
+                       np.where(borrow, group_has_g, has_g))
     if seen.size == 0:
         raise ValueError("allocation needs at least one prompt")
     budget = _count("budget", budget)

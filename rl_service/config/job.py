@@ -65,6 +65,17 @@ class JobConfig(_Section):
                              "greedily (reasoning on and off)")
         return self
 
+    def _check_groups_exist(self) -> None:
+        statistics, data = self.statistics, self.data
+        if statistics.mode != "online":
+            raise ValueError(f"statistics.unseen_prompts 'group' applies to statistics.mode 'online' (the pilots of "
+                             f"'{statistics.mode}' measure every prompt)")
+        named = {"arithmetic": "level", "jsonl": data.group_field,
+                 "hf": data.hf.group_column if data.hf is not None else None}[data.source]
+        if named is None:
+            field = "data.group_field" if data.source == "jsonl" else "data.hf.group_column"
+            raise ValueError(f"statistics.unseen_prompts 'group' needs each prompt's group: set {field}")
+
     @model_validator(mode="after")
     def _acceptance_is_defined(self) -> "JobConfig":
         """GVM, the pilots and RAFT++ train on "accepted" samples; a custom reward has no "correct"."""
@@ -143,6 +154,8 @@ class JobConfig(_Section):
             if statistics.n_max is not None and statistics.n_max < per_prompt:
                 raise ValueError(f"statistics.n_max ({statistics.n_max}) is below generator.samples_per_prompt "
                                  f"({per_prompt}): the budget cannot be spent")
+            if statistics.unseen_prompts == "group":
+                self._check_groups_exist()
             if statistics.mode == "online" and statistics.n_pilot > per_prompt:
                 raise ValueError(f"statistics.n_pilot ({statistics.n_pilot}) exceeds generator.samples_per_prompt "
                                  f"({per_prompt}): a batch of unseen prompts would overspend the budget")

@@ -41,6 +41,9 @@ class HFDataConfig(_Section):
     answer_column: str = Field("answer", min_length=1, description="column with the gold answer (string or number)")
     id_column: str | None = Field(None, min_length=1, description="column with a stable integer prompt id; none: "
                                                                   "the row index")
+    group_column: str | None = Field(None, min_length=1, description="column naming each prompt's group of alike "
+                                                                     "prompts (a difficulty level): eval accuracy per "
+                                                                     "group, statistics.unseen_prompts 'group'")
 
 
 class DataConfig(_Section):
@@ -49,6 +52,9 @@ class DataConfig(_Section):
                                   "dataset (data.hf)")
     train_path: str | None = Field(None, description="JSONL/JSON file with `prompt` and `answer` per record (source=jsonl)")
     eval_path: str | None = Field(None, description="held-out JSONL file (source=jsonl); none: no eval")
+    group_field: str | None = Field(None, min_length=1, description="source=jsonl: field naming each prompt's group of "
+                                                                   "alike prompts (a difficulty level): eval accuracy "
+                                                                   "per group, statistics.unseen_prompts 'group'")
     arithmetic: ArithmeticDataConfig = Field(default_factory=ArithmeticDataConfig)
     hf: HFDataConfig | None = Field(None, description="source=hf: {path, train_split, eval_split, prompt_column, "
                                                       "answer_column, id_column}")
@@ -168,6 +174,11 @@ class StatisticsConfig(_Section):
     n_min: int = Field(1, ge=0, le=4096, description="fewest samples a prompt gets in online mode (ours; keeps every prompt visible)")
     n_max: int | None = Field(None, ge=1, le=65_536, description="most samples a prompt gets; none = unbounded")
     n_pilot: int = Field(4, ge=1, le=4096, description="samples for a prompt never seen (online) / per prompt in the pilot (offline_pilot uses 8 in the paper)")
+    unseen_prompts: Literal["pilot", "group"] = Field(
+        "pilot", description="online GVM, a prompt never seen: a pilot of n_pilot samples (§GVM.6), or, once its group "
+                             "was seen, the moving averages of its group (prompts that are alike: the built-in task's "
+                             "difficulty level, or data.group_field / data.hf.group_column) (ours; a pool larger than "
+                             "steps × prompts_per_step is never revisited, and per-prompt GVM would be uniform)")
     laplace_smoothing: bool = Field(
         False, description="feed (a+1)/(m+2) of EMA-weighted counts to the allocator instead of the raw EMA (§GVM.6). "
                            "Off by default: it lifts never-solved prompts from weight 0 (§GVM.4) to the largest "

@@ -56,8 +56,9 @@ def load_hf_split(settings, split: str, split_field: str) -> list[PromptRecord]:
     where = f"{path} [{split}]"
     columns = list(dataset.column_names)
     for column, field in ((settings.prompt_column, "prompt_column"), (settings.answer_column, "answer_column"),
-                          (settings.id_column, "id_column")):
+                          (settings.id_column, "id_column"), (settings.group_column, "group_column")):
         if column is not None and column not in columns:
             raise DataError(f"{where}: no column '{column}' (data.hf.{field}); it has {', '.join(columns)}")
     rows = [(row, f"{where}: row {index}") for index, row in enumerate(dataset)]
-    return records_from_rows(rows, where, settings.prompt_column, settings.answer_column, settings.id_column)
+    return records_from_rows(rows, where, settings.prompt_column, settings.answer_column, settings.id_column,
+                             settings.group_column)

@@ -25,6 +25,7 @@ class PromptRecord:
     prompt: str          # the user message (of a chat: its last one, for reward models and messages)
     answer: str
     messages: tuple[tuple[str, str], ...] | None = None   # a chat prompt: (role, content) in order
+    group: str | None = None   # its group of alike prompts (a difficulty level), if the data names one
 
 
 _ROLES = ("system", "user", "assistant")
@@ -53,7 +54,7 @@ _MAX_PROMPT_ID = 2**40  # statistics arrays are indexed by id; keep them address
 
 
 def _record_from_row(row: object, where: str, index: int, prompt_field: str = "prompt", answer_field: str = "answer",
-                     id_field: str | None = "id") -> PromptRecord:
+                     id_field: str | None = "id", group_field: str | None = None) -> PromptRecord:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with '{prompt_field}' and '{answer_field}', got {type(row).__name__}")
     for field in (prompt_field, answer_field):
@@ -81,7 +82,14 @@ def _record_from_row(row: object, where: str, index: int, prompt_field: str = "p
     prompt_id = row.get(id_field, index) if id_field is not None else index
     if isinstance(prompt_id, bool) or not isinstance(prompt_id, int) or not 0 <= prompt_id < _MAX_PROMPT_ID:
         raise DataError(f"{where}: field '{id_field}' must be an integer in [0, 2**40)")
-    return PromptRecord(prompt_id=prompt_id, prompt=prompt, answer=str(answer).strip(), messages=messages)
+    group = None
+    if group_field is not None:
+        group = row.get(group_field)
+        if isinstance(group, bool) or not isinstance(group, (str, int)) or str(group).strip() == "":
+            raise DataError(f"{where}: field '{group_field}' (the prompt's group) must be a non-empty string or an "
+                            f"integer, got {group!r}")
+        group = str(group).strip()
+    return PromptRecord(prompt_id=prompt_id, prompt=prompt, answer=str(answer).strip(), messages=messages, group=group)
 
 
 def _decode_utf8(data: bytes, where: str, first_line: int = 1) -> str:
@@ -155,8 +163,9 @@ def _quiet_datasets():
             datasets_logging.enable_progress_bar()
 
 
-def load_prompt_file(path: str | Path) -> list[PromptRecord]:
-    """Read prompts with answers from a .jsonl/.json/.csv/.parquet file; errors name file and line."""
+def load_prompt_file(path: str | Path, group_field: str | None = None) -> list[PromptRecord]:
+    """Read prompts with answers (and, with `group_field`, each one's group) from a .jsonl/.json/.csv/.parquet
+    file; errors name file and line."""
     file = Path(path)
     if file.is_dir():
         raise DataError(f"{file}: is a directory, not a dataset file")
@@ -168,13 +177,14 @@ def load_prompt_file(path: str | Path) -> list[PromptRecord]:
         rows = _read_table_rows(file)
     else:
         raise DataError(f"{file}: unsupported dataset format '{file.suffix}' (use .jsonl, .json, .csv or .parquet)")
-    return records_from_rows(rows, str(file))
+    return records_from_rows(rows, str(file), group_field=group_field)
 
 
 def records_from_rows(rows: list[tuple[object, str]], source: str, prompt_field: str = "prompt",
-                      answer_field: str = "answer", id_field: str | None = "id") -> list[PromptRecord]:
+                      answer_field: str = "answer", id_field: str | None = "id",
+                      group_field: str | None = None) -> list[PromptRecord]:
     """Prompt records of (row, where) pairs; every error names its row; ids must be unique."""
-    records = [_record_from_row(row, where, index, prompt_field, answer_field, id_field)
+    records = [_record_from_row(row, where, index, prompt_field, answer_field, id_field, group_field)
                for index, (row, where) in enumerate(rows)]
     if not records:
         raise DataError(f"{source}: no records")

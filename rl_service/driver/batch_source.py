@@ -42,6 +42,11 @@ def per_prompt_mean(values: list[float], request_index: np.ndarray, num_prompts:
     return means
 
 
+def groups_of(config: JobConfig, records) -> list[str | None] | None:
+    """Each record's group for the statistics role, when it keeps group statistics (else None)."""
+    return [record.group for record in records] if config.statistics.unseen_prompts == "group" else None
+
+
 class OnlineBatches:
     step_pilot = False
 
@@ -55,7 +60,8 @@ class OnlineBatches:
         records = [self.task.train[index] for index in self.sampler.next_batch()]
         budget = len(records) * self.config.generator.samples_per_prompt
         with timer.phase("statistics"):
-            counts, spread = ray.get(self.roles.statistics.allocate.remote([r.prompt_id for r in records], budget))
+            counts, spread = ray.get(self.roles.statistics.allocate.remote(
+                [r.prompt_id for r in records], budget, groups_of(self.config, records)))
         return records, counts, spread
 
     def pop_pilot_completions(self) -> int:

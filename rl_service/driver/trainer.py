@@ -31,7 +31,7 @@ import numpy as np
 from rl_service.config import JobConfig
 from rl_service.data.sampler import PromptSampler
 from rl_service.algorithms.acceptance import acceptance_threshold, accepted
-from rl_service.driver.batch_source import make_batch_source, per_prompt_mean
+from rl_service.driver.batch_source import groups_of, make_batch_source, per_prompt_mean
 from rl_service.models.loading import load_tokenizer
 from rl_service.driver.evaluation import accuracy_by_group
 from rl_service.driver.step_loop import LoopResult, loop_outcome
@@ -147,13 +147,14 @@ class Trainer(TrainerBase):
         is_accepted = accepted(np.asarray(scored["rewards"], dtype=np.float64), self.accept_threshold)
         # Dynamic sampling may draw a prompt twice in one step: the statistics see it once.
         prompt_ids = [record.prompt_id for record in records]
-        unique_ids, record_slot = np.unique(prompt_ids, return_inverse=True)
+        unique_ids, first_record, record_slot = np.unique(prompt_ids, return_index=True, return_inverse=True)
+        groups = groups_of(self.config, [records[index] for index in first_record])
         sample_slot = record_slot[np.asarray(scored["request_index"], dtype=np.int64)]
         with timer.phase("statistics"):
             estimates = self.acceptance_estimates(unique_ids, record_slot)   # before this step folds in
             statistics = ray.get(self.roles.statistics.update_acceptance.remote(
                 unique_ids.tolist(), np.bincount(sample_slot, weights=is_accepted, minlength=len(unique_ids)).tolist(),
-                np.bincount(sample_slot, minlength=len(unique_ids)).tolist()))
+                np.bincount(sample_slot, minlength=len(unique_ids)).tolist(), groups))
         with timer.phase("train"):
             train_metrics, sample_grad_norms = ray.get(self.roles.learner.train_step.remote(
                 shard_refs, scored["rewards"], self.batches.wants_grad_norms, mask, estimates))
@@ -161,7 +162,7 @@ class Trainer(TrainerBase):
             with timer.phase("statistics"):
                 per_prompt = per_prompt_mean(sample_grad_norms, sample_slot, len(unique_ids))
                 train_metrics["nonfinite_grad_norms_dropped"] = float(ray.get(
-                    self.roles.statistics.update_grad_norms.remote(unique_ids.tolist(), per_prompt.tolist())))
+                    self.roles.statistics.update_grad_norms.remote(unique_ids.tolist(), per_prompt.tolist(), groups)))
         with timer.phase("publish"):
             versions, sync_metrics = self.weight_sync.publish(self.weight_version + 1)
         self.weight_version = min(versions)

@@ -14,16 +14,20 @@ Tracked per prompt (ALGORITHMS.md §GVM.6, the online variant):
 - visit and sample counts.
 
 "Accepted" is the one definition of `rl_service.algorithms.acceptance`; the caller counts it.
+The same class keyed by group id holds the statistics of groups of alike prompts (a difficulty
+level): `group_ids` names them, `group_totals` / `group_mean` fold a batch's prompts into them.
 The allocation policy itself is `rl_service.algorithms.gvm.online_gvm_allocation`: this class only
 stores and hands over the moving averages.
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from rl_service.algorithms.gvm import laplace_smoothed_acceptance, uniform_allocation
 
-__all__ = ["PromptStatistics", "uniform_allocation"]
+__all__ = ["PromptStatistics", "group_ids", "group_mean", "group_totals", "uniform_allocation"]
 
 _ARRAYS = {
     "acceptance_rate_ema": np.float32,
@@ -34,6 +38,35 @@ _ARRAYS = {
     "visit_count": np.int64,         # batches in which the prompt was sampled
     "sample_count": np.int64,        # completions generated for the prompt
 }
+
+
+def group_ids(names) -> np.ndarray:
+    """A stable id in [0, 2**40) for each group name (the first 5 bytes of its SHA-256), −1 for None.
+
+    A hash, not a table: the ids survive a restart with no mapping to checkpoint, and two of a few
+    thousand names collide with probability ~1e-5."""
+    return np.asarray([-1 if name is None else
+                       int.from_bytes(hashlib.sha256(str(name).encode("utf-8")).digest()[:5], "big")
+                       for name in names], dtype=np.int64)
+
+
+def group_totals(ids: np.ndarray, *columns) -> tuple[np.ndarray, ...]:
+    """The distinct group ids ≥ 0 of a batch and each column summed over the group's prompts."""
+    ids = np.asarray(ids, dtype=np.int64)
+    known = ids >= 0
+    unique, inverse = np.unique(ids[known], return_inverse=True)
+    return (unique, *(np.bincount(inverse, weights=np.asarray(column, dtype=np.float64)[known], minlength=unique.size)
+                      for column in columns))
+
+
+def group_mean(ids: np.ndarray, values) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct group ids ≥ 0 and the mean of each group's finite values (NaN for a group with none)."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    unique, sums, counts = group_totals(ids, np.where(finite, values, 0.0), finite)
+    means = np.full(unique.size, np.nan)
+    np.divide(sums, counts, out=means, where=counts > 0)
+    return unique, means
 
 
 def _ema(previous: np.ndarray, observed: np.ndarray, first: np.ndarray, weight: float) -> np.ndarray:
@@ -182,6 +215,19 @@ class PromptStatistics:
                 "acceptance_rate": self.acceptance_for_allocation(prompt_ids, laplace),
                 "grad_norm": self.get("grad_norm_ema", prompt_ids).astype(np.float64),
                 "has_grad_norm": self.get("grad_norm_count", prompt_ids) > 0}
+
+    def grouped_allocation_inputs(self, ids, laplace: bool) -> dict[str, np.ndarray]:
+        """`allocation_inputs` of each prompt's group, for a store keyed by group id: ids may repeat
+        (prompts of one group), and −1 (no group) reads as never seen."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        inputs = {"seen": np.zeros(ids.size, dtype=bool), "acceptance_rate": np.zeros(ids.size),
+                  "grad_norm": np.zeros(ids.size), "has_grad_norm": np.zeros(ids.size, dtype=bool)}
+        known = ids >= 0
+        if known.any():
+            unique, inverse = np.unique(ids[known], return_inverse=True)
+            for key, values in self.allocation_inputs(unique, laplace).items():
+                inputs[key][known] = values[inverse]
+        return inputs
 
     def summary(self) -> dict[str, float]:
         visited = self.visit_count[:self.size] > 0
