@@ -16,7 +16,7 @@ from actors.process import configure_process
 from rl_service.algorithms.gvm import (allocation_spread_metrics, gvm_allocation, online_gvm_allocation,
                                        uniform_allocation)
 from rl_service.config import StatisticsConfig
-from rl_service.statistics.prompt_stats import PromptStatistics, group_ids, group_mean, group_totals
+from rl_service.statistics.prompt_stats import GroupStatistics, PromptStatistics
 
 
 _GROUP = "group."   # checkpoint key prefix of the group statistics
@@ -28,7 +28,7 @@ class StatisticsActor:
         configure_process(1)
         self.config = config
         self.stats = PromptStatistics(ema_weight=config.ema_weight)
-        self.groups = PromptStatistics(ema_weight=config.ema_weight) if config.unseen_prompts == "group" else None
+        self.groups = GroupStatistics(ema_weight=config.ema_weight) if config.unseen_prompts == "group" else None
 
     def allocate(self, prompt_ids: list[int], budget: int,
                  groups: list[str | None] | None = None) -> tuple[list[int], dict[str, float]]:
@@ -39,7 +39,7 @@ class StatisticsActor:
             counts = np.asarray(uniform_allocation(len(prompt_ids), budget))
         else:
             group = (None if self.groups is None or groups is None else
-                     self.groups.grouped_allocation_inputs(group_ids(groups), config.laplace_smoothing))
+                     self.groups.allocation_inputs_of_groups(groups, config.laplace_smoothing))
             counts = online_gvm_allocation(**self.stats.allocation_inputs(prompt_ids, config.laplace_smoothing),
                                            budget=budget, alpha=config.alpha, beta=config.beta, n_min=config.n_min,
                                            n_max=config.n_max, n_pilot=config.n_pilot, group=group)
@@ -74,15 +74,14 @@ class StatisticsActor:
                           groups: list[str | None] | None = None) -> dict[str, float]:
         """Fold in a step's accepted counts (`rl_service.algorithms.acceptance`); returns the summary."""
         self.stats.update_acceptance(np.asarray(prompt_ids), np.asarray(accepted), np.asarray(samples))
-        if self.groups is not None and groups is not None:   # a group's batch rate: its prompts' counts pooled
-            ids, group_accepted, group_samples = group_totals(group_ids(groups), accepted, samples)
-            self.groups.update_acceptance(ids, group_accepted, np.rint(group_samples).astype(np.int64))
+        if self.groups is not None and groups is not None:
+            self.groups.update_acceptance_of_groups(groups, accepted, samples)
         return self.stats.summary()
 
     def update_grad_norms(self, prompt_ids: list[int], grad_norms: list[float],
                           groups: list[str | None] | None = None) -> int:
         if self.groups is not None and groups is not None:
-            self.groups.update_grad_norms(*group_mean(group_ids(groups), grad_norms))
+            self.groups.update_grad_norms_of_groups(groups, grad_norms)
         return self.stats.update_grad_norms(prompt_ids, grad_norms)
 
     def state_dict(self) -> dict[str, np.ndarray]:

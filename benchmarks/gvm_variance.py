@@ -11,7 +11,9 @@ not committed). A fixed batch of B held-out prompts (levels 1-5) and a fixed bud
 Real draws (the measurement the issue asks for): R independent draws under (i) uniform allocation,
 (ii) GVM on a fresh pilot of 8 samples per prompt each draw (§GVM.5's statistics: p̂, Ĝ = the §GVM.1
 embedding-gradient norm, as the learner computes it), (iii) GVM from the online moving averages
-(§GVM.6, `PromptStatistics` + the online policy) fed by every earlier draw of the same prompts.
+(§GVM.6, `PromptStatistics` + the online policy) fed by every earlier draw of the same prompts, (iv) GVM
+for prompts never seen from their difficulty level's moving averages (`statistics.unseen_prompts: group`,
+`GroupStatistics`), fed the same way.
 Generation: the project's torch engine, in process, at the training temperature. Gradient: the
 learner's own `train_step` (one rank, ZeRO 0) with only `engine.step` replaced by a copy of the
 gradient, for GRPO and for RAFT++ on the same samples, with the loss the shipped GVM configs train with
@@ -48,8 +50,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import machine  # noqa: E402
 from benchmarks.gvm_variance_math import (ESTIMATORS, bootstrap_ratio_interval, estimator_coefficients,  # noqa: E402
                                           gram_covariance_trace, gram_mean_sq_norm, gvm2_objective)
-from benchmarks.gvm_variance_pool import (OnlineAllocator, build_pool, mean_shift, pilot_allocation,  # noqa: E402
-                                          simulate)
+from benchmarks.gvm_variance_pool import (GroupAllocator, OnlineAllocator, build_pool, mean_shift,  # noqa: E402
+                                          pilot_allocation, simulate)
 from benchmarks.gvm_variance_probe import LOSSES, FrozenPolicy, job_config, subset  # noqa: E402
 from rl_service.algorithms.gvm import gvm_allocation, uniform_allocation  # noqa: E402
 from rl_service.config import load_config  # noqa: E402
@@ -59,7 +61,8 @@ from rl_service.rollout import SamplingParams  # noqa: E402
 from rl_service.tasks import PromptTokenizer, load_task  # noqa: E402
 
 SNAPSHOT_DIR = REPO / "benchmarks" / "results" / "gvm_variance_snapshot"
-REAL_ARMS = ("uniform", "gvm_pilot", "gvm_online")
+REAL_ARMS = ("uniform", "gvm_pilot", "gvm_online", "gvm_group")
+ARM_SUFFIX = {"gvm_pilot": "", "gvm_online": "_online", "gvm_group": "_group"}   # of the JSON keys
 # RAFT++ with accepted_normaliser 'expected' (§GVM.2's estimator) divides by n_i·p̄_i: uniform and GVM
 # use the same p̄ (the pilot's, or the online averages'), so the two estimate the same gradient.
 EXPECTED_ARMS = {"raft_expected_pilot": ("uniform", "gvm_pilot"), "raft_expected_online": ("uniform", "gvm_online")}
@@ -126,9 +129,11 @@ def real_draws(policy: FrozenPolicy, settings, args, seed: int) -> dict:
     zero = {key: [] for key in grads}
     allocations = {arm: [] for arm in REAL_ARMS}
     online = OnlineAllocator(settings, policy.prompt_ids, budget)
+    by_group = GroupAllocator(settings, policy.prompt_ids, policy.groups, budget)
     for warm in range(args.warmup):   # the moving averages start from earlier draws (not measured)
         result = policy.draw(online.allocate(), seed + 7 * warm + 5)
         online.observe(*policy.prompt_statistics(result))
+        by_group.observe(*policy.prompt_statistics(result))
     for r in range(draws):
         # This draw's statistics, fixed before any of its arms samples: the pilot (gvm_pilot's seed) and
         # the online averages (updated after gvm_online's draw).
@@ -142,6 +147,8 @@ def real_draws(policy: FrozenPolicy, settings, args, seed: int) -> dict:
                 counts = uniform_allocation(prompts, budget)
             elif arm == "gvm_pilot":
                 counts = pilot_allocation(*pilot_stats, budget, settings)
+            elif arm == "gvm_group":
+                counts = by_group.allocate()
             else:
                 counts = online.allocate()
             result = policy.draw(counts, base)
@@ -154,8 +161,8 @@ def real_draws(policy: FrozenPolicy, settings, args, seed: int) -> dict:
                 grads[arm, alg][r] = gradient.numpy()
                 zero[arm, alg].append(metrics["zero_variance_sample_fraction"] if alg == "grpo"
                                       else float((result.rewards != 1).mean()))
-            if arm == "gvm_online":
-                online.observe(*policy.prompt_statistics(result))
+            if arm in ("gvm_online", "gvm_group"):
+                (online if arm == "gvm_online" else by_group).observe(*policy.prompt_statistics(result))
             if r == 0:
                 print(f"  one draw, {arm}: {time.perf_counter() - started:.2f} s (counts {list(map(int, counts))})", flush=True)
         if (r + 1) % 8 == 0:
@@ -174,7 +181,7 @@ def summarise_real(real: dict, draws: int) -> dict:
             continue
         uniform = real["uniform", alg]
         u_trace, u_mean_sq = gram_covariance_trace(uniform["gram"]), gram_mean_sq_norm(uniform["gram"])
-        for arm in arms:
+        for arm in (arm for arm in arms if (arm, alg) in real):
             entry = real[arm, alg]
             trace, mean_sq = gram_covariance_trace(entry["gram"]), gram_mean_sq_norm(entry["gram"])
             low, high = bootstrap_ratio_interval(entry["gram"], uniform["gram"], reps=1000, statistic=gram_covariance_trace)
@@ -379,15 +386,16 @@ def final_output(results: dict, run_settings: dict, wall: float) -> dict:
         by = {name: r["real"].get(f"{arm}/{alg}", {}).get("ratio_vs_uniform") if r["real"] else None
               for name, r in results.items()}
         values = [v for v in by.values() if v is not None]
-        key = prefix + ("" if arm == "gvm_pilot" else "_online")
+        key = prefix + ARM_SUFFIX[arm]
         output[key] = max(values) if values else None
         output[key + "_by_snapshot"] = by
 
     for alg in ("grpo", "raft"):
-        for arm in ("gvm_pilot", "gvm_online"):
+        for arm in ARM_SUFFIX:
             worst(f"gvm_grad_variance_ratio_{alg}", arm, alg)
-        output[f"zero_advantage_fraction_{alg}"] = {
-            name: {arm: r["real"][f"{arm}/{alg}"]["zero_advantage_fraction"] for arm in REAL_ARMS}
+        output[f"zero_advantage_fraction_{alg}"] = {   # runs saved before the group arm lack it
+            name: {arm: r["real"][f"{arm}/{alg}"]["zero_advantage_fraction"] for arm in REAL_ARMS
+                   if f"{arm}/{alg}" in r["real"]}
             for name, r in results.items() if r["real"]}
     # The same RAFT++ draws with §GVM.2's estimator (accepted_normaliser 'expected'): uniform and GVM
     # divided by the same p̄, so they estimate the same gradient.

@@ -16,8 +16,8 @@ import torch
 
 from benchmarks.gvm_variance_math import ESTIMATORS, coefficient_moments, estimator_coefficients
 from rl_service.algorithms.advantages import grpo_advantages
-from rl_service.algorithms.gvm import gvm_allocation
-from rl_service.statistics.prompt_stats import PromptStatistics
+from rl_service.algorithms.gvm import gvm_allocation, online_gvm_allocation
+from rl_service.statistics.prompt_stats import GroupStatistics, PromptStatistics
 
 
 def pilot_allocation(accepted, samples, grad_norm, budget: int, settings) -> np.ndarray:
@@ -55,6 +55,27 @@ class OnlineAllocator:
     def observe(self, accepted, samples, grad_norm) -> None:
         self.stats.update_acceptance(self.prompt_ids, accepted, samples)
         self.stats.update_grad_norms(self.prompt_ids, grad_norm)
+
+
+class GroupAllocator(OnlineAllocator):
+    """`statistics.unseen_prompts: group`: every prompt allocated as one never seen, from its group's
+    (difficulty level's) moving averages, the statistics role's `GroupStatistics` fed by every earlier
+    draw. A prompt's own earlier samples are in its group's averages, one prompt of B / levels."""
+
+    def __init__(self, settings, prompt_ids, groups, budget: int):
+        super().__init__(settings, prompt_ids, budget)
+        self.groups, self.stats = list(groups), GroupStatistics(settings.ema_weight)
+
+    def allocate(self) -> np.ndarray:
+        s = self.settings
+        never_seen = PromptStatistics().allocation_inputs(self.prompt_ids, s.laplace_smoothing)
+        return online_gvm_allocation(**never_seen, budget=self.budget, alpha=s.alpha, beta=s.beta, n_min=s.n_min,
+                                     n_max=s.n_max, n_pilot=s.n_pilot,
+                                     group=self.stats.allocation_inputs_of_groups(self.groups, s.laplace_smoothing))
+
+    def observe(self, accepted, samples, grad_norm) -> None:
+        self.stats.update_acceptance_of_groups(self.groups, accepted, samples)
+        self.stats.update_grad_norms_of_groups(self.groups, grad_norm)
 
 
 @dataclass

@@ -103,6 +103,7 @@ class FrozenPolicy:
         tokenize = PromptTokenizer(self.grpo.learner.tokenizer, config.model.thinking)
         self.prompt_tokens = [tokenize(record) for record in records]
         self.prompt_ids = [record.prompt_id for record in records]
+        self.groups = [record.group for record in records]   # difficulty levels (statistics.unseen_prompts: group)
         self.answers = [record.answer for record in records]
         self.verifier = "integer"
         self.num_prompts = len(records)

@@ -82,7 +82,7 @@ def test_online_gvm_allocates_prompts_never_seen_from_their_groups_statistics(tm
     # (uniform); with group statistics a new prompt of a level already seen is allocated like a seen one.
     from rl_service.algorithms.gvm import online_gvm_allocation
     from rl_service.config import load_config
-    from rl_service.statistics.prompt_stats import PromptStatistics, group_ids
+    from rl_service.statistics.prompt_stats import GroupStatistics, PromptStatistics
     from rl_service.tasks import load_task
     from conftest import REPO, short_run_overrides
 
@@ -93,13 +93,13 @@ def test_online_gvm_allocates_prompts_never_seen_from_their_groups_statistics(tm
     assert len({prompt for entry in ledger for prompt in entry["prompt_ids"]}) == 12   # never revisited
     # Step 3's allocation, recomputed from the step-2 checkpoint (prompt and group stores) and the task.
     state = load_file(str(tmp_path / "checkpoints" / "step_2" / "statistics.safetensors"))
-    prompts, groups = PromptStatistics(), PromptStatistics()
+    prompts, groups = PromptStatistics(), GroupStatistics()
     prompts.load_state_dict({key: value for key, value in state.items() if not key.startswith("group.")})
     groups.load_state_dict({key[len("group."):]: value for key, value in state.items() if key.startswith("group.")})
     task = load_task(load_config(REPO / "configs" / "quickstart.yaml", short_run_overrides(3) + extra))
     group_of = {record.prompt_id: record.group for record in task.train}
     step_3 = ledger[2]["prompt_ids"]
-    group = groups.grouped_allocation_inputs(group_ids([group_of[prompt] for prompt in step_3]), laplace=False)
+    group = groups.allocation_inputs_of_groups([group_of[prompt] for prompt in step_3], laplace=False)
     assert group["seen"].any() and not prompts.allocation_inputs(step_3, laplace=False)["seen"].any()
     counts = online_gvm_allocation(**prompts.allocation_inputs(step_3, laplace=False), budget=16, n_min=1,
                                    n_pilot=2, group=group)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rl_service.algorithms.gvm import gvm_allocation, online_gvm_allocation
-from rl_service.statistics.prompt_stats import PromptStatistics, group_ids, group_mean, group_totals
+from rl_service.statistics.prompt_stats import GroupStatistics, group_ids, group_mean, group_totals
 
 
 def _inputs(seen, p, g, has_g):
@@ -56,15 +56,19 @@ def test_group_totals_pool_counts_and_group_mean_skips_missing_norms():
     assert np.isnan(means).all()   # no finite norm in the group: nothing to fold in
 
 
-def test_group_store_reads_each_prompts_group_with_repeats_and_no_group():
-    store = PromptStatistics(ema_weight=0.5)
-    store.update_acceptance(np.array([11, 22]), np.array([3.0, 0.0]), np.array([12, 4]))
-    store.update_grad_norms(np.array([11]), np.array([2.5]))
-    inputs = store.grouped_allocation_inputs(np.array([22, 11, -1, 11, 99]), laplace=False)
+def test_group_store_pools_its_prompts_and_reads_each_prompts_group():
+    store = GroupStatistics(ema_weight=0.5)
+    # Two prompts of level 1 (3/8 and 1/4 accepted) and one of level 2: level 1's rate is 4/12.
+    store.update_acceptance_of_groups(["l1", "l2", "l1", None], [3, 0, 1, 5], [8, 4, 4, 8])
+    store.update_grad_norms_of_groups(["l1", "l2", "l1", None], [2.0, np.nan, 3.0, 9.0])
+    inputs = store.allocation_inputs_of_groups(["l2", "l1", None, "l1", "l3"], laplace=False)
     assert inputs["seen"].tolist() == [True, True, False, True, False]
-    assert inputs["acceptance_rate"].tolist() == [0.0, 0.25, 0.0, 0.25, 0.0]
+    assert inputs["acceptance_rate"] == pytest.approx([0.0, 1 / 3, 0.0, 1 / 3, 0.0])
     assert inputs["grad_norm"].tolist() == [0.0, 2.5, 0.0, 2.5, 0.0]
     assert inputs["has_grad_norm"].tolist() == [False, True, False, True, False]
+    # A second batch moves level 1 by the EMA rule: 0.5 · 1/3 + 0.5 · 1.
+    store.update_acceptance_of_groups(["l1"], [4], [4])
+    assert store.allocation_inputs_of_groups(["l1"], laplace=False)["acceptance_rate"] == pytest.approx([2 / 3])
 
 
 def test_unseen_prompts_group_is_refused_without_groups_or_outside_online_mode(tmp_path):

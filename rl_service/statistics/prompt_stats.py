@@ -14,8 +14,8 @@ Tracked per prompt (ALGORITHMS.md §GVM.6, the online variant):
 - visit and sample counts.
 
 "Accepted" is the one definition of `rl_service.algorithms.acceptance`; the caller counts it.
-The same class keyed by group id holds the statistics of groups of alike prompts (a difficulty
-level): `group_ids` names them, `group_totals` / `group_mean` fold a batch's prompts into them.
+`GroupStatistics`, the same arrays keyed by group id, holds the moving averages of groups of alike
+prompts (a difficulty level) for prompts never seen (`statistics.unseen_prompts: group`).
 The allocation policy itself is `rl_service.algorithms.gvm.online_gvm_allocation`: this class only
 stores and hands over the moving averages.
 """
@@ -27,7 +27,7 @@ import numpy as np
 
 from rl_service.algorithms.gvm import laplace_smoothed_acceptance, uniform_allocation
 
-__all__ = ["PromptStatistics", "group_ids", "group_mean", "group_totals", "uniform_allocation"]
+__all__ = ["GroupStatistics", "PromptStatistics", "group_ids", "group_mean", "group_totals", "uniform_allocation"]
 
 _ARRAYS = {
     "acceptance_rate_ema": np.float32,
@@ -216,19 +216,6 @@ class PromptStatistics:
                 "grad_norm": self.get("grad_norm_ema", prompt_ids).astype(np.float64),
                 "has_grad_norm": self.get("grad_norm_count", prompt_ids) > 0}
 
-    def grouped_allocation_inputs(self, ids, laplace: bool) -> dict[str, np.ndarray]:
-        """`allocation_inputs` of each prompt's group, for a store keyed by group id: ids may repeat
-        (prompts of one group), and −1 (no group) reads as never seen."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        inputs = {"seen": np.zeros(ids.size, dtype=bool), "acceptance_rate": np.zeros(ids.size),
-                  "grad_norm": np.zeros(ids.size), "has_grad_norm": np.zeros(ids.size, dtype=bool)}
-        known = ids >= 0
-        if known.any():
-            unique, inverse = np.unique(ids[known], return_inverse=True)
-            for key, values in self.allocation_inputs(unique, laplace).items():
-                inputs[key][known] = values[inverse]
-        return inputs
-
     def summary(self) -> dict[str, float]:
         visited = self.visit_count[:self.size] > 0
         rates = self.acceptance_rate_ema[:self.size][visited]
@@ -273,3 +260,28 @@ class PromptStatistics:
         for name in _ARRAYS:
             if name in state:
                 getattr(self, name)[slots] = state[name]
+
+
+class GroupStatistics(PromptStatistics):
+    """The moving averages of groups of alike prompts (a difficulty level), keyed by `group_ids`, fed
+    from the same batches as the prompts' own: a group's batch rate pools its prompts' counts, its G
+    is the mean of its prompts' finite G. Prompt-level methods take group names (None: no group)."""
+
+    def update_acceptance_of_groups(self, groups, accepted, samples) -> None:
+        ids, group_accepted, group_samples = group_totals(group_ids(groups), accepted, samples)
+        self.update_acceptance(ids, group_accepted, np.rint(group_samples).astype(np.int64))
+
+    def update_grad_norms_of_groups(self, groups, grad_norms) -> None:
+        self.update_grad_norms(*group_mean(group_ids(groups), grad_norms))
+
+    def allocation_inputs_of_groups(self, groups, laplace: bool) -> dict[str, np.ndarray]:
+        """`allocation_inputs` of each prompt's group; groups repeat, and a prompt with none reads as never seen."""
+        ids = group_ids(groups)
+        inputs = {"seen": np.zeros(ids.size, dtype=bool), "acceptance_rate": np.zeros(ids.size),
+                  "grad_norm": np.zeros(ids.size), "has_grad_norm": np.zeros(ids.size, dtype=bool)}
+        known = ids >= 0
+        if known.any():
+            unique, inverse = np.unique(ids[known], return_inverse=True)
+            for key, values in self.allocation_inputs(unique, laplace).items():
+                inputs[key][known] = values[inverse]
+        return inputs
