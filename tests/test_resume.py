@@ -44,12 +44,16 @@ def _kill_after_checkpoint(run_dir, step: int, timeout_s: float = 240, config_na
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [False, True], ids=["full_weights", "lora"])
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, lora):
+@pytest.mark.parametrize("case", ["full_weights", "lora", "gvm_groups"])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, case):
     from rl_service.cli import main
 
     # LoRA: the checkpoint holds the adapter (adapter/) and the optimizer state of the adapters only.
-    extra = EXTRA + (["learner.lora.rank=4", "learner.lr=1e-3"] if lora else [])
+    # GVM with group statistics: steps 3-5 allocate new prompts from the groups' averages in the checkpoint.
+    lora = case == "lora"
+    extra = EXTRA + {"full_weights": [], "lora": ["learner.lora.rank=4", "learner.lr=1e-3"],
+                     "gvm_groups": ["statistics.allocation=gvm", "statistics.unseen_prompts=group",
+                                    "statistics.n_pilot=2"]}[case]
     uninterrupted = tmp_path / "uninterrupted"
     run_short_job(uninterrupted, extra, steps=STEPS)
 
