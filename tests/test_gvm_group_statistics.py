@@ -84,6 +84,8 @@ def test_unseen_prompts_group_is_refused_without_groups_or_outside_online_mode(t
     load_config(None, [*base, "data.source=jsonl", f"data.train_path={train}", "data.group_field=level"])
     with pytest.raises(ConfigError, match="applies to statistics.mode 'online'"):
         load_config(None, [*base, "statistics.mode=step_pilot"])
+    with pytest.raises(ConfigError, match="applies to statistics.allocation 'gvm'"):
+        load_config(None, ["statistics.unseen_prompts=group"])
 
 
 def test_a_file_names_each_prompts_group_and_a_missing_group_names_its_line(tmp_path):

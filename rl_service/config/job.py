@@ -67,6 +67,9 @@ class JobConfig(_Section):
 
     def _check_groups_exist(self) -> None:
         statistics, data = self.statistics, self.data
+        if statistics.allocation != "gvm":
+            raise ValueError("statistics.unseen_prompts 'group' applies to statistics.allocation 'gvm' (uniform "
+                             "allocation reads no statistics)")
         if statistics.mode != "online":
             raise ValueError(f"statistics.unseen_prompts 'group' applies to statistics.mode 'online' (the pilots of "
                              f"'{statistics.mode}' measure every prompt)")
@@ -154,11 +157,11 @@ class JobConfig(_Section):
             if statistics.n_max is not None and statistics.n_max < per_prompt:
                 raise ValueError(f"statistics.n_max ({statistics.n_max}) is below generator.samples_per_prompt "
                                  f"({per_prompt}): the budget cannot be spent")
-            if statistics.unseen_prompts == "group":
-                self._check_groups_exist()
             if statistics.mode == "online" and statistics.n_pilot > per_prompt:
                 raise ValueError(f"statistics.n_pilot ({statistics.n_pilot}) exceeds generator.samples_per_prompt "
                                  f"({per_prompt}): a batch of unseen prompts would overspend the budget")
+        if statistics.unseen_prompts == "group":
+            self._check_groups_exist()
         if self.algorithm.divides_by_expected_count and statistics.mode != "online":
             # p̄ must not come from the samples it normalises: the moving averages of earlier visits do not.
             raise ValueError(f"algorithm.accepted_normaliser 'expected' reads p̄ from the statistics role's moving "
