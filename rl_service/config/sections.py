@@ -178,7 +178,9 @@ class StatisticsConfig(_Section):
         "pilot", description="online GVM, a prompt never seen: a pilot of n_pilot samples (§GVM.6), or, once its group "
                              "was seen, the moving averages of its group (prompts that are alike: the built-in task's "
                              "difficulty level, or data.group_field / data.hf.group_column) (ours; a pool larger than "
-                             "steps × prompts_per_step is never revisited, and per-prompt GVM would be uniform)")
+                             "steps × prompts_per_step is never revisited, and per-prompt GVM would be uniform). "
+                             "Measured on the built-in task it lost (GRPO −3.0 points: a level's mean p puts every "
+                             "prompt of the hardest level at GVM's peak weight; benchmarks/README.md)")
     laplace_smoothing: bool = Field(
         False, description="feed (a+1)/(m+2) of EMA-weighted counts to the allocator instead of the raw EMA (§GVM.6). "
                            "Off by default: it lifts never-solved prompts from weight 0 (§GVM.4) to the largest "
