@@ -57,7 +57,7 @@ class DataConfig(_Section):
                                                                    "per group, statistics.unseen_prompts 'group'")
     arithmetic: ArithmeticDataConfig = Field(default_factory=ArithmeticDataConfig)
     hf: HFDataConfig | None = Field(None, description="source=hf: {path, train_split, eval_split, prompt_column, "
-                                                      "answer_column, id_column}")
+                                                      "answer_column, id_column, group_column}")
     prompts_per_step: int = Field(16, ge=1, le=65_536, description="prompts in each training batch")
     eval_limit: int | None = Field(None, ge=1, description="evaluate on at most this many eval prompts")
     long_prompts: Literal["refuse", "truncate"] = Field(
