@@ -269,13 +269,14 @@ def versus_dynamic(runs: list[dict]) -> dict:
     return result
 
 
-# The runs of gvm_variance.py (--save) that hold every arm on current code, B = 64, four snapshots between
-# them. The first run's online expected-count arm used the raw moving average as p̄, which the statistics
+# The runs of gvm_variance.py (--save) on current code, B = 64, four snapshots between them (the group arm
+# only in the last, which repeats two snapshots of the first to the digit). The first run's online expected-count arm used the raw moving average as p̄, which the statistics
 # role no longer gives the learner (Laplace-smoothed counts since), so that one figure is superseded.
-VARIANCE_RUNS = ("gvm_variance_expected_count_2026-12-06.json", "gvm_variance_expected_count_laplace_threads1_2026-12-06.json")
+VARIANCE_RUNS = ("gvm_variance_expected_count_2026-12-06.json", "gvm_variance_expected_count_laplace_threads1_2026-12-06.json",
+                 "gvm_variance_groups_2026-12-07.json")
 SUPERSEDED = {"gvm_variance_expected_count_2026-12-06.json": {"gvm_grad_variance_ratio_raft_expected_online"}}
 VARIANCE_KEYS = [f"gvm_grad_variance_ratio_{algorithm}{mode}" for algorithm in ("grpo", "raft", "raft_expected")
-                 for mode in ("", "_online")]
+                 for mode in ("", "_online")] + ["gvm_grad_variance_ratio_grpo_group", "gvm_grad_variance_ratio_raft_group"]
 
 
 def variance_ratios(names: tuple[str, ...] = VARIANCE_RUNS) -> dict:
