@@ -131,9 +131,9 @@ def real_draws(policy: FrozenPolicy, settings, args, seed: int) -> dict:
     online = OnlineAllocator(settings, policy.prompt_ids, budget)
     by_group = GroupAllocator(settings, policy.prompt_ids, policy.groups, budget)
     for warm in range(args.warmup):   # the moving averages start from earlier draws (not measured)
-        result = policy.draw(online.allocate(), seed + 7 * warm + 5)
-        online.observe(*policy.prompt_statistics(result))
-        by_group.observe(*policy.prompt_statistics(result))
+        statistics = policy.prompt_statistics(policy.draw(online.allocate(), seed + 7 * warm + 5))
+        online.observe(*statistics)
+        by_group.observe(*statistics)
     for r in range(draws):
         # This draw's statistics, fixed before any of its arms samples: the pilot (gvm_pilot's seed) and
         # the online averages (updated after gvm_online's draw).
