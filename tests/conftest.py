@@ -145,15 +145,21 @@ def head():
         yield started
 
 
+class _HeadExited(RuntimeError):
+    pass
+
+
 @contextmanager
-def start_head(extra_args: tuple[str, ...] = (), env_changes: dict[str, str | None] | None = None):
+def start_head(extra_args: tuple[str, ...] = (), env_changes: dict[str, str | None] | None = None,
+               attempts: int = 3):
     """A token-auth `ray start --head --block` in its own temp dir, torn down by its process group
     (never `ray stop`, which stops every Ray of the user on the host); `extra_args` go to `ray start`,
-    `env_changes` to its environment (None: unset)."""
+    `env_changes` to its environment (None: unset). A head that exits while starting is retried on
+    fresh ports: on a shared machine a port picked free can be taken before Ray binds it (one clean-
+    clone CI run lost three tests to that). Its output is kept, so a head that never starts says why."""
     scratch = Path(tempfile.mkdtemp(prefix="rlsj", dir="/tmp"))   # short: Ray's socket paths have a length limit
     token_file = scratch / "token"
     token_file.write_text(secrets.token_hex(32))
-    dashboard_port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_USAGE_STATS_ENABLED": "0"}
@@ -163,29 +169,52 @@ def start_head(extra_args: tuple[str, ...] = (), env_changes: dict[str, str | No
             env.pop(name, None)
         else:
             env[name] = value
-    process = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-         f"--temp-dir={scratch / 'ray'}", "--num-cpus=4", "--disable-usage-stats",
-         # Fixed defaults (the agent's 52365, the client server's 10001) collide with any other
-         # head on this machine, whose agent would then never come up here: free ports for all.
-         *[f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                  "runtime-env-agent-port", "ray-client-server-port")
-           if not any(arg.startswith(f"--{name}=") for arg in extra_args)],
-         *extra_args],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard_port}"
+    process = None
     try:
-        _wait_for(address, token_file.read_text(), process)
+        for attempt in range(1, attempts + 1):
+            dashboard_port = _free_port()
+            log_path = scratch / f"ray-start-{attempt}.log"
+            with open(log_path, "wb") as log:
+                process = subprocess.Popen(
+                    [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                     f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                     "--include-dashboard=true", f"--temp-dir={scratch / f'ray{attempt}'}", "--num-cpus=4",
+                     "--disable-usage-stats",
+                     # Fixed defaults (the agent's 52365, the client server's 10001) collide with any other
+                     # head on this machine, whose agent would then never come up here: free ports for all.
+                     *[f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port",
+                                                              "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                                              "ray-client-server-port")
+                       if not any(arg.startswith(f"--{name}=") for arg in extra_args)],
+                     *extra_args],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            address = f"http://127.0.0.1:{dashboard_port}"
+            try:
+                _wait_for(address, token_file.read_text(), process)
+                break
+            except _HeadExited as exited:
+                _stop_group(process)
+                process = None
+                if attempt == attempts:
+                    tail = log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"{exited} on each of {attempts} tries; its last output:\n{tail}") from None
         client_env = {key: value for key, value in env.items() if key != "RAY_AUTH_TOKEN_PATH"}
         yield address, client_env, token_file
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        if process is not None:
+            _stop_group(process)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _stop_group(process) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:   # the group is already gone
+        return
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def _wait_for(address: str, token: str, process, timeout_s: float = 300.0) -> None:
@@ -193,7 +222,7 @@ def _wait_for(address: str, token: str, process, timeout_s: float = 300.0) -> No
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"ray start --head exited with {process.returncode}")
+            raise _HeadExited(f"ray start --head exited with {process.returncode}")
         request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
         try:
             with urllib.request.urlopen(request, timeout=5):
