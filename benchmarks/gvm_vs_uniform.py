@@ -20,7 +20,9 @@ filter):
 - gvm_dynamic_samples: the same, dynamic sampling filling a sample budget, not a group count (ours);
 - gvm_online_groups, gvm_dynamic_samples_groups: gvm_online and gvm_dynamic_samples where a prompt never
   seen takes its difficulty level's moving averages instead of a pilot (`statistics.unseen_prompts:
-  group`, ours); with a large `--num-train` no prompt is revisited and only these arms allocate.
+  group`, ours); with a large `--num-train` no prompt is revisited and only these arms allocate;
+- gvm_step_pilot_dynamic_samples: the step pilot inside dynamic sampling by samples (GRPO; ours): the
+  GVM that needs no revisits at all.
 Every GVM arm uses the prompt-mean loss (algorithm.aggregation=prompt_mean; RAFT++ also
 drop_rejected): §GVM.2's per-prompt estimator, whose variance the allocation minimises.
 
@@ -88,6 +90,11 @@ ARMS = {
     "gvm_online_groups": lambda algorithm: [*ARMS["gvm_online"](algorithm), "statistics.unseen_prompts=group"],
     "gvm_dynamic_samples_groups": lambda algorithm: [*ARMS["gvm_dynamic_samples"](algorithm),
                                                      "statistics.unseen_prompts=group"],
+    # The step pilot needs no revisits either, so it is the GVM that a pool never revisited can run; inside
+    # dynamic sampling each extra round pilots its new prompts too.
+    "gvm_step_pilot_dynamic_samples": lambda algorithm: [*ARMS["gvm_step_pilot"](algorithm),
+                                                         "algorithm.dynamic_sampling=true",
+                                                         "algorithm.dynamic_sampling_target=samples"],
 }
 # Run order: the arms the issue's figures need first, every seed of them, then the rest; a benchmark
 # cut short by time still has whole arms.
@@ -95,8 +102,9 @@ PRIORITY = [("grpo", "uniform"), ("grpo", "dynamic"), ("grpo", "gvm_dynamic_samp
             ("raft", "uniform"), ("raft", "uniform_prompt_mean"), ("raft", "gvm_online"),
             ("grpo", "gvm_offline"), ("raft", "gvm_offline"), ("grpo", "gvm_dynamic"), ("grpo", "uniform_prompt_mean"),
             ("grpo", "gvm_step_pilot"), ("raft", "gvm_step_pilot"), ("grpo", "gvm_online_groups"),
-            ("grpo", "gvm_dynamic_samples_groups"), ("raft", "gvm_online_groups")]
-DYNAMIC_COMBINED = ("gvm_dynamic", "gvm_dynamic_samples", "gvm_dynamic_samples_groups")
+            ("grpo", "gvm_dynamic_samples_groups"), ("raft", "gvm_online_groups"),
+            ("grpo", "gvm_step_pilot_dynamic_samples")]
+DYNAMIC_COMBINED = ("gvm_dynamic", "gvm_dynamic_samples", "gvm_dynamic_samples_groups", "gvm_step_pilot_dynamic_samples")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 

@@ -1,10 +1,13 @@
 """Hand cases for the summary of benchmarks/gvm_vs_uniform.py: curve interpolation, samples to target,
-the pairing against dynamic sampling, and merged run files that must agree."""
+the pairing against dynamic sampling, and merged run files that must agree; every arm's settings load."""
+import argparse
 import json
 
 import pytest
 
-from benchmarks.gvm_vs_uniform import first_crossing, interpolate, load_runs, mean_ci, versus_dynamic
+from benchmarks.gvm_vs_uniform import (ARMS, PRIORITY, REPO, first_crossing, interpolate, load_runs, mean_ci,
+                                       run_overrides, versus_dynamic)
+from rl_service.config import load_config
 
 
 def run(arm: str, seed: int, points: list[tuple[int, float, int]]) -> dict:
@@ -49,3 +52,16 @@ def test_merged_run_files_must_agree_run_for_run(tmp_path, capsys):
     second.write_text(json.dumps(run("uniform", 0, [(0, 0.3, 0), (10, 0.36, 1280)])) + "\n")
     with pytest.raises(SystemExit, match=r"b.jsonl:1: \('grpo', 'uniform', 0\) differs"):
         load_runs([first, second])
+
+
+@pytest.mark.parametrize("num_train", [96, 2048])
+def test_every_arm_the_benchmark_runs_is_a_config_the_service_accepts(num_train):
+    """An arm whose settings the config check refuses would only fail after the arms before it ran."""
+    args = argparse.Namespace(steps=30, eval_every=5, prompts=16, samples=8, num_train=num_train, lr=5e-5,
+                              eval_prompts=1024, overrides=[])
+    assert set(arm for _, arm in PRIORITY) == set(ARMS)
+    for algorithm, arm in PRIORITY:
+        config = load_config(REPO / "configs" / "quickstart.yaml", run_overrides(algorithm, arm, 0, args))
+        assert config.data.arithmetic.num_train == num_train
+        assert (config.statistics.allocation == "gvm") == arm.startswith("gvm"), (algorithm, arm)
+        assert getattr(config.algorithm, "dynamic_sampling", False) == ("dynamic" in arm), (algorithm, arm)
