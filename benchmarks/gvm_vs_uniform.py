@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/gvm_vs_uniform.py [--seeds 5] [--first-seed 0] [--steps 30] [--lr 5e-5] [--workers 1]
     .venv/bin/python benchmarks/gvm_vs_uniform.py --summarise benchmarks/results/gvm_vs_uniform_DATE.jsonl
+    .venv/bin/python benchmarks/gvm_vs_uniform.py --config your_job.yaml --steps 200 [--lr ...]   # your model, data
+
+The same arms on any GRPO job (`--config`; its model, dataset and learning rate, with the budget and
+schedule set here): how to decide issue #21 at a scale this machine cannot reach.
 
 Every run starts from the shipped model on the built-in task (levels 2-5 mixed: level 1 has only 200
 distinct questions, too few for a 1,024-prompt eval split) with the same budget per step
@@ -108,11 +112,25 @@ DYNAMIC_COMBINED = ("gvm_dynamic", "gvm_dynamic_samples", "gvm_dynamic_samples_g
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+MIN_EVAL_PROMPTS = 512
+TUNED_LR = 5e-5   # uniform allocation's best on the built-in task, held-out seeds 100-104 (benchmarks/README.md)
+
+
+def data_overrides(source: str, args) -> list[str]:
+    """The built-in task: a train pool of `--num-train` prompts, levels 2-5, `--eval-prompts` held out.
+    A user's dataset (jsonl / hf): its own train split is the pool, its eval split at most `--eval-prompts`."""
+    if source == "arithmetic":
+        return [f"data.arithmetic.num_train={args.num_train}", "data.arithmetic.levels=[2,3,4,5]",
+                f"data.arithmetic.num_eval={args.eval_prompts}"]
+    return [f"data.eval_limit={args.eval_prompts}"]
+
+
 def run_overrides(algorithm: str, arm: str, seed: int, args) -> list[str]:
     return [f"seed={seed}", f"steps={args.steps}", f"eval_every={args.eval_every}",
             f"algorithm.name={ALGORITHMS[algorithm]}", f"data.prompts_per_step={args.prompts}",
-            f"generator.samples_per_prompt={args.samples}", f"learner.lr={args.lr}", f"data.arithmetic.num_train={args.num_train}",
-            "data.arithmetic.levels=[2,3,4,5]", f"data.arithmetic.num_eval={args.eval_prompts}",
+            f"generator.samples_per_prompt={args.samples}", f"learner.lr={args.lr}",
+            *data_overrides(args.data_source, args),
             "schedule.mode=sync", "logging.progress_bar=false", "logging.tensorboard=false",
             "guard.max_eval_drop=null", f"statistics.n_min={2 if algorithm == 'grpo' else 1}",
             f"statistics.n_max={4 * args.samples}", *ARMS[arm](algorithm), *args.overrides]
@@ -123,10 +141,11 @@ def run_once(algorithm: str, arm: str, seed: int, args) -> dict:
     from rl_service.config import load_config
     from rl_service.driver import prepare_job, run_training
 
-    config = load_config(REPO / "configs" / "quickstart.yaml", run_overrides(algorithm, arm, seed, args))
+    config = load_config(args.config, run_overrides(algorithm, arm, seed, args))
+    job = prepare_job(config)
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()
-        run_training(prepare_job(config), run_dir)
+        run_training(job, run_dir)
         wall = time.perf_counter() - started
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     generated = trained = 0
@@ -143,6 +162,7 @@ def run_once(algorithm: str, arm: str, seed: int, args) -> dict:
     curve = [{"step": row["step"], "accuracy": row["eval_accuracy"], "generated": counts_at[row["step"]][0],
               "trained": counts_at[row["step"]][1]} for row in rows if "eval_accuracy" in row]
     return {"algorithm": algorithm, "arm": arm, "seed": seed, "steps": steps, "lr": config.learner.lr,
+            "config": str(args.config), "eval_prompts": len(job.task.eval),
             "wall_s": wall, "curve": curve,
             "zero_advantage_fraction": statistics.mean(zero_adv) if zero_adv else None}
 
@@ -342,15 +362,19 @@ def main() -> None:
                         help="seeds first-seed … first-seed + seeds - 1 (held-out seeds tune a learning rate)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=5e-5,
-                        help="every arm's learning rate: uniform allocation's best on held-out seeds 100-104 "
-                             "(2.5e-5 ties it, 1e-4 is 2-3 points worse, 2e-4 diverges; benchmarks/README.md)")
+    parser.add_argument("--config", type=Path, default=QUICKSTART,
+                        help="the job every arm starts from (default: the quickstart, built-in model and task); a "
+                             "job on your model and dataset runs the same arms, e.g. a GPU decision run")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="every arm's learning rate; default: with the quickstart, uniform allocation's best on "
+                             "held-out seeds 100-104 (5e-5; 2.5e-5 ties it, 1e-4 is 2-3 points worse, 2e-4 diverges; "
+                             "benchmarks/README.md), else the config's learner.lr")
     parser.add_argument("--eval-prompts", type=int, default=1024)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--num-train", type=int, default=96,
-                        help="a pool the run revisits (every 6 steps at 16 prompts a step) so GVM online allocates "
-                             "from moving averages of several visits for most of the run")
+                        help="built-in task only: a pool the run revisits (every 6 steps at 16 prompts a step) so "
+                             "GVM online allocates from moving averages of several visits for most of the run")
     parser.add_argument("--target-gain", type=float, default=0.03)
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -362,6 +386,11 @@ def main() -> None:
                         help="only summarise these JSONL files of runs (a run found twice must match to the digit)")
     parser.add_argument("--single", nargs=3, metavar=("ALGORITHM", "ARM", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from rl_service.config import load_config   # a config the service refuses stops here, before any run
+    base = load_config(args.config, args.overrides)
+    args.data_source = base.data.source
+    if args.lr is None:
+        args.lr = TUNED_LR if args.config.resolve() == QUICKSTART else base.learner.lr
     if args.single:
         algorithm, arm, seed = args.single
         print(json.dumps(run_once(algorithm, arm, int(seed), args)))
@@ -383,7 +412,7 @@ def main() -> None:
         def launch(job: tuple[str, str, int]) -> None:
             algorithm, arm, seed = job
             passthrough = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in
-                           ("steps", "eval_every", "eval_prompts", "prompts", "samples", "num_train", "lr")]
+                           ("config", "steps", "eval_every", "eval_prompts", "prompts", "samples", "num_train", "lr")]
             # Short: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
             tag = f"{algorithm[0]}{list(ARMS).index(arm)}s{seed}"
             env = {**os.environ, "RAY_TMPDIR": f"{os.environ.get('RAY_TMPDIR', '/tmp/ray')}_{tag}"}
@@ -401,6 +430,9 @@ def main() -> None:
             with out.open("a") as handle:
                 handle.write(line + "\n")
             run = json.loads(line)
+            if run["eval_prompts"] < MIN_EVAL_PROMPTS:
+                print(f"warning: {run['eval_prompts']} eval prompts, fewer than {MIN_EVAL_PROMPTS}: differences of a "
+                      f"few points will not be decided", flush=True)
             print(f"{algorithm:<5} {arm:<15} seed {seed}: accuracy {run['curve'][0]['accuracy']:.3f} → "
                   f"{run['curve'][-1]['accuracy']:.3f}, {run['curve'][-1]['generated']} samples, {run['wall_s']:.0f} s",
                   flush=True)

@@ -58,10 +58,21 @@ def test_merged_run_files_must_agree_run_for_run(tmp_path, capsys):
 def test_every_arm_the_benchmark_runs_is_a_config_the_service_accepts(num_train):
     """An arm whose settings the config check refuses would only fail after the arms before it ran."""
     args = argparse.Namespace(steps=30, eval_every=5, prompts=16, samples=8, num_train=num_train, lr=5e-5,
-                              eval_prompts=1024, overrides=[])
+                              eval_prompts=1024, overrides=[], data_source="arithmetic")
     assert set(arm for _, arm in PRIORITY) == set(ARMS)
     for algorithm, arm in PRIORITY:
         config = load_config(REPO / "configs" / "quickstart.yaml", run_overrides(algorithm, arm, 0, args))
         assert config.data.arithmetic.num_train == num_train
         assert (config.statistics.allocation == "gvm") == arm.startswith("gvm"), (algorithm, arm)
         assert getattr(config.algorithm, "dynamic_sampling", False) == ("dynamic" in arm), (algorithm, arm)
+
+
+def test_a_users_dataset_is_its_own_pool_and_its_eval_split_is_capped():
+    """`--config` on a user's data: the arithmetic pool settings stay away, the eval split is capped."""
+    args = argparse.Namespace(steps=4, eval_every=2, prompts=4, samples=4, num_train=96, lr=1e-4, eval_prompts=512,
+                              overrides=[], data_source="hf")
+    overrides = run_overrides("grpo", "gvm_online", 0, args)
+    assert not any(o.startswith("data.arithmetic") for o in overrides)
+    config = load_config(REPO / "configs" / "hf_dataset.yaml", overrides)
+    assert config.data.source == "hf" and config.data.eval_limit == 512
+    assert config.statistics.allocation == "gvm" and config.learner.lr == 1e-4
