@@ -44,14 +44,14 @@ samples to target, every generated sample counted), `paper_steps_ratio_grpo`,
 `paper_steps_ratio_raft` (offline pilot / uniform, training steps to target, pilot not counted),
 `dynamic_sampling_samples_ratio`, `gvm_dynamic_vs_dynamic` (paired: samples generated, accuracy at equal
 steps and at equal samples), `gvm_grad_variance_ratio_grpo` / `_raft` / `_raft_expected` (pilot) and their
-`_online` twins (worst snapshot of the saved `gvm_variance.py` runs named in VARIANCE_RUNS), and per-arm figures.
+`_online` twins (worst snapshot of the saved `gvm_variance.py` runs named in
+`gvm_vs_uniform_summary.VARIANCE_RUNS`), and per-arm figures.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -65,6 +65,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine as common_machine  # noqa: E402
+from benchmarks.gvm_vs_uniform_summary import (load_runs, mean_ci, per_run_figures,  # noqa: E402
+                                               variance_ratios, versus_dynamic)
 
 ALGORITHMS = {"grpo": "grpo", "raft": "raft++"}
 GVM = ["statistics.allocation=gvm"]
@@ -109,7 +111,6 @@ PRIORITY = [("grpo", "uniform"), ("grpo", "dynamic"), ("grpo", "gvm_dynamic_samp
             ("grpo", "gvm_dynamic_samples_groups"), ("raft", "gvm_online_groups"),
             ("grpo", "gvm_step_pilot_dynamic_samples")]
 DYNAMIC_COMBINED = ("gvm_dynamic", "gvm_dynamic_samples", "gvm_dynamic_samples_groups", "gvm_step_pilot_dynamic_samples")
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -167,73 +168,6 @@ def run_once(algorithm: str, arm: str, seed: int, args) -> dict:
             "zero_advantage_fraction": statistics.mean(zero_adv) if zero_adv else None}
 
 
-def load_runs(paths: list[Path]) -> list[dict]:
-    """Finished runs from JSONL files, one per (algorithm, arm, seed). A run repeated in another file
-    (a rerun, for a side-by-side table) must have the same curve: runs are deterministic per seed."""
-    runs: dict[tuple, dict] = {}
-    for path in paths:
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            run = json.loads(line)
-            key = (run["algorithm"], run["arm"], run["seed"])
-            if key in runs and runs[key]["curve"] != run["curve"]:
-                raise SystemExit(f"{path}:{number}: {key} differs from the same run in an earlier file; "
-                                 "runs that differ were not made by the same code and settings")
-            if key in runs:
-                print(f"reproduced to the digit: {key}", flush=True)
-            runs[key] = run
-    return list(runs.values())
-
-
-def interpolate(xs: list[float], ys: list[float], x: float) -> float:
-    """y at x on the piecewise-linear curve (xs ascending); the last y beyond the end."""
-    for k in range(1, len(xs)):
-        if x <= xs[k]:
-            share = (x - xs[k - 1]) / (xs[k] - xs[k - 1]) if xs[k] > xs[k - 1] else 1.0
-            return ys[k - 1] + share * (ys[k] - ys[k - 1])
-    return ys[-1]
-
-
-def first_crossing(xs: list[float], ys: list[float], target: float) -> float | None:
-    """Smallest x where the curve reaches `target` (linear between evaluations), None if never."""
-    if ys[0] >= target:
-        return xs[0]
-    for k in range(1, len(xs)):
-        if ys[k] >= target:
-            return xs[k - 1] + (target - ys[k - 1]) / (ys[k] - ys[k - 1]) * (xs[k] - xs[k - 1])
-    return None
-
-
-def mean_ci(values: list[float]) -> dict:
-    values = [value for value in values if value is not None and math.isfinite(value)]
-    if not values:
-        return {"mean": None, "ci95": None, "n": 0}
-    mean = statistics.mean(values)
-    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
-    return {"mean": mean, "ci95": half, "n": len(values)}
-
-
-def per_run_figures(run: dict, uniform: dict, target_gain: float) -> dict:
-    curve = run["curve"]
-    steps = [point["step"] for point in curve]
-    accuracy = [point["accuracy"] for point in curve]
-    generated = [point["generated"] for point in curve]
-    trained = [point["trained"] for point in curve]
-    target = accuracy[0] + target_gain
-    reached_at = first_crossing(generated, accuracy, target)
-    step_at = first_crossing(steps, accuracy, target)
-    trained_at = first_crossing(trained, accuracy, target)
-    equal_samples = uniform["curve"][-1]["generated"]
-    return {"final": accuracy[-1], "initial": accuracy[0], "best": max(accuracy),
-            "at_equal_samples": interpolate(generated, accuracy, equal_samples),
-            "reached": reached_at is not None,
-            "samples_to_target": reached_at if reached_at is not None else generated[-1],
-            "steps_to_target": step_at if step_at is not None else steps[-1],
-            "trained_samples_to_target": trained_at if trained_at is not None else trained[-1],
-            "generated": generated[-1], "zero_advantage_fraction": run["zero_advantage_fraction"]}
-
-
 def summarise(runs: list[dict], target_gain: float) -> dict:
     result: dict = {}
     for algorithm in ALGORITHMS:
@@ -262,70 +196,11 @@ def summarise(runs: list[dict], target_gain: float) -> dict:
         result[f"{algorithm}_step_pilot_samples_ratio"] = ratio("gvm_step_pilot", "samples_to_target")
         result[f"{algorithm}_offline_samples_ratio"] = ratio("gvm_offline", "samples_to_target")
         result[f"{algorithm}_groups_samples_ratio"] = ratio("gvm_online_groups", "samples_to_target")
-    result |= versus_dynamic(runs)
+    result |= versus_dynamic(runs, DYNAMIC_COMBINED)
     result["dynamic_sampling_samples_ratio"] = (result["grpo_dynamic"]["samples_to_target"]["mean"]
                                                 / result["grpo_uniform"]["samples_to_target"]["mean"]
                                                 if "grpo_dynamic" in result and "grpo_uniform" in result else None)
     return result
-
-
-def versus_dynamic(runs: list[dict]) -> dict:
-    """GVM + dynamic sampling (both targets) against dynamic sampling alone, paired by seed: the
-    issue's "at least as good as dynamic sampling alone". Both filter flat groups; GVM should need
-    fewer extra rounds to fill a step, so the samples each generates are the measure, with accuracy at
-    equal steps and at the dynamic run's sample count (a curve that ends sooner keeps its final accuracy)."""
-    def arm_runs(arm: str) -> dict:
-        return {run["seed"]: run for run in runs if run["algorithm"] == "grpo" and run["arm"] == arm}
-
-    def curve(run: dict, key: str) -> list[float]:
-        return [point[key] for point in run["curve"]]
-
-    dynamic, result = arm_runs("dynamic"), {}
-    for arm in DYNAMIC_COMBINED:
-        combined = arm_runs(arm)
-        seeds = sorted(set(dynamic) & set(combined))
-        if not seeds:
-            continue
-        ends = {s: dynamic[s]["curve"][-1] for s in seeds}
-        result[f"{arm}_vs_dynamic"] = {
-            "seeds": len(seeds),
-            "generated_ratio": mean_ci([combined[s]["curve"][-1]["generated"] / ends[s]["generated"] for s in seeds]),
-            "final_minus_dynamic": mean_ci([combined[s]["curve"][-1]["accuracy"] - ends[s]["accuracy"] for s in seeds]),
-            "at_dynamic_samples_minus_dynamic": mean_ci(
-                [interpolate(curve(combined[s], "generated"), curve(combined[s], "accuracy"), ends[s]["generated"])
-                 - ends[s]["accuracy"] for s in seeds])}
-    return result
-
-
-# The runs of gvm_variance.py (--save) on current code, B = 64, four snapshots between them (the group arm
-# only in the last, which repeats two snapshots of the first to the digit). The first run's online expected-count arm used the raw moving average as p̄, which the statistics
-# role no longer gives the learner (Laplace-smoothed counts since), so that one figure is superseded.
-VARIANCE_RUNS = ("gvm_variance_expected_count_2026-12-06.json", "gvm_variance_expected_count_laplace_threads1_2026-12-06.json",
-                 "gvm_variance_groups_2026-12-07.json")
-SUPERSEDED = {"gvm_variance_expected_count_2026-12-06.json": {"gvm_grad_variance_ratio_raft_expected_online"}}
-VARIANCE_KEYS = [f"gvm_grad_variance_ratio_{algorithm}{mode}" for algorithm in ("grpo", "raft", "raft_expected")
-                 for mode in ("", "_online")] + ["gvm_grad_variance_ratio_grpo_group", "gvm_grad_variance_ratio_raft_group"]
-
-
-def variance_ratios(names: tuple[str, ...] = VARIANCE_RUNS) -> dict:
-    """The mechanism measured directly: each key's worst snapshot over the saved gvm_variance.py runs
-    (GVM / uniform tr Cov of the learner's gradient; the issue's target is <= 0.7 on every snapshot)."""
-    from benchmarks.gvm_variance import final_output
-    by_snapshot: dict[str, dict[str, float]] = {key: {} for key in VARIANCE_KEYS}
-    for name in names:
-        path = REPO / "benchmarks" / "results" / name
-        if not path.exists():
-            continue
-        saved = json.loads(path.read_text())
-        summary = final_output(saved["results"], saved["settings"], saved["wall_s"])
-        for key in VARIANCE_KEYS:
-            if key in SUPERSEDED.get(name, ()):
-                continue
-            for snapshot, value in (summary.get(f"{key}_by_snapshot") or {}).items():
-                if value is not None:
-                    by_snapshot[key][f"{name.removesuffix('.json')}:{snapshot}"] = value
-    return {key: max(values.values()) if values else None for key, values in by_snapshot.items()} | {
-        "gvm_grad_variance_by_snapshot": by_snapshot, "gvm_variance_sources": list(names)}
 
 
 def print_table(result: dict) -> None:

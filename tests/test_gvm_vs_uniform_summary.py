@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from benchmarks.gvm_vs_uniform import (ARMS, PRIORITY, REPO, first_crossing, interpolate, load_runs, mean_ci,
-                                       run_overrides, versus_dynamic)
+from benchmarks.gvm_vs_uniform import ARMS, DYNAMIC_COMBINED, PRIORITY, REPO, run_overrides
+from benchmarks.gvm_vs_uniform_summary import first_crossing, interpolate, load_runs, mean_ci, versus_dynamic
 from rl_service.config import load_config
 
 
@@ -33,13 +33,13 @@ def test_gvm_with_dynamic_sampling_is_paired_with_dynamic_sampling_by_seed():
             run("gvm_dynamic_samples", 0, [(0, 0.30, 0), (10, 0.38, 800)]),
             run("gvm_dynamic_samples", 1, [(0, 0.30, 0), (10, 0.40, 1000)]),
             run("gvm_dynamic_samples", 2, [(0, 0.30, 0), (10, 0.50, 10)])]   # no dynamic twin: left out
-    versus = versus_dynamic(runs)["gvm_dynamic_samples_vs_dynamic"]
+    versus = versus_dynamic(runs, DYNAMIC_COMBINED)["gvm_dynamic_samples_vs_dynamic"]
     assert versus["seeds"] == 2
     assert versus["generated_ratio"]["mean"] == pytest.approx((0.8 + 0.5) / 2)
     assert versus["final_minus_dynamic"]["mean"] == pytest.approx((0.02 + 0.0) / 2)
     # at dynamic's sample count a shorter curve keeps its final accuracy
     assert versus["at_dynamic_samples_minus_dynamic"]["mean"] == pytest.approx(0.01)
-    assert "gvm_dynamic_vs_dynamic" not in versus_dynamic(runs)
+    assert "gvm_dynamic_vs_dynamic" not in versus_dynamic(runs, DYNAMIC_COMBINED)
 
 
 def test_merged_run_files_must_agree_run_for_run(tmp_path, capsys):
