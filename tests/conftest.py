@@ -152,11 +152,12 @@ class _HeadExited(RuntimeError):
 @contextmanager
 def start_head(extra_args: tuple[str, ...] = (), env_changes: dict[str, str | None] | None = None,
                attempts: int = 3):
-    """A token-auth `ray start --head --block` in its own temp dir, torn down by its process group
+    """A token-auth `ray start --head --block` with temp dir <scratch>/ray, torn down by its process group
     (never `ray stop`, which stops every Ray of the user on the host); `extra_args` go to `ray start`,
     `env_changes` to its environment (None: unset). A head that exits while starting is retried on
-    fresh ports: on a shared machine a port picked free can be taken before Ray binds it (one clean-
-    clone CI run lost three tests to that). Its output is kept, so a head that never starts says why."""
+    fresh ports in an emptied temp dir: on a shared machine a port picked free can be taken before Ray
+    binds it (one clean-clone CI run lost three tests to that). Its output is kept (in <scratch>, beside
+    the temp dir), so a head that never starts says why."""
     scratch = Path(tempfile.mkdtemp(prefix="rlsj", dir="/tmp"))   # short: Ray's socket paths have a length limit
     token_file = scratch / "token"
     token_file.write_text(secrets.token_hex(32))
@@ -178,7 +179,7 @@ def start_head(extra_args: tuple[str, ...] = (), env_changes: dict[str, str | No
                 process = subprocess.Popen(
                     [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                      f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                     "--include-dashboard=true", f"--temp-dir={scratch / f'ray{attempt}'}", "--num-cpus=4",
+                     "--include-dashboard=true", f"--temp-dir={scratch / 'ray'}", "--num-cpus=4",
                      "--disable-usage-stats",
                      # Fixed defaults (the agent's 52365, the client server's 10001) collide with any other
                      # head on this machine, whose agent would then never come up here: free ports for all.
@@ -195,6 +196,8 @@ def start_head(extra_args: tuple[str, ...] = (), env_changes: dict[str, str | No
             except _HeadExited as exited:
                 _stop_group(process)
                 process = None
+                # Tests read the head's files under <scratch>/ray (its RAY_TMPDIR): a retry starts there afresh.
+                shutil.rmtree(scratch / "ray", ignore_errors=True)
                 if attempt == attempts:
                     tail = log_path.read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"{exited} on each of {attempts} tries; its last output:\n{tail}") from None
