@@ -76,3 +76,28 @@ def test_a_users_dataset_is_its_own_pool_and_its_eval_split_is_capped():
     config = load_config(REPO / "configs" / "hf_dataset.yaml", overrides)
     assert config.data.source == "hf" and config.data.eval_limit == 512
     assert config.statistics.allocation == "gvm" and config.learner.lr == 1e-4
+
+
+def test_variance_ratios_report_each_keys_worst_snapshot(tmp_path):
+    """A saved gvm_variance.py run with two snapshots: each JSON key is the larger of the two ratios."""
+    from benchmarks.gvm_variance import REAL_ARMS
+    from benchmarks.gvm_vs_uniform_summary import variance_ratios
+
+    def snapshot(scale: float) -> dict:
+        real = {}
+        for alg in ("grpo", "raft", "raft_expected_pilot", "raft_expected_online"):
+            for k, arm in enumerate(REAL_ARMS):
+                real[f"{arm}/{alg}"] = {"ratio_vs_uniform": 1.0 if arm == "uniform" else scale * (k + 1) / 4,
+                                        "zero_advantage_fraction": 0.5, "mean_shift_vs_uniform": 0.0}
+        return {"real": real, "pool": {"arms": {}}}
+
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"settings": {"draws": 4}, "wall_s": 1.0,
+                                 "results": {"builtin": snapshot(1.0), "trained": snapshot(1.2)}}))
+    ratios = variance_ratios((str(saved),))
+    assert ratios["gvm_grad_variance_ratio_grpo"] == pytest.approx(1.2 * 2 / 4)          # gvm_pilot, trained
+    assert ratios["gvm_grad_variance_ratio_raft_online"] == pytest.approx(1.2 * 3 / 4)   # gvm_online
+    assert ratios["gvm_grad_variance_ratio_raft_expected"] == pytest.approx(1.2 * 2 / 4)
+    assert ratios["gvm_grad_variance_ratio_grpo_group"] == pytest.approx(1.2 * 4 / 4)
+    by = ratios["gvm_grad_variance_by_snapshot"]["gvm_grad_variance_ratio_grpo"]
+    assert sorted(by.values()) == pytest.approx([0.5, 0.6])
