@@ -44,8 +44,9 @@ samples to target, every generated sample counted), `paper_steps_ratio_grpo`,
 `paper_steps_ratio_raft` (offline pilot / uniform, training steps to target, pilot not counted),
 `dynamic_sampling_samples_ratio`, `gvm_dynamic_vs_dynamic` (paired: samples generated, accuracy at equal
 steps and at equal samples), `gvm_grad_variance_ratio_grpo` / `_raft` / `_raft_expected` (pilot) and their
-`_online` twins (worst snapshot of the saved `gvm_variance.py` runs named in
-`gvm_vs_uniform_summary.VARIANCE_RUNS`), and per-arm figures.
+`_online` twins (worst snapshot of the saved `gvm_variance.py` run named in
+`gvm_vs_uniform_summary.VARIANCE_RUNS`), the pilot keys again with a 32-sample pilot (`..._pilot32`),
+and per-arm figures.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine as common_machine  # noqa: E402
-from benchmarks.gvm_vs_uniform_summary import (load_runs, mean_ci, per_run_figures,  # noqa: E402
+from benchmarks.gvm_vs_uniform_summary import (load_runs, mean_ci, per_run_figures, pilot32_ratios,  # noqa: E402
                                                variance_ratios, versus_dynamic)
 
 ALGORITHMS = {"grpo": "grpo", "raft": "raft++"}
@@ -317,7 +318,7 @@ def main() -> None:
         runs = load_runs([out])
     result = {"machine": machine, "target_gain": args.target_gain, **summarise(runs, args.target_gain)}
     print_table(result)
-    print(json.dumps({**variance_ratios(), **result}))
+    print(json.dumps({**variance_ratios(), **pilot32_ratios(), **result}))
 
 
 if __name__ == "__main__":

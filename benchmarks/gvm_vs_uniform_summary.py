@@ -114,6 +114,9 @@ def versus_dynamic(runs: list[dict], combined_arms: tuple[str, ...]) -> dict:
 # issue's two snapshots (shipped; 40 uniform GRPO steps, seed 0) and a second trained one (seed 1). At
 # R = 32 (the earlier runs, still in benchmarks/results/ and the README) single ratios moved by 0.1-0.3.
 VARIANCE_RUNS = ("gvm_variance_r128_3snapshots_2026-12-07.json",)
+# The same three snapshots with a 32-sample pilot (p̂ in steps of 1/32, not 1/8), R = 64: the diagnosis
+# of the 8-sample pilot, measured. Reported beside the paper's 8, never in place of it.
+PILOT32_RUN = "gvm_variance_pilot32_3snapshots_2026-12-07.json"
 VARIANCE_KEYS = [f"gvm_grad_variance_ratio_{algorithm}{mode}" for algorithm in ("grpo", "raft", "raft_expected")
                  for mode in ("", "_online")] + ["gvm_grad_variance_ratio_grpo_group", "gvm_grad_variance_ratio_raft_group"]
 
@@ -135,3 +138,10 @@ def variance_ratios(names: tuple[str, ...] = VARIANCE_RUNS) -> dict:
                     by_snapshot[key][f"{name.removesuffix('.json')}:{snapshot}"] = value
     return {key: max(values.values()) if values else None for key, values in by_snapshot.items()} | {
         "gvm_grad_variance_by_snapshot": by_snapshot, "gvm_variance_sources": list(names)}
+
+
+def pilot32_ratios() -> dict:
+    """The pilot keys (`gvm_grad_variance_ratio_grpo`, `_raft`, `_raft_expected`) of PILOT32_RUN, suffixed
+    `_pilot32`; the online and group arms do not use the pilot, so they are left out."""
+    ratios = variance_ratios((PILOT32_RUN,))
+    return {f"{key}_pilot32": ratios[key] for key in VARIANCE_KEYS if not key.endswith(("_online", "_group"))}

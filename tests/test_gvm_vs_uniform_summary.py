@@ -78,7 +78,7 @@ def test_a_users_dataset_is_its_own_pool_and_its_eval_split_is_capped():
     assert config.statistics.allocation == "gvm" and config.learner.lr == 1e-4
 
 
-def test_variance_ratios_report_each_keys_worst_snapshot(tmp_path):
+def test_variance_ratios_report_each_keys_worst_snapshot(tmp_path, monkeypatch):
     """A saved gvm_variance.py run with two snapshots: each JSON key is the larger of the two ratios."""
     from benchmarks.gvm_variance import REAL_ARMS
     from benchmarks.gvm_vs_uniform_summary import variance_ratios
@@ -101,3 +101,8 @@ def test_variance_ratios_report_each_keys_worst_snapshot(tmp_path):
     assert ratios["gvm_grad_variance_ratio_grpo_group"] == pytest.approx(1.2 * 4 / 4)
     by = ratios["gvm_grad_variance_by_snapshot"]["gvm_grad_variance_ratio_grpo"]
     assert sorted(by.values()) == pytest.approx([0.5, 0.6])
+    from benchmarks import gvm_vs_uniform_summary
+    monkeypatch.setattr(gvm_vs_uniform_summary, "PILOT32_RUN", str(saved))
+    assert gvm_vs_uniform_summary.pilot32_ratios() == pytest.approx(
+        {"gvm_grad_variance_ratio_grpo_pilot32": 0.6, "gvm_grad_variance_ratio_raft_pilot32": 0.6,
+         "gvm_grad_variance_ratio_raft_expected_pilot32": 0.6})      # the pilot arms only
