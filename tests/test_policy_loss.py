@@ -186,6 +186,41 @@ def test_loss_normalizer_for_and_validation():
             PolicyLossConfig(**bad)
 
 
+def test_padding_with_infinite_log_probs_leaves_loss_and_gradient_finite():
+    # A masked position may hold anything (-inf in old log-probs, a prompt token far below float32's
+    # exp range): it must change neither the loss nor the gradient of the completion tokens.
+    old = torch.tensor([[-1.2, -math.inf]], dtype=F64)
+    for advantage, expected in ((-1.0, math.exp(0.2)), (1.0, -math.exp(0.2))):
+        logprobs = torch.tensor([[-1.0, 0.0]], dtype=F64, requires_grad=True)
+        loss, _ = policy_loss(logprobs, old, torch.tensor([advantage], dtype=F64), torch.tensor([[1, 0]]),
+                              PolicyLossConfig())
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        assert float(loss) == pytest.approx(expected, rel=1e-12)
+        assert grad[0].tolist() == pytest.approx([expected, 0.0], rel=1e-12)   # dL/dlog π = −ρA
+    # k3 on float32 with a prompt position at log-prob -100 (the learner zeroes ref there): q = 100 there.
+    ref = torch.tensor([[0.0, -1.2]])
+    for kl_clamp in (None, 10.0):
+        logprobs = torch.tensor([[-100.0, -1.0]], requires_grad=True)
+        loss, _ = policy_loss(logprobs, logprobs.detach(), torch.zeros(1), torch.tensor([[0, 1]]),
+                              PolicyLossConfig(kl_coef=1e-3, kl_clamp=kl_clamp), ref_logprobs=ref)
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        q = -0.2
+        assert float(loss) == pytest.approx(1e-3 * (math.exp(q) - q - 1), rel=1e-5)
+        assert torch.isfinite(grad).all() and grad[0, 0] == 0
+        assert float(grad[0, 1]) == pytest.approx(1e-3 * (1 - math.exp(q)), rel=1e-5)   # d k3 / d log π = 1 − e^q
+
+
+def test_far_off_policy_token_cannot_overflow_the_ratio():
+    # log ρ = 100 overflows exp in float32; with A > 0 the high clip holds the loss at (1 + ε_high)·A
+    # with zero gradient, and with A = 0 the loss is 0.
+    for advantage, expected in ((1.0, -1.28), (0.0, 0.0)):
+        logprobs = torch.tensor([[100.0]], requires_grad=True)
+        loss, _ = policy_loss(logprobs, torch.zeros(1, 1), torch.tensor([advantage]), torch.ones(1, 1),
+                              PolicyLossConfig())
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        assert float(loss) == pytest.approx(expected, abs=1e-6) and float(grad) == 0.0
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
 def test_token_log_probs_matches_log_softmax_float64(temperature):
     g = torch.Generator().manual_seed(0)

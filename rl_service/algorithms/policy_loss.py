@@ -51,6 +51,9 @@ from torch import Tensor
 __all__ = ["PolicyLossConfig", "policy_loss", "loss_normalizer_for", "prompt_mean_weights", "AGGREGATIONS"]
 
 AGGREGATIONS = ("token_mean", "sequence_mean", "prompt_mean")
+# |log ρ| and |q| are bounded by this before exp (verl's value): e^20 ≈ 5e8 is far past any clip,
+# and float32's exp overflows at 88.7.
+LOG_RATIO_BOUND = 20.0
 
 
 @dataclass
@@ -152,12 +155,17 @@ def policy_loss(
     if config.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("kl_coef != 0 needs ref_logprobs")
     mask = completion_mask.to(logprobs.dtype)
+    valid = completion_mask.bool()
     adv = advantages.detach().to(logprobs.dtype)
     if adv.dim() == 1:
         adv = adv.unsqueeze(-1)  # [B, 1] broadcasts over tokens
 
-    # §GRPO.3: per-token ratio and asymmetric clipped surrogate.
-    ratio = torch.exp(logprobs - old_logprobs.detach())
+    # §GRPO.3: per-token ratio and asymmetric clipped surrogate. Log-ratios are taken on completion
+    # tokens only (torch.where, never `* mask`: a padding position holding -inf would turn 0·inf into
+    # NaN in the loss and the gradient) and bounded to ±LOG_RATIO_BOUND before exp, as verl does, so a
+    # far off-policy token cannot overflow float32 (the clip then holds its gradient at 0 anyway).
+    log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     clipped_ratio = torch.clamp(ratio, 1.0 - config.clip_low, 1.0 + config.clip_high)
     surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)
     if config.dual_clip is not None:
@@ -168,7 +176,8 @@ def policy_loss(
     # §GRPO.4: k3 estimator of KL(π_θ || π_ref).
     k3 = None
     if ref_logprobs is not None:
-        q = ref_logprobs.detach() - logprobs
+        q = torch.where(valid, ref_logprobs.detach() - logprobs, torch.zeros_like(logprobs))
+        q = q.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
         k3 = torch.exp(q) - q - 1.0
         if config.kl_clamp is not None:
             k3 = torch.clamp(k3, -config.kl_clamp, config.kl_clamp)
@@ -178,7 +187,7 @@ def policy_loss(
             per_token_objective = per_token_objective - config.kl_coef * k3
 
     # §GRPO.5: aggregation.
-    masked = per_token_objective * mask
+    masked = torch.where(valid, per_token_objective, torch.zeros_like(per_token_objective))
     if config.aggregation == "prompt_mean":
         if sequence_weights is None or sequence_weights.shape != (mask.shape[0],):
             raise ValueError("prompt_mean aggregation needs sequence_weights of shape [B]")
