@@ -30,6 +30,18 @@ def test_acceptance_ema_hand_computed():
         stats.update_acceptance(np.array([1, 1]), np.array([0, 0]), np.array([1, 1]))
 
 
+def test_moving_averages_are_float64_exact():
+    # §GVM.6's p̃ ← (1−λ)p̃ + λp̂ and the same rule for G̃, against Python floats (float64) to the last bit.
+    stats = PromptStatistics(ema_weight=0.5, capacity=1)
+    stats.update_acceptance([5], [1], [3])
+    stats.update_acceptance([5], [3], [4])
+    stats.update_grad_norms([5], [1 / 3])
+    stats.update_grad_norms([5], [0.1])
+    assert stats.get("acceptance_rate_ema", [5])[0] == 0.5 * (1 / 3) + 0.5 * (3 / 4)
+    assert stats.get("grad_norm_ema", [5])[0] == 0.5 * (1 / 3) + 0.5 * 0.1
+    assert stats.acceptance_rate_of([5]).dtype == np.float64
+
+
 def test_statistics_state_round_trip():
     stats = PromptStatistics(ema_weight=0.3)
     stats.update_acceptance(np.array([5, 2000]), np.array([1, 3]), np.array([4, 4]))

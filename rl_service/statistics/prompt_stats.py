@@ -30,10 +30,10 @@ from rl_service.algorithms.gvm import laplace_smoothed_acceptance, uniform_alloc
 __all__ = ["GroupStatistics", "PromptStatistics", "group_ids", "group_mean", "group_totals", "uniform_allocation"]
 
 _ARRAYS = {
-    "acceptance_rate_ema": np.float32,
+    "acceptance_rate_ema": np.float64,
     "accepted_ema_count": np.float64,
     "sample_ema_count": np.float64,
-    "grad_norm_ema": np.float32,
+    "grad_norm_ema": np.float64,
     "grad_norm_count": np.int64,     # batches that contributed to grad_norm_ema
     "visit_count": np.int64,         # batches in which the prompt was sampled
     "sample_count": np.int64,        # completions generated for the prompt
@@ -154,9 +154,8 @@ class PromptStatistics:
             return
         slots = self._slots(prompt_ids)
         first_visit = self.visit_count[slots] == 0
-        previous = self.acceptance_rate_ema[slots].astype(np.float64)
-        updated = _ema(previous, accepted / samples, first_visit, self.ema_weight)
-        self.acceptance_rate_ema[slots] = updated.astype(np.float32)
+        self.acceptance_rate_ema[slots] = _ema(self.acceptance_rate_ema[slots], accepted / samples, first_visit,
+                                               self.ema_weight)
         decay = 1.0 - self.ema_weight
         self.accepted_ema_count[slots] = decay * self.accepted_ema_count[slots] + accepted
         self.sample_ema_count[slots] = decay * self.sample_ema_count[slots] + samples
@@ -181,8 +180,7 @@ class PromptStatistics:
         if len(prompt_ids):
             slots = self._slots(prompt_ids)
             first = self.grad_norm_count[slots] == 0
-            previous = self.grad_norm_ema[slots].astype(np.float64)
-            self.grad_norm_ema[slots] = _ema(previous, grad_norms, first, self.ema_weight).astype(np.float32)
+            self.grad_norm_ema[slots] = _ema(self.grad_norm_ema[slots], grad_norms, first, self.ema_weight)
             self.grad_norm_count[slots] += 1
         return dropped
 
