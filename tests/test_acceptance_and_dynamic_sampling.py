@@ -136,6 +136,24 @@ def test_raft_prompt_mean_divides_by_every_prompt_of_the_batch_as_gvm2_does():
     assert metrics["loss"] == pytest.approx(-2 / 4, abs=1e-6)
 
 
+def test_grpo_zero_variance_filter_reports_how_many_groups_it_dropped():
+    # §GRPO.2: filter_zero_variance_groups drops groups whose rewards are all equal "and reports how
+    # many were dropped". Prompts 0 (all rejected) and 2 (all accepted) are flat; 1 and 3 have a spread.
+    from conftest import arithmetic_requests
+    from rl_service.config import load_config
+    from rl_service.generation.hf_engine import HFGenerationEngine
+    from rl_service.rollout import SamplingParams
+    from rl_service.training.policy_learner import PolicyLearner
+
+    rollout = HFGenerationEngine("builtin").generate(arithmetic_requests(4, 3, seed=5), SamplingParams(max_new_tokens=16), seed=0)
+    rewards = [float(prompt == 2 or (prompt in (1, 3) and k % 3 == 0)) for k, prompt in enumerate(rollout.request_index)]
+    learner = PolicyLearner(load_config(None, ["algorithm.filter_zero_variance_groups=true",
+                                               "learner.micro_batch_size=4"]))
+    metrics = learner.train_step(rollout, rewards)
+    assert metrics["zero_variance_groups_dropped"] == 2 and metrics["trained_samples"] == 6
+    assert metrics["zero_variance_sample_fraction"] == pytest.approx(0.5)
+
+
 def test_dynamic_sampling_by_samples_fills_a_sample_budget_and_equals_the_group_count_on_equal_groups():
     spread = np.array([False, True, True, False, True, True])
     sizes = np.array([2, 2, 12, 8, 3, 6])

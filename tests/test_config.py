@@ -125,3 +125,10 @@ def test_the_algorithm_section_is_chosen_by_its_name_and_defaults_to_grpo(tmp_pa
     saved = tmp_path / "saved.yaml"
     saved.write_text(dumped)
     assert load_config(saved) == load_config(REPO / "configs" / "gvm_raft.yaml")
+
+
+def test_offline_pilot_defaults_to_the_papers_pilot_of_eight():
+    # §GVM.5: the paper's pilot is 8 samples a prompt; the online policy's pilot for a new prompt is 4.
+    assert load_config(None, ["statistics.mode=offline_pilot"]).statistics.n_pilot == 8
+    assert load_config(None, ["statistics.mode=offline_pilot", "statistics.n_pilot=3"]).statistics.n_pilot == 3
+    assert load_config(None, ["statistics.mode=online"]).statistics.n_pilot == 4

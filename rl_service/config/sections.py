@@ -173,7 +173,8 @@ class StatisticsConfig(_Section):
     beta: float = Field(2.0, ge=1.0, le=10.0, description="β of the regularised weight (§GVM.3)")
     n_min: int = Field(1, ge=0, le=4096, description="fewest samples a prompt gets in online mode (ours; keeps every prompt visible)")
     n_max: int | None = Field(None, ge=1, le=65_536, description="most samples a prompt gets; none = unbounded")
-    n_pilot: int = Field(4, ge=1, le=4096, description="samples for a prompt never seen (online) / per prompt in the pilot (offline_pilot uses 8 in the paper)")
+    n_pilot: int = Field(4, ge=1, le=4096, description="samples for a prompt never seen (online, step_pilot) / per prompt "
+                                                     "in the pilot (offline_pilot: default 8, the paper's §GVM.5)")
     unseen_prompts: Literal["pilot", "group"] = Field(
         "pilot", description="online GVM, a prompt never seen: a pilot of n_pilot samples (§GVM.6), or, once its group "
                              "was seen, the moving averages of its group (prompts that are alike: the built-in task's "
@@ -190,6 +191,14 @@ class StatisticsConfig(_Section):
     skip_singleton_groups: bool = Field(False, description="GVM-GRPO: drop prompts given n_i < 2 from the loss (ours; §GVM.7)")
     num_cpus: float = Field(0.1, gt=0.0, le=1024)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray node resources of the statistics actor")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_pilot_size(cls, data):
+        # §GVM.5's pilot is 8 samples a prompt; the online policy's pilot for a new prompt stays 4.
+        if isinstance(data, dict) and data.get("mode") == "offline_pilot" and "n_pilot" not in data:
+            data = {**data, "n_pilot": 8}
+        return data
 
     @model_validator(mode="after")
     def _bounds_ordered(self) -> "StatisticsConfig":

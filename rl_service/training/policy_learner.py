@@ -92,6 +92,9 @@ class PolicyLearner(EngineWeights):
             flat_groups = zero_variance_groups(rewards, group_index)
             metrics["zero_variance_sample_fraction"] = float(flat_groups.float().mean())
             if algorithm.filter_zero_variance_groups:
+                # §GRPO.2: report how many groups the filter dropped (of those still in the batch).
+                dropped = torch.unique(group_index[keep & flat_groups])
+                metrics["zero_variance_groups_dropped"] = float(dropped.numel())
                 keep &= ~flat_groups
         else:
             threshold = acceptance_threshold(self.config)
