@@ -132,3 +132,13 @@ def test_offline_pilot_defaults_to_the_papers_pilot_of_eight():
     assert load_config(None, ["statistics.mode=offline_pilot"]).statistics.n_pilot == 8
     assert load_config(None, ["statistics.mode=offline_pilot", "statistics.n_pilot=3"]).statistics.n_pilot == 3
     assert load_config(None, ["statistics.mode=online"]).statistics.n_pilot == 4
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("data.arithmetic.levels=[1, 99]", "data.arithmetic.levels: unknown level"),
+    ("data.arithmetic.levels=[2, 2]", "data.arithmetic.levels: duplicate"),
+    ("learner.adam_betas=[0.9, 1.5]", r"learner.adam_betas: each beta must be in \[0, 1\)"),
+])
+def test_values_that_failed_only_inside_ray_are_refused_at_load_time(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])

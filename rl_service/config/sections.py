@@ -26,6 +26,18 @@ class ModelConfig(_Section):
 
 class ArithmeticDataConfig(_Section):
     levels: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], min_length=1, description="difficulty levels to mix")
+
+    @field_validator("levels")
+    @classmethod
+    def _known_levels(cls, levels: list[int]) -> list[int]:
+        from rl_service.data.arithmetic import LEVELS   # pure Python, no torch
+
+        unknown = sorted(set(levels) - set(LEVELS))
+        if unknown:
+            raise ValueError(f"unknown level(s) {unknown}; known: {sorted(LEVELS)}")
+        if len(set(levels)) != len(levels):
+            raise ValueError(f"duplicate levels in {levels}")
+        return levels
     num_train: int = Field(4096, ge=1, le=10_000_000, description="training prompts")
     num_eval: int = Field(256, ge=1, le=100_000, description="held-out eval prompts")
 
@@ -210,7 +222,7 @@ class StatisticsConfig(_Section):
 class LearnerConfig(_Section):
     lr: float = Field(3e-5, gt=0.0, le=1.0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    adam_betas: tuple[float, float] = Field((0.9, 0.999))
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's β1, β2, each in [0, 1)")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up, optimizer steps")
     grad_clip: float = Field(1.0, ge=0.0, description="global gradient-norm clip; 0 = off")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage: 1 shards optimizer state over the ranks, "
@@ -245,6 +257,13 @@ class LearnerConfig(_Section):
             raise ValueError("learner.lora applies to learner.zero_stage 0-2 (ZeRO-3 partitions the base layers the "
                              "adapters wrap); the frozen base holds no optimizer state, so ZeRO-2 already saves most")
         return self
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
 
 
 class WeightSyncConfig(_Section):
