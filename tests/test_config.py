@@ -142,3 +142,24 @@ def test_offline_pilot_defaults_to_the_papers_pilot_of_eight():
 def test_values_that_failed_only_inside_ray_are_refused_at_load_time(override, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(None, [override])
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
+    # PyYAML keeps the last of two equal keys: the first section's settings would vanish silently.
+    path = tmp_path / "job.yaml"
+    path.write_text("learner:\n  lr: 1.0e-4\n  zero_stage: 1\nlearner:\n  micro_batch_size: 32\n")
+    with pytest.raises(ConfigError, match=r"job.yaml: line 4: duplicate key 'learner' \(first on line 1\)"):
+        load_config(path)
+    path.write_text("learner:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")
+    with pytest.raises(ConfigError, match="line 3: duplicate key 'lr'"):
+        load_config(path)
+    # A YAML merge key is not a duplicate: the explicit key overrides the merged one.
+    path.write_text("learner:\n  <<: {lr: 1.0e-4, zero_stage: 1}\n  lr: 2.0e-4\n")
+    assert load_config(path).learner.lr == pytest.approx(2e-4) and load_config(path).learner.zero_stage == 1
+
+
+def test_an_error_from_a_set_override_names_the_override():
+    with pytest.raises(ConfigError, match=r"nosuch: unknown key \(from --set nosuch.path=1\)"):
+        load_config(None, ["nosuch.path=1"])
+    with pytest.raises(ConfigError, match=r"learner.lr: .*greater than 0.*\(from --set learner.lr=-1\)"):
+        load_config(None, ["learner.lr=-1"])

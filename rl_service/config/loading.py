@@ -14,7 +14,16 @@ from rl_service.config.algorithm import ALGORITHMS
 from rl_service.errors import ConfigError
 
 
-def _format_validation_error(source: str, error: ValidationError) -> str:
+def _from_override(field: str, overrides: list[str]) -> str:
+    """" (from --set …)" when a `--set` wrote the field (or a key above or below it), else ""."""
+    for override in overrides:
+        written = override.split("=", 1)[0].strip()
+        if field == written or field.startswith(written + ".") or written.startswith(field + "."):
+            return f" (from --set {override})"
+    return ""
+
+
+def _format_validation_error(source: str, error: ValidationError, overrides: list[str] = ()) -> str:
     problems = []
     for item in error.errors():
         loc, algorithm = list(item["loc"]), None
@@ -42,7 +51,7 @@ def _format_validation_error(source: str, error: ValidationError) -> str:
                 continue
         elif not isinstance(item.get("input"), (dict, list)):
             message += f" (got {item.get('input')!r})"  # the value as parsed, e.g. 'many' for an integer
-        problems.append(f"{field}: {message}")
+        problems.append(f"{field}: {message}{_from_override(field, list(overrides))}")
     return f"{source}: " + "; ".join(problems)
 
 
@@ -75,7 +84,22 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-5` (no dot) as a float, as YAML 1.2 and every user do."""
+    """SafeLoader that also reads `1e-5` (no dot) as a float, as YAML 1.2 and every user do, and
+    refuses a key written twice in one mapping (PyYAML keeps the last silently, so a second
+    `learner:` section would quietly drop the first one's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {first_line[key]})", key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -111,7 +135,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{source}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+            problem = str(getattr(exc, "problem", exc))
+            if problem.startswith("duplicate key"):
+                raise ConfigError(f"{source}:{where}: {problem}") from None
+            raise ConfigError(f"{source}:{where} not valid YAML ({problem})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -121,7 +148,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(source, exc)) from None
+        raise ConfigError(_format_validation_error(source, exc, overrides or [])) from None
 
 
 def dump_config(config: JobConfig) -> str:
