@@ -97,6 +97,7 @@ def _command_run(args) -> int:
     from rl_service.driver.trainer import prepare_job, run_training
     from rl_service.progress import print_summary
 
+    from rl_service.driver.preflight import check_cluster
     from rl_service.driver.run_dir import latest_checkpoint, prepare_run_dir
 
     if args.resume and not args.run_dir:
@@ -115,6 +116,7 @@ def _command_run(args) -> int:
                                 f"with `rl-service resume {args.run_dir} [--set KEY=VALUE]` to change a field")
             return _resume(Path(args.run_dir), config)
     job = prepare_job(config)  # user-input errors surface here, before Ray starts
+    check_cluster(config)      # a cluster that does not answer, roles a local Ray cannot place
     prepare_run_dir(run_dir, args.resume, args.overwrite)   # only now: replacing a run, once the new one can start
     summary = run_training(job, run_dir)
     print_summary(summary, str(run_dir.resolve()))
@@ -138,13 +140,21 @@ def _command_resume(args) -> int:
 def _resume(run_dir: Path, config) -> int:
     from rl_service.driver.trainer import prepare_job, run_training
     from rl_service.progress import print_summary
+    from rl_service.driver.preflight import check_cluster
     from rl_service.driver.run_dir import latest_checkpoint
 
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
-        raise UserError(f"{run_dir}: no complete checkpoint to resume from (checkpoints/latest)")
+        raise UserError(f"{run_dir}: no complete checkpoint to resume from (checkpoints/latest); start it again with "
+                        f"`rl-service run {run_dir / 'config.yaml'} --run-dir {run_dir} --overwrite`")
+    done = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["step"]
+    if config.steps <= done:
+        # Resuming would train nothing and rewrite the summary with the first evaluation as the last.
+        raise UserError(f"{run_dir}: already trained {done} steps and its config says steps: {config.steps}; "
+                        f"to train more, `rl-service resume {run_dir} --set steps=N` with N > {done}")
     _run_id(config)
     job = prepare_job(config)
+    check_cluster(config)
     logging.getLogger("rl_service").info("resuming %s from %s", run_dir, checkpoint.name)
     summary = run_training(job, run_dir, resume_from=checkpoint)
     print_summary(summary, str(run_dir.resolve()))

@@ -163,3 +163,14 @@ def test_an_error_from_a_set_override_names_the_override():
         load_config(None, ["nosuch.path=1"])
     with pytest.raises(ConfigError, match=r"learner.lr: .*greater than 0.*\(from --set learner.lr=-1\)"):
         load_config(None, ["learner.lr=-1"])
+
+
+def test_cluster_address_local_is_our_loopback_local_ray_and_garbage_is_refused(monkeypatch):
+    # Ray's "local" means a new local Ray: ours binds to 127.0.0.1; joining "local" bound to every interface.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert load_config(None, ["cluster.address=local"]).cluster.address_to_join() is None
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert load_config(None).cluster.address_to_join() is None
+    assert load_config(None, ["cluster.address=10.0.0.1:6379"]).cluster.address_to_join() == "10.0.0.1:6379"
+    with pytest.raises(ConfigError, match="cluster.address: 'garbage' is not a Ray address"):
+        load_config(None, ["cluster.address=garbage"])

@@ -119,3 +119,15 @@ def test_a_50_mb_prompt_is_refused_in_one_line_without_tokenizing_it(tmp_path):
     # A few copies of 50 MB of text (file, JSON string, record) beside torch and transformers, never
     # the tokenized prompt (10 GB, then a 100 GB allocation before the fix).
     assert peak_mib < 2048, peak_mib
+
+
+def test_a_run_that_failed_before_its_first_row_is_no_run_and_its_directory_is_reused(tmp_path):
+    # Ray or a role could not start: config.yaml and empty metrics/ledger files, nothing else. Refusing
+    # it left a directory that could be neither resumed (no checkpoint) nor run again without --overwrite.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("job_name: x\n")
+    (run / "metrics.jsonl").write_text("")
+    (run / "ledger.jsonl").write_text("")
+    prepare_run_dir(run)
+    assert list(run.iterdir()) == []

@@ -5,6 +5,7 @@ Every field carries its default, unit and range; unknown keys are errors (`extra
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -294,6 +295,9 @@ class ClusterConfig(_Section):
         if address and is_job_server_url(address):
             raise ValueError(f"{address} is a Ray job server (dashboard) URL, for `rl-service submit --address`; a run "
                              "joins a cluster by its GCS address (host:6379) or ray://host:10001")
+        if address and address not in ("auto", "local") and not _RAY_ADDRESS.fullmatch(address.strip()):
+            raise ValueError(f"{address!r} is not a Ray address: host:port (the GCS, e.g. 10.0.0.1:6379), "
+                             "ray://host:port (Ray Client), auto (the cluster this machine is part of) or local")
         return address
 
     def address_to_join(self) -> str | None:
@@ -302,7 +306,11 @@ class ClusterConfig(_Section):
         (deploy/README.md has users export http://HEAD:8265 for the job commands) names no cluster a
         driver can join, so a run on that shell is a local one (rl_service/driver/roles.py says so once)."""
         address = self.address or os.environ.get("RAY_ADDRESS")
-        return None if not address or is_job_server_url(address) else address
+        # "local" is Ray's word for a new local Ray: ours, bound to 127.0.0.1, not a cluster to join.
+        return None if not address or address == "local" or is_job_server_url(address) else address
+
+
+_RAY_ADDRESS = re.compile(r"(ray://)?([\w.-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}")
 
 
 def is_job_server_url(address: str) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rl_service.config.sections import is_job_server_url
 from rl_service.errors import UserError
+from rl_service.driver.preflight import check_job_server_answers
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 UPLOAD_EXCLUDES = [".venv", "runs", "**/__pycache__", "*.pyc", ".pytest_cache", "*.egg-info"]
@@ -54,6 +55,7 @@ def job_server_client(args):
     for name in [name for name in logging.root.manager.loggerDict if name == "ray" or name.startswith("ray.")]:
         logging.getLogger(name).setLevel(logging.ERROR)
 
+    check_job_server_answers(address)
     try:
         return JobSubmissionClient(address)
     except Exception as error:  # noqa: BLE001 - the SDK raises ConnectionError, RuntimeError, ValueError

@@ -43,6 +43,15 @@ RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "ledger.jsonl", "summary.json", "
 _KERNEL_FILE_SYSTEMS = ("/proc", "/sys", "/dev")
 
 
+def _started_nothing(directory: Path) -> bool:
+    """A run that failed before its first metrics row (Ray or a role could not start): no checkpoint,
+    no summary, no row. Reusing its directory loses nothing, and refusing it left the user with a
+    directory they could neither resume nor run again without --overwrite."""
+    metrics = directory / "metrics.jsonl"
+    return (latest_checkpoint(directory) is None and not (directory / "summary.json").exists()
+            and (not metrics.exists() or metrics.stat().st_size == 0))
+
+
 def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = False, clear: bool = True) -> None:
     """Check (and create) a run directory before Ray starts; a UserError names the problem.
 
@@ -62,7 +71,8 @@ def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = Fa
     if directory.exists() and not directory.is_dir():
         raise UserError(f"--run-dir {path}: exists and is not a directory")
     existing = [name for name in RUN_ENTRIES if (directory / name).exists()]
-    if existing and not overwrite and not (resume and latest_checkpoint(directory) is not None):
+    if existing and not overwrite and not (resume and latest_checkpoint(directory) is not None) \
+            and not _started_nothing(directory):
         if not resume:
             raise UserError(f"--run-dir {path}: already holds a run ({', '.join(existing[:3])}); continue it with "
                             f"`rl-service resume {path}` (or run --resume), or replace it with --overwrite")

@@ -1,0 +1,125 @@
+"""What can be checked about the cluster before Ray starts, so a mistake is one line and not a hang.
+
+Ray waits for ever on a resource request no node can meet ("No available node types can fulfill
+..."), retries a GCS address nobody answers on for minutes, and its job SDK has no timeout on a
+server that accepts a connection and never replies. Each check here turns one of those into a
+UserError that names the field or the address.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit
+
+from rl_service.config import JobConfig
+from rl_service.errors import UserError
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def role_demands(config: JobConfig) -> list[tuple[str, dict[str, float]]]:
+    """(config field, Ray resources it asks for) of every role the job starts, as `start_roles` places them."""
+    from rl_service.driver.roles import engine_resources
+
+    def bundle(cpus: float, gpus: float, resources: dict) -> dict[str, float]:
+        return {"CPU": float(cpus), "GPU": float(gpus), **{name: float(amount) for name, amount in resources.items()}}
+
+    generator, reward, learner = config.generator, config.reward, config.learner
+    demands = [("generator", {name: amount * generator.num_engines for name, amount in engine_resources(config).items()}),
+               ("reward", {name: amount * reward.num_actors
+                           for name, amount in bundle(reward.num_cpus, reward.num_gpus, reward.resources).items()}),
+               ("learner", {name: amount * learner.num_ranks
+                            for name, amount in bundle(learner.num_cpus, learner.num_gpus, learner.resources).items()})]
+    if not config.algorithm.is_preference:
+        demands.append(("statistics", bundle(config.statistics.num_cpus, 0.0, config.statistics.resources)))
+    return demands
+
+
+def local_resource_shortfall(config: JobConfig, cpus: float, gpus: float) -> str | None:
+    """Why a local Ray with `cpus` logical CPUs and `gpus` GPUs (and no custom resources) cannot place
+    the job's roles, naming the fields that ask for what is missing; None when it can."""
+    demands = role_demands(config)
+    have = {"CPU": float(cpus), "GPU": float(gpus)}
+    problems = []
+    for resource in sorted({name for _, asked in demands for name in asked}):
+        askers = [(role, asked[resource]) for role, asked in demands if asked.get(resource, 0.0) > 0]
+        total = sum(amount for _, amount in askers)
+        if total > have.get(resource, 0.0) + 1e-9:
+            fields = ", ".join(f"{role}: {amount:g}" for role, amount in askers)
+            what = {"CPU": "logical CPUs (cluster.num_cpus, default this machine's)", "GPU": "GPUs"}.get(
+                resource, f"of custom resource {resource!r} (a local Ray has none: it is for a cluster's nodes)")
+            problems.append(f"the roles ask for {total:g} {resource} ({fields}); this machine's local Ray has "
+                            f"{have.get(resource, 0.0):g} {what}")
+    if not problems:
+        return None
+    return ("; ".join(problems) + ". Lower {role}.num_cpus / num_gpus / resources (or num_engines, num_actors, "
+            "num_ranks), or join a cluster that has them (cluster.address)")
+
+
+def check_cluster(config: JobConfig) -> None:
+    """Before Ray starts: a cluster to join must accept a connection; a local Ray must be able to
+    place every role (Ray would wait for ever on either)."""
+    address = config.cluster.address_to_join()
+    if address is not None:
+        check_cluster_reachable(address, "cluster.address" if config.cluster.address else "RAY_ADDRESS")
+        return
+    cpus = config.cluster.num_cpus or os.cpu_count() or 1
+    problem = local_resource_shortfall(config, cpus, _visible_gpus())
+    if problem:
+        raise UserError(f"local run: {problem}")
+
+
+def _visible_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable CUDA is zero GPUs
+        return 0
+
+
+def gcs_host_port(address: str, source: str = "cluster.address") -> tuple[str, int] | None:
+    """(host, port) of a `host:port` or `ray://host:port` address; None for `auto` (Ray looks it up)."""
+    if address == "auto":
+        return None
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise UserError(f"{source} {address!r}: not a Ray address (host:port, ray://host:port, auto or local)")
+    return parts.hostname, port
+
+
+def check_cluster_reachable(address: str, source: str = "cluster.address", timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse, within `timeout_s`, to join a cluster address where nothing accepts a connection."""
+    target = gcs_host_port(address, source)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=timeout_s):
+            pass
+    except OSError as error:
+        reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or str(error))
+        raise UserError(f"{source} {address}: cannot reach a Ray cluster there ({reason} within "
+                        f"{timeout_s:g} s; is the head up and the port right?)") from None
+
+
+def check_job_server_answers(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse a job server URL that does not answer an HTTP request within `timeout_s` (Ray's job SDK
+    would wait for ever on one that accepts the connection and never replies). Any HTTP answer, an
+    auth refusal included, counts: the SDK then says what is wrong."""
+    try:
+        with urllib.request.urlopen(f"{address.rstrip('/')}/api/version", timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        if isinstance(reason, (TimeoutError, socket.timeout)) or isinstance(error, (TimeoutError, socket.timeout)):
+            raise UserError(f"--address {address}: the Ray job server accepted the connection but did not answer "
+                            f"within {timeout_s:g} s (is it the dashboard port of a Ray head?)") from None
+        # Refused, unresolvable, TLS: the SDK's own attempt reports these in its words.

@@ -1,0 +1,92 @@
+"""Checks before Ray starts (rl_service/driver/preflight.py): what Ray would wait on for ever becomes one line."""
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from rl_service.config import load_config
+from rl_service.driver.preflight import (check_cluster_reachable, check_job_server_answers, gcs_host_port,
+                                         local_resource_shortfall)
+from rl_service.errors import UserError
+
+from test_cli import REPO, rl_service
+
+
+def test_a_local_ray_that_cannot_place_the_roles_is_named_by_field():
+    assert local_resource_shortfall(load_config(REPO / "configs" / "quickstart.yaml"), cpus=2, gpus=0) is None
+    gpus = local_resource_shortfall(load_config(None, ["generator.num_gpus=1", "generator.num_engines=2"]), 2, 0)
+    assert "ask for 2 GPU (generator: 2)" in gpus and "has 0 GPUs" in gpus
+    # 64 ranks of 0.5 CPU, 1 engine of 0.25, 1 reward actor of 0.25, statistics 0.1: 32.6 logical CPUs.
+    cpus = local_resource_shortfall(load_config(None, ["learner.num_ranks=64"]), cpus=2, gpus=0)
+    assert "ask for 32.6 CPU" in cpus and "learner: 32" in cpus
+    custom = local_resource_shortfall(load_config(None, ["generator.resources={rollout: 1}"]), cpus=2, gpus=0)
+    assert "custom resource 'rollout'" in custom and "generator: 1" in custom
+    assert local_resource_shortfall(load_config(None, ["generator.num_gpus=1"]), cpus=2, gpus=1) is None
+
+
+def test_cluster_addresses_are_parsed_and_a_closed_port_is_refused_fast():
+    assert gcs_host_port("10.0.0.1:6379") == ("10.0.0.1", 6379)
+    assert gcs_host_port("ray://head:10001") == ("head", 10001)
+    assert gcs_host_port("auto") is None
+    with socket.socket() as probe:          # a port nobody listens on: bound, then closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(UserError, match=rf"cluster.address 127.0.0.1:{port}: cannot reach a Ray cluster there"):
+        check_cluster_reachable(f"127.0.0.1:{port}", timeout_s=5)
+    assert time.monotonic() - started < 5
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        check_cluster_reachable(f"127.0.0.1:{listener.getsockname()[1]}")   # something answers: Ray's turn
+
+
+def test_a_job_server_that_accepts_and_never_answers_is_refused_within_the_timeout():
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()   # the kernel accepts connections; nobody ever replies
+        address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(UserError, match="accepted the connection but did not answer within 1 s"):
+            check_job_server_answers(address, timeout_s=1)
+
+
+def test_any_http_answer_counts_as_a_job_server_that_answers():
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        check_job_server_answers(f"http://127.0.0.1:{server.server_port}", timeout_s=5)
+    finally:
+        server.shutdown()
+
+
+def test_run_refuses_roles_a_local_ray_cannot_place_before_ray_starts(tmp_path):
+    result = rl_service("run", "configs/quickstart.yaml", "--set", "generator.num_gpus=1", "--run-dir", str(tmp_path / "r"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "local run: the roles ask for 1 GPU (generator: 1)" in lines[0], result.stderr
+    assert not (tmp_path / "r" / "config.yaml").exists()   # nothing written: the directory is no run
+
+
+def test_resume_refuses_a_run_that_already_trained_its_steps(tmp_path):
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step_2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2}))
+    (run / "checkpoints" / "latest").write_text("step_2")
+    (run / "config.yaml").write_text("steps: 2\n")
+    result = rl_service("resume", str(run))
+    assert result.returncode == 2 and "already trained 2 steps and its config says steps: 2" in result.stderr
+    assert "--set steps=N` with N > 2" in result.stderr
