@@ -139,6 +139,17 @@ def test_errors_name_the_dataset_split_and_row(tmp_path, saved_dict):
         load_task(_config([f"data.hf.path={bad_chat}"]))
 
 
+def test_a_bad_json_lines_record_in_a_data_file_directory_is_named_by_file_and_line(tmp_path):
+    from rl_service.tasks import load_task
+
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "train.jsonl").write_text('{"prompt": "1+1?", "answer": "2"}\n\n{"prompt": "x", answer: 3}\n')
+    # datasets says only "An error occurred while generating the dataset".
+    with pytest.raises(DataError, match=r"train.jsonl:3: not valid JSON \(Expecting property name"):
+        load_task(_config([f"data.hf.path={files}"]))
+
+
 def test_chat_prompts_in_jsonl_too(tmp_path):
     from rl_service.data.prompts import load_prompt_file
 

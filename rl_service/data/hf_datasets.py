@@ -15,8 +15,32 @@ from rl_service.data.prompts import PromptRecord, _quiet_datasets, records_from_
 from rl_service.errors import DataError
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: BaseException) -> str:
+    # datasets wraps the reader's error ("An error occurred while generating the dataset"): the
+    # innermost cause says what is wrong.
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
     return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """`file:line: not valid JSON (...)` for the first JSON Lines record that does not parse, if any."""
+    import json
+
+    for file in sorted(path.rglob("*.json*")):
+        if file.suffix not in (".json", ".jsonl") or not file.is_file():
+            continue
+        with file.open(encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as exc:
+                    if number == 1 and file.suffix == ".json":
+                        break   # a whole-file JSON document, not JSON Lines: not ours to judge line by line
+                    return f"{file}:{number}: not valid JSON ({exc.msg})"
+    return None
 
 
 def _open_split(path: Path, split: str, split_field: str):
@@ -33,7 +57,8 @@ def _open_split(path: Path, split: str, split_field: str):
             raise DataError(f"{path}: no split '{split}' ({split_field}); {_reason(exc)}") from None
         raise DataError(f"{path}: cannot read as a Hugging Face dataset ({_reason(exc)})") from None
     except Exception as exc:  # datasets raises many types; the user needs the path and the reason
-        raise DataError(f"{path}: cannot read as a Hugging Face dataset ({_reason(exc)})") from None
+        bad_line = None if saved else _first_bad_json_line(path)
+        raise DataError(bad_line or f"{path}: cannot read as a Hugging Face dataset ({_reason(exc)})") from None
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise DataError(f"{path}: no split '{split}' ({split_field}); it has {', '.join(sorted(dataset))}")
