@@ -96,10 +96,13 @@ def test_failures_score_0_are_counted_logged_once_per_kind_and_the_rest_still_sc
 
 
 def test_a_module_that_stops_importing_fails_the_batch_once_not_per_completion(tmp_path):
-    flag = tmp_path / "broken"
+    (tmp_path / "state").mkdir()
+    flag = tmp_path / "state" / "broken"
     (tmp_path / "flaky.py").write_text(f"import pathlib\nif pathlib.Path({str(flag)!r}).exists():\n"
                                        "    raise RuntimeError('config moved')\n\ndef reward(c, a):\n    return 1\n")
-    runner = CustomRewardRunner(CustomRewardSpec(str(tmp_path / "flaky.py"), "reward", 1.0, 256))
+    # The flag's folder is listed in reward.custom_readable: the sandbox shows nothing else of tmp_path.
+    runner = CustomRewardRunner(CustomRewardSpec(str(tmp_path / "flaky.py"), "reward", 1.0, 256,
+                                                 readable=(str(tmp_path / "state"),)))
     try:
         assert runner.score(["x"], ["1"]) == ([1.0], {"custom_reward_errors": 0, "custom_reward_timeouts": 0,
                                                     "custom_reward_restarts": 0})

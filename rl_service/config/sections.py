@@ -144,15 +144,35 @@ class RewardConfig(_Section):
         1024, ge=64, le=1_048_576, description="address-space limit (RLIMIT_AS) of the custom reward subprocess, MiB")
     custom_sandbox: Literal["auto", "bwrap", "off"] = Field(
         "auto", description="isolation of the custom reward subprocess (rl_service/rewards/sandbox.py). auto: bubblewrap "
-                            "(no files outside a scratch dir, no network, no signals out), else unshare (no network or "
-                            "signals; files not confined) with a warning; bwrap: refuse to run without bubblewrap; off: "
-                            "process group and limits only (a function that needs the network)")
+                            "(reads only the Python installation, the reward file itself and reward.custom_readable, "
+                            "not the file's directory; writes only a scratch /tmp; no network, no signals out), else "
+                            "unshare (no network or signals; files not confined) with a warning, else refuse to run; "
+                            "bwrap: refuse to run without bubblewrap; off: no sandbox, process group and limits only "
+                            "(a function that needs the network, or a machine without user namespaces)")
+    custom_readable: list[str] = Field(
+        default_factory=list, description="files or directories the custom reward may read, read-only, e.g. a helper "
+                                          "module or a data file next to it (a neighbour module listed here can be "
+                                          "imported); paths relative to the working directory, each must exist. Under "
+                                          "bubblewrap nothing else of the reward file's directory is visible")
 
     @field_validator("custom_sandbox", mode="before")
     @classmethod
     def _yaml_off_is_off(cls, value):
         # YAML 1.1 reads an unquoted `off` (in a file or `--set reward.custom_sandbox=off`) as False.
         return "off" if value is False else value
+
+    @field_validator("custom_readable")
+    @classmethod
+    def _readable_paths_exist(cls, paths: list[str]) -> list[str]:
+        for index, path in enumerate(paths):
+            where = os.path.realpath(os.path.expanduser(path))
+            if not os.path.exists(where):
+                raise ValueError(f"reward.custom_readable[{index}]: {path}: no such file or directory "
+                                 "(relative paths are from the working directory)")
+            if where in ("/", "/tmp"):   # would hide the reward's scratch /tmp (and show the host's)
+                raise ValueError(f"reward.custom_readable[{index}]: {path}: name the files or directories the "
+                                 "reward reads, not / or /tmp")
+        return paths
     clip: tuple[float, float] = Field(
         (-1e6, 1e6), description="[low, high] finite range of a reward (custom function or reward model); one outside "
                                  "is clipped to it and counted in rewards_clipped, a non-finite one scores 0 and is "

@@ -13,16 +13,20 @@ keeps evaluation on the verifier, so eval accuracy stays an accuracy).
 User code never runs in the RewardActor's process: it runs in one long-lived subprocess per
 `CustomRewardRunner`, started with the actor and started again after it dies or times out. The two
 talk JSON lines over pipes (no pickle of user data). The subprocess is sandboxed
-(`reward.custom_sandbox`, rl_service/rewards/sandbox.py: no files outside a scratch directory, no
-network, no signals out), in its own process group (killed whole at the time limit; whatever a call
-forked is killed when the call returns), with an address-space and file-size limit (`RLIMIT_AS`,
-`RLIMIT_FSIZE`: `reward.custom_memory_mb`) and each call a time limit (`reward.custom_timeout_s`).
+(`reward.custom_sandbox`, rl_service/rewards/sandbox.py: with bubblewrap it reads only the Python
+installation, the reward file itself and the paths in `reward.custom_readable`, not the file's
+directory, and writes only a scratch /tmp; no network, no signals out; where no sandbox works,
+`auto` refuses to run and only an explicit `off` runs the function unconfined), in its own process
+group (killed whole at the time limit; whatever a call forked is killed when the call returns),
+with an address-space and file-size limit (`RLIMIT_AS`, `RLIMIT_FSIZE`: `reward.custom_memory_mb`)
+and each call a time limit (`reward.custom_timeout_s`).
 A call that raises, returns something that is not a finite number, runs past its limit, runs out
 of memory or kills its process scores 0 and is counted (`COUNTER_KEYS`); the first of each kind is
 logged with its message, later ones only counted.
 
 `check_custom_reward` finds what can be known before Ray starts (file, syntax, function) and raises
-a one-line `UserError` naming `reward.custom`. The subprocess's side is custom_worker.py.
+a one-line `UserError` naming `reward.custom` (or `reward.custom_readable[i]`, or the sandbox that
+`reward.custom_sandbox` asks for and this machine lacks). The subprocess's side is custom_worker.py.
 """
 from __future__ import annotations
 
@@ -55,27 +59,30 @@ _RESTART_AFTER = frozenset({_TIMEOUT, "died", "protocol", "memory"})
 
 @dataclass(frozen=True)
 class CustomRewardSpec:
-    """A parsed `reward.custom`: the absolute file path, the function name and the limits."""
+    """A parsed `reward.custom`: the absolute file path, the function name, the limits and the
+    absolute paths the function may read besides its file (`reward.custom_readable`)."""
     path: str
     function: str
     timeout_s: float = 5.0
     memory_mb: int = 1024
     sandbox: str = "auto"          # reward.custom_sandbox: auto, bwrap or off
+    readable: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.path}:{self.function}"
 
 
 def parse_custom_reward(value: str, timeout_s: float = 5.0, memory_mb: int = 1024,
-                        sandbox: str = "auto") -> CustomRewardSpec:
-    """`"dir/file.py:name"` → a spec with an absolute path (relative paths are from the working
-    directory, like the data paths). Checks the form only, not the file."""
+                        sandbox: str = "auto", readable: Sequence[str] = ()) -> CustomRewardSpec:
+    """`"dir/file.py:name"` → a spec with an absolute path (relative paths, also those of `readable`,
+    are from the working directory, like the data paths). Checks the form only, not the files."""
     path, separator, function = value.rpartition(":")
     if not separator or not path or not function.isidentifier():
         raise _user_error(f"{value!r} must be 'path/to/file.py:function_name'")
     if not path.endswith(".py"):
         raise _user_error(f"{path} must be a .py file (got {value!r}; expected 'path/to/file.py:function_name')")
-    return CustomRewardSpec(str(Path(path).expanduser().resolve()), function, timeout_s, memory_mb, sandbox)
+    return CustomRewardSpec(str(Path(path).expanduser().resolve()), function, timeout_s, memory_mb, sandbox,
+                            tuple(os.path.abspath(os.path.expanduser(entry)) for entry in readable))
 
 
 def custom_reward_spec(reward_config) -> CustomRewardSpec | None:
@@ -83,15 +90,21 @@ def custom_reward_spec(reward_config) -> CustomRewardSpec | None:
     if not reward_config.custom:
         return None
     return parse_custom_reward(reward_config.custom, reward_config.custom_timeout_s, reward_config.custom_memory_mb,
-                               reward_config.custom_sandbox)
+                               reward_config.custom_sandbox, reward_config.custom_readable)
 
 
 def check_custom_reward(spec: CustomRewardSpec) -> None:
-    """Raise a one-line UserError if the file is missing, does not parse, or (imported in a
-    subprocess under the same limits) has no callable `spec.function`."""
+    """Raise a one-line UserError if the file is missing, does not parse, a `reward.custom_readable`
+    path is missing, the sandbox asked for does not work here, or (imported in a subprocess in the
+    same sandbox and under the same limits) the module has no callable `spec.function`."""
     file, shown = Path(spec.path), _shown(spec.path)
     if not file.is_file():
         raise _user_error(f"{shown}: file not found")
+    for index, entry in enumerate(spec.readable):   # checked at config load too; a spec may be built by hand
+        if not os.path.exists(entry):
+            from rl_service.errors import UserError
+
+            raise UserError(f"reward.custom_readable[{index}]: {_shown(entry)}: no such file or directory")
     try:
         ast.parse(file.read_bytes(), filename=str(file))
     except SyntaxError as exc:
@@ -143,7 +156,7 @@ class _Worker:
         entry = str(Path(__file__).resolve().with_name("custom_worker.py"))
         command, self.scratch, env = sandboxed_command(
             kind, [sys.executable, entry, self.spec.path, self.spec.function, str(self.spec.memory_mb)], entry,
-            self.spec.path)
+            self.spec.path, self.spec.readable)
         # Its own session and process group: a time-out kills the whole group (in a sandbox, the
         # namespace's pid 1 dies with it and takes every process inside along).
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=self.scratch,

@@ -2,7 +2,8 @@
 
 Imports the user's module, then answers one JSON line per JSON request line on its stdin/stdout
 (rl_service/rewards/custom.py is the parent side). Standard library only, and nothing of ours: it
-is run by path, inside the sandbox (rl_service/rewards/sandbox.py), which sees only this file.
+is run by path, inside the sandbox (rl_service/rewards/sandbox.py), which shows of the host only the
+Python installation, this file, the user's file and what `reward.custom_readable` lists.
 """
 from __future__ import annotations
 
@@ -88,7 +89,10 @@ def _end_leftovers(own_namespace: bool) -> None:
 def _load_function(path: str, name: str):
     import importlib.util
 
-    sys.path[0] = str(Path(path).parent)  # the user's file may import its neighbours
+    # The user's file may import its neighbours: under bubblewrap only those listed in
+    # `reward.custom_readable` exist in this directory (the sandbox binds files, not the directory);
+    # unconfined (`unshare`, `off`) all of them do.
+    sys.path[0] = str(Path(path).parent)
     module_spec = importlib.util.spec_from_file_location("_rl_service_custom_reward", path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_spec.name] = module

@@ -2,22 +2,27 @@
 
 `bwrap` (bubblewrap, Debian's `bubblewrap` package, installed best effort by scripts/install.sh): the
 function runs in its own user, pid, network, IPC and UTS namespaces as an unprivileged user with no
-capabilities, on a read-only root that holds only the system's libraries, the Python installation
-(interpreter, site-packages) and the reward file's directory; `/tmp` (also HOME and the working
-directory) is a scratch directory of its own, removed when the process stops. So no file outside the
-scratch directory can be written or read (no /etc/passwd, no runs, no tokens), there is no network
-but an empty loopback (a connection to a server on the host's 127.0.0.1 is refused), no process
-outside the sandbox can be seen or signalled, and the environment is cleared (no RAY_AUTH_TOKEN).
-The reward process is pid 1 of its namespace: its own children die with it, by the kernel.
+capabilities, on a read-only root that holds only the system's libraries (/usr, /lib*, the dynamic
+loader's cache, the time zone), the Python installation (interpreter, standard library,
+site-packages), the reward file itself and the paths listed in `reward.custom_readable`, each bound
+read-only at its own path; not the reward file's directory, so its neighbours (other modules, data,
+secrets) are not there unless listed. `/tmp` (also HOME and the working directory) is a scratch
+directory of its own, writable and removed when the process stops; a reward file under the host's
+/tmp is bound inside that scratch at its own path and hides nothing of it. So no other file can be read or written (no /etc/passwd,
+no runs, no ~/.ray, no tokens, nothing else of the host's /tmp), there is no network but an empty
+loopback (a connection to a server on the host's 127.0.0.1 is refused), no process outside the
+sandbox can be seen or signalled, and the environment is cleared (no RAY_AUTH_TOKEN). The reward
+process is pid 1 of its namespace: its own children die with it, by the kernel.
 
 `unshare` (util-linux, always on Debian): the fallback where bubblewrap is missing or refused: user,
 pid and network namespaces (no network, no signals outside, children die with it) but the file
-system is not confined. A one-line warning says so. Where neither works (user namespaces disabled):
-its own process group and the resource limits only, with a warning.
+system is not confined (the function reads what this user reads). A one-line warning says so.
 
-`off`: the process group and the resource limits only, for a function that needs the network (a
-remote judge); `bwrap`: refuse to run (a UserError before Ray starts) where bubblewrap does not work.
-Standard library only.
+`auto` (the default) takes bwrap, else unshare; where neither works (user namespaces disabled) it
+refuses to run (a UserError before Ray starts) rather than run user code unconfined. `off`: no
+sandbox, the process group and the resource limits only, for a function that needs the network (a
+remote judge) or where no namespaces exist, chosen explicitly; `bwrap`: refuse to run where
+bubblewrap does not work. Standard library only.
 """
 from __future__ import annotations
 
@@ -38,22 +43,37 @@ _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS
 _warned: set[str] = set()
 
 
-def _readable_roots(entry_script: str, reward_file: str) -> list[str]:
-    """What the sandboxed interpreter needs to see: the Python installation and the user's file's directory."""
+def _readable_roots() -> list[str]:
+    """The Python installation the sandboxed interpreter needs: prefixes and site-packages directories."""
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-             str(Path(sys.executable).resolve().parent.parent), str(Path(reward_file).parent)}
+             str(Path(sys.executable).resolve().parent.parent)}
     roots |= {entry for entry in sys.path if ("site-packages" in entry or "dist-packages" in entry) and os.path.isdir(entry)}
     roots = sorted(str(Path(root).resolve()) for root in roots if os.path.isdir(root))
     # A root inside another is bound with it already.
-    kept = [root for root in roots if not any(root != other and root.startswith(other.rstrip("/") + "/")
-                                              for other in roots)]
-    return kept + [str(Path(entry_script).resolve())]
+    return [root for root in roots if not any(root != other and root.startswith(other.rstrip("/") + "/")
+                                             for other in roots)]
 
 
-def _bwrap_prefix(entry_script: str, reward_file: str, scratch: str) -> list[str]:
+def _readable_binds(paths) -> list[tuple[str, str]]:
+    """(source, destination) read-only binds of single files or directories, each at its resolved
+    path, and also at its absolute path where a symlink makes that differ (a listed neighbour that is
+    a link is found under the name the user gave)."""
+    binds: list[tuple[str, str]] = []
+    for path in paths:
+        named = os.path.abspath(os.path.expanduser(path))
+        real = os.path.realpath(named)
+        for destination in dict.fromkeys((real, named)):
+            if (real, destination) not in binds:
+                binds.append((real, destination))
+    return binds
+
+
+def _bwrap_prefix(entry_script: str, scratch: str, readable=()) -> list[str]:
+    """The bwrap command up to `--`; `readable` holds the reward file and `reward.custom_readable`."""
     command = ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
                "--die-with-parent", "--new-session", "--as-pid-1", "--ro-bind", "/usr", "/usr",
-               # The scratch directory first: a reward file under the host's /tmp is bound over it.
+               # The scratch directory first: a reward file (or listed path) under the host's /tmp is
+               # then bound inside it, at its own path, and hides nothing of the scratch.
                "--bind", scratch, SCRATCH]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):       # merged /usr: the same links as the host
@@ -63,8 +83,12 @@ def _bwrap_prefix(entry_script: str, reward_file: str, scratch: str) -> list[str
     # The dynamic loader's cache and the time zone; nothing else of /etc (no passwd, no hosts).
     for name in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime"):
         command += ["--ro-bind-try", name, name]
-    for root in _readable_roots(entry_script, reward_file):
+    for root in _readable_roots():
         command += ["--ro-bind", root, root]
+    # Then each readable path at its own path: the entry script, the reward file (never its
+    # directory) and what reward.custom_readable lists.
+    for source, destination in _readable_binds([entry_script, *readable]):
+        command += ["--ro-bind", source, destination]
     command += ["--proc", "/proc", "--dev", "/dev", "--chdir", SCRATCH,
                 "--remount-ro", "/", "--clearenv"]
     for name, value in _clean_environment(SCRATCH).items():
@@ -94,7 +118,7 @@ def _works(kind: str) -> str | None:
         return f"{tool} is not installed"
     scratch = Path(_make_scratch())
     try:
-        prefix = (_bwrap_prefix(__file__, __file__, str(scratch)) if kind == "bwrap" else _UNSHARE_PREFIX)
+        prefix = (_bwrap_prefix(__file__, str(scratch)) if kind == "bwrap" else _UNSHARE_PREFIX)
         probe = subprocess.run(prefix + [sys.executable, "-c", "import os; assert os.getpid() == 1"],
                                capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -108,8 +132,9 @@ def _works(kind: str) -> str | None:
 
 
 def choose(mode: str) -> str:
-    """The isolation to use for `mode`: "bwrap", "unshare" or "none". Warns once per process on a fallback;
-    raises RuntimeError for mode "bwrap" where bubblewrap does not work."""
+    """The isolation to use for `mode`: "bwrap", "unshare" or "none" (mode "off" only). Warns once per
+    process on the unshare fallback; raises RuntimeError for mode "bwrap" where bubblewrap does not
+    work, and for mode "auto" where neither bubblewrap nor unshare does (no silent unconfined run)."""
     if mode == "off":
         return "none"
     problem = _works("bwrap")
@@ -118,17 +143,17 @@ def choose(mode: str) -> str:
     if mode == "bwrap":
         raise RuntimeError(f"reward.custom_sandbox is bwrap but {problem} (Debian: apt-get install bubblewrap)")
     fallback_problem = _works("unshare")
-    kind = "unshare" if fallback_problem is None else "none"
-    if kind not in _warned:
-        _warned.add(kind)
-        if kind == "unshare":
-            log.warning("reward.custom: %s, so the custom reward's file access (files and path-bound Unix sockets "
-                        "such as Ray's) is NOT confined; network, signals and the environment are, with unshare; "
-                        "install bubblewrap for the full sandbox", problem)
-        else:
-            log.warning("reward.custom: no sandbox (%s; %s): the custom reward runs with this user's file, network "
-                        "and signal access, limited in time and memory only", problem, fallback_problem)
-    return kind
+    if fallback_problem is not None:
+        raise RuntimeError(f"reward.custom_sandbox is auto but no sandbox works here ({problem}; {fallback_problem}): "
+                           "install bubblewrap (Debian: apt-get install bubblewrap) and allow user namespaces, or "
+                           "set reward.custom_sandbox: off to run the custom reward unconfined (this user's files, "
+                           "network and signals; time and memory limits only)")
+    if "unshare" not in _warned:
+        _warned.add("unshare")
+        log.warning("reward.custom: %s, so the custom reward's file access (files and path-bound Unix sockets "
+                    "such as Ray's) is NOT confined; network, signals and the environment are, with unshare; "
+                    "install bubblewrap for the full sandbox", problem)
+    return "unshare"
 
 
 def _make_scratch() -> str:
@@ -137,13 +162,16 @@ def _make_scratch() -> str:
     return tempfile.mkdtemp(prefix="rl_reward_")
 
 
-def sandboxed_command(kind: str, argv: list[str], entry_script: str, reward_file: str) -> tuple[list[str], str, dict]:
+def sandboxed_command(kind: str, argv: list[str], entry_script: str, reward_file: str,
+                      readable=()) -> tuple[list[str], str, dict]:
     """(command, scratch directory, environment) running `argv` (the interpreter and the entry
-    script first) isolated as `kind`; the caller removes the scratch directory when the process is gone."""
+    script first) isolated as `kind`; under bwrap the function can read, besides the Python
+    installation, only `reward_file` and the paths in `readable` (`reward.custom_readable`, absolute).
+    The caller removes the scratch directory when the process is gone."""
     scratch = _make_scratch()
     if kind == "bwrap":   # bwrap clears the environment and sets its own (_bwrap_prefix)
-        return (_bwrap_prefix(entry_script, reward_file, scratch) + argv + ["--own-pid-namespace"], scratch,
-                _clean_environment(scratch))
+        return (_bwrap_prefix(entry_script, scratch, [reward_file, *readable]) + argv + ["--own-pid-namespace"],
+                scratch, _clean_environment(scratch))
     if kind == "unshare":
         return _UNSHARE_PREFIX + argv + ["--own-pid-namespace"], scratch, _clean_environment(scratch)
     # No sandbox (`off`, for a function that calls a remote judge and may need its key): this user's
