@@ -106,9 +106,13 @@ def check_custom_reward(spec: CustomRewardSpec) -> None:
 
             raise UserError(f"reward.custom_readable[{index}]: {_shown(entry)}: no such file or directory")
     try:
-        ast.parse(file.read_bytes(), filename=str(file))
+        source = file.read_bytes()
+        ast.parse(source, filename=str(file))
     except SyntaxError as exc:
-        raise _user_error(f"{shown}:{exc.lineno}: {exc.msg}") from None
+        line = exc.lineno
+        if line is None and b"\0" in source:   # Python names no line for a NUL byte
+            line = source.count(b"\n", 0, source.index(b"\0")) + 1
+        raise _user_error(f"{shown}:{line}: {exc.msg}" if line else f"{shown}: {exc.msg}") from None
     except (OSError, ValueError) as exc:  # unreadable, or NUL bytes / undecodable source
         raise _user_error(f"{shown}: cannot read as Python ({exc})") from None
     worker = _Worker(spec)
