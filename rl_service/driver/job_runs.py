@@ -20,31 +20,11 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from rl_service.driver.job_upload import config_paths
 from rl_service.errors import UserError
 
 RUN_DIR_METADATA = "rl_service_run_dir"
 RUN_DIR_LOG_PREFIX = "run directory: "   # the first line `rl-service run` prints
-
-
-def config_paths(config) -> list[tuple[str, str]]:
-    """(field, path) of every file or directory the config makes the job read."""
-    paths = []
-    if config.model.path != "builtin":
-        paths.append(("model.path", config.model.path))
-    if config.data.source == "jsonl":
-        paths += [(field, value) for field, value in (("data.train_path", config.data.train_path),
-                                                      ("data.eval_path", config.data.eval_path)) if value]
-    if config.data.source == "hf" and config.data.hf is not None:
-        paths.append(("data.hf.path", config.data.hf.path))   # a local dataset directory (rl_service/data/hf_datasets.py)
-    if config.algorithm.is_preference:
-        preference = config.preference
-        if preference.mode == "offline" and preference.dataset_path:
-            paths.append(("preference.dataset_path", preference.dataset_path))
-        if preference.reward_source == "reward_model" and preference.reward_model_path:
-            paths.append(("preference.reward_model_path", preference.reward_model_path))
-    if config.reward.custom:
-        paths.append(("reward.custom", config.reward.custom.rsplit(":", 1)[0]))
-    return paths
 
 
 def check_local_paths(config, working_dir: Path) -> None:
@@ -90,8 +70,14 @@ def as_job_id(value: str, command):
     directory has that name here: a mistyped run directory is as likely as a job id."""
     try:
         return command()
+    except KnownJobError:
+        raise
     except UserError as error:
         raise UserError(f"{value}: no run directory of that name here; as a job id: {error}") from None
+
+
+class KnownJobError(UserError):
+    """An error about a job that was found: `as_job_id` adds no guess that the name was a run directory."""
 
 
 def report_job(args) -> Path:
@@ -111,6 +97,7 @@ def resume_job(args) -> int:
     import sys
 
     from rl_service.driver.job_client import UPLOAD_EXCLUDES, job_server_client, sdk_call, submit_job
+    from rl_service.driver.job_upload import job_files, staged_working_dir
     from rl_service.driver.roles import SUBMISSION_ID_ENV, new_submission_id
 
     client = job_server_client(args)
@@ -118,20 +105,26 @@ def resume_job(args) -> int:
     run_dir = job_run_dir(client, args.run_dir, call)
     status = call(lambda: client.get_job_status(args.run_dir)).value
     if status in ("PENDING", "RUNNING"):
-        raise UserError(f"job {args.run_dir} is {status}: stop it first (`rl-service stop {args.run_dir}`)")
-    from rl_service.driver.run_dir import latest_checkpoint
+        raise KnownJobError(f"job {args.run_dir} is {status}: stop it first (`rl-service stop {args.run_dir}`)")
+    from rl_service.config import load_config
+    from rl_service.driver.run_dir import resumable_checkpoint
 
-    if (run_dir / "config.yaml").is_file() and latest_checkpoint(run_dir) is None:   # visible here: check now
-        raise UserError(f"job {args.run_dir}: {run_dir} has no complete checkpoint to resume from")
+    if (run_dir / "config.yaml").is_file():   # the run is visible here: what the job would find, checked now
+        try:
+            resumable_checkpoint(run_dir, load_config(run_dir / "config.yaml", args.overrides).steps)
+        except UserError as error:
+            raise KnownJobError(f"job {args.run_dir}: {error}") from None
     job_name = (call(lambda: client.get_job_info(args.run_dir)).metadata or {}).get("job_name") or "rl_service"
     job_id = new_submission_id(job_name)
     entrypoint = " ".join(["python", "-m", "rl_service.cli", "resume", shlex.quote(str(run_dir))]
                           + [f"--set {shlex.quote(override)}" for override in args.overrides])
-    submit_job(_as_job(args), client, entrypoint=entrypoint, submission_id=job_id,
-               metadata={"job_name": job_name, "rl_service_job": job_name, RUN_DIR_METADATA: str(run_dir),
-                         "rl_service_resumes": args.run_dir},
-               runtime_env={"working_dir": str(Path.cwd().resolve()), "excludes": UPLOAD_EXCLUDES,
-                            "env_vars": {SUBMISSION_ID_ENV: job_id}})
+    working_dir = Path.cwd().resolve()
+    with staged_working_dir(working_dir, job_files(working_dir)) as stage:   # the code of a checkout, nothing else
+        submit_job(_as_job(args), client, entrypoint=entrypoint, submission_id=job_id,
+                   metadata={"job_name": job_name, "rl_service_job": job_name, RUN_DIR_METADATA: str(run_dir),
+                             "rl_service_resumes": args.run_dir},
+                   runtime_env={"working_dir": str(stage), "excludes": UPLOAD_EXCLUDES,
+                                "env_vars": {SUBMISSION_ID_ENV: job_id}})
     print(f"{RUN_DIR_LOG_PREFIX}{run_dir}", file=sys.stderr)
     print(job_id)
     return 0

@@ -2,8 +2,8 @@
 
 `submit` validates the config here first (a typo or a missing local path fails before anything
 reaches the cluster), then sends `python -m rl_service.cli run CONFIG --run-dir DIR --set ...` with
-the working directory as the job's runtime env (code, configs, data, custom reward files; `.venv`,
-`.git`, `runs/` left out), and the submission id in `RL_SERVICE_SUBMISSION_ID`, which names the
+the files the job needs as its working directory (the config, the local paths it names, the code of
+an rl_service checkout: rl_service/driver/job_upload.py; never the rest of the directory), and the submission id in `RL_SERVICE_SUBMISSION_ID`, which names the
 job's Ray namespace, prefixes its actors' names and tags its metrics. DIR is absolute and kept in
 the job's metadata, so `report` and `resume` find the run by job id (rl_service/driver/job_runs.py).
 `scale` writes its request into the cluster's KV store, where the job's driver picks it up
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from rl_service.errors import UserError
 from rl_service.driver.job_client import UPLOAD_EXCLUDES, cause, connection, job_server_client, sdk_call, server_address, submit_job
+from rl_service.driver.job_upload import job_files, staged_working_dir
 from rl_service.driver.roles import SUBMISSION_ID_ENV
 
 def add_job_commands(commands) -> None:
@@ -72,14 +73,22 @@ def command_submit(args) -> int:
         check_local_paths(config, working_dir)
     job_id = new_submission_id(config.job_name)
     run_dir = submit_run_dir(args.run_dir, config, job_id, working_dir)
+    from rl_service.driver.run_dir import run_entries
+
+    if run_entries(run_dir):   # visible here (one machine, or shared storage): the job would refuse it
+        raise UserError(f"--run-dir {run_dir}: already holds a run ({', '.join(run_entries(run_dir)[:3])}); continue "
+                        "a submitted run with `rl-service resume JOB_ID`, or choose another --run-dir")
     entrypoint = " ".join(["python", "-m", "rl_service.cli", "run", shlex.quote(str(config_path.relative_to(working_dir))),
                            "--run-dir", shlex.quote(str(run_dir))]
                           + [f"--set {shlex.quote(override)}" for override in args.overrides])
     client = job_server_client(args)
-    submit_job(args, client, entrypoint=entrypoint, submission_id=job_id,
-               metadata={"job_name": config.job_name, "rl_service_job": config.job_name, RUN_DIR_METADATA: str(run_dir)},
-               runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES,
-                            "env_vars": {SUBMISSION_ID_ENV: job_id}})
+    # Only the files the job needs travel (rl_service/driver/job_upload.py), never the whole directory.
+    with staged_working_dir(working_dir, job_files(working_dir, config, config_path)) as stage:
+        submit_job(args, client, entrypoint=entrypoint, submission_id=job_id,
+                   metadata={"job_name": config.job_name, "rl_service_job": config.job_name,
+                             RUN_DIR_METADATA: str(run_dir)},
+                   runtime_env={"working_dir": str(stage), "excludes": UPLOAD_EXCLUDES,
+                                "env_vars": {SUBMISSION_ID_ENV: job_id}})
     print(f"{RUN_DIR_LOG_PREFIX}{run_dir}", file=sys.stderr)
     print(job_id)
     return 0
@@ -95,6 +104,9 @@ def command_status(args) -> int:
         lines = [line for line in info.message.splitlines() if line.strip()]
         shown = lines if len(lines) <= 12 else lines[:1] + ["..."] + lines[-10:]
         print("\n".join(f"  {line}" for line in shown))
+        if "ModuleNotFoundError" in info.message:
+            print("  the job's `python` cannot import rl_service or its dependencies: start `ray start` on every node "
+                  "with the venv that rl_service is installed in first on PATH (deploy/README.md)")
     return 0
 
 
