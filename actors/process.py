@@ -9,6 +9,9 @@ ACTOR_ENV = {
     "TOKENIZERS_PARALLELISM": "false",    # actors fork nothing; avoid the tokenizers fork warning
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "HF_HUB_OFFLINE": "1",                # models are local directories; never reach for a hub
+    # An actor's output goes to the driver's log, never a terminal: transformers' and the hub's tqdm
+    # bars ("Writing model shards", "Loading weights") filled a job's log with a pair per checkpoint.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 # The learner copies every weight version into the weight mailbox tensor by tensor, a few MiB each.

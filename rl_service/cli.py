@@ -18,11 +18,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from rl_service.errors import UserError
 from rl_service.driver.jobs import JOB_COMMANDS, add_job_commands, connection
+from rl_service.driver.stop_signal import StopRequested
 
 EXIT_USER_ERROR = 2
 
@@ -92,13 +94,16 @@ def _announce(run_dir: Path) -> None:
     print(f"{RUN_DIR_LOG_PREFIX}{run_dir.resolve()}", flush=True)
 
 
+_HELD_LOCKS: list[int] = []   # the run directory this command runs (`run_dir.lock_run_dir`): released when it ends
+
+
 def _command_run(args) -> int:
     from rl_service.config import load_config
     from rl_service.driver.trainer import prepare_job, run_training
     from rl_service.progress import print_summary
 
     from rl_service.driver.preflight import check_cluster
-    from rl_service.driver.run_dir import latest_checkpoint, prepare_run_dir
+    from rl_service.driver.run_dir import latest_checkpoint, lock_run_dir, prepare_run_dir
 
     if args.resume and not args.run_dir:
         raise UserError("run --resume needs --run-dir: the run directory to continue")
@@ -106,6 +111,7 @@ def _command_run(args) -> int:
     _run_id(config)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config)
     prepare_run_dir(run_dir, args.resume, args.overwrite, clear=False)   # a file, /proc, an existing run
+    _HELD_LOCKS.append(lock_run_dir(run_dir))   # one run or resume of a directory at a time
     _announce(run_dir)
     if args.resume:
         if latest_checkpoint(args.run_dir) is not None:
@@ -134,6 +140,9 @@ def _command_resume(args) -> int:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    from rl_service.driver.run_dir import lock_run_dir
+
+    _HELD_LOCKS.append(lock_run_dir(run_dir))
     return _resume(run_dir, load_config(saved, args.overrides))
 
 
@@ -141,17 +150,9 @@ def _resume(run_dir: Path, config) -> int:
     from rl_service.driver.trainer import prepare_job, run_training
     from rl_service.progress import print_summary
     from rl_service.driver.preflight import check_cluster
-    from rl_service.driver.run_dir import latest_checkpoint
+    from rl_service.driver.run_dir import resumable_checkpoint
 
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise UserError(f"{run_dir}: no complete checkpoint to resume from (checkpoints/latest); start it again with "
-                        f"`rl-service run {run_dir / 'config.yaml'} --run-dir {run_dir} --overwrite`")
-    done = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["step"]
-    if config.steps <= done:
-        # Resuming would train nothing and rewrite the summary with the first evaluation as the last.
-        raise UserError(f"{run_dir}: already trained {done} steps and its config says steps: {config.steps}; "
-                        f"to train more, `rl-service resume {run_dir} --set steps=N` with N > {done}")
+    checkpoint = resumable_checkpoint(run_dir, config.steps)
     _run_id(config)
     job = prepare_job(config)
     check_cluster(config)
@@ -219,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rl-service: interrupted", file=sys.stderr)
         return 130
+    except StopRequested:   # its line was printed when the signal came
+        return 128 + signal.SIGTERM
+    finally:
+        while _HELD_LOCKS:
+            os.close(_HELD_LOCKS.pop())
 
 
 def _has_cuda_hint() -> bool:

@@ -103,6 +103,39 @@ def test_a_sigkilled_driver_leaves_no_ray_process_and_no_mailbox(tmp_path):
     assert not any(path.exists() for path in mailboxes)
 
 
+def test_sigterm_stops_a_run_with_one_line_naming_the_checkpoint_to_resume(tmp_path):
+    # Ray's job stop sends SIGTERM, then SIGKILL 3 s later. The driver died in Ray's C++ failure
+    # handler ("*** SIGTERM received at time=..." and a stack dump) with nothing of ours in the log.
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    run = tmp_path / "run"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "rl_service.cli", "run", "configs/quickstart.yaml", "--run-dir", str(run),
+         *SHORT_JOB, "--set", "steps=1000", "--set", "checkpoint.every=2"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "step_2").is_dir():
+            assert driver.poll() is None and time.monotonic() < deadline, "the run never wrote a checkpoint"
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGTERM)
+        try:   # as Ray's job stop does: SIGKILL if the driver is still there 3 s later
+            driver.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            driver.kill()
+        stderr = driver.communicate(timeout=120)[1]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert "*** SIGTERM received" not in stderr
+    said = [line for line in stderr.splitlines() if line.startswith("rl-service: stopped by SIGTERM")]
+    assert len(said) == 1, stderr[-2000:]
+    assert said[0].startswith(f"rl-service: stopped by SIGTERM; {run}: newest checkpoint step_"), said[0]
+    assert f"continue with `rl-service resume {run}`" in said[0]
+    assert driver.returncode in (128 + signal.SIGTERM, -signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_summary_throughput_covers_the_whole_run_after_a_resume(short_run, tmp_path):
     """Issue #19 finding 7: after a resume, completions/s divided every completion of the run by the

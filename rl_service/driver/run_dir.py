@@ -37,6 +37,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return checkpoint if (checkpoint / "trainer_state.json").is_file() else None
 
 
+def resumable_checkpoint(run_dir: Path, steps: int) -> Path:
+    """The checkpoint `rl-service resume` continues from; a UserError when there is none, or when the
+    run already trained `steps` (resuming would train nothing and rewrite its summary)."""
+    from rl_service.errors import UserError
+
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise UserError(f"{run_dir}: no complete checkpoint to resume from (checkpoints/latest); start it again with "
+                        f"`rl-service run {run_dir / 'config.yaml'} --run-dir {run_dir} --overwrite`")
+    done = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["step"]
+    if steps <= done:
+        raise UserError(f"{run_dir}: already trained {done} steps and its config says steps: {steps}; "
+                        f"to train more, `rl-service resume {run_dir} --set steps=N` with N > {done}")
+    return checkpoint
+
+
 # What a run writes into its directory (`--overwrite` removes these and nothing else).
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "ledger.jsonl", "summary.json", "checkpoints", "tb", "report",
                "wandb", "tracker_runs.json")
@@ -50,6 +66,40 @@ def _started_nothing(directory: Path) -> bool:
     metrics = directory / "metrics.jsonl"
     return (latest_checkpoint(directory) is None and not (directory / "summary.json").exists()
             and (not metrics.exists() or metrics.stat().st_size == 0))
+
+
+LOCK_FILE = ".rl_service_lock"
+
+
+def lock_run_dir(directory: Path) -> int:
+    """Hold `directory` for this process's run: a second `run` or `resume` of it (two jobs resuming one
+    run, 2 s apart, both trained the same steps into one ledger) is refused while this one lives. An
+    flock, so the kernel releases it when the process ends, killed or not. Returns the descriptor to
+    keep open; a UserError names the holder."""
+    import fcntl
+    import socket
+
+    from rl_service.errors import UserError
+
+    path = Path(directory) / LOCK_FILE
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
+        os.close(descriptor)
+        raise UserError(f"{directory}: in use by another run or resume of it ({holder}); wait for it to end, or "
+                        "stop it (`rl-service stop JOB_ID` for a submitted job)") from None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    return descriptor
+
+
+def run_entries(directory: Path) -> list[str]:
+    """What of a run `directory` holds (`RUN_ENTRIES`), [] when it holds none or only a run that started nothing."""
+    directory = Path(directory)
+    existing = [name for name in RUN_ENTRIES if (directory / name).exists()]
+    return [] if not existing or _started_nothing(directory) else existing
 
 
 def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = False, clear: bool = True) -> None:
@@ -71,8 +121,7 @@ def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = Fa
     if directory.exists() and not directory.is_dir():
         raise UserError(f"--run-dir {path}: exists and is not a directory")
     existing = [name for name in RUN_ENTRIES if (directory / name).exists()]
-    if existing and not overwrite and not (resume and latest_checkpoint(directory) is not None) \
-            and not _started_nothing(directory):
+    if not overwrite and not (resume and latest_checkpoint(directory) is not None) and run_entries(directory):
         if not resume:
             raise UserError(f"--run-dir {path}: already holds a run ({', '.join(existing[:3])}); continue it with "
                             f"`rl-service resume {path}` (or run --resume), or replace it with --overwrite")

@@ -25,6 +25,7 @@ from rl_service.driver.roles import Roles, ray_session, run_with_restarts, start
 from rl_service.rollout import SamplingParams
 from rl_service.driver.run_dir import RunDirectory
 from rl_service.driver.step_loop import LoopResult, run_steps
+from rl_service.driver.stop_signal import stop_on_sigterm
 from rl_service.tasks import TaskData
 
 
@@ -97,7 +98,7 @@ def run_job(job: PreparedJob, run_dir_path: str | Path, resume_from: Path | None
         run_dir = RunDirectory(Path(run_dir_path), config, resume_step=state["step"] if state else (-1 if restart else None))
         start = partial(start_roles, resume_from=str(resume) if resume else None)
         try:
-            with ray_session(config, start, job.task.verifier) as roles:
+            with ray_session(config, start, job.task.verifier) as roles, stop_on_sigterm(Path(run_dir_path)):
                 trainer = attempts["trainer"] = trainer_class(job, roles, run_dir)
                 trainer.begin(resume, state)
                 result: LoopResult = run_steps(config, trainer, start_step=state["step"] if state else 0)

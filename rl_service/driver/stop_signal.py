@@ -1,0 +1,50 @@
+"""SIGTERM (`rl-service stop`, Ray's job stop, a scheduler's preemption) ends a run with one line.
+
+Ray's job stop sends SIGTERM and, 3 seconds later, SIGKILL: too short to finish a step and write a
+checkpoint. Without a handler the driver died in Ray's C++ failure handler (a stack dump as the
+log's last lines, nothing from us). With it, the run stops where it is, the line says which
+checkpoint a resume continues from, and Ray is shut down on the way out. Checkpoints are written
+to a temporary name and renamed, so one cut short is never the newest.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+class StopRequested(BaseException):
+    """Raised in the driver's main thread by SIGTERM. A BaseException: the role-failure recovery
+    (`run_with_restarts`, which catches Exception) must not take it for a dead role."""
+
+    def __init__(self, run_dir: Path):
+        from rl_service.driver.run_dir import latest_checkpoint
+
+        checkpoint = latest_checkpoint(run_dir)
+        resume = (f"newest checkpoint {checkpoint.name}: continue with `rl-service resume {run_dir}` (or "
+                  "`rl-service resume JOB_ID` for a submitted job)") if checkpoint else "no checkpoint yet"
+        super().__init__(f"stopped by SIGTERM; {run_dir}: {resume}")
+
+
+@contextmanager
+def stop_on_sigterm(run_dir: Path) -> Iterator[None]:
+    """Within the block, SIGTERM raises `StopRequested` in the main thread (call it after Ray has
+    started: `ray.init` installs handlers of its own). Elsewhere than the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(_signum, _frame):
+        stop = StopRequested(Path(run_dir))
+        # Said now: shutting the roles and Ray down may outlast the 3 s before Ray's SIGKILL.
+        print(f"rl-service: {stop}", file=sys.stderr, flush=True)
+        raise stop
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,78 @@
+"""What a submitted job receives (rl_service/driver/job_upload.py) and one run per run directory (run_dir.lock_run_dir)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from rl_service.config import load_config
+from rl_service.driver.job_upload import job_files, staged_working_dir
+from rl_service.driver.run_dir import lock_run_dir
+from rl_service.errors import UserError
+
+
+def _write(path, text="x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_job_receives_its_config_the_paths_it_names_and_the_code_never_the_rest(tmp_path, monkeypatch):
+    work, outside = tmp_path / "work", tmp_path / "outside"
+    _write(work / "configs" / "job.yaml", "job_name: j\n")
+    _write(work / "data" / "train.jsonl")
+    _write(work / "data" / "unrelated.jsonl")
+    _write(work / "rewards" / "score.py", "def reward(c, a):\n    return 1.0\n")
+    _write(work / "rewards" / "helper.py")
+    _write(work / "rewards" / "secret.txt")
+    _write(work / "token", "RAY_AUTH_TOKEN")            # what a home directory or a cluster admin's folder holds
+    _write(work / ".ssh" / "id_ed25519")
+    _write(work / "runs" / "old" / "metrics.jsonl")
+    _write(work / "rl_service" / "__init__.py")          # an rl_service checkout: its code travels
+    _write(work / "rl_service" / "__pycache__" / "x.pyc")
+    _write(work / "actors" / "generator.py")
+    _write(outside / "eval.jsonl")
+    monkeypatch.chdir(work)
+    config = load_config(work / "configs" / "job.yaml",
+                         ["data.source=jsonl", "data.train_path=data/train.jsonl", f"data.eval_path={outside / 'eval.jsonl'}",
+                          "reward.custom=rewards/score.py:reward", "reward.custom_readable=[rewards/helper.py]"])
+    files = job_files(work, config, work / "configs" / "job.yaml")
+    assert sorted(map(str, files)) == ["actors", "configs/job.yaml", "data/train.jsonl", "rewards/helper.py",
+                                       "rewards/score.py", "rl_service"]
+    with staged_working_dir(work, files) as stage:
+        staged = sorted(str(path.relative_to(stage)) for path in stage.rglob("*") if path.is_file())
+        assert staged == ["actors/generator.py", "configs/job.yaml", "data/train.jsonl", "rewards/helper.py",
+                          "rewards/score.py", "rl_service/__init__.py"]
+        assert (stage / "rewards" / "score.py").read_text() == (work / "rewards" / "score.py").read_text()
+    assert not stage.exists()
+    # Not a checkout, nothing named: a resumed job gets an empty directory, not the user's home.
+    assert job_files(outside) == []
+
+
+def test_one_run_or_resume_of_a_directory_at_a_time(tmp_path):
+    held = lock_run_dir(tmp_path)
+    try:
+        with pytest.raises(UserError, match=rf"in use by another run or resume of it \(pid {os.getpid()} on "):
+            lock_run_dir(tmp_path)
+    finally:
+        os.close(held)
+    os.close(lock_run_dir(tmp_path))   # released with its holder
+
+
+def test_a_second_resume_of_a_run_in_use_is_refused_before_ray_starts(tmp_path):
+    # Two `rl-service resume JOB` 2 s apart both trained the same steps into one run directory.
+    from test_cli import rl_service
+
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step_2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"step": 2}')
+    (run / "checkpoints" / "latest").write_text("step_2")
+    (run / "config.yaml").write_text("steps: 4\n")
+    held = lock_run_dir(run)   # the first resume, still running
+    try:
+        result = rl_service("resume", str(run))
+    finally:
+        os.close(held)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{run}: in use by another run or resume of it (pid {os.getpid()} on " in result.stderr
