@@ -135,9 +135,13 @@ def command_logs(args) -> int:
 def command_list(args) -> int:
     client = job_server_client(args)
     jobs = sdk_call(args, client.list_jobs)
-    print(f"{'job id':<48} {'status':<10} entrypoint")
+    from rl_service.driver.job_runs import RUN_DIR_METADATA
+
+    print(f"{'job id':<48} {'status':<10} run directory (or entrypoint)")
     for job in sorted(jobs, key=lambda job: job.start_time or 0):
-        print(f"{(job.submission_id or job.job_id or '?'):<48} {job.status.value:<10} {job.entrypoint[:80]}")
+        # The run directory is what a user looks for; an entrypoint cut at 80 characters hid it.
+        where = (job.metadata or {}).get(RUN_DIR_METADATA) or job.entrypoint
+        print(f"{(job.submission_id or job.job_id or '?'):<48} {job.status.value:<10} {where}")
     return 0
 
 
