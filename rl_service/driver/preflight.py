@@ -72,12 +72,24 @@ def check_cluster(config: JobConfig) -> None:
 
 
 def _visible_gpus() -> int:
+    """GPUs a local Ray would declare: the larger of Ray's own count and torch's, so a check never
+    refuses what Ray would place (Ray honours CUDA_VISIBLE_DEVICES, as torch does)."""
+    counts = [0]
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        visible = get_accelerator_manager_for_resource("GPU").get_current_node_visible_accelerator_ids()
+        detected = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+        counts.append(len(visible) if visible is not None else detected)
+    except Exception:  # noqa: BLE001 - a private Ray API: where it moved, torch's count decides
+        pass
     try:
         import torch
 
-        return torch.cuda.device_count()
+        counts.append(torch.cuda.device_count())
     except Exception:  # noqa: BLE001 - no usable CUDA is zero GPUs
-        return 0
+        pass
+    return max(counts)
 
 
 def gcs_host_port(address: str, source: str = "cluster.address") -> tuple[str, int] | None:
