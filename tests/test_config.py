@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rl_service.config import JobConfig, dump_config, load_config
 from rl_service.errors import ConfigError
@@ -156,6 +157,12 @@ def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
     # A YAML merge key is not a duplicate: the explicit key overrides the merged one.
     path.write_text("learner:\n  <<: {lr: 1.0e-4, zero_stage: 1}\n  lr: 2.0e-4\n")
     assert load_config(path).learner.lr == pytest.approx(2e-4) and load_config(path).learner.zero_stage == 1
+    # ... also when the merged mapping is itself a merge, nested deeper than its use (PyYAML flattens
+    # a node in place when it constructs it): loads as yaml.safe_load loads it.
+    from rl_service.config.loading import _load_yaml
+
+    text = "outer: {inner: &d {<<: &b {a: 1}, a: 3}}\nx: {<<: *d}\n"
+    assert _load_yaml(text) == yaml.safe_load(text)
 
 
 def test_an_error_from_a_set_override_names_the_override():
@@ -163,6 +170,10 @@ def test_an_error_from_a_set_override_names_the_override():
         load_config(None, ["nosuch.path=1"])
     with pytest.raises(ConfigError, match=r"learner.lr: .*greater than 0.*\(from --set learner.lr=-1\)"):
         load_config(None, ["learner.lr=-1"])
+    # A section's own check is not pinned on an unrelated --set inside that section.
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["reward.num_actors=2", "reward.clip=[1.0, 0.0]"])
+    assert "(from --set reward.num_actors=2)" not in str(error.value)
 
 
 def test_cluster_address_local_is_our_loopback_local_ray_and_garbage_is_refused(monkeypatch):

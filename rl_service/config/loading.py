@@ -14,11 +14,12 @@ from rl_service.config.algorithm import ALGORITHMS
 from rl_service.errors import ConfigError
 
 
-def _from_override(field: str, overrides: list[str]) -> str:
-    """" (from --set …)" when a `--set` wrote the field (or a key above or below it), else ""."""
+def _from_override(field: str, overrides: list[str], unknown_key: bool) -> str:
+    """" (from --set …)" when a `--set` wrote the field or a section above it, or (for an unknown key)
+    a key below it, else "". A section's own check (its fields together) names no `--set` inside it."""
     for override in overrides:
         written = override.split("=", 1)[0].strip()
-        if field == written or field.startswith(written + ".") or written.startswith(field + "."):
+        if field == written or field.startswith(written + ".") or (unknown_key and written.startswith(field + ".")):
             return f" (from --set {override})"
     return ""
 
@@ -51,7 +52,7 @@ def _format_validation_error(source: str, error: ValidationError, overrides: lis
                 continue
         elif not isinstance(item.get("input"), (dict, list)):
             message += f" (got {item.get('input')!r})"  # the value as parsed, e.g. 'many' for an integer
-        problems.append(f"{field}: {message}{_from_override(field, list(overrides))}")
+        problems.append(f"{field}: {message}{_from_override(field, list(overrides), item['type'] == 'extra_forbidden')}")
     return f"{source}: " + "; ".join(problems)
 
 
@@ -88,18 +89,20 @@ class _YamlLoader(yaml.SafeLoader):
     refuses a key written twice in one mapping (PyYAML keeps the last silently, so a second
     `learner:` section would quietly drop the first one's settings)."""
 
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            first_line: dict = {}
-            for key_node, _ in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                if key in first_line:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r} (first on line {first_line[key]})", key_node.start_mark)
-                first_line[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
+    def compose_mapping_node(self, anchor):
+        # Checked as written, before construction: merge keys (`<<`) are flattened into a mapping's
+        # node only when it is constructed, and an explicit key may override a merged one.
+        node = super().compose_mapping_node(anchor)
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key_node.value!r} (first on line {first_line[key]})", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return node
 
 
 _YamlLoader.add_implicit_resolver(
