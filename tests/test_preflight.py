@@ -21,9 +21,15 @@ def test_a_local_ray_that_cannot_place_the_roles_is_named_by_field():
     assert local_resource_shortfall(load_config(REPO / "configs" / "quickstart.yaml"), cpus=2, gpus=0) is None
     gpus = local_resource_shortfall(load_config(None, ["generator.num_gpus=1", "generator.num_engines=2"]), 2, 0)
     assert "ask for 2 GPU (generator: 2)" in gpus and "has 0 GPUs" in gpus
-    # 64 ranks of 0.5 CPU, 1 engine of 0.25, 1 reward actor of 0.25, statistics 0.1: 32.6 logical CPUs.
+    # 64 ranks of 0.5 CPU, 1 engine of 0.25, 1 reward actor of 0.25, statistics 0.1, the pool 0.01.
     cpus = local_resource_shortfall(load_config(None, ["learner.num_ranks=64"]), cpus=2, gpus=0)
-    assert "ask for 32.6 CPU" in cpus and "learner: 32" in cpus
+    assert "ask for 32.61 CPU" in cpus and "learner: 32" in cpus and "generator pool: 0.01" in cpus
+    # Exactly the CPUs there are, but for the pool's 0.01: one actor would wait for ever.
+    assert "ask for 2.01 CPU" in local_resource_shortfall(
+        load_config(None, ["generator.num_cpus=1.0", "reward.num_cpus=0.4"]), cpus=2, gpus=0)
+    # Resources a local Ray declares by itself are there.
+    assert local_resource_shortfall(load_config(None, ['learner.resources={"accelerator_type:H100": 0.001}',
+                                                       "learner.num_gpus=1"]), cpus=16, gpus=1) is None
     custom = local_resource_shortfall(load_config(None, ["generator.resources={rollout: 1}"]), cpus=2, gpus=0)
     assert "custom resource 'rollout'" in custom and "generator: 1" in custom
     assert local_resource_shortfall(load_config(None, ["generator.num_gpus=1"]), cpus=2, gpus=1) is None

@@ -32,9 +32,14 @@ def role_demands(config: JobConfig) -> list[tuple[str, dict[str, float]]]:
                            for name, amount in bundle(reward.num_cpus, reward.num_gpus, reward.resources).items()}),
                ("learner", {name: amount * learner.num_ranks
                             for name, amount in bundle(learner.num_cpus, learner.num_gpus, learner.resources).items()})]
+    demands.append(("generator pool", {"CPU": 0.01}))   # the pool actor, as start_roles places it
     if not config.algorithm.is_preference:
         demands.append(("statistics", bundle(config.statistics.num_cpus, 0.0, config.statistics.resources)))
     return demands
+
+
+# Resources a local Ray declares by itself: its node's id and, on a GPU host, the GPU's type.
+RAY_OWN_RESOURCE_PREFIXES = ("node:", "accelerator_type:")
 
 
 def local_resource_shortfall(config: JobConfig, cpus: float, gpus: float) -> str | None:
@@ -43,7 +48,8 @@ def local_resource_shortfall(config: JobConfig, cpus: float, gpus: float) -> str
     demands = role_demands(config)
     have = {"CPU": float(cpus), "GPU": float(gpus)}
     problems = []
-    for resource in sorted({name for _, asked in demands for name in asked}):
+    for resource in sorted({name for _, asked in demands for name in asked
+                            if not name.startswith(RAY_OWN_RESOURCE_PREFIXES)}):
         askers = [(role, asked[resource]) for role, asked in demands if asked.get(resource, 0.0) > 0]
         total = sum(amount for _, amount in askers)
         if total > have.get(resource, 0.0) + 1e-9:
@@ -54,8 +60,8 @@ def local_resource_shortfall(config: JobConfig, cpus: float, gpus: float) -> str
                             f"{have.get(resource, 0.0):g} {what}")
     if not problems:
         return None
-    return ("; ".join(problems) + ". Lower {role}.num_cpus / num_gpus / resources (or num_engines, num_actors, "
-            "num_ranks), or join a cluster that has them (cluster.address)")
+    return ("; ".join(problems) + ". Lower the roles' num_cpus / num_gpus / resources (or generator.num_engines, "
+            "reward.num_actors, learner.num_ranks), or join a cluster that has them (cluster.address)")
 
 
 def check_cluster(config: JobConfig) -> None:
@@ -65,10 +71,21 @@ def check_cluster(config: JobConfig) -> None:
     if address is not None:
         check_cluster_reachable(address, "cluster.address" if config.cluster.address else "RAY_ADDRESS")
         return
-    cpus = config.cluster.num_cpus or os.cpu_count() or 1
+    cpus = config.cluster.num_cpus or _local_ray_cpus()
     problem = local_resource_shortfall(config, cpus, _visible_gpus())
     if problem:
         raise UserError(f"local run: {problem}")
+
+
+def _local_ray_cpus() -> float:
+    """The logical CPUs `ray.init(address="local")` declares: Ray's own count (a container's CPU quota
+    included), else the machine's."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return float(get_num_cpus())
+    except Exception:  # noqa: BLE001 - a private Ray API: where it moved, the machine's count
+        return float(os.cpu_count() or 1)
 
 
 def _visible_gpus() -> int:

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 from dataclasses import dataclass
 
 from rl_service.config import JobConfig
+from rl_service.config.sections import is_job_server_url
 from rl_service.run_ids import JOB_NAME_ENV, SUBMISSION_ID_ENV, new_submission_id, submission_id  # noqa: F401 (re-exported)
 
 
@@ -103,7 +104,7 @@ def start_ray(config: JobConfig):
     """Join `cluster.address` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1 only. Returns
     the local Ray's reaper (`reap_if_driver_dies`; stop it after `ray.shutdown()`), else None."""
     address = config.cluster.address_to_join()
-    if not address and os.environ.get("RAY_ADDRESS"):
+    if not address and os.environ.get("RAY_ADDRESS") and is_job_server_url(os.environ["RAY_ADDRESS"]):
         logging.getLogger("rl_service").warning(
             "RAY_ADDRESS=%s is a job server URL (for rl-service submit/status/...), not a cluster a run can join: "
             "this run starts its own local Ray; `rl-service submit` runs it on that cluster", os.environ["RAY_ADDRESS"])

@@ -85,11 +85,16 @@ def lock_run_dir(directory: Path) -> int:
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         holder = path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
         os.close(descriptor)
         raise UserError(f"{directory}: in use by another run or resume of it ({holder}); wait for it to end, or "
                         "stop it (`rl-service stop JOB_ID` for a submitted job)") from None
+    except OSError as error:   # a file system without locks (some NFS or FUSE mounts): run unguarded
+        import logging
+
+        logging.getLogger("rl_service").warning("%s: cannot lock the run directory (%s): nothing stops a second "
+                                                "run or resume of it", directory, error.strerror or error)
     os.ftruncate(descriptor, 0)
     os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}".encode())
     return descriptor
