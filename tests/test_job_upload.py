@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +38,8 @@ def test_a_job_receives_its_config_the_paths_it_names_and_the_code_never_the_res
                          ["data.source=jsonl", "data.train_path=data/train.jsonl", f"data.eval_path={outside / 'eval.jsonl'}",
                           "reward.custom=rewards/score.py:reward", "reward.custom_readable=[rewards/helper.py]"])
     files = job_files(work, config, work / "configs" / "job.yaml")
+    # helper.py is listed, and a neighbouring module of the reward file besides (importable where the
+    # sandbox is off); the secret next to them is neither.
     assert sorted(map(str, files)) == ["actors", "configs/job.yaml", "data/train.jsonl", "rewards/helper.py",
                                        "rewards/score.py", "rl_service"]
     with staged_working_dir(work, files) as stage:
@@ -45,8 +48,31 @@ def test_a_job_receives_its_config_the_paths_it_names_and_the_code_never_the_res
                           "rewards/score.py", "rl_service/__init__.py"]
         assert (stage / "rewards" / "score.py").read_text() == (work / "rewards" / "score.py").read_text()
     assert not stage.exists()
-    # Not a checkout, nothing named: a resumed job gets an empty directory, not the user's home.
+    # Not a checkout, nothing named: a resumed job gets an empty directory, not the user's home ...
     assert job_files(outside) == []
+    # ... and a resumed job gets the files its first job received (kept in that job's metadata).
+    assert job_files(outside, also=["eval.jsonl", "gone.jsonl"]) == [Path("eval.jsonl")]
+
+
+def test_paths_keep_the_names_the_config_gives_them(tmp_path, monkeypatch):
+    # A link is copied as what it points to, under the link's name; a path through `..` keeps its
+    # components, since the job's open() walks them.
+    work = tmp_path / "work"
+    _write(work / "configs" / "job.yaml", "job_name: j\n")
+    _write(tmp_path / "elsewhere" / "train.jsonl", "linked")
+    (work / "data").mkdir()
+    (work / "data" / "train.jsonl").symlink_to(tmp_path / "elsewhere" / "train.jsonl")
+    _write(work / "data" / "real" / "eval.jsonl", "eval")
+    (work / "sub").mkdir()
+    monkeypatch.chdir(work)
+    config = load_config(work / "configs" / "job.yaml", ["data.source=jsonl", "data.train_path=data/train.jsonl",
+                                                         "data.eval_path=sub/../data/real/eval.jsonl"])
+    files = job_files(work, config, work / "configs" / "job.yaml")
+    assert sorted(map(str, files)) == ["configs/job.yaml", "data/train.jsonl", "sub/../data/real/eval.jsonl"]
+    with staged_working_dir(work, files) as stage:
+        assert (stage / "data" / "train.jsonl").read_text() == "linked" and not (stage / "data" / "train.jsonl").is_symlink()
+        with open(os.path.join(stage, "sub/../data/real/eval.jsonl")) as named:   # as the job opens it
+            assert named.read() == "eval"
 
 
 def test_one_run_or_resume_of_a_directory_at_a_time(tmp_path):

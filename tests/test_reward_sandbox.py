@@ -353,13 +353,17 @@ def test_a_reward_file_directly_under_tmp_runs_and_keeps_its_scratch_tmp():
                 os.unlink(path)
 
 
-def test_custom_readable_paths_are_checked_at_load(tmp_path, monkeypatch):
+def test_custom_readable_paths_are_checked_before_ray_starts(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.txt").write_text("42")
+    (tmp_path / "reward.py").write_text("def reward(completion, answer):\n    return 1.0\n")
     assert load_config(None, ["reward.custom_readable=[data.txt]"]).reward.custom_readable == ["data.txt"]
     assert load_config(None).reward.custom_readable == []
-    with pytest.raises(ConfigError, match=r"reward\.custom_readable\[1\]: missing\.txt: no such file or directory"):
-        load_config(None, ["reward.custom_readable=[data.txt, missing.txt]"])
+    # A path may exist only on a cluster's nodes (`submit --no-local-check`): loading the config
+    # accepts it; the check before Ray starts, where the job runs, names it.
+    config = load_config(None, ["reward.custom=reward.py:reward", "reward.custom_readable=[data.txt, missing.txt]"])
+    with pytest.raises(UserError, match=r"reward\.custom_readable\[1\]: missing\.txt: no such file or directory"):
+        check_custom_reward(custom_reward_spec(config.reward))
     for hiding in ("/tmp", "/"):     # would hide the scratch /tmp and show the host's
         with pytest.raises(ConfigError, match=r"reward\.custom_readable\[0\]: .*not / or /tmp"):
             load_config(None, [f"reward.custom_readable=[{hiding}]"])

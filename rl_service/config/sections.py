@@ -152,7 +152,8 @@ class RewardConfig(_Section):
     custom_readable: list[str] = Field(
         default_factory=list, description="files or directories the custom reward may read, read-only, e.g. a helper "
                                           "module or a data file next to it (a neighbour module listed here can be "
-                                          "imported); paths relative to the working directory, each must exist. Under "
+                                          "imported); paths relative to the working directory, each must exist where the "
+                                          "job runs. Under "
                                           "bubblewrap nothing else of the reward file's directory is visible")
 
     @field_validator("custom_sandbox", mode="before")
@@ -163,12 +164,11 @@ class RewardConfig(_Section):
 
     @field_validator("custom_readable")
     @classmethod
-    def _readable_paths_exist(cls, paths: list[str]) -> list[str]:
+    def _readable_paths_hide_nothing(cls, paths: list[str]) -> list[str]:
+        # Existence is checked where the job runs (`check_custom_reward`, before Ray starts) and by
+        # `submit` unless --no-local-check: a path may exist on the cluster's nodes only.
         for index, path in enumerate(paths):
             where = os.path.realpath(os.path.expanduser(path))
-            if not os.path.exists(where):
-                raise ValueError(f"reward.custom_readable[{index}]: {path}: no such file or directory "
-                                 "(relative paths are from the working directory)")
             if where in ("/", "/tmp"):   # would hide the reward's scratch /tmp (and show the host's)
                 raise ValueError(f"reward.custom_readable[{index}]: {path}: name the files or directories the "
                                  "reward reads, not / or /tmp")

@@ -17,6 +17,7 @@ fails on the cluster. `--no-local-check` skips that for paths that exist only on
 """
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def resume_job(args) -> int:
     import sys
 
     from rl_service.driver.job_client import UPLOAD_EXCLUDES, job_server_client, sdk_call, submit_job
-    from rl_service.driver.job_upload import job_files, staged_working_dir
+    from rl_service.driver.job_upload import FILES_METADATA, job_files, staged_working_dir
     from rl_service.driver.roles import SUBMISSION_ID_ENV, new_submission_id
 
     client = job_server_client(args)
@@ -109,20 +110,25 @@ def resume_job(args) -> int:
     from rl_service.config import load_config
     from rl_service.driver.run_dir import resumable_checkpoint
 
+    saved = None
     if (run_dir / "config.yaml").is_file():   # the run is visible here: what the job would find, checked now
         try:
-            resumable_checkpoint(run_dir, load_config(run_dir / "config.yaml", args.overrides).steps)
+            saved = load_config(run_dir / "config.yaml", args.overrides)
+            resumable_checkpoint(run_dir, saved.steps)
         except UserError as error:
             raise KnownJobError(f"job {args.run_dir}: {error}") from None
-    job_name = (call(lambda: client.get_job_info(args.run_dir)).metadata or {}).get("job_name") or "rl_service"
+    metadata = call(lambda: client.get_job_info(args.run_dir)).metadata or {}
+    job_name = metadata.get("job_name") or "rl_service"
     job_id = new_submission_id(job_name)
     entrypoint = " ".join(["python", "-m", "rl_service.cli", "resume", shlex.quote(str(run_dir))]
                           + [f"--set {shlex.quote(override)}" for override in args.overrides])
+    # The files the first job received (its config's relative paths resolve against them), from here.
     working_dir = Path.cwd().resolve()
-    with staged_working_dir(working_dir, job_files(working_dir)) as stage:   # the code of a checkout, nothing else
+    files = job_files(working_dir, saved, also=json.loads(metadata.get(FILES_METADATA, "[]")))
+    with staged_working_dir(working_dir, files) as stage:
         submit_job(_as_job(args), client, entrypoint=entrypoint, submission_id=job_id,
                    metadata={"job_name": job_name, "rl_service_job": job_name, RUN_DIR_METADATA: str(run_dir),
-                             "rl_service_resumes": args.run_dir},
+                             "rl_service_resumes": args.run_dir, FILES_METADATA: json.dumps(list(map(str, files)))},
                    runtime_env={"working_dir": str(stage), "excludes": UPLOAD_EXCLUDES,
                                 "env_vars": {SUBMISSION_ID_ENV: job_id}})
     print(f"{RUN_DIR_LOG_PREFIX}{run_dir}", file=sys.stderr)

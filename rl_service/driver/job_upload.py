@@ -4,16 +4,19 @@ Ray uploads a job's `working_dir` whole, and the directory `rl-service submit` r
 anything: a token file, other runs, `~/.ssh` and `~/.ray` when it is a home directory. So `submit`
 and `resume JOB` stage a directory that holds only
 - the config file;
-- the local paths the config names (`config_paths`: model, data, preference data, reward model,
-  custom reward file) and `reward.custom_readable`, where they lie inside the working
-  directory (a path outside it must exist on the cluster's nodes, as before);
+- the relative paths the config names (`config_paths`: model, data, preference data, reward model,
+  custom reward file and `reward.custom_readable`) and the custom reward's neighbouring modules,
+  each under the name the config gives it (a link is copied as what it points to); an absolute path
+  is read where it is, so it must exist on the cluster's nodes, as before;
 - where the working directory is an rl_service checkout, its `rl_service/` and `actors/` packages,
   so the job runs the code that was submitted;
 each at its path relative to the working directory, so the config's relative paths resolve there
-as they do here. The stage is removed once Ray has taken its copy (`submit_job` uploads it).
+as they do here. The list goes into the job's metadata (`rl_service_files`), so `resume JOB` sends
+the same files again. The stage is removed once Ray has taken its copy (`submit_job` uploads it).
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -21,13 +24,8 @@ from pathlib import Path
 from typing import Iterator
 
 CODE_PACKAGES = ("rl_service", "actors")
+FILES_METADATA = "rl_service_files"   # the job's files, relative to where it was submitted (JSON list)
 _IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "*.egg-info")
-
-
-def _inside(path: Path, working_dir: Path) -> Path | None:
-    """`path` relative to `working_dir` when it lies inside it (after resolving links and `..`), else None."""
-    resolved = (path if path.is_absolute() else working_dir / path).expanduser().resolve()
-    return resolved.relative_to(working_dir) if resolved.is_relative_to(working_dir) and resolved != working_dir else None
 
 
 def config_paths(config) -> list[tuple[str, str]]:
@@ -48,26 +46,43 @@ def config_paths(config) -> list[tuple[str, str]]:
             paths.append(("preference.reward_model_path", preference.reward_model_path))
     if config.reward.custom:
         paths.append(("reward.custom", config.reward.custom.rsplit(":", 1)[0]))
+        paths += [(f"reward.custom_readable[{index}]", value) for index, value in enumerate(config.reward.custom_readable)]
     return paths
 
 
-def job_files(working_dir: Path, config=None, config_path: Path | None = None) -> list[Path]:
-    """The paths, relative to `working_dir`, that a job submitted from there receives."""
-    named: list[Path] = []
+def _relative_inside(path: Path, working_dir: Path) -> Path | None:
+    """A relative `path` as the config names it (links and `..` kept: the job's open() walks the same
+    components), when it stays inside `working_dir`; None for an absolute path (the job reads it where
+    it is) or one that leaves the directory (it never reached the job)."""
+    if path.is_absolute():
+        return None
+    return None if Path(os.path.normpath(path)).parts[:1] in (("..",), (".",)) else path
+
+
+def job_files(working_dir: Path, config=None, config_path: Path | None = None, also=()) -> list[Path]:
+    """The paths, relative to `working_dir`, that a job submitted from there receives: `config_path`,
+    what `config` names, the custom reward's neighbouring modules (importable where the sandbox is
+    off or unshare), `also` (a resumed job's files, kept in its first job's metadata) and the code of
+    a checkout."""
+    named: list[Path] = [Path(path) for path in also]
     if config_path is not None:
-        named.append(Path(config_path))
+        named.append(Path(config_path).resolve().relative_to(working_dir))
     if config is not None:
         named += [Path(value) for _, value in config_paths(config)]
-        named += [Path(value) for value in config.reward.custom_readable]
+        if config.reward.custom:
+            reward_file = Path(config.reward.custom.rsplit(":", 1)[0])
+            if not reward_file.is_absolute() and (working_dir / reward_file).parent.is_dir():
+                named += [reward_file.parent / module.name for module in (working_dir / reward_file).parent.glob("*.py")]
     if (working_dir / "rl_service" / "__init__.py").is_file():
         named += [Path(package) for package in CODE_PACKAGES if (working_dir / package).is_dir()]
-    files: list[Path] = []
+    files: dict[Path, Path] = {}   # as named, by where it lands
     for path in named:
-        relative = _inside(path, working_dir)
-        if relative is not None and (working_dir / relative).exists() and relative not in files:
-            files.append(relative)
+        relative = _relative_inside(path, working_dir)
+        if relative is not None and (working_dir / relative).exists():
+            files.setdefault(Path(os.path.normpath(relative)), relative)
     # A path inside another one already listed comes with it.
-    return [path for path in files if not any(other != path and path.is_relative_to(other) for other in files)]
+    return [named for lands, named in files.items()
+            if not any(other != lands and lands.is_relative_to(other) for other in files)]
 
 
 @contextmanager
@@ -77,7 +92,7 @@ def staged_working_dir(working_dir: Path, files: list[Path]) -> Iterator[Path]:
     try:
         for relative in files:
             source, target = working_dir / relative, stage / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)   # with `sub/..`, `sub` too, as the job's open() needs
             if source.is_dir():
                 shutil.copytree(source, target, ignore=_IGNORED)
             else:

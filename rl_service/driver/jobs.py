@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rl_service.errors import UserError
 from rl_service.driver.job_client import UPLOAD_EXCLUDES, cause, connection, job_server_client, sdk_call, server_address, submit_job
-from rl_service.driver.job_upload import job_files, staged_working_dir
+from rl_service.driver.job_upload import FILES_METADATA, job_files, staged_working_dir
 from rl_service.driver.roles import SUBMISSION_ID_ENV
 
 def add_job_commands(commands) -> None:
@@ -83,10 +83,11 @@ def command_submit(args) -> int:
                           + [f"--set {shlex.quote(override)}" for override in args.overrides])
     client = job_server_client(args)
     # Only the files the job needs travel (rl_service/driver/job_upload.py), never the whole directory.
-    with staged_working_dir(working_dir, job_files(working_dir, config, config_path)) as stage:
+    files = job_files(working_dir, config, config_path)
+    with staged_working_dir(working_dir, files) as stage:
         submit_job(args, client, entrypoint=entrypoint, submission_id=job_id,
                    metadata={"job_name": config.job_name, "rl_service_job": config.job_name,
-                             RUN_DIR_METADATA: str(run_dir)},
+                             RUN_DIR_METADATA: str(run_dir), FILES_METADATA: json.dumps(list(map(str, files)))},
                    runtime_env={"working_dir": str(stage), "excludes": UPLOAD_EXCLUDES,
                                 "env_vars": {SUBMISSION_ID_ENV: job_id}})
     print(f"{RUN_DIR_LOG_PREFIX}{run_dir}", file=sys.stderr)
