@@ -185,3 +185,15 @@ def test_cluster_address_local_is_our_loopback_local_ray_and_garbage_is_refused(
     assert load_config(None, ["cluster.address=10.0.0.1:6379"]).cluster.address_to_join() == "10.0.0.1:6379"
     with pytest.raises(ConfigError, match="cluster.address: 'garbage' is not a Ray address"):
         load_config(None, ["cluster.address=garbage"])
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("steps=true", "steps: expected a number, got true"),
+    ("learner.lr=false", "learner.lr: expected a number, got false"),
+    ("statistics.n_max=true", "statistics.n_max: expected a number, got true"),
+])
+def test_a_boolean_is_not_a_number(override, expected):
+    # pydantic's lax mode had read `steps: true` as 1.
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+    assert load_config(None, ["model.thinking=false"]).model.thinking is False   # a bool field still takes one
