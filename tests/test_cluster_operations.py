@@ -109,3 +109,5 @@ def test_a_failed_job_shows_rays_message_and_a_missing_path_never_leaves(head):
     lines = status.stdout.splitlines()
     assert lines[0] == "FAILED"
     assert "exit code 2" in status.stdout and "model.path" in status.stdout, status.stdout
+    followed = cli(["logs", job_id, "--follow", "--address", address], env)   # a script learns how it ended
+    assert followed.returncode == 1 and "model.path" in followed.stdout, followed.stderr

@@ -47,7 +47,7 @@ def add_job_commands(commands) -> None:
         connection(command)
     logs = commands.add_parser("logs", help="a job's driver log")
     logs.add_argument("job_id")
-    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends; exit code 1 if it failed")
     connection(logs)
     connection(commands.add_parser("list", help="jobs on the cluster"))
     scale = commands.add_parser("scale", help="grow or shrink a running job's generator pool")
@@ -130,7 +130,8 @@ def command_logs(args) -> int:
             print(chunk, end="", flush=True)
 
     sdk_call(args, lambda: asyncio.run(follow()))
-    return 0
+    # Like `tail --pid` of the job: a script that follows a job learns how it ended from the exit code.
+    return 1 if sdk_call(args, lambda: client.get_job_status(args.job_id)).value == "FAILED" else 0
 
 
 def command_list(args) -> int:
