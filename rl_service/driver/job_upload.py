@@ -50,9 +50,9 @@ def config_paths(config) -> list[tuple[str, str]]:
     return paths
 
 
-def _relative_inside(path: Path, working_dir: Path) -> Path | None:
+def _relative_inside(path: Path) -> Path | None:
     """A relative `path` as the config names it (links and `..` kept: the job's open() walks the same
-    components), when it stays inside `working_dir`; None for an absolute path (the job reads it where
+    components), when it stays inside the working directory; None for an absolute path (the job reads it where
     it is) or one that leaves the directory (it never reached the job)."""
     if path.is_absolute():
         return None
@@ -77,7 +77,7 @@ def job_files(working_dir: Path, config=None, config_path: Path | None = None, a
         named += [Path(package) for package in CODE_PACKAGES if (working_dir / package).is_dir()]
     files: dict[Path, Path] = {}   # as named, by where it lands
     for path in named:
-        relative = _relative_inside(path, working_dir)
+        relative = _relative_inside(path)
         if relative is not None and (working_dir / relative).exists():
             files.setdefault(Path(os.path.normpath(relative)), relative)
     # A path inside another one already listed comes with it.

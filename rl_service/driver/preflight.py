@@ -20,21 +20,27 @@ CONNECT_TIMEOUT_S = 10.0
 
 
 def role_demands(config: JobConfig) -> list[tuple[str, dict[str, float]]]:
-    """(config field, Ray resources it asks for) of every role the job starts, as `start_roles` places them."""
-    from rl_service.driver.roles import engine_resources
+    """(role, Ray resources it asks for) of every role the job starts, as `start_roles` places them."""
+    from actors.learner_group import learner_bundles
+    from rl_service.driver.roles import POOL_CPUS, engine_resources
 
-    def bundle(cpus: float, gpus: float, resources: dict) -> dict[str, float]:
-        return {"CPU": float(cpus), "GPU": float(gpus), **{name: float(amount) for name, amount in resources.items()}}
+    def times(count: int, bundle: dict) -> dict[str, float]:
+        return {name: float(amount) * count for name, amount in bundle.items()}
 
-    generator, reward, learner = config.generator, config.reward, config.learner
-    demands = [("generator", {name: amount * generator.num_engines for name, amount in engine_resources(config).items()}),
-               ("reward", {name: amount * reward.num_actors
-                           for name, amount in bundle(reward.num_cpus, reward.num_gpus, reward.resources).items()}),
-               ("learner", {name: amount * learner.num_ranks
-                            for name, amount in bundle(learner.num_cpus, learner.num_gpus, learner.resources).items()})]
-    demands.append(("generator pool", {"CPU": 0.01}))   # the pool actor, as start_roles places it
+    def summed(bundles: list[dict]) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for bundle in bundles:
+            for name, amount in bundle.items():
+                total[name] = total.get(name, 0.0) + float(amount)
+        return total
+
+    reward, statistics = config.reward, config.statistics
+    demands = [("generator", times(config.generator.num_engines, engine_resources(config))),
+               ("reward", times(reward.num_actors, {"CPU": reward.num_cpus, "GPU": reward.num_gpus, **reward.resources})),
+               ("learner", summed(learner_bundles(config))),
+               ("generator pool", {"CPU": POOL_CPUS})]
     if not config.algorithm.is_preference:
-        demands.append(("statistics", bundle(config.statistics.num_cpus, 0.0, config.statistics.resources)))
+        demands.append(("statistics", {"CPU": statistics.num_cpus, **statistics.resources}))
     return demands
 
 

@@ -183,6 +183,7 @@ def engine_resources(config: JobConfig) -> dict[str, float]:
     return total
 
 
+POOL_CPUS = 0.01   # the generator pool actor only routes requests
 INLINE_RESULT_BYTES = 8 * 1024   # a generator's results larger than this go to the shared object store
 
 
@@ -227,7 +228,7 @@ def start_roles(config: JobConfig, verifier: str, resume_from: str | None = None
 
     generators = [GeneratorActor.options(**generator_options(config, index)).remote(config, index)
                   for index in range(config.generator.num_engines)]
-    pool = GeneratorPool.options(**_options(config, "generator_pool", 0, 0.01)).remote(
+    pool = GeneratorPool.options(**_options(config, "generator_pool", 0, POOL_CPUS)).remote(
         generators, engine_resources=engine_resources(config))
     preference = config.preference
     reward_model = (preference.reward_model_path if config.algorithm.is_preference
