@@ -191,6 +191,7 @@ def test_cluster_address_local_is_our_loopback_local_ray_and_garbage_is_refused(
     ("steps=true", "steps: expected a number, got true"),
     ("learner.lr=false", "learner.lr: expected a number, got false"),
     ("statistics.n_max=true", "statistics.n_max: expected a number, got true"),
+    ("learner.lora.rank=true", "learner.lora.rank: expected a number, got true"),   # LoRA had its own base
 ])
 def test_a_boolean_is_not_a_number(override, expected):
     # pydantic's lax mode had read `steps: true` as 1.

@@ -10,7 +10,7 @@ from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from rl_service.config.sections import _Section
+from rl_service.config.section import _Section
 
 
 class _PolicyGradientConfig(_Section):

@@ -4,10 +4,12 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from rl_service.config.algorithm import AlgorithmConfig, GRPOConfig, PreferenceConfig
+from rl_service.config.cluster import ClusterConfig, ScheduleConfig
+from rl_service.config.section import _Section
 from rl_service.config.sections import (
     ModelConfig, DataConfig, GeneratorConfig, RewardConfig, StatisticsConfig, LearnerConfig,
-    WeightSyncConfig, ClusterConfig, ScheduleConfig, LoggingConfig, CheckpointConfig, GuardConfig, EvalConfig,
-    _Section)
+    WeightSyncConfig, CheckpointConfig, GuardConfig, EvalConfig)
+from rl_service.config.tracking import LoggingConfig
 
 
 class JobConfig(_Section):

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from rl_service.config.section import _Section
 
 
-class LoraConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
+class LoraConfig(_Section):
     rank: int = Field(8, ge=1, le=4096, description="r: the adapters' inner dimension")
     alpha: float = Field(16.0, gt=0.0, le=1e6, description="the update is scaled by alpha / rank")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input while training")

@@ -1,32 +1,18 @@
 """The sections of the job configuration (`JobConfig`'s children), one pydantic model each.
 
 Every field carries its default, unit and range; unknown keys are errors (`extra="forbid"`).
+Where the run executes (`cluster`, `schedule`) is in `cluster.py`, what it reports to (`logging`) in
+`tracking.py`.
 """
 from __future__ import annotations
 
 import os
-import re
-from typing import Literal, get_args
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rl_service.config.lora import LoraConfig
-
-
-class _Section(BaseModel):
-    # No field takes inf or NaN (`reward.timeout_s: .inf` passed, then overflowed in the run).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_as_a_number(cls, value, info):
-        # pydantic's lax mode reads `steps: true` as 1 and `lr: false` as 0.0: a slip, never meant.
-        if isinstance(value, bool) and info.field_name in cls.model_fields:
-            annotation = cls.model_fields[info.field_name].annotation
-            types = get_args(annotation) or (annotation,)
-            if bool not in types and any(kind in (int, float) for kind in types):
-                raise ValueError(f"expected a number, got {str(value).lower()}")
-        return value
+from rl_service.config.section import _Section
 
 
 class ModelConfig(_Section):
@@ -309,106 +295,6 @@ class WeightSyncConfig(_Section):
     bucket_mb: float = Field(256.0, gt=0.0, le=65_536.0, description="bucket size, MiB: ZeRO 3 gathers one bucket of "
                                                                      "parameters at a time, never the whole model")
     timeout_s: float = Field(300.0, gt=0.0, le=86_400.0, description="seconds one publication may take before it is an error")
-
-
-class ClusterConfig(_Section):
-    address: str | None = Field(None, description="Ray address to join; none: RAY_ADDRESS or a local Ray on 127.0.0.1")
-    num_cpus: int | None = Field(None, ge=1, description="logical CPUs declared to a local Ray (none: the machine's)")
-    include_dashboard: bool = Field(False, description="start the Ray dashboard with a local Ray (about +1 GB)")
-    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch threads per actor (none: all cores; sync mode runs one role at a time)")
-    max_role_failures: int = Field(
-        3, ge=0, le=1000, description="role deaths (generator, reward, statistics, learner) a run recovers from by "
-                                      "restarting every role from the newest checkpoint; 0 = fail at the first")
-
-    @field_validator("address")
-    @classmethod
-    def _not_a_job_server(cls, address: str | None) -> str | None:
-        if address and is_job_server_url(address):
-            raise ValueError(f"{address} is a Ray job server (dashboard) URL, for `rl-service submit --address`; a run "
-                             "joins a cluster by its GCS address (host:6379) or ray://host:10001")
-        if address and address not in ("auto", "local") and not _RAY_ADDRESS.fullmatch(address.strip()):
-            raise ValueError(f"{address!r} is not a Ray address: host:port (the GCS, e.g. 10.0.0.1:6379), "
-                             "ray://host:port (Ray Client), auto (the cluster this machine is part of) or local")
-        return address
-
-    def address_to_join(self) -> str | None:
-        """The Ray cluster a run joins: `address`, else RAY_ADDRESS (Ray's job supervisor sets it for a
-        submitted job's driver), else None: a local Ray. A RAY_ADDRESS that is a job server URL
-        (deploy/README.md has users export http://HEAD:8265 for the job commands) names no cluster a
-        driver can join, so a run on that shell is a local one (rl_service/driver/roles.py says so once)."""
-        address = self.address or os.environ.get("RAY_ADDRESS")
-        # "local" is Ray's word for a new local Ray: ours, bound to 127.0.0.1, not a cluster to join.
-        return None if not address or address == "local" or is_job_server_url(address) else address
-
-
-_RAY_ADDRESS = re.compile(r"(ray://)?([\w.-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}")
-
-
-def is_job_server_url(address: str) -> bool:
-    """An http(s) URL: a Ray job server (the dashboard), not a GCS address a run can join."""
-    return address.strip().lower().startswith(("http://", "https://"))
-
-
-class ScheduleConfig(_Section):
-    mode: Literal["sync", "async"] = Field(
-        "sync", description="sync: generate, then train, then publish, one step at a time; async: generation of the next "
-                            "steps overlaps training on this one (DESIGN.md 'One training step')")
-    max_staleness: int = Field(
-        1, ge=0, le=64, description="async: most weight versions a trained sample may lag the learner; 0 = no overlap "
-                                    "(equals sync exactly)")
-
-
-def _tracker_installed(package: str, field: str) -> None:
-    # find_spec imports nothing: a run that names a tracker fails here, before Ray starts, not mid-run.
-    from importlib.util import find_spec
-
-    if find_spec(package) is None:
-        raise ValueError(f"{field} needs the {package} package, which is not installed "
-                         "(pip install 'rl_service[trackers]')")
-
-
-class WandbConfig(_Section):
-    """Weights & Biases (rl_service/trackers.py): the resolved config once, every metrics row at its step."""
-    project: str = Field(..., min_length=1, max_length=128, description="W&B project name")
-    mode: Literal["online", "offline", "disabled"] = Field(
-        "online", description="online: stream to the server (WANDB_API_KEY or `wandb login`); offline: write under "
-                              "RUN_DIR/wandb for a later `wandb sync`; disabled: no-op")
-
-    @model_validator(mode="after")
-    def _installed(self) -> "WandbConfig":
-        if self.mode != "disabled":
-            _tracker_installed("wandb", "logging.wandb")
-        return self
-
-
-class MlflowConfig(_Section):
-    """MLflow (rl_service/trackers.py): the resolved config as params, every metrics row at its step."""
-    tracking_uri: str | None = Field(
-        None, min_length=1, description="MLflow tracking URI (a server http://…, or file:///abs/path for a local "
-                                        "store); none: MLFLOW_TRACKING_URI or MLflow's default")
-    experiment: str = Field("rl_service", min_length=1, max_length=256, description="experiment name (created if missing)")
-
-    @model_validator(mode="after")
-    def _installed(self) -> "MlflowConfig":
-        _tracker_installed("mlflow", "logging.mlflow")
-        return self
-
-
-class LoggingConfig(_Section):
-    tensorboard: bool = Field(True, description="write TensorBoard events to RUN_DIR/tb")
-    wandb: WandbConfig | None = Field(None, description="none: off; {project, mode}: log to Weights & Biases too")
-    mlflow: MlflowConfig | None = Field(None, description="none: off; {tracking_uri, experiment}: log to MLflow too")
-    progress_bar: bool = Field(True, description="rich progress bar when stdout is a terminal (a job log or pipe gets "
-                                                 "log lines instead, see log_every)")
-    log_every: int = Field(
-        1, ge=0, le=1_000_000, description="one log line every N steps (step, reward, accepted fraction, loss, KL, grad "
-                                           "norm, completions/s, phase shares) when stdout is not a terminal or the bar "
-                                           "is off; every evaluation is logged with its step; 0 = no step lines")
-    output_dir: str = Field(
-        "runs", min_length=1, description="where run directories go: <output_dir>/<job_name>-<timestamp> for `run`, "
-                                          "<output_dir>/<job id> for `submit` (made absolute on the submitting "
-                                          "machine; on a multi-node cluster use storage every node mounts); "
-                                          "--run-dir names the run directory itself")
 
 
 CLUSTER_CHECKPOINT_EVERY = 10   # steps between checkpoints of a cluster run that names none

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from rl_service.config.sections import is_job_server_url
+from rl_service.config.cluster import is_job_server_url
 from rl_service.errors import UserError
 from rl_service.driver.preflight import check_job_server_answers
 

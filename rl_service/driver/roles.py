@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 from dataclasses import dataclass
 
 from rl_service.config import JobConfig
-from rl_service.config.sections import is_job_server_url
+from rl_service.config.cluster import is_job_server_url
 from rl_service.run_ids import JOB_NAME_ENV, SUBMISSION_ID_ENV, new_submission_id, submission_id  # noqa: F401 (re-exported)
 
 
