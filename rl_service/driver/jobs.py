@@ -75,8 +75,9 @@ def command_submit(args) -> int:
     run_dir = submit_run_dir(args.run_dir, config, job_id, working_dir)
     from rl_service.driver.run_dir import run_entries
 
-    if run_entries(run_dir):   # visible here (one machine, or shared storage): the job would refuse it
-        raise UserError(f"--run-dir {run_dir}: already holds a run ({', '.join(run_entries(run_dir)[:3])}); continue "
+    held = run_entries(run_dir)
+    if held:   # visible here (one machine, or shared storage): the job would refuse it
+        raise UserError(f"--run-dir {run_dir}: already holds a run ({', '.join(held[:3])}); continue "
                         "a submitted run with `rl-service resume JOB_ID`, or choose another --run-dir")
     entrypoint = " ".join(["python", "-m", "rl_service.cli", "run", shlex.quote(str(config_path.relative_to(working_dir))),
                            "--run-dir", shlex.quote(str(run_dir))]

@@ -126,10 +126,9 @@ def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = Fa
     if directory.exists() and not directory.is_dir():
         raise UserError(f"--run-dir {path}: exists and is not a directory")
     existing = [name for name in RUN_ENTRIES if (directory / name).exists()]
-    if not overwrite and not (resume and latest_checkpoint(directory) is not None) and run_entries(directory):
-        if not resume:
-            raise UserError(f"--run-dir {path}: already holds a run ({', '.join(existing[:3])}); continue it with "
-                            f"`rl-service resume {path}` (or run --resume), or replace it with --overwrite")
+    if not overwrite and not resume and run_entries(directory):
+        raise UserError(f"--run-dir {path}: already holds a run ({', '.join(existing[:3])}); continue it with "
+                        f"`rl-service resume {path}` (or run --resume), or replace it with --overwrite")
     if clear and existing and (overwrite or latest_checkpoint(directory) is None):
         for name in existing:
             entry = directory / name
