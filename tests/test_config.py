@@ -71,6 +71,10 @@ def test_missing_file_and_non_mapping(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(path)
+    for text in ("", "# only a comment\n"):   # would have trained the default job
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=r"list\.yaml: holds no settings"):
+            load_config(path)
 
 
 def test_collapse_guard_needs_a_drop_beyond_the_noise_of_the_eval_set():

@@ -142,8 +142,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             if problem.startswith("duplicate key"):
                 raise ConfigError(f"{source}:{where}: {problem}") from None
             raise ConfigError(f"{source}:{where} not valid YAML ({problem})") from None
-        if loaded is None:
-            loaded = {}
+        if loaded is None:   # a truncated or wrong file would otherwise train the default job, silently
+            raise ConfigError(f"{source}: holds no settings (empty, or only comments); a job file names at least "
+                              "one, e.g. `job_name: my_job` (configs/quickstart.yaml is a complete job)")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded
