@@ -37,7 +37,14 @@ def stop_on_sigterm(run_dir: Path) -> Iterator[None]:
         yield
         return
 
+    stopping = False
+
     def stop(_signum, _frame):
+        # Once stopping, a second SIGTERM (stop pressed twice) must not cut the roles' and Ray's shutdown
+        # short: ignored from here to the process's end (Ray's own handler exits at once, with status 15).
+        nonlocal stopping
+        stopping = True
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop = StopRequested(Path(run_dir))
         # Said now: shutting the roles and Ray down may outlast the 3 s before Ray's SIGKILL.
         print(f"rl-service: {stop}", file=sys.stderr, flush=True)
@@ -47,4 +54,5 @@ def stop_on_sigterm(run_dir: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not stopping:
+            signal.signal(signal.SIGTERM, previous)
