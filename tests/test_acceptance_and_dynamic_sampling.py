@@ -47,7 +47,7 @@ def test_acceptance_threshold_comes_from_the_config_and_custom_rewards_must_set_
     load_config(quickstart, [f"reward.custom={reward}:fn", "statistics.allocation=gvm", "statistics.accept_threshold=0.5"])
     with pytest.raises(ConfigError, match="schedule.mode 'sync'"):
         load_config(quickstart, ["algorithm.dynamic_sampling=true"])
-    with pytest.raises(ConfigError, match="algorithm.dynamic_sampling: not a setting of algorithm.name .raft\+\+."):
+    with pytest.raises(ConfigError, match=r"algorithm.dynamic_sampling: not a setting of algorithm.name .raft\+\+."):
         load_config(quickstart, ["algorithm.dynamic_sampling=true", "schedule.mode=sync", "algorithm.name=raft++"])
 
 
@@ -134,6 +134,25 @@ def test_raft_prompt_mean_divides_by_every_prompt_of_the_batch_as_gvm2_does():
     metrics = learner.train_step(rollout, rewards)
     assert metrics["all_rejected_prompts"] == 2 and metrics["trained_samples"] == 2
     assert metrics["loss"] == pytest.approx(-2 / 4, abs=1e-6)
+
+
+def test_the_learner_accepts_exactly_the_samples_the_driver_and_statistics_accept():
+    # A reward-model score one float32 step below the threshold: the learner read rewards as float32,
+    # trained such a sample with A = 1 while the statistics (float64) counted it as rejected.
+    from conftest import arithmetic_requests
+    from rl_service.config import load_config
+    from rl_service.generation.hf_engine import HFGenerationEngine
+    from rl_service.rollout import SamplingParams
+    from rl_service.training.policy_learner import PolicyLearner
+
+    rollout = HFGenerationEngine("builtin").generate(arithmetic_requests(2, 4, seed=5), SamplingParams(max_new_tokens=8), seed=0)
+    just_below, at = 0.69999999, 0.7   # float32 rounds both to 0.699999988, below 0.7
+    rewards = [(just_below, at, 0.5, 0.0)[k % 4] for k in range(len(rollout))]
+    learner = PolicyLearner(load_config(None, ["algorithm.name=raft++", "algorithm.drop_rejected=true",
+                                               "statistics.accept_threshold=0.7", "learner.micro_batch_size=4"]))
+    metrics = learner.train_step(rollout, rewards)
+    assert accepted(rewards, 0.7).sum() == len(rollout) // 4
+    assert metrics["trained_samples"] == len(rollout) // 4
 
 
 def test_grpo_zero_variance_filter_reports_how_many_groups_it_dropped():

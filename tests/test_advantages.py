@@ -67,6 +67,16 @@ def test_all_equal_groups_are_exactly_zero(scale_rewards):
     assert adv[8] > 0 > adv[9]
 
 
+def test_a_group_whose_variance_overflows_is_nan_not_zero():
+    # (1e300)² overflows float64: std = inf gave A = 0 for the whole group, an update that learned
+    # nothing and said nothing. NaN makes the learner skip the update and count it.
+    rewards = _t([1e300, 0.0, 1.0, 0.0])
+    adv = grpo_advantages(rewards, torch.tensor([0, 0, 1, 1]))
+    assert torch.isnan(adv[:2]).all()
+    _close(adv[2:], [0.5 / (math.sqrt(0.5) + 1e-6), -0.5 / (math.sqrt(0.5) + 1e-6)])
+    _close(grpo_advantages(_t([1e300, 1e300]), torch.tensor([0, 0])), [0.0, 0.0])   # flat: still exactly 0
+
+
 def test_size_one_groups_follow_verl():
     rewards = _t([0.0, 1.0, 0.7])
     group_index = torch.tensor([0, 1, 2])

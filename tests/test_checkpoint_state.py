@@ -74,7 +74,7 @@ def test_restoring_onto_another_zero_stage_is_refused_by_name(rollout, tmp_path)
 def test_a_non_finite_gradient_skips_the_update_and_is_counted(rollout, stage):
     learner = _learner(stage)
     before = _params(learner)
-    # A reward that overflows float32 (finite in Python) makes the group's advantages NaN.
+    # A finite reward whose group variance overflows float64 makes the group's advantages NaN.
     rewards = [1e300 if k % 4 == 0 else 0.0 for k in range(len(rollout))]
     metrics = learner.train_step(rollout, rewards)
     assert metrics["nonfinite_update_fraction"] == 1.0

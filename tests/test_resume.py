@@ -126,7 +126,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
 
 @pytest.mark.slow
 def test_three_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
-    """A reward that overflows float32 makes every update non-finite: each is skipped and counted, the
+    """A reward whose group variance overflows float64 makes every update non-finite: each is skipped and counted, the
     third in a row stops the run, and no checkpoint is written after the last good one. A group whose
     samples all share one length parity has no reward spread and so no update at all; 8 prompts × 8
     samples make every step hold groups with a spread (4 × 4 left a step without one, by chance)."""

@@ -57,6 +57,7 @@ def grpo_advantages(
       ``A = r / (1 + ε)`` (``A = r`` without scaling). Skipping such prompts is the caller's option.
     * A group of size ≥ 2 whose rewards are all equal gets exactly ``A = 0`` (§GRPO.2), not the
       ±1e-11 rounding residue that ``(r − mean) / ε`` could leave.
+    * A group whose std overflows float64 gets NaN, not 0: the learner skips a non-finite update.
 
     Args:
         rewards: [N] float rewards.
@@ -78,6 +79,9 @@ def grpo_advantages(
     if scale_rewards:
         std = torch.sqrt(sq_dev / (size - 1).clamp(min=1))
         std = torch.where(singleton, torch.ones_like(std), std)
+        # Rewards past ~1e154 overflow the squared deviations: std = inf would give every sample A = 0,
+        # an update that silently learns nothing. NaN instead, which the learner skips and counts.
+        std = torch.where(torch.isfinite(std), std, torch.full_like(std, float("nan")))
         advantages = centred / (std + epsilon)
     else:
         advantages = centred

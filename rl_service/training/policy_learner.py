@@ -165,7 +165,8 @@ class PolicyLearner(EngineWeights):
                    acceptance_estimates: list[float] | None = None) -> dict[str, float]:
         started = time.perf_counter()
         learner = self.config.learner
-        reward_tensor = torch.tensor(rewards, dtype=torch.float32)
+        # float64, as the driver, the statistics and the §GVM.1 norms read them: one acceptance everywhere.
+        reward_tensor = torch.tensor(rewards, dtype=torch.float64)
         advantages, keep, metrics = self.advantages_and_mask(rollout, reward_tensor, train_mask, acceptance_estimates)
         if not bool(keep.any()):
             metrics.update(skipped_step=1.0, train_seconds=time.perf_counter() - started)
