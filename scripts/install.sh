@@ -43,11 +43,11 @@ if ! command -v prometheus >/dev/null; then
     fi
 fi
 # The custom reward's sandbox (rl_service/rewards/sandbox.py) uses bubblewrap where it is installed;
-# without it the reward still runs, isolated from the network and signals only, with a warning.
+# without it `reward.custom_sandbox: auto` refuses to run a custom reward (unshare or off must then be chosen).
 if ! command -v bwrap >/dev/null; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } \
-            >/dev/null 2>&1 || echo "bubblewrap not installed (apt-get failed); custom rewards run with the unshare fallback"
+            >/dev/null 2>&1 || echo "bubblewrap not installed (apt-get failed); custom rewards need reward.custom_sandbox: unshare or off"
     else
         echo "bubblewrap (bwrap) not found: install it (Debian: apt-get install bubblewrap) for the custom-reward sandbox"
     fi

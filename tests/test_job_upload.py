@@ -26,6 +26,7 @@ def test_a_job_receives_its_config_the_paths_it_names_and_the_code_never_the_res
     _write(work / "rewards" / "score.py", "def reward(c, a):\n    return 1.0\n")
     _write(work / "rewards" / "helper.py")
     _write(work / "rewards" / "secret.txt")
+    _write(work / "rewards" / "aws_creds.py", "KEY = 'AKIA...'\n")
     _write(work / "token", "RAY_AUTH_TOKEN")            # what a home directory or a cluster admin's folder holds
     _write(work / ".ssh" / "id_ed25519")
     _write(work / "runs" / "old" / "metrics.jsonl")
@@ -38,8 +39,7 @@ def test_a_job_receives_its_config_the_paths_it_names_and_the_code_never_the_res
                          ["data.source=jsonl", "data.train_path=data/train.jsonl", f"data.eval_path={outside / 'eval.jsonl'}",
                           "reward.custom=rewards/score.py:reward", "reward.custom_readable=[rewards/helper.py]"])
     files = job_files(work, config, work / "configs" / "job.yaml")
-    # helper.py is listed, and a neighbouring module of the reward file besides (importable where the
-    # sandbox is off); the secret next to them is neither.
+    # helper.py is listed; the secrets next to it, a module among them, are not, and stay here.
     assert sorted(map(str, files)) == ["actors", "configs/job.yaml", "data/train.jsonl", "rewards/helper.py",
                                        "rewards/score.py", "rl_service"]
     with staged_working_dir(work, files) as stage:

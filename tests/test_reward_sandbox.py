@@ -3,7 +3,7 @@ finding 3: write a file, read /etc/passwd, connect to a server on 127.0.0.1, kil
 fork children that outlive the time limit, and a reward of 1e308. Each escape is tried for real by a
 reward function; it must fail, score 0 and be counted, and leave the host as it was. Then the
 review's two findings: under bubblewrap the function reads its own file and `reward.custom_readable`,
-not its directory (neighbours, secrets, the host's /tmp), and `auto` refuses to run unconfined.
+not its directory (neighbours, secrets, the host's /tmp), and `auto` refuses to run without bubblewrap.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ needs_bwrap = pytest.mark.skipif(_works("bwrap") is not None, reason=f"no workin
 
 
 def _unconfined() -> bool:
-    """No namespaces on this machine: `auto` refuses to run, and only `off` runs a reward."""
-    return _works("bwrap") is not None and _works("unshare") is not None
+    """No working bubblewrap on this machine: `auto` refuses to run, only `unshare` or `off` run a reward."""
+    return _works("bwrap") is not None
 
 ESCAPES = '''
 import os, signal, socket, time
@@ -217,8 +217,10 @@ def test_a_reward_of_1e308_is_clipped_and_counted(escapes):
     assert clip_rewards([], -1.0, 1.0) == ([], 0)
 
 
-def test_the_unshare_fallback_still_takes_network_signals_and_children(escapes, monkeypatch, caplog):
-    """Where bubblewrap is missing, `unshare` (util-linux) isolates what it can, and says what it cannot."""
+def test_unshare_chosen_explicitly_still_takes_network_signals_and_children(escapes, monkeypatch, caplog):
+    """Where bubblewrap is missing, `auto` refuses (it once fell back to `unshare`, and a reward wrote to
+    the host's /); `unshare` chosen explicitly isolates what it can, and says what it cannot."""
+    import dataclasses
     import logging
 
     from rl_service.rewards import sandbox
@@ -227,15 +229,18 @@ def test_the_unshare_fallback_still_takes_network_signals_and_children(escapes, 
         pytest.skip(f"unshare cannot make namespaces here: {sandbox._works('unshare')}")
     monkeypatch.setattr(sandbox, "_works", lambda kind: "bwrap is not installed" if kind == "bwrap" else None)
     monkeypatch.setattr(sandbox, "_warned", set())
+    with pytest.raises(RuntimeError, match="custom_sandbox is auto but bwrap is not installed"):
+        sandbox.choose("auto")
     with caplog.at_level(logging.WARNING, logger="rl_service"):
-        assert sandbox.choose("auto") == "unshare"
-    assert any("is NOT confined" in record.getMessage() and "environment" in record.getMessage()
+        assert sandbox.choose("unshare") == "unshare"
+    assert any("NOT its file access" in record.getMessage() and "environment" in record.getMessage()
                for record in caplog.records)
+    unshared = lambda name: dataclasses.replace(escapes(name), sandbox="unshare")   # noqa: E731
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
-        assert _score(escapes("connect"), answer=str(server.getsockname()[1]))[1]["custom_reward_errors"] == 1
-    spec = escapes("fork_and_hang")
+        assert _score(unshared("connect"), answer=str(server.getsockname()[1]))[1]["custom_reward_errors"] == 1
+    spec = unshared("fork_and_hang")
     runner = CustomRewardRunner(spec)
     try:
         assert runner.score(["hang"], ["0"])[1]["custom_reward_timeouts"] == 1
@@ -392,11 +397,11 @@ def test_auto_refuses_to_run_unconfined_and_off_still_runs(no_namespace_tools, e
     from rl_service.cli import main
 
     assert _works("bwrap") == "bwrap is not installed" and _works("unshare") == "unshare is not installed"
-    with pytest.raises(RuntimeError, match=r"no sandbox works here.*apt-get install bubblewrap.*"
-                                           r"reward\.custom_sandbox: off"):
+    with pytest.raises(RuntimeError, match=r"auto but bwrap is not installed.*apt-get install bubblewrap.*"
+                                           r"reward\.custom_sandbox: unshare.*NOT confined.*or off"):
         choose("auto")
     # Before Ray starts: the check (run by `validate` and `run`) is a one-line UserError.
-    with pytest.raises(UserError, match="reward.custom_sandbox is auto but no sandbox works here"):
+    with pytest.raises(UserError, match="reward.custom_sandbox is auto but bwrap is not installed"):
         check_custom_reward(escapes("read_passwd"))
     monkeypatch.chdir(REPO)
     assert main(["validate", "configs/custom_reward_example.yaml"]) == 2

@@ -139,13 +139,13 @@ class RewardConfig(_Section):
     custom_timeout_s: float = Field(5.0, gt=0.0, le=3600.0, description="time limit of one custom reward call, seconds")
     custom_memory_mb: int = Field(
         1024, ge=64, le=1_048_576, description="address-space limit (RLIMIT_AS) of the custom reward subprocess, MiB")
-    custom_sandbox: Literal["auto", "bwrap", "off"] = Field(
-        "auto", description="isolation of the custom reward subprocess (rl_service/rewards/sandbox.py). auto: bubblewrap "
-                            "(reads only the Python installation, the reward file itself and reward.custom_readable, "
-                            "not the file's directory; writes only a scratch /tmp; no network, no signals out), else "
-                            "unshare (no network or signals; files not confined) with a warning, else refuse to run; "
-                            "bwrap: refuse to run without bubblewrap; off: no sandbox, process group and limits only "
-                            "(a function that needs the network, or a machine without user namespaces)")
+    custom_sandbox: Literal["auto", "bwrap", "unshare", "off"] = Field(
+        "auto", description="isolation of the custom reward subprocess (rl_service/rewards/sandbox.py). auto (= bwrap): "
+                            "bubblewrap (reads only the Python installation, the reward file itself and "
+                            "reward.custom_readable, not the file's directory; writes only a scratch /tmp; no network, "
+                            "no signals out), else refuse to run; unshare: no network or signals, but files NOT "
+                            "confined (a host without bubblewrap); off: no sandbox, process group and limits only "
+                            "(a function that needs the network)")
     custom_readable: list[str] = Field(
         default_factory=list, description="files or directories the custom reward may read, read-only, e.g. a helper "
                                           "module or a data file next to it (a neighbour module listed here can be "

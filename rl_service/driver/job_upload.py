@@ -5,8 +5,8 @@ anything: a token file, other runs, `~/.ssh` and `~/.ray` when it is a home dire
 and `resume JOB` stage a directory that holds only
 - the config file;
 - the relative paths the config names (`config_paths`: model, data, preference data, reward model,
-  custom reward file and `reward.custom_readable`) and the custom reward's neighbouring modules,
-  each under the name the config gives it (a link is copied as what it points to); an absolute path
+  custom reward file and `reward.custom_readable`: a neighbouring module the reward imports travels
+  when it is listed there, as the sandbox shows it only then), each under the name the config gives it (a link is copied as what it points to); an absolute path
   is read where it is, so it must exist on the cluster's nodes, as before;
 - where the working directory is an rl_service checkout, its `rl_service/` and `actors/` packages,
   so the job runs the code that was submitted;
@@ -61,18 +61,14 @@ def _relative_inside(path: Path) -> Path | None:
 
 def job_files(working_dir: Path, config=None, config_path: Path | None = None, also=()) -> list[Path]:
     """The paths, relative to `working_dir`, that a job submitted from there receives: `config_path`,
-    what `config` names, the custom reward's neighbouring modules (importable where the sandbox is
-    off or unshare), `also` (a resumed job's files, kept in its first job's metadata) and the code of
+    what `config` names (not the custom reward's other neighbours: `aws_creds.py` next to it once
+    travelled to the cluster), `also` (a resumed job's files, kept in its first job's metadata) and the code of
     a checkout."""
     named: list[Path] = [Path(path) for path in also]
     if config_path is not None:
         named.append(Path(config_path).resolve().relative_to(working_dir))
     if config is not None:
         named += [Path(value) for _, value in config_paths(config)]
-        if config.reward.custom:
-            reward_file = Path(config.reward.custom.rsplit(":", 1)[0])
-            if not reward_file.is_absolute() and (working_dir / reward_file).parent.is_dir():
-                named += [reward_file.parent / module.name for module in (working_dir / reward_file).parent.glob("*.py")]
     if (working_dir / "rl_service" / "__init__.py").is_file():
         named += [Path(package) for package in CODE_PACKAGES if (working_dir / package).is_dir()]
     files: dict[Path, Path] = {}   # as named, by where it lands

@@ -15,8 +15,8 @@ User code never runs in the RewardActor's process: it runs in one long-lived sub
 talk JSON lines over pipes (no pickle of user data). The subprocess is sandboxed
 (`reward.custom_sandbox`, rl_service/rewards/sandbox.py: with bubblewrap it reads only the Python
 installation, the reward file itself and the paths in `reward.custom_readable`, not the file's
-directory, and writes only a scratch /tmp; no network, no signals out; where no sandbox works,
-`auto` refuses to run and only an explicit `off` runs the function unconfined), in its own process
+directory, and writes only a scratch /tmp; no network, no signals out; where bubblewrap does not
+work `auto` refuses to run, and only an explicit `unshare` (files not confined) or `off` runs it), in its own process
 group (killed whole at the time limit; whatever a call forked is killed when the call returns),
 with an address-space and file-size limit (`RLIMIT_AS`, `RLIMIT_FSIZE`: `reward.custom_memory_mb`)
 and each call a time limit (`reward.custom_timeout_s`).
@@ -65,7 +65,7 @@ class CustomRewardSpec:
     function: str
     timeout_s: float = 5.0
     memory_mb: int = 1024
-    sandbox: str = "auto"          # reward.custom_sandbox: auto, bwrap or off
+    sandbox: str = "auto"          # reward.custom_sandbox: auto, bwrap, unshare or off
     readable: tuple[str, ...] = ()
 
     def __str__(self) -> str:

@@ -14,15 +14,16 @@ loopback (a connection to a server on the host's 127.0.0.1 is refused), no proce
 sandbox can be seen or signalled, and the environment is cleared (no RAY_AUTH_TOKEN). The reward
 process is pid 1 of its namespace: its own children die with it, by the kernel.
 
-`unshare` (util-linux, always on Debian): the fallback where bubblewrap is missing or refused: user,
-pid and network namespaces (no network, no signals outside, children die with it) but the file
-system is not confined (the function reads what this user reads). A one-line warning says so.
+`unshare` (util-linux), chosen explicitly only: user, pid and network namespaces (no network, no
+signals outside, children die with it) but the file system is not confined (the function reads and
+writes what this user does, path-bound Unix sockets such as Ray's included): a limit, not
+isolation, for a host where bubblewrap cannot be installed. A one-line warning says so.
 
-`auto` (the default) takes bwrap, else unshare; where neither works (user namespaces disabled) it
-refuses to run (a UserError before Ray starts) rather than run user code unconfined. `off`: no
-sandbox, the process group and the resource limits only, for a function that needs the network (a
-remote judge) or where no namespaces exist, chosen explicitly; `bwrap`: refuse to run where
-bubblewrap does not work. Standard library only.
+`auto` (the default) is bubblewrap; where it does not work `auto` refuses to run (a UserError before
+Ray starts) rather than run user code with the host's files open to it. It once fell back to
+unshare with a warning in a log nobody reads, and a reward then wrote to the host's `/`.
+`off`: no sandbox, the process group and the resource limits only, for a function that needs the
+network (a remote judge), chosen explicitly; `bwrap`: as auto. Standard library only.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from pathlib import Path
 
 log = logging.getLogger("rl_service")
 
-MODES = ("auto", "bwrap", "off")
+MODES = ("auto", "bwrap", "unshare", "off")
 SCRATCH = "/tmp"            # the scratch directory as the sandboxed function sees it
 _PROBE_TIMEOUT_S = 20.0
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -132,28 +133,27 @@ def _works(kind: str) -> str | None:
 
 
 def choose(mode: str) -> str:
-    """The isolation to use for `mode`: "bwrap", "unshare" or "none" (mode "off" only). Warns once per
-    process on the unshare fallback; raises RuntimeError for mode "bwrap" where bubblewrap does not
-    work, and for mode "auto" where neither bubblewrap nor unshare does (no silent unconfined run)."""
+    """The isolation to use for `mode`: "bwrap", "unshare" (mode "unshare" only) or "none" (mode "off"
+    only). Raises RuntimeError where the mode's sandbox does not work: `auto` never runs user code with
+    the host's files open to it."""
     if mode == "off":
         return "none"
+    if mode == "unshare":
+        problem = _works("unshare")
+        if problem is not None:
+            raise RuntimeError(f"reward.custom_sandbox is unshare but {problem}")
+        if "unshare" not in _warned:
+            _warned.add("unshare")
+            log.warning("reward.custom_sandbox: unshare takes the custom reward's network, signals and environment "
+                        "away, but NOT its file access (files and path-bound Unix sockets such as Ray's): use "
+                        "bubblewrap (reward.custom_sandbox: auto) to confine it")
+        return "unshare"
     problem = _works("bwrap")
     if problem is None:
         return "bwrap"
-    if mode == "bwrap":
-        raise RuntimeError(f"reward.custom_sandbox is bwrap but {problem} (Debian: apt-get install bubblewrap)")
-    fallback_problem = _works("unshare")
-    if fallback_problem is not None:
-        raise RuntimeError(f"reward.custom_sandbox is auto but no sandbox works here ({problem}; {fallback_problem}): "
-                           "install bubblewrap (Debian: apt-get install bubblewrap) and allow user namespaces, or "
-                           "set reward.custom_sandbox: off to run the custom reward unconfined (this user's files, "
-                           "network and signals; time and memory limits only)")
-    if "unshare" not in _warned:
-        _warned.add("unshare")
-        log.warning("reward.custom: %s, so the custom reward's file access (files and path-bound Unix sockets "
-                    "such as Ray's) is NOT confined; network, signals and the environment are, with unshare; "
-                    "install bubblewrap for the full sandbox", problem)
-    return "unshare"
+    raise RuntimeError(f"reward.custom_sandbox is {mode} but {problem}: install bubblewrap (Debian: apt-get install "
+                       "bubblewrap) and allow user namespaces; or choose reward.custom_sandbox: unshare (no network "
+                       "or signals, files NOT confined) or off (unconfined: time and memory limits only)")
 
 
 def _make_scratch() -> str:
