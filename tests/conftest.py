@@ -89,7 +89,9 @@ def arithmetic_requests(count: int, samples: int, seed: int, levels=(1, 2, 3)) -
 @pytest.fixture(scope="module")
 def ray_session():
     """Ray on 127.0.0.1 for one test module, with the actors' environment (DS_ACCELERATOR, ...)."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from rl_service.driver.roles import loopback_local_ray
+
+    loopback_local_ray()   # an earlier module imported Ray already: the environment alone came too late
     import ray
 
     from actors.process import ACTOR_ENV

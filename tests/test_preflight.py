@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 
@@ -96,3 +101,40 @@ def test_resume_refuses_a_run_that_already_trained_its_steps(tmp_path):
     result = rl_service("resume", str(run))
     assert result.returncode == 2 and "already trained 2 steps and its config says steps: 2" in result.stderr
     assert "--set steps=N` with N > 2" in result.stderr
+
+
+def test_a_local_ray_started_after_the_preflight_listens_on_loopback_only():
+    # The preflight's CPU count imports Ray, which reads its cluster-mode switch once, at import: set
+    # afterwards, it came too late and every Ray server of a local run listened on all interfaces.
+    script = """
+import json, sys, time
+import psutil
+from rl_service.config import load_config
+from rl_service.driver.preflight import check_cluster
+from rl_service.driver.roles import start_ray
+config = load_config("configs/quickstart.yaml")
+check_cluster(config)
+assert "ray" in sys.modules   # the order that went wrong
+start_ray(config)
+import ray
+time.sleep(2)
+found = set()
+for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+    for connection in process.net_connections(kind="inet"):
+        if connection.status == psutil.CONN_LISTEN:
+            found.add(connection.laddr.ip)
+print(json.dumps({"node": ray.util.get_node_ip_address(), "listeners": sorted(found)}))
+ray.shutdown()
+"""
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env["RAY_TMPDIR"] = scratch = tempfile.mkdtemp(prefix="rlp", dir="/tmp")   # short: Ray's socket paths
+    try:
+        result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=300)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["node"] == "127.0.0.1"
+    assert len(seen["listeners"]) >= 1
+    assert [ip for ip in seen["listeners"] if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")] == []

@@ -109,10 +109,7 @@ def start_ray(config: JobConfig):
             "RAY_ADDRESS=%s is a job server URL (for rl-service submit/status/...), not a cluster a run can join: "
             "this run starts its own local Ray; `rl-service submit` runs it on that cluster", os.environ["RAY_ADDRESS"])
     if not address:
-        # Ray resolves "127.0.0.1" to the machine's routable address unless cluster mode is off
-        # (read when `ray` is first imported); a local job serves nobody else, so every Ray
-        # server binds to loopback only.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        loopback_local_ray()
     import ray
 
     kwargs = {
@@ -130,6 +127,20 @@ def start_ray(config: JobConfig):
                  dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
         return reap_if_driver_dies()
     return None
+
+
+def loopback_local_ray() -> None:
+    """A local job serves nobody else, so every server of its Ray binds to loopback only. Ray
+    resolves "127.0.0.1" to the machine's routable address unless cluster mode is off, a switch it
+    reads once, when `ray._private.ray_constants` is first imported: set in the environment (the GCS
+    and raylet read it there) and, where Ray is imported already (the preflight's CPU count imports
+    it), on that module too. Without the second, every Ray server listened on all interfaces."""
+    import sys
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def reap_if_driver_dies():
