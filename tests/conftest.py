@@ -194,6 +194,13 @@ def start_head(extra_args: tuple[str, ...] = (), env_changes: dict[str, str | No
             address = f"http://127.0.0.1:{dashboard_port}"
             try:
                 _wait_for(address, token_file.read_text(), process)
+                # The dashboard answers before `ray start` has written its address file (ray_current_cluster),
+                # which the tests of a local run beside this head rely on: wait for that too.
+                deadline = time.monotonic() + 120
+                while not (scratch / "ray" / "ray_current_cluster").is_file() and time.monotonic() < deadline:
+                    if process.poll() is not None:
+                        raise _HeadExited(f"ray start --head exited with {process.returncode}")
+                    time.sleep(0.2)
                 break
             except _HeadExited as exited:
                 _stop_group(process)
