@@ -80,6 +80,38 @@ def fork_and_hang(completion, answer):
 
 def huge(completion, answer):
     return 1e308
+
+def fill_scratch(completion, answer):
+    # Files of 40 MiB each (under the 64 MiB per-file limit) into the scratch, then into /dev/shm:
+    # 1.0 when both stopped short of what was asked (no space), whatever the limit per file.
+    stopped = 0
+    for directory, files in (("/tmp", 8), ("/dev/shm", 4)):
+        try:
+            for index in range(files):
+                with open(f"{directory}/fill{index}", "wb") as target:
+                    target.write(bytes(40 * 2**20))
+        except OSError:
+            stopped += 1
+    return float(stopped == 2)
+
+def read_log(completion, answer):
+    # The file this process prints to, through /proc: 1.0 if it read the host's log, 0.5 if it could
+    # truncate it, 0.0 if neither.
+    try:
+        if answer in open("/proc/self/fd/2").read():
+            return 1.0
+    except OSError:
+        pass
+    try:
+        open("/proc/self/fd/2", "w").close()
+        return 0.5
+    except OSError:
+        return 0.0
+
+def flood(completion, answer):
+    for _ in range(64):
+        print("x" * 65535)
+    return 1.0
 '''
 
 
@@ -414,3 +446,42 @@ def test_auto_refuses_to_run_unconfined_and_off_still_runs(no_namespace_tools, e
     check_custom_reward(off)
     assert _score(off)[0] == 1.0
     assert main(["validate", "configs/custom_reward_example.yaml", "--set", "reward.custom_sandbox=off"]) == 0
+
+
+# -- a later review: resources the sandbox shares with the host ----------------------------------
+
+@needs_bwrap
+def test_the_scratch_and_dev_shm_are_bounded_and_leave_nothing_on_the_host(escapes):
+    # The scratch was a host directory: 2.4 GB written in one call, left behind after a kill; /dev's
+    # tmpfs took 1.2 GB of RAM.
+    import dataclasses
+    import glob
+
+    before = set(glob.glob("/tmp/rl_reward_*"))
+    spec = dataclasses.replace(escapes("fill_scratch"), memory_mb=64, timeout_s=30.0)
+    assert _score(spec) == (1.0, {"custom_reward_errors": 0, "custom_reward_timeouts": 0, "custom_reward_restarts": 0})
+    assert set(glob.glob("/tmp/rl_reward_*")) == before
+
+
+@needs_bwrap
+def test_the_reward_neither_reads_nor_truncates_the_log_it_prints_to_and_its_output_is_capped(escapes, tmp_path):
+    spec = escapes("read_log")
+    flood = escapes("flood")
+    log = tmp_path / "actor.log"
+    log.write_text("SECRET-IN-LOG\n")
+    script = textwrap.dedent(f"""
+        from rl_service.rewards.custom import CustomRewardRunner, CustomRewardSpec
+        for function, answer in (("read_log", "SECRET-IN-LOG"), ("flood", "")):
+            runner = CustomRewardRunner(CustomRewardSpec({spec.path!r}, function, 10.0, 256))
+            print(function, runner.score(["x"], [answer])[0])
+            runner.close()
+    """)
+    with open(log, "a") as stderr:   # as a Ray worker's stderr is its log file
+        result = subprocess.run([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=stderr,
+                                text=True, timeout=120)
+    assert result.returncode == 0, log.read_text()[-2000:]
+    assert "read_log [0.0]" in result.stdout and "flood [1.0]" in result.stdout, result.stdout
+    text = log.read_text()
+    assert text.startswith("SECRET-IN-LOG\n")
+    # 4 MiB printed; 1 MiB of it reaches the log, then one line says the rest was dropped.
+    assert 2**20 <= len(text) < 2**20 + 1000 and text.rstrip().endswith("bytes dropped]"), len(text)

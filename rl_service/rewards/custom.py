@@ -55,6 +55,9 @@ STARTUP_TIMEOUT_S = 60.0
 # the subprocess is stuck, gone or in doubt, so it is replaced before the next call.
 _TIMEOUT = "timeout"
 _RESTART_AFTER = frozenset({_TIMEOUT, "died", "protocol", "memory"})
+# What the function prints goes to this process's stderr (the reward actor's log), up to this much
+# per subprocess; 300 MB in six calls once flooded the driver's console.
+OUTPUT_LIMIT_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -160,11 +163,13 @@ class _Worker:
         entry = str(Path(__file__).resolve().with_name("custom_worker.py"))
         command, self.scratch, env = sandboxed_command(
             kind, [sys.executable, entry, self.spec.path, self.spec.function, str(self.spec.memory_mb)], entry,
-            self.spec.path, self.spec.readable)
+            self.spec.path, self.spec.readable, scratch_bytes=self.spec.memory_mb * 2**20)
         # Its own session and process group: a time-out kills the whole group (in a sandbox, the
-        # namespace's pid 1 dies with it and takes every process inside along).
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=self.scratch,
-                                        close_fds=True, start_new_session=True)
+        # namespace's pid 1 dies with it and takes every process inside along). Its stderr is a pipe,
+        # not this process's log file, which it could read and truncate through /proc/self/fd/2.
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        env=env, cwd=self.scratch or "/", close_fds=True, start_new_session=True)
+        _forward_output(self.process.stderr, OUTPUT_LIMIT_BYTES, str(self.spec))
         self._buffer.clear()
         reply = self._read_reply(time.monotonic() + max(STARTUP_TIMEOUT_S, self.spec.timeout_s))
         if reply is None:
@@ -191,7 +196,7 @@ class _Worker:
             return
         self._kill_group()
         self.process.wait()
-        for pipe in (self.process.stdin, self.process.stdout):
+        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
             try:
                 pipe.close()
             except OSError:
@@ -238,6 +243,28 @@ class _Worker:
         if not isinstance(reply, dict):
             return {"kind": "protocol", "error": f"unreadable reply from the reward process: {line[:200]!r}"}
         return reply
+
+
+def _forward_output(pipe, limit: int, name: str) -> None:
+    """Copy what the reward process prints to this process's stderr (fd 2, where it printed before),
+    up to `limit` bytes, then one line saying the rest is dropped; the pipe is drained to its end
+    either way, so the process never blocks on a full pipe. A daemon thread: it ends with the pipe."""
+    import threading
+
+    def copy():
+        forwarded = 0
+        try:
+            for chunk in iter(lambda: pipe.read1(1 << 16), b""):
+                if forwarded < limit:
+                    kept = chunk[:limit - forwarded]
+                    os.write(2, kept)
+                    forwarded += len(kept)
+                    if forwarded >= limit:
+                        os.write(2, f"\n[{name}: output beyond {limit} bytes dropped]\n".encode())
+        except (OSError, ValueError):   # the pipe closed under us (stop)
+            pass
+
+    threading.Thread(target=copy, name="custom-reward-output", daemon=True).start()
 
 
 class CustomRewardRunner:

@@ -7,8 +7,9 @@ loader's cache, the time zone), the Python installation (interpreter, standard l
 site-packages), the reward file itself and the paths listed in `reward.custom_readable`, each bound
 read-only at its own path; not the reward file's directory, so its neighbours (other modules, data,
 secrets) are not there unless listed. `/tmp` (also HOME and the working directory) is a scratch
-directory of its own, writable and removed when the process stops; a reward file under the host's
-/tmp is bound inside that scratch at its own path and hides nothing of it. So no other file can be read or written (no /etc/passwd,
+tmpfs of its own, writable, at most `reward.custom_memory_mb` and gone with the process (nothing of it
+is on the host's disk); `/dev` is read-only but for a `/dev/shm` of 64 MiB; a reward file under the
+host's /tmp is bound inside that scratch at its own path. So no other file can be read or written (no /etc/passwd,
 no runs, no ~/.ray, no tokens, nothing else of the host's /tmp), there is no network but an empty
 loopback (a connection to a server on the host's 127.0.0.1 is refused), no process outside the
 sandbox can be seen or signalled, and the environment is cleared (no RAY_AUTH_TOKEN). The reward
@@ -39,6 +40,7 @@ log = logging.getLogger("rl_service")
 
 MODES = ("auto", "bwrap", "unshare", "off")
 SCRATCH = "/tmp"            # the scratch directory as the sandboxed function sees it
+SHM_BYTES = 64 * 2**20      # /dev/shm inside bubblewrap: enough for multiprocessing's semaphores, not a RAM disk
 _PROBE_TIMEOUT_S = 20.0
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _warned: set[str] = set()
@@ -69,13 +71,14 @@ def _readable_binds(paths) -> list[tuple[str, str]]:
     return binds
 
 
-def _bwrap_prefix(entry_script: str, scratch: str, readable=()) -> list[str]:
+def _bwrap_prefix(entry_script: str, scratch_bytes: int, readable=()) -> list[str]:
     """The bwrap command up to `--`; `readable` holds the reward file and `reward.custom_readable`."""
     command = ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
                "--die-with-parent", "--new-session", "--as-pid-1", "--ro-bind", "/usr", "/usr",
-               # The scratch directory first: a reward file (or listed path) under the host's /tmp is
-               # then bound inside it, at its own path, and hides nothing of the scratch.
-               "--bind", scratch, SCRATCH]
+               # The scratch first: a reward file (or listed path) under the host's /tmp is then bound
+               # inside it, at its own path. A tmpfs of bounded size: a host directory filled the disk
+               # (2.4 GB in one call) and outlived a killed run.
+               "--size", str(scratch_bytes), "--tmpfs", SCRATCH]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):       # merged /usr: the same links as the host
             command += ["--symlink", os.readlink(top), top]
@@ -90,8 +93,9 @@ def _bwrap_prefix(entry_script: str, scratch: str, readable=()) -> list[str]:
     # directory) and what reward.custom_readable lists.
     for source, destination in _readable_binds([entry_script, *readable]):
         command += ["--ro-bind", source, destination]
-    command += ["--proc", "/proc", "--dev", "/dev", "--chdir", SCRATCH,
-                "--remount-ro", "/", "--clearenv"]
+    # /dev's own tmpfs took 1.2 GB of RAM: read-only, with a small /dev/shm (the devices still work).
+    command += ["--proc", "/proc", "--dev", "/dev", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
+                "--remount-ro", "/dev", "--chdir", SCRATCH, "--remount-ro", "/", "--clearenv"]
     for name, value in _clean_environment(SCRATCH).items():
         command += ["--setenv", name, value]
     return command + ["--"]
@@ -119,7 +123,7 @@ def _works(kind: str) -> str | None:
         return f"{tool} is not installed"
     scratch = Path(_make_scratch())
     try:
-        prefix = (_bwrap_prefix(__file__, str(scratch)) if kind == "bwrap" else _UNSHARE_PREFIX)
+        prefix = (_bwrap_prefix(__file__, 2**20) if kind == "bwrap" else _UNSHARE_PREFIX)
         probe = subprocess.run(prefix + [sys.executable, "-c", "import os; assert os.getpid() == 1"],
                                capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -163,15 +167,16 @@ def _make_scratch() -> str:
 
 
 def sandboxed_command(kind: str, argv: list[str], entry_script: str, reward_file: str,
-                      readable=()) -> tuple[list[str], str, dict]:
-    """(command, scratch directory, environment) running `argv` (the interpreter and the entry
-    script first) isolated as `kind`; under bwrap the function can read, besides the Python
-    installation, only `reward_file` and the paths in `readable` (`reward.custom_readable`, absolute).
-    The caller removes the scratch directory when the process is gone."""
-    scratch = _make_scratch()
+                      readable=(), scratch_bytes: int = 2**30) -> tuple[list[str], str | None, dict]:
+    """(command, host scratch directory or None, environment) running `argv` (the interpreter and the
+    entry script first) isolated as `kind`; under bwrap the function can read, besides the Python
+    installation, only `reward_file` and the paths in `readable` (`reward.custom_readable`, absolute),
+    and writes to a tmpfs of `scratch_bytes`, none of it on the host. The caller removes a host
+    scratch directory when the process is gone."""
     if kind == "bwrap":   # bwrap clears the environment and sets its own (_bwrap_prefix)
-        return (_bwrap_prefix(entry_script, scratch, [reward_file, *readable]) + argv + ["--own-pid-namespace"],
-                scratch, _clean_environment(scratch))
+        return (_bwrap_prefix(entry_script, scratch_bytes, [reward_file, *readable]) + argv + ["--own-pid-namespace"],
+                None, _clean_environment(SCRATCH))
+    scratch = _make_scratch()
     if kind == "unshare":
         return _UNSHARE_PREFIX + argv + ["--own-pid-namespace"], scratch, _clean_environment(scratch)
     # No sandbox (`off`, for a function that calls a remote judge and may need its key): this user's
