@@ -118,6 +118,19 @@ def test_a_lora_learner_resumes_bit_for_bit_from_its_adapter(rollout, tmp_path, 
         assert torch.equal(value, want[name]), name
 
 
+def test_a_pickle_adapter_is_not_loaded(trained, tmp_path):
+    # peft falls back to adapter_model.bin (a pickle) where no safetensors file is there.
+    from rl_service.training.lora import with_adapters
+
+    trained[0].save_checkpoint(tmp_path)
+    adapter = tmp_path / "adapter"
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save(tensors, adapter / "adapter_model.bin")
+    with pytest.raises(ValueError, match="no adapter_model.safetensors .pickle adapters, adapter_model.bin, are not loaded"):
+        with_adapters(load_causal_lm("builtin", "float32"), load_config(None, LORA).learner.lora, adapter)
+
+
 def test_save_merged_adds_the_merged_model_to_checkpoints(rollout, tmp_path):
     learner = _learner(["learner.lora.save_merged=true"])
     learner.train_step(rollout, _rewards(rollout, 1))

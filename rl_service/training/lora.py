@@ -41,6 +41,11 @@ def with_adapters(model: torch.nn.Module, lora: LoraConfig, adapter_from: str | 
     import peft
 
     if adapter_from is not None:
+        # peft falls back to adapter_model.bin, a pickle (torch's restricted unpickler is all that
+        # stands between it and code): an adapter is read from safetensors only, as every weight is.
+        if not (Path(adapter_from) / "adapter_model.safetensors").is_file():
+            raise ValueError(f"{adapter_from}: no adapter_model.safetensors (pickle adapters, adapter_model.bin, are "
+                             "not loaded)")
         return peft.PeftModel.from_pretrained(model, str(adapter_from), is_trainable=True)
     return peft.get_peft_model(model, peft_config(lora))
 
