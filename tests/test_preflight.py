@@ -120,9 +120,11 @@ import ray
 time.sleep(2)
 found = set()
 for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
-    for connection in process.net_connections(kind="inet"):
-        if connection.status == psutil.CONN_LISTEN:
-            found.add(connection.laddr.ip)
+    try:
+        connections = process.net_connections(kind="inet")
+    except psutil.Error:   # a short-lived helper process that is gone already
+        continue
+    found |= {connection.laddr.ip for connection in connections if connection.status == psutil.CONN_LISTEN}
 print(json.dumps({"node": ray.util.get_node_ip_address(), "listeners": sorted(found)}))
 ray.shutdown()
 """
