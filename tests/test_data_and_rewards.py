@@ -54,6 +54,23 @@ def test_csv_reads_through_datasets(tmp_path):
     assert [(r.prompt_id, r.prompt, r.answer) for r in records] == [(0, "What is 2+3?", "5"), (1, "What is 4*4?", "16")]
 
 
+@pytest.mark.parametrize("text, message", [
+    ('prompt,answer\n"1+1=",2\n"2+2=",4\n"3+3=",\n', r"d\.csv:4: field 'answer'"),   # the header is line 1
+    # A quoted field spanning lines, and blank lines, still leave the next record's own line.
+    ('prompt,answer\n"two\nlines",2\n\n"",3\n', r"d\.csv:5: field 'prompt' must be a non-empty string"),
+    ("prompt,answer\r\n\"a\r\nb\",1\r\n\r\n,2\r\n", r"d\.csv:5: field 'prompt'"),
+    ("prompt,answer,id\nx,1,5\ny,2,5\n", r"d\.csv:3: duplicate id 5 \(first at .*d\.csv:2\)"),
+    ("question,answer\n1 + 1?,2\n", r"d\.csv:2: missing field 'prompt'"),
+    ("prompt,answer\n", r"d\.csv: no records$"),     # only a header: as an empty .jsonl, not a library message
+    ("prompt,answer\n\n\n", r"d\.csv: no records$"),
+    ("", r"d\.csv: no records$"),
+])
+def test_bad_csv_names_file_and_line(tmp_path, text, message):
+    (tmp_path / "d.csv").write_bytes(text.encode())
+    with pytest.raises(DataError, match=message):
+        load_prompt_file(tmp_path / "d.csv")
+
+
 def test_sampler_covers_each_epoch_once_and_resumes_from_its_cursor():
     sampler = PromptSampler(num_prompts=10, batch_size=4, seed=3)
     first_epoch = [sampler.next_batch() for _ in range(2)] + [sampler.next_batch()[:2]]

@@ -1,7 +1,8 @@
 """Prompt datasets: a record is (prompt_id, user message or chat messages, gold answer).
 
 Sources: the built-in arithmetic task, local files with `prompt` and `answer` fields — JSONL/JSON
-read here line by line so an error names its line, and CSV/Parquet read through HF `datasets` — or
+read here line by line so an error names its line, and CSV/Parquet read through HF `datasets` (a CSV
+error too names the file line its record starts on) — or
 a local Hugging Face dataset (data/hf_datasets.py). A prompt is a string (the user message) or a
 chat: a list of {role, content} messages ending with the user's, rendered by the chat template.
 Prompt ids are stable across restarts: an explicit integer `id` field, else the record's index
@@ -132,16 +133,52 @@ def _read_json_rows(path: Path) -> list[tuple[object, str]]:
     return rows
 
 
+def _csv_record_lines(path: Path) -> list[int] | None:
+    """The 1-based file line on which each data record of a CSV file starts (the header is line 1 when
+    the file does not open with blank lines): [] when there is only a header or nothing, None when the
+    csv module cannot read the file (a field past its size limit; `datasets` then reads it, or says
+    why not). A quoted field may span lines, so lines are counted by the csv module's reader, not by
+    splitting the text. Blank lines are skipped, as the `datasets` (pandas) reader skips them."""
+    import csv
+    import io
+
+    text = _decode_utf8(path.read_bytes().removeprefix(b"\xef\xbb\xbf"), str(path))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    starts, header_seen = [], False
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:
+            return None
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if header_seen:
+            starts.append(start)
+        header_seen = True
+    return starts
+
+
 def _read_table_rows(path: Path) -> list[tuple[object, str]]:
+    """Rows of a CSV or Parquet file. A CSV row is named by the file line it starts on (`file:line`, as
+    JSON Lines are); a Parquet row by its 0-based index (`file: row k`, as JSON array records are)."""
     import datasets  # only for formats we do not parse ourselves
 
     builder = {".csv": "csv", ".parquet": "parquet"}[path.suffix]
+    lines = _csv_record_lines(path) if builder == "csv" else None
+    if builder == "csv" and lines == []:
+        return []   # only a header, or nothing: "no records", as for the other formats
     try:
         with _quiet_datasets():
             table = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types; the user needs the file and the reason
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DataError(f"{path}: cannot read as {builder} ({reason})") from None
+    if lines is not None and len(lines) == len(table):
+        return [(row, f"{path}:{line}") for line, row in zip(lines, table)]
+    # Parquet, or a CSV whose records we counted differently from the reader: name rows by index.
     return [(row, f"{path}: row {k}") for k, row in enumerate(table)]
 
 
