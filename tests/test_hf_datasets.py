@@ -165,7 +165,10 @@ def test_example_config_loads():
     from rl_service.tasks import load_task
 
     task = load_task(load_config(REPO / "configs" / "hf_dataset.yaml"))
-    assert len(task.train) == 64 and len(task.eval) == 32 and task.train[0].messages[0][0] == "system"
+    assert len(task.train) == 64 and len(task.eval) == 32
+    # User-only chats: the built-in model was never trained on a system turn and scores 0 with one.
+    assert task.train[0].messages == (("user", "What is 33 + 80?"),)
+    assert all(len(record.messages) == 1 for record in task.train + task.eval)
 
 
 def test_real_run_on_a_saved_dataset(tmp_path, saved_dict):
