@@ -17,8 +17,12 @@ import json
 import logging
 import math
 import os
+import socket
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from rl_service.config import JobConfig
 from rl_service.errors import UserError
@@ -26,6 +30,13 @@ from rl_service.errors import UserError
 log = logging.getLogger("rl_service")
 
 RUNS_FILE = "tracker_runs.json"   # {"wandb": id, "mlflow": run id} of this run directory
+
+START_TIMEOUT_S = 10   # as the other reachability checks (driver/preflight.py CONNECT_TIMEOUT_S)
+# MLflow's HTTP defaults (7 retries, exponential backoff, 120 s a request) keep a run waiting about
+# 4 minutes on a server that is down. Starting the tracker uses these instead; a value the user set
+# in the environment is kept.
+_START_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": str(START_TIMEOUT_S)}
 
 
 def _numeric(row: dict) -> dict[str, float]:
@@ -68,6 +79,40 @@ class WandbTracker:
         self._run.finish()
 
 
+@contextmanager
+def _bounded_mlflow_http():
+    """MLflow reads these variables at each request: set the unset ones for the tracker's start only."""
+    unset = [name for name in _START_HTTP_ENV if name not in os.environ]
+    os.environ.update({name: _START_HTTP_ENV[name] for name in unset})
+    try:
+        yield
+    finally:
+        for name in unset:
+            os.environ.pop(name, None)
+
+
+def _check_server_reachable(uri: str, source: str) -> None:
+    """Refuse, within START_TIMEOUT_S, an http(s) tracking URI where nothing accepts a connection. A
+    URI reached through a proxy is left to MLflow (its bounded retries)."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:   # a bad port: MLflow's own error says so
+        return
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname):
+        return
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=START_TIMEOUT_S):
+            pass
+    except OSError as error:
+        reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or str(error))
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()   # no credentials in the message
+        raise UserError(f"{source} {shown}: cannot reach an MLflow server there ({reason} within "
+                        f"{START_TIMEOUT_S:g} s; is it up and the port right?)") from None
+
+
 class MlflowTracker:
     name = "mlflow"
 
@@ -81,20 +126,25 @@ class MlflowTracker:
         if uri is not None and (uri.startswith("file:") or "://" not in uri):
             # MLflow 3 refuses a file store unless this is set; a config that names one asked for it.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        self._client = MlflowClient(tracking_uri=uri)
-        experiment = self._client.get_experiment_by_name(settings.experiment)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else self._client.create_experiment(settings.experiment))
-        if run_id is not None:
-            self.run_id = run_id
-            self._client.update_run(run_id, status="RUNNING")
-        else:
-            run = self._client.create_run(experiment_id, run_name=run_dir.name,
-                                          tags={"rl_service.driver.run_dir": str(run_dir.resolve())})
-            self.run_id = run.info.run_id
-            params = [Param(key, value[:6000]) for key, value in flatten_config(config).items()]
-            for start in range(0, len(params), 100):   # MLflow takes at most 100 params per batch
-                self._client.log_batch(self.run_id, params=params[start:start + 100])
+        if uri is not None:
+            _check_server_reachable(uri, "logging.mlflow.tracking_uri")
+        elif os.environ.get("MLFLOW_TRACKING_URI"):
+            _check_server_reachable(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
+        with _bounded_mlflow_http():
+            self._client = MlflowClient(tracking_uri=uri)
+            experiment = self._client.get_experiment_by_name(settings.experiment)
+            experiment_id = (experiment.experiment_id if experiment is not None
+                             else self._client.create_experiment(settings.experiment))
+            if run_id is not None:
+                self.run_id = run_id
+                self._client.update_run(run_id, status="RUNNING")
+            else:
+                run = self._client.create_run(experiment_id, run_name=run_dir.name,
+                                              tags={"rl_service.driver.run_dir": str(run_dir.resolve())})
+                self.run_id = run.info.run_id
+                params = [Param(key, value[:6000]) for key, value in flatten_config(config).items()]
+                for start in range(0, len(params), 100):   # MLflow takes at most 100 params per batch
+                    self._client.log_batch(self.run_id, params=params[start:start + 100])
 
     def log(self, step: int, row: dict) -> None:
         from mlflow.entities import Metric
@@ -145,6 +195,10 @@ def open_trackers(config: JobConfig, run_dir: Path, resume: bool = False) -> Tra
     for name in wanted:
         try:
             trackers.append(kinds[name](config, run_dir, known.get(name)))
+        except UserError:   # already one line naming the field
+            for started in trackers:
+                started.close()
+            raise
         except Exception as exc:   # a bad URI, a refused login, a store MLflow will not open: one line, before Ray
             for started in trackers:
                 started.close()

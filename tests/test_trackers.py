@@ -129,6 +129,27 @@ def test_tracker_config_errors(tmp_path, monkeypatch):
             "logging.tensorboard=false", "logging.mlflow.tracking_uri=nosuchscheme://host/x"]))
 
 
+def test_unreachable_mlflow_server_is_one_line_naming_the_field(tmp_path):
+    """A tracking server that is down is refused at once (MLflow's own retries wait about 4 minutes),
+    before Ray starts: the tracker opens in RunDirectory, ahead of ray_session."""
+    import socket
+
+    code = ("from rl_service.config import load_config; from rl_service.driver.run_dir import RunDirectory\n"
+            "from rl_service.errors import UserError\n"
+            "try:\n"
+            f"    RunDirectory({str(tmp_path / 'run')!r}, load_config('configs/quickstart.yaml', [\n"
+            "        'logging.tensorboard=false', 'logging.mlflow.tracking_uri=' + __import__('sys').argv[1]]))\n"
+            "except UserError as error:\n"
+            "    print(error)\n")
+    with socket.socket() as held:   # bound, never listening: a connection to it is refused
+        held.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{held.getsockname()[1]}"
+        out = subprocess.run([sys.executable, "-c", code, uri], cwd=REPO, capture_output=True, text=True,
+                             check=True, timeout=120).stdout   # MLflow's defaults took about 250 s
+    assert out.startswith(f"logging.mlflow.tracking_uri {uri}: cannot reach an MLflow server there"), out
+    assert len(out.strip().splitlines()) == 1, out
+
+
 def test_file_store_needs_no_environment(tmp_path, monkeypatch):
     """MLflow 3 refuses a file store unless MLFLOW_ALLOW_FILE_STORE is set: a config naming one sets it."""
     from rl_service.driver.run_dir import RunDirectory
