@@ -152,7 +152,7 @@ def _resume(run_dir: Path, config) -> int:
     from rl_service.driver.preflight import check_cluster
     from rl_service.driver.run_dir import resumable_checkpoint
 
-    checkpoint = resumable_checkpoint(run_dir, config.steps)
+    checkpoint = resumable_checkpoint(run_dir, config)
     _run_id(config)
     job = prepare_job(config)
     check_cluster(config)

@@ -300,3 +300,18 @@ def pytest_unconfigure(config):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_EXIT_STATUS[-1])
+
+
+def fake_checkpoint(run_dir: Path, step: int, adapter: bool = False, latest: bool = True) -> Path:
+    """A complete-looking checkpoint `run_dir/checkpoints/step_N` (every file a resume checks for, not
+    loadable weights), named by `checkpoints/latest` unless `latest` is False: for the checks made
+    before Ray starts."""
+    from rl_service.driver.run_dir import CHECKPOINT_FILES
+
+    checkpoint = Path(run_dir) / "checkpoints" / f"step_{step}"
+    (checkpoint / ("adapter" if adapter else "model")).mkdir(parents=True)
+    for name in CHECKPOINT_FILES:
+        (checkpoint / name).write_text(json.dumps({"step": step}) if name == "trainer_state.json" else "")
+    if latest:
+        (checkpoint.parent / "latest").write_text(checkpoint.name)
+    return checkpoint

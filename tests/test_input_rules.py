@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, fake_checkpoint
 from rl_service.errors import UserError
 from rl_service.driver.run_dir import prepare_run_dir
 
@@ -21,10 +21,7 @@ def _fake_run(path, checkpoint: bool):
     (path / "metrics.jsonl").write_text('{"step": 1}\n')
     (path / "notes.txt").write_text("the user's own file")
     if checkpoint:
-        step = path / "checkpoints" / "step_1"
-        step.mkdir(parents=True)
-        (step / "trainer_state.json").write_text("{}")
-        (path / "checkpoints" / "latest").write_text("step_1")
+        fake_checkpoint(path, 1)
 
 
 def test_an_existing_run_is_refused_without_resume_or_overwrite(tmp_path):
@@ -131,3 +128,46 @@ def test_a_run_that_failed_before_its_first_row_is_no_run_and_its_directory_is_r
     (run / "ledger.jsonl").write_text("")
     prepare_run_dir(run)
     assert list(run.iterdir()) == []
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint_and_never_advises_deleting_them(tmp_path, caplog):
+    # A user rolled a diverged step back by deleting step_5; the error said "--overwrite", which
+    # deletes step_2 to step_4 too. A damaged newest checkpoint is skipped the same way, and said.
+    import logging
+
+    from rl_service.config import load_config
+    from rl_service.driver.run_dir import latest_checkpoint, resumable_checkpoint
+
+    run = tmp_path / "run"
+    for step in (2, 3, 4):
+        fake_checkpoint(run, step)
+    shutil.rmtree(fake_checkpoint(run, 5))                                   # latest names a deleted one
+    config = load_config(None, ["steps=9"])
+    assert latest_checkpoint(run).name == "step_4" and resumable_checkpoint(run, config).name == "step_4"
+    fake_checkpoint(run, 6)
+    (run / "checkpoints" / "step_6" / "trainer_state.json").write_text("garbage")
+    with caplog.at_level(logging.WARNING, logger="rl_service"):
+        assert resumable_checkpoint(run, config).name == "step_4"
+    assert "newer checkpoints cannot be: step_6 (trainer_state.json is not readable)" in caplog.text
+    for step in (2, 3, 4):
+        (run / "checkpoints" / f"step_{step}" / "learner_state.safetensors").unlink()
+    with pytest.raises(UserError, match="no complete checkpoint to resume from: step_6 .*; step_4 .no learner_state"
+                                        r"\.safetensors.") as refused:
+        resumable_checkpoint(run, config)
+    assert "--overwrite" not in str(refused.value)
+
+
+def test_resume_refuses_to_turn_lora_on_or_off_before_ray_starts(tmp_path):
+    # A resume that turned LoRA on failed inside Ray, after rewriting config.yaml with the override,
+    # so every later plain resume failed the same way.
+    from rl_service.config import load_config
+    from rl_service.driver.run_dir import resumable_checkpoint
+
+    fake_checkpoint(tmp_path / "full", 2)
+    with pytest.raises(UserError, match="learner.lora: .*step_2 holds full weights, no LoRA adapter, and LoRA "
+                                        "cannot be turned on when resuming"):
+        resumable_checkpoint(tmp_path / "full", load_config(None, ["steps=4", "learner.lora.rank=8"]))
+    fake_checkpoint(tmp_path / "lora", 2, adapter=True)
+    with pytest.raises(UserError, match="holds a LoRA adapter .adapter/., and LoRA cannot be turned off"):
+        resumable_checkpoint(tmp_path / "lora", load_config(None, ["steps=4"]))
+    assert resumable_checkpoint(tmp_path / "lora", load_config(None, ["steps=4", "learner.lora.rank=8"])).name == "step_2"

@@ -89,11 +89,10 @@ def test_a_second_resume_of_a_run_in_use_is_refused_before_ray_starts(tmp_path):
     # Two `rl-service resume JOB` 2 s apart both trained the same steps into one run directory.
     from test_cli import rl_service
 
+    from conftest import fake_checkpoint
+
     run = tmp_path / "run"
-    checkpoint = run / "checkpoints" / "step_2"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "trainer_state.json").write_text('{"step": 2}')
-    (run / "checkpoints" / "latest").write_text("step_2")
+    fake_checkpoint(run, 2)
     (run / "config.yaml").write_text("steps: 4\n")
     held = lock_run_dir(run)   # the first resume, still running
     try:

@@ -92,11 +92,10 @@ def test_run_refuses_roles_a_local_ray_cannot_place_before_ray_starts(tmp_path):
 
 
 def test_resume_refuses_a_run_that_already_trained_its_steps(tmp_path):
+    from conftest import fake_checkpoint
+
     run = tmp_path / "run"
-    checkpoint = run / "checkpoints" / "step_2"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2}))
-    (run / "checkpoints" / "latest").write_text("step_2")
+    fake_checkpoint(run, 2)
     (run / "config.yaml").write_text("steps: 2\n")
     result = rl_service("resume", str(run))
     assert result.returncode == 2 and "already trained 2 steps and its config says steps: 2" in result.stderr

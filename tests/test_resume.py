@@ -79,7 +79,7 @@ def test_resume_without_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
     (tmp_path / "config.yaml").write_text("job_name: x\n")
     assert main(["resume", str(tmp_path)]) == 2
-    assert "no complete checkpoint" in capsys.readouterr().err
+    assert "no checkpoint to resume from" in capsys.readouterr().err
 
 
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):

@@ -76,7 +76,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         path, value = parse_override(override)
         node = raw
         for depth, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
+            if node.get(part) is None:   # absent, or null (`lora: null`): the override makes the section
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {override!r}: {'.'.join(path[:depth + 1])} is not a section")
             node = child

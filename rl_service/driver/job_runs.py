@@ -114,7 +114,7 @@ def resume_job(args) -> int:
     if (run_dir / "config.yaml").is_file():   # the run is visible here: what the job would find, checked now
         try:
             saved = load_config(run_dir / "config.yaml", args.overrides)
-            resumable_checkpoint(run_dir, saved.steps)
+            resumable_checkpoint(run_dir, saved)
         except UserError as error:
             raise KnownJobError(f"job {args.run_dir}: {error}") from None
     metadata = call(lambda: client.get_job_info(args.run_dir)).metadata or {}

@@ -10,6 +10,7 @@ ran with. Generators hold no RNG state: every call is seeded from (seed, step).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -27,29 +28,73 @@ def _jsonable(value):
     return value
 
 
+# Every checkpoint holds these, besides its weights (`model/`, or `adapter/` under LoRA).
+CHECKPOINT_FILES = ("trainer_state.json", "learner_state.json", "learner_state.safetensors", "statistics.safetensors")
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from (a file missing, trainer_state.json unreadable), or None."""
+    missing = [name for name in CHECKPOINT_FILES if not (checkpoint / name).is_file()]
+    if not (checkpoint / "model").is_dir() and not (checkpoint / "adapter").is_dir():
+        missing.append("model/")
+    if missing:
+        return f"no {', '.join(missing)}"
+    try:
+        int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "trainer_state.json is not readable"
+    return None
+
+
+def _step_checkpoints(run_dir: Path) -> list[Path]:
+    """`checkpoints/step_N` directories, newest first. One being written when the run was killed is
+    still `.tmp_step_N`: never among them."""
+    found = [path for path in (run_dir / "checkpoints").glob("step_*")
+             if path.is_dir() and path.name.removeprefix("step_").isdigit()]
+    return sorted(found, key=lambda path: int(path.name.removeprefix("step_")), reverse=True)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run directory (`checkpoints/latest`), or None before the
-    first. A checkpoint being written when the run was killed is still `.tmp_step_N`: never named."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    checkpoint = pointer.parent / pointer.read_text(encoding="utf-8").strip()
-    return checkpoint if (checkpoint / "trainer_state.json").is_file() else None
+    """The newest complete checkpoint of a run directory, or None before the first: the one
+    `checkpoints/latest` names, else (that one deleted or damaged: a user rolling a diverged step
+    back) the newest complete `step_N`."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / "checkpoints" / "latest"
+    if pointer.is_file():
+        named = pointer.parent / pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if named.name.startswith("step_") and checkpoint_problem(named) is None:
+            return named
+    return next((path for path in _step_checkpoints(run_dir) if checkpoint_problem(path) is None), None)
 
 
-def resumable_checkpoint(run_dir: Path, steps: int) -> Path:
-    """The checkpoint `rl-service resume` continues from; a UserError when there is none, or when the
-    run already trained `steps` (resuming would train nothing and rewrite its summary)."""
+def resumable_checkpoint(run_dir: Path, config: JobConfig) -> Path:
+    """The checkpoint `rl-service resume` continues from; a UserError when there is none, when the
+    run already trained `config.steps` (resuming would train nothing and rewrite its summary), or
+    when the checkpoint's weights are not what `config` trains (LoRA turned on or off)."""
     from rl_service.errors import UserError
 
+    run_dir = Path(run_dir)
     checkpoint = latest_checkpoint(run_dir)
+    damaged = [f"{path.name} ({checkpoint_problem(path)})" for path in _step_checkpoints(run_dir)
+               if checkpoint is None or int(path.name.removeprefix("step_")) > int(checkpoint.name.removeprefix("step_"))]
     if checkpoint is None:
-        raise UserError(f"{run_dir}: no complete checkpoint to resume from (checkpoints/latest); start it again with "
+        if damaged:   # --overwrite would delete them: not the advice to give
+            raise UserError(f"{run_dir}: no complete checkpoint to resume from: {'; '.join(damaged)}")
+        raise UserError(f"{run_dir}: no checkpoint to resume from; start it again with "
                         f"`rl-service run {run_dir / 'config.yaml'} --run-dir {run_dir} --overwrite`")
+    if damaged:
+        logging.getLogger("rl_service").warning("%s: resuming from %s; newer checkpoints cannot be: %s", run_dir,
+                                                checkpoint.name, "; ".join(damaged))
     done = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["step"]
-    if steps <= done:
-        raise UserError(f"{run_dir}: already trained {done} steps and its config says steps: {steps}; "
+    if config.steps <= done:
+        raise UserError(f"{run_dir}: already trained {done} steps and its config says steps: {config.steps}; "
                         f"to train more, `rl-service resume {run_dir} --set steps=N` with N > {done}")
+    has_adapter = (checkpoint / "adapter").is_dir()
+    if has_adapter != (config.learner.lora is not None):
+        held = "a LoRA adapter (adapter/)" if has_adapter else "full weights, no LoRA adapter"
+        raise UserError(f"learner.lora: {checkpoint} holds {held}, and LoRA cannot be turned "
+                        f"{'off' if has_adapter else 'on'} when resuming; resume with learner.lora as the run began "
+                        "(a new run can start from the checkpoint's model/ with model.path)")
     return checkpoint
 
 
@@ -150,7 +195,10 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         self.keep_last = config.checkpoint.keep_last
         self.config_text = dump_config(config)
-        (self.path / "config.yaml").write_text(self.config_text, encoding="utf-8")
+        if resume_step is None:
+            self.write_config()
+        # A resume writes its config (with its --set overrides) once its checkpoint is restored
+        # (`write_config`): one that failed to start had left config.yaml holding what broke it.
         if resume_step is not None:
             for name in ("metrics.jsonl", "ledger.jsonl"):
                 self._truncate(self.path / name, resume_step)
@@ -164,6 +212,9 @@ class RunDirectory:
         from rl_service.trackers import open_trackers   # W&B / MLflow when configured; imports neither otherwise
 
         self._trackers = open_trackers(config, self.path, resume=resume_step is not None)
+
+    def write_config(self) -> None:
+        (self.path / "config.yaml").write_text(self.config_text, encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{key: _jsonable(value) for key, value in metrics.items()}}

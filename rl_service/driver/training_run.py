@@ -101,6 +101,7 @@ def run_job(job: PreparedJob, run_dir_path: str | Path, resume_from: Path | None
             with ray_session(config, start, job.task.verifier) as roles, stop_on_sigterm(Path(run_dir_path)):
                 trainer = attempts["trainer"] = trainer_class(job, roles, run_dir)
                 trainer.begin(resume, state)
+                run_dir.write_config()   # only now, for a resume: its overrides work with the checkpoint
                 result: LoopResult = run_steps(config, trainer, start_step=state["step"] if state else 0)
                 summary = {**trainer.summary(result, attempts["lost_s"]), "role_failures_recovered": failures}
                 run_dir.write_summary(summary)
