@@ -82,6 +82,33 @@ def test_resume_without_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert "no checkpoint to resume from" in capsys.readouterr().err
 
 
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
+    """A resume replays the steps after its checkpoint: the events logged after it are purged, as the
+    metrics rows are (TensorBoard's loader, purge_orphaned_data on by default, drops them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rl_service.config import load_config
+    from rl_service.driver.run_dir import RunDirectory
+
+    def shown() -> list[tuple[int, float]]:
+        events = EventAccumulator(str(tmp_path / "tb"))
+        events.Reload()
+        return [(event.step, event.value) for event in events.Scalars("loss")]
+
+    def attempt(resume_step: int | None, steps: range, offset: float) -> None:
+        run_dir = RunDirectory(tmp_path, load_config(None, ["logging.tensorboard=true"]), resume_step=resume_step)
+        for step in steps:
+            run_dir.log(step, {"loss": offset + step})
+        run_dir.close()
+
+    attempt(None, range(1, 6), 0.0)
+    attempt(3, range(4, 7), 10.0)    # killed at step 5, resumed from the checkpoint of step 3
+    assert shown() == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
+    assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    attempt(-1, range(1, 3), 20.0)   # a restart before any checkpoint starts over
+    assert shown() == [(1, 21.0), (2, 22.0)]
+
+
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     """A real process writes checkpoint 1, then is killed inside checkpoint 2's model write."""
     script = textwrap.dedent(f"""

@@ -208,7 +208,10 @@ class RunDirectory:
         if config.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(log_dir=str(self.path / "tb"))
+            # A resume replays the steps after its checkpoint: TensorBoard drops the events logged at
+            # or after purge_step, as metrics.jsonl drops those rows (a restart with none, -1: all).
+            self._tensorboard = SummaryWriter(log_dir=str(self.path / "tb"),
+                                              purge_step=resume_step + 1 if resume_step is not None else None)
         from rl_service.trackers import open_trackers   # W&B / MLflow when configured; imports neither otherwise
 
         self._trackers = open_trackers(config, self.path, resume=resume_step is not None)
