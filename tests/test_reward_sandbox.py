@@ -82,14 +82,16 @@ def huge(completion, answer):
     return 1e308
 
 def fill_scratch(completion, answer):
-    # Files of 40 MiB each (under the 64 MiB per-file limit) into the scratch, then into /dev/shm:
-    # 1.0 when both stopped short of what was asked (no space), whatever the limit per file.
-    stopped = 0
-    for directory, files in (("/tmp", 8), ("/dev/shm", 4)):
+    # Files of 16 MiB (under the 64 MiB per-file limit), written 1 MiB at a time (the address space
+    # is 64 MiB too), into the scratch, then into /dev/shm: 1.0 when both stopped short of what was
+    # asked (no space).
+    stopped, chunk = 0, bytes(2**20)
+    for directory, files in (("/tmp", 12), ("/dev/shm", 6)):
         try:
             for index in range(files):
                 with open(f"{directory}/fill{index}", "wb") as target:
-                    target.write(bytes(40 * 2**20))
+                    for _ in range(16):
+                        target.write(chunk)
         except OSError:
             stopped += 1
     return float(stopped == 2)

@@ -102,6 +102,18 @@ def _load_function(path: str, name: str):
     function = getattr(module, name)
     if not callable(function):
         raise LookupError(f"{name!r} is not callable (it is {type(function).__name__} {_describe(function)})")
+    import inspect
+
+    # Called as function(completion, answer): a wrong signature made every call raise, and a run
+    # trained on zero rewards to the end.
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):   # a builtin or extension callable without one: its first call says
+        return function
+    try:
+        signature.bind("completion", "answer")
+    except TypeError as exc:
+        raise LookupError(f"{name}{signature} cannot be called as {name}(completion, answer) ({exc})") from None
     return function
 
 

@@ -1,0 +1,2 @@
+def reward(completion):
+    return 1.0
