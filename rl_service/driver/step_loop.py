@@ -44,7 +44,9 @@ def loop_outcome(trainer, result: LoopResult) -> dict:
         "best_eval_accuracy": max((accuracy for _, accuracy in trainer.eval_history), default=None),
         "weight_version": trainer.weight_version,
         "stopped_reason": result.stopped_reason,
-        "final_checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
+        # Absolute, as the run directory is printed: a relative --run-dir would leave it relative to
+        # wherever the run was started.
+        "final_checkpoint": str(Path(result.checkpoint_path).resolve()) if result.checkpoint_path else None,
     }
 
 
