@@ -121,3 +121,60 @@ def test_submit_refuses_a_path_missing_here_in_one_line_unless_told_it_is_on_the
     unchecked = _cli(["submit", "configs/quickstart.yaml", "--set", "model.path=/nonexistent/model", "--no-local-check",
                       "--address", nowhere])
     assert unchecked.returncode == 2 and "cannot reach" in unchecked.stderr and "model.path" not in unchecked.stderr
+
+
+def _summary_of(trainer_class, config_name: str, step_metrics: list[dict], checkpoint: Path | None) -> dict:
+    """`trainer_class.summary` on a bare trainer (no Ray): TrainerBase's own state, what the trainer's
+    steps add to it (totals, `add_phase_times`), and a loop result."""
+    from collections import defaultdict
+
+    from rl_service.driver.step_loop import LoopResult
+    from rl_service.driver.training_run import PreparedJob, TrainerBase
+
+    trainer = object.__new__(trainer_class)
+    TrainerBase.__init__(trainer, PreparedJob(load_config(REPO / "configs" / config_name), None, None), None, None)
+    if config_name.startswith("bvpo"):   # what PreferenceTrainer.__init__ adds that its summary reads
+        trainer.totals, trainer.last_learner_metrics, trainer.dataset = defaultdict(float), {}, None
+    for metrics in step_metrics:
+        trainer.totals["completions"] += int(metrics["completions"])
+        trainer.totals["completion_tokens"] += int(metrics["completion_tokens"])
+        trainer.add_phase_times(metrics)
+    trainer.eval_history = [(0, 0.25), (2, 0.5)]
+    result = LoopResult(steps=2, train_wall_s=4.0, initial={"eval_accuracy": 0.25}, final={"eval_accuracy": 0.5},
+                        stopped_reason="completed", checkpoint_path=checkpoint)
+    return trainer.summary(result, lost_s=0.0)
+
+
+def test_both_job_kinds_summaries_carry_the_documented_keys(tmp_path, monkeypatch):
+    """summary.json of an RL job and of a DPO/BVPO job hold the same run-level keys (README's run-directory
+    table, throughput and time shares per phase); a preference summary once lacked tokens_per_s,
+    train_wall_s_this_attempt and the time shares. And `final_checkpoint` is absolute even when the run
+    directory was given relative (`--run-dir runs/s1`)."""
+    from rl_service.driver.preference_loop import PreferenceTrainer
+    from rl_service.driver.step_metrics import PHASES
+    from rl_service.driver.trainer import Trainer
+
+    monkeypatch.chdir(tmp_path)
+    relative = Path("runs/s1/checkpoints/step_2")
+    rl_step = {"completions": 16.0, "completion_tokens": 320.0, "time_generate_s": 1.0, "time_reward_s": 0.25,
+               "time_statistics_s": 0.25, "time_train_s": 0.5, "time_publish_s": 0.0, "time_driver_s": 0.0}
+    # A preference step times no statistics phase.
+    preference_step = {"completions": 32.0, "completion_tokens": 640.0, "time_generate_s": 1.0,
+                       "time_reward_s": 0.5, "time_train_s": 0.5, "time_publish_s": 0.0, "time_driver_s": 0.0}
+    rl = _summary_of(Trainer, "quickstart.yaml", [rl_step, rl_step], relative)
+    preference = _summary_of(PreferenceTrainer, "bvpo.yaml", [preference_step] * 2, relative)
+
+    table_row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `summary.json`"))
+    documented = set(re.findall(r"`([a-z_]+)`", table_row.split("|")[2]))
+    assert {"train_wall_s_this_attempt", "completions_per_s", "final_eval_accuracy"} <= documented
+    shared = documented | {"tokens_per_s", "best_eval_accuracy", "weight_version", "stopped_reason",
+                           "final_checkpoint"} | {f"time_share_{name}" for name in PHASES}
+    for summary in (rl, preference):
+        assert shared <= set(summary), shared - set(summary)
+        assert sum(summary[f"time_share_{name}"] for name in PHASES) == pytest.approx(1.0)
+        assert summary["train_wall_s"] == summary["train_wall_s_this_attempt"] == 4.0
+        assert summary["final_checkpoint"] == str(tmp_path / relative)
+    assert set(rl) <= set(preference)   # a preference summary adds its pairs and per-mode accuracies
+    assert rl["tokens_per_s"] == 640 / 4.0 and preference["tokens_per_s"] == 1280 / 4.0
+    assert preference["time_share_statistics"] == 0.0 and preference["time_share_generate"] == pytest.approx(0.5)
+    assert preference["algorithm"] == "bvpo" and preference["pairs_trained"] == 0

@@ -30,7 +30,7 @@ from rl_service.data.sampler import PromptSampler
 from rl_service.driver.rollout_client import PhaseTimer, RolloutClient, mean_or_nan as _mean
 from rl_service.errors import ModelLoadError
 from rl_service.models.loading import load_tokenizer, render_prompt
-from rl_service.driver.step_loop import LoopResult, loop_outcome
+from rl_service.driver.step_loop import LoopResult
 from rl_service.driver.roles import Roles
 from rl_service.driver.weight_sync import make_weight_sync
 from rl_service.rollout import SamplingParams, step_seed
@@ -136,11 +136,13 @@ class PreferenceTrainer(TrainerBase):
         waited = sum(timer.seconds.values())
         metrics.update({"step_seconds": step_seconds, "weight_version": float(self.weight_version),
                         "completions_per_s": metrics.get("completions", 0.0) / step_seconds,
+                        "tokens_per_s": metrics.get("completion_tokens", 0.0) / step_seconds,
                         **{f"time_{name}_s": seconds for name, seconds in timer.seconds.items()},
                         "time_driver_s": max(step_seconds - waited, 0.0)})
         for key in ("pairs", "trace_pairs", "empty_pairs", "trace_ties", "empty_ties", "prompts_without_pair"):
             self.totals[key] += metrics.get(key, 0.0)
         self.last_learner_metrics = metrics
+        self.add_phase_times(metrics)
         self.telemetry.record_step(metrics)
         self.run_dir.log(step, metrics)
         return metrics
@@ -206,17 +208,13 @@ class PreferenceTrainer(TrainerBase):
         self.publish(PhaseTimer())
 
     def summary(self, result: LoopResult, lost_s: float = 0.0) -> dict:
-        """Pairs, ties and throughput over the whole run (its attempts' training time, as RL jobs count it)."""
+        """What every job reports (TrainerBase.summary: steps, throughput over the run, time shares, the
+        loop's outcome), then pairs, ties and each reasoning mode's eval accuracy."""
         totals, last = self.totals, self.last_learner_metrics
-        train_wall_s = self.wall_before_s + lost_s + result.train_wall_s
         summary = {
             "algorithm": self.config.algorithm.name,
             "mode": self.config.preference.mode,
-            "steps": result.steps,
-            "completions": int(totals["completions"]),
-            "completion_tokens": int(totals["completion_tokens"]),
-            "train_wall_s": train_wall_s,
-            "completions_per_s": totals["completions"] / train_wall_s if train_wall_s > 0 else 0.0,
+            **super().summary(result, lost_s),
             "pairs_trained": int(totals["pairs"]),            # prompts that trained (a pair in one mode or both)
             "trace_pairs_trained": int(totals["trace_pairs"]),
             "empty_pairs_trained": int(totals["empty_pairs"]),
@@ -224,7 +222,6 @@ class PreferenceTrainer(TrainerBase):
             "empty_ties_skipped": int(totals["empty_ties"]),
             "nan_skipped_steps": int(last.get("nan_skipped_steps", 0)),
             "bad_rows_skipped": self.dataset.num_skipped if self.dataset is not None else 0,
-            **loop_outcome(self, result),
         }
         for label in MODES:
             summary[f"initial_eval_accuracy_{label}"] = result.initial.get(f"eval_accuracy_{label}")

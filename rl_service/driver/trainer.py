@@ -23,7 +23,6 @@ and what the driver itself costs.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +33,12 @@ from rl_service.algorithms.acceptance import acceptance_threshold, accepted
 from rl_service.driver.batch_source import groups_of, make_batch_source, per_prompt_mean
 from rl_service.models.loading import load_tokenizer
 from rl_service.driver.evaluation import accuracy_by_group
-from rl_service.driver.step_loop import LoopResult, loop_outcome
 from rl_service.driver.pipeline import RolloutPipeline
 from rl_service.driver.roles import Roles
 from rl_service.rollout import SamplingParams, step_seed
 from rl_service.driver.rollout_client import LaunchedRollout, PhaseTimer, RolloutClient
 from rl_service.driver.run_dir import RunDirectory
-from rl_service.driver.step_metrics import PHASES, step_metrics
+from rl_service.driver.step_metrics import step_metrics
 from rl_service.driver.step_rounds import StepRounds
 from rl_service.tasks import check_job_inputs, load_task
 from rl_service.driver.training_run import PreparedJob, TrainerBase, run_job
@@ -80,8 +78,6 @@ class Trainer(TrainerBase):
         self.weight_sync = make_weight_sync(roles, self.config)
         self.accept_threshold = acceptance_threshold(self.config)
         self.autoscaler = Autoscaler(roles, self.config) if self.config.generator.autoscale else None
-        self.totals = {"completions": 0, "completion_tokens": 0}
-        self.phase_totals: dict[str, float] = defaultdict(float)
         self.pipeline = RolloutPipeline(schedule.max_staleness if self.pipelined else 0, self.config.steps)
         self.trained_sampler_state = self.sampler.state_dict()
 
@@ -197,8 +193,7 @@ class Trainer(TrainerBase):
         """Totals, phase times, the live gauges, metrics.jsonl, the ledger and the autoscaler."""
         self.totals["completions"] += int(metrics["completions"])
         self.totals["completion_tokens"] += int(metrics["completion_tokens"])
-        for name in PHASES:
-            self.phase_totals[name] += metrics.get(f"time_{name}_s", 0.0)
+        self.add_phase_times(metrics)
         self.telemetry.record_step(metrics)
         self.run_dir.log(step, metrics)
         self.run_dir.log_ledger(step, prompt_ids, samples)
@@ -233,27 +228,6 @@ class Trainer(TrainerBase):
                  "totals": totals, "eval_history": self.eval_history}
         return self.run_dir.write_checkpoint(
             step, lambda directory: ray.get(self.roles.learner.save_checkpoint.remote(directory)), statistics, state)
-
-
-    def summary(self, result: LoopResult, lost_s: float = 0.0) -> dict:
-        """Throughput over the whole run: every completion of its trained steps over the training wall
-        time summed over its attempts (before the checkpoint it resumed, replays after a role's death,
-        this attempt), not over this attempt's time alone. The time a SIGKILLed process spent after its
-        newest checkpoint is not known to a later `resume`, and is not counted."""
-        completions = self.totals["completions"]
-        train_wall_s = self.wall_before_s + lost_s + result.train_wall_s
-        phase_total = sum(self.phase_totals.values()) or 1.0
-        return {
-            "steps": result.steps,
-            "completions": completions,
-            "completion_tokens": self.totals["completion_tokens"],
-            "train_wall_s": train_wall_s,
-            "train_wall_s_this_attempt": result.train_wall_s,
-            "completions_per_s": completions / train_wall_s if train_wall_s > 0 else 0.0,
-            "tokens_per_s": self.totals["completion_tokens"] / train_wall_s if train_wall_s > 0 else 0.0,
-            **loop_outcome(self, result),
-            **{f"time_share_{name}": seconds / phase_total for name, seconds in self.phase_totals.items()},
-        }
 
 
 def run_training(job: PreparedJob, run_dir_path: str | Path, resume_from: Path | None = None) -> dict:

@@ -25,7 +25,6 @@ from rl_service.driver.roles import Roles, ray_session, run_with_restarts, start
 from rl_service.rollout import SamplingParams
 from rl_service.driver.run_dir import RunDirectory
 from rl_service.driver.step_loop import LoopResult, run_steps
-from rl_service.driver.stop_signal import stop_on_sigterm
 from rl_service.tasks import TaskData
 
 
@@ -40,7 +39,9 @@ class PreparedJob:
 
 class TrainerBase:
     """What both trainers hold and do alike: the roles, sampling settings, the eval history and
-    collapse guard, the live metrics, and the loop clock (training time over a run's attempts)."""
+    collapse guard, the live metrics, the loop clock (training time over a run's attempts) and the
+    summary fields both job kinds report. A trainer keeps `totals` with `completions` and
+    `completion_tokens` over the run, and adds each step's phase times with `add_phase_times`."""
 
     eval_completions_per_prompt = 1   # greedy eval completions per eval prompt (preference: 2 modes)
 
@@ -53,7 +54,11 @@ class TrainerBase:
         # Training wall time of the run before this attempt (from the checkpoint it resumed), and this
         # attempt's loop clock (started by its first step): throughput is over the whole run.
         self.wall_before_s, self.loop_started, self.loop_s_at_checkpoint = 0.0, None, 0.0
+        from rl_service.driver.step_metrics import PHASES
         from rl_service.telemetry import StepTelemetry
+
+        self.totals: dict = {"completions": 0, "completion_tokens": 0}   # over the run (restored on resume)
+        self.phase_totals = {name: 0.0 for name in PHASES}   # this attempt's seconds per phase: time_share_*
 
         self.telemetry = StepTelemetry(self.config.job_name)   # live metrics for Ray's dashboard / Prometheus
 
@@ -70,6 +75,34 @@ class TrainerBase:
         """Training time of the run up to now: before this attempt, and this attempt's loop."""
         self.loop_s_at_checkpoint = self.loop_seconds()
         return self.wall_before_s + self.loop_s_at_checkpoint
+
+    def add_phase_times(self, metrics: dict) -> None:
+        """A step's `time_<phase>_s` into the run summary's time shares (every phase, 0 if not timed)."""
+        for name in self.phase_totals:
+            self.phase_totals[name] += metrics.get(f"time_{name}_s", 0.0)
+
+    def summary(self, result: LoopResult, lost_s: float = 0.0) -> dict:
+        """The summary.json fields every job reports (README's run-directory table), RL and preference
+        jobs alike. Throughput is over the whole run: every completion of its trained steps over the
+        training wall time summed over its attempts (before the checkpoint it resumed, replays after a
+        role's death, this attempt), not over this attempt's time alone. The time a SIGKILLed process
+        spent after its newest checkpoint is not known to a later `resume`, and is not counted."""
+        from rl_service.driver.step_loop import loop_outcome
+
+        completions, tokens = self.totals.get("completions", 0), self.totals.get("completion_tokens", 0)
+        train_wall_s = self.wall_before_s + lost_s + result.train_wall_s
+        phase_total = sum(self.phase_totals.values()) or 1.0
+        return {
+            "steps": result.steps,
+            "completions": int(completions),
+            "completion_tokens": int(tokens),
+            "train_wall_s": train_wall_s,
+            "train_wall_s_this_attempt": result.train_wall_s,
+            "completions_per_s": completions / train_wall_s if train_wall_s > 0 else 0.0,
+            "tokens_per_s": tokens / train_wall_s if train_wall_s > 0 else 0.0,
+            **loop_outcome(self, result),
+            **{f"time_share_{name}": seconds / phase_total for name, seconds in self.phase_totals.items()},
+        }
 
     def collapsed(self) -> bool:
         """The collapse guard: eval accuracy fell `guard.max_eval_drop` below the best seen."""
@@ -98,7 +131,7 @@ def run_job(job: PreparedJob, run_dir_path: str | Path, resume_from: Path | None
         run_dir = RunDirectory(Path(run_dir_path), config, resume_step=state["step"] if state else (-1 if restart else None))
         start = partial(start_roles, resume_from=str(resume) if resume else None)
         try:
-            with ray_session(config, start, job.task.verifier) as roles, stop_on_sigterm(Path(run_dir_path)):
+            with ray_session(config, start, job.task.verifier, run_dir=Path(run_dir_path)) as roles:
                 trainer = attempts["trainer"] = trainer_class(job, roles, run_dir)
                 trainer.begin(resume, state)
                 run_dir.write_config()   # only now, for a resume: its overrides work with the checkpoint
