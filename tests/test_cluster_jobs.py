@@ -75,6 +75,18 @@ def test_clients_without_the_right_token_are_refused_in_one_line(head, tmp_path)
             assert wrong_file.read_text() not in result.stderr
 
 
+def test_the_default_token_file_is_used_with_no_variable_set(head, tmp_path):
+    """`ray start --head` turns token auth on by itself and writes ~/.ray/auth_token: a shell with no
+    RAY_AUTH_* variable reaches the head with that file alone, as --help says."""
+    address, env, token_file = head
+    home = {key: value for key, value in env.items() if not key.startswith("RAY_AUTH_")}
+    home["HOME"] = str(tmp_path)
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text(token_file.read_text())
+    listed = cli(["list", "--address", address], home)
+    assert listed.returncode == 0, listed.stderr
+
+
 def test_bad_addresses_and_job_ids_are_one_line_errors(head):
     address, env, token_file = head
     authenticated = {**env, "RAY_AUTH_TOKEN_PATH": str(token_file)}

@@ -31,16 +31,30 @@ def server_address(address: str | None) -> str:
     return f"{scheme.lower()}://{rest}"   # Ray's job client reads "HTTP://" as a module name
 
 
-def job_server_client(args):
-    address = server_address(args.address)
-    if args.token_file:
-        path = Path(args.token_file).expanduser()
+def use_auth_token(token_file: str | None) -> None:
+    """Send the cluster's auth token when there is one: --token-file, else RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH, then Ray's default file (~/.ray/auth_token, which `ray start --head` writes
+    when it turns token auth on by itself). Token auth is switched on as Ray switches it on (its
+    RAY_AUTH_MODE, and the config it has cached if Ray is imported already); a RAY_AUTH_MODE the user
+    set is kept."""
+    if token_file:
+        path = Path(token_file).expanduser()
         if not path.is_file():
             raise UserError(f"--token-file {path}: no such file")
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(path.resolve())
         os.environ.pop("RAY_AUTH_TOKEN", None)   # the file named on the command line wins
-    if args.token_file or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    # Ray's own helpers: where it looks for the token file, and how it turns token auth on.
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth, _get_default_token_path
+
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or _get_default_token_path().is_file():
+        _enable_token_auth()
+
+
+def job_server_client(args):
+    address = server_address(args.address)
+    use_auth_token(args.token_file)
     import logging
 
     from ray.job_submission import JobSubmissionClient
@@ -66,7 +80,8 @@ def cause(error: BaseException) -> str:
     text = " ".join(str(error).split())
     lowered = text.lower()
     if "401" in text or "unauthorized" in lowered or "authentication" in lowered or "403" in text:
-        return "the job server refused the request: missing or wrong Ray auth token (--token-file, RAY_AUTH_TOKEN)"
+        return ("the job server refused the request: missing or wrong Ray auth token (from --token-file, else "
+                "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; none is sent under RAY_AUTH_MODE=disabled)")
     if "connect" in lowered or "connection" in lowered:
         return "cannot reach the Ray job server (is the cluster up and the address right?)"
     return text[:300]

@@ -1,0 +1,55 @@
+"""Which Ray auth token the job commands send (rl_service/driver/job_client.py use_auth_token), read
+back from Ray's own header logic in a fresh process: no head is needed (tests/test_cluster_jobs.py
+sends them to a real one)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def sent_header(home: Path, env: dict[str, str] | None = None, token_file: Path | None = None,
+                ray_first: bool = False) -> str | None:
+    """The Authorization header Ray's job SDK would send after use_auth_token, HOME being `home`.
+    `ray_first`: Ray (its cached config) imported before, as by a command that loaded it already."""
+    code = ("import sys\n"
+            + ("import ray._raylet\n" if ray_first else "")
+            + "from rl_service.driver.job_client import use_auth_token\n"
+              "use_auth_token(sys.argv[1] or None)\n"
+              "from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled\n"
+              "print(get_auth_headers_if_auth_enabled({}).get('authorization'))\n")
+    environment = {key: value for key, value in os.environ.items() if key not in AUTH_VARIABLES}
+    environment.update(HOME=str(home), **(env or {}))
+    out = subprocess.run([sys.executable, "-c", code, str(token_file or "")], cwd=REPO, env=environment,
+                         capture_output=True, text=True, check=True, timeout=120).stdout.strip().splitlines()[-1]
+    return None if out == "None" else out
+
+
+def test_the_default_token_file_is_sent_when_nothing_else_names_one(tmp_path):
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("default-token")
+    # As `ray start --head` leaves it: token auth on by itself, no RAY_AUTH_* variable in the shell.
+    assert sent_header(tmp_path) == "Bearer default-token"
+    assert sent_header(tmp_path, ray_first=True) == "Bearer default-token"
+    # --token-file, then the variables, come before the default file; RAY_AUTH_MODE=disabled sends none.
+    named = tmp_path / "named"
+    named.write_text("named-token")
+    assert sent_header(tmp_path, {"RAY_AUTH_TOKEN": "variable-token"}, token_file=named) == "Bearer named-token"
+    assert sent_header(tmp_path, {"RAY_AUTH_TOKEN": "variable-token"}) == "Bearer variable-token"
+    assert sent_header(tmp_path, {"RAY_AUTH_MODE": "disabled"}) is None
+
+
+def test_no_token_anywhere_sends_none(tmp_path):
+    assert sent_header(tmp_path) is None
+
+
+def test_the_refusal_names_every_token_source():
+    from rl_service.driver.job_client import cause
+
+    message = cause(RuntimeError("Authentication required: 401 Unauthorized"))
+    for source in ("--token-file", "RAY_AUTH_TOKEN,", "RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token", "RAY_AUTH_MODE"):
+        assert source in message, source
