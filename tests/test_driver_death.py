@@ -139,6 +139,35 @@ def test_sigterm_stops_a_run_with_one_line_naming_the_checkpoint_to_resume(tmp_p
     assert driver.returncode in (128 + signal.SIGTERM, -signal.SIGKILL)
 
 
+def test_sigterm_while_the_roles_start_is_one_line_too(tmp_path):
+    # From ray.init to the first step (placing the roles; minutes with vLLM) a stop ended in Ray's
+    # C++ stack dump: the handler was installed only once every role was up.
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    run = tmp_path / "run"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "rl_service.cli", "run", "configs/quickstart.yaml", "--run-dir", str(run),
+         *SHORT_JOB, "--set", "steps=1000"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        # A role's actor process (ray::GeneratorActor, ...): ray.init has returned, the roles are being placed.
+        while not any(child.name().startswith("ray::") and child.name().endswith(("Actor", "Pool"))
+                      for child in psutil.Process(driver.pid).children(recursive=True)):
+            assert driver.poll() is None and time.monotonic() < deadline, "Ray never started"
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGTERM)
+        stderr = driver.communicate(timeout=120)[1]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert not (run / "metrics.jsonl").is_file() or not any("loss" in line for line in (run / "metrics.jsonl").open())
+    assert "*** SIGTERM received" not in stderr and "Traceback" not in stderr, stderr[-2000:]
+    said = [line for line in stderr.splitlines() if line.startswith("rl-service: stopped by SIGTERM")]
+    assert said == [f"rl-service: stopped by SIGTERM; {run}: no checkpoint yet"], stderr[-2000:]
+    assert driver.returncode == 128 + signal.SIGTERM
+
+
 @pytest.mark.slow
 def test_summary_throughput_covers_the_whole_run_after_a_resume(short_run, tmp_path):
     """Issue #19 finding 7: after a resume, completions/s divided every completion of the run by the

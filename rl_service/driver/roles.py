@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 from dataclasses import dataclass
 
@@ -270,13 +271,23 @@ def start_roles(config: JobConfig, verifier: str, resume_from: str | None = None
 
 
 @contextmanager
-def ray_session(config: JobConfig, start: Callable[[JobConfig, str], Roles], verifier: str) -> Iterator[Roles]:
-    """Ray up, the job's roles placed; on the way out engines stopped first, then Ray."""
+def ray_session(config: JobConfig, start: Callable[[JobConfig, str], Roles], verifier: str,
+                run_dir: Path | None = None) -> Iterator[Roles]:
+    """Ray up, the job's roles placed; on the way out engines stopped first, then Ray. With `run_dir`,
+    SIGTERM stops the run with one line naming its checkpoint from the moment Ray is up, placing the
+    roles included (a stop in those seconds, or minutes with vLLM, ended in Ray's stack dump)."""
+    from contextlib import ExitStack
+
+    from rl_service.driver.stop_signal import stop_on_sigterm
+
     reaper = start_ray(config)
     roles = None
     try:
-        roles = start(config, verifier)
-        yield roles
+        with ExitStack() as stop_signal:
+            if run_dir is not None:   # after ray.init, which installs its own handler
+                stop_signal.enter_context(stop_on_sigterm(run_dir))
+            roles = start(config, verifier)
+            yield roles
     finally:
         import ray
 
