@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
@@ -109,6 +110,13 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
     assert shown() == [(1, 21.0), (2, 22.0)]
 
 
+def _save_complete(directory: str) -> None:
+    """A learner's part of a checkpoint as `write_checkpoint` expects it: weights and learner state."""
+    os.makedirs(os.path.join(directory, "model"))
+    for name in ("learner_state.json", "learner_state.safetensors"):
+        Path(directory, name).write_bytes(b"")
+
+
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     """A real process writes checkpoint 1, then is killed inside checkpoint 2's model write."""
     script = textwrap.dedent(f"""
@@ -118,10 +126,12 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
         from rl_service.config import load_config
         from rl_service.driver.run_dir import RunDirectory
 
-        def save(directory, stall):
+        def save(directory, stall):   # what a learner writes: its weights and its state
             model = Path(directory) / "model"
             model.mkdir()
             (model / "model.safetensors").write_bytes(b"partial")
+            for name in ("learner_state.json", "learner_state.safetensors"):
+                (Path(directory) / name).write_bytes(b"")
             if stall:
                 print("writing", flush=True)
                 time.sleep(60)
@@ -145,7 +155,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert (tmp_path / "checkpoints" / ".tmp_step_2").is_dir()          # the torn write, never named
     # Writing step 2 again (the resumed run) replaces the torn staging directory.
     run_dir = RunDirectory(tmp_path, load_config(None, ["logging.tensorboard=false"]), resume_step=1)
-    run_dir.write_checkpoint(2, lambda d: os.makedirs(os.path.join(d, "model")), {}, {"step": 2})
+    run_dir.write_checkpoint(2, lambda d: _save_complete(d), {}, {"step": 2})
     run_dir.close()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_2"
     assert not (tmp_path / "checkpoints" / ".tmp_step_2").exists()
