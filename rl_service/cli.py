@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import shutil
 import sys
 from pathlib import Path
 
@@ -99,19 +100,39 @@ _HELD_LOCKS: list[int] = []   # the run directory this command runs (`run_dir.lo
 
 def _command_run(args) -> int:
     from rl_service.config import load_config
-    from rl_service.driver.trainer import prepare_job, run_training
-    from rl_service.progress import print_summary
-
-    from rl_service.driver.preflight import check_cluster
-    from rl_service.driver.run_dir import latest_checkpoint, lock_run_dir, prepare_run_dir
+    from rl_service.driver.run_dir import lock_run_dir, prepare_run_dir
 
     if args.resume and not args.run_dir:
         raise UserError("run --resume needs --run-dir: the run directory to continue")
     config = load_config(args.config, args.overrides)
     _run_id(config)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config)
+    created = not run_dir.exists()
     prepare_run_dir(run_dir, args.resume, args.overwrite, clear=False)   # a file, /proc, an existing run
     _HELD_LOCKS.append(lock_run_dir(run_dir))   # one run or resume of a directory at a time
+    try:
+        return _run_in(run_dir, config, args)
+    except UserError:
+        if created:   # refused before anything ran: no directory holding only a lock file is left behind
+            _remove_if_empty(run_dir)
+        raise
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    from rl_service.driver.run_dir import LOCK_FILE
+
+    if run_dir.is_dir() and all(entry.name == LOCK_FILE for entry in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run_in(run_dir: Path, config, args) -> int:
+    from rl_service.config import load_config
+    from rl_service.driver.trainer import prepare_job, run_training
+    from rl_service.progress import print_summary
+
+    from rl_service.driver.preflight import check_cluster
+    from rl_service.driver.run_dir import latest_checkpoint, prepare_run_dir
+
     _announce(run_dir)
     if args.resume:
         if latest_checkpoint(args.run_dir) is not None:

@@ -88,7 +88,13 @@ def test_run_refuses_roles_a_local_ray_cannot_place_before_ray_starts(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "local run: the roles ask for 1 GPU (generator: 1)" in lines[0], result.stderr
-    assert not (tmp_path / "r" / "config.yaml").exists()   # nothing written: the directory is no run
+    # Nothing written, and the directory the run made is gone (one holding only a lock file was left
+    # behind for every refused try); a directory that was there before stays.
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "mine").mkdir()
+    assert rl_service("run", "configs/quickstart.yaml", "--set", "generator.num_gpus=1",
+                      "--run-dir", str(tmp_path / "mine")).returncode == 2
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_resume_refuses_a_run_that_already_trained_its_steps(tmp_path):
