@@ -96,6 +96,7 @@ def _announce(run_dir: Path) -> None:
 
 
 _HELD_LOCKS: list[int] = []   # the run directory this command runs (`run_dir.lock_run_dir`): released when it ends
+_RUNNING: list[Path] = []     # that run directory, for the line Ctrl-C prints
 
 
 def _command_run(args) -> int:
@@ -110,6 +111,7 @@ def _command_run(args) -> int:
     created = not run_dir.exists()
     prepare_run_dir(run_dir, args.resume, args.overwrite, clear=False)   # a file, /proc, an existing run
     _HELD_LOCKS.append(lock_run_dir(run_dir))   # one run or resume of a directory at a time
+    _RUNNING.append(run_dir)
     try:
         return _run_in(run_dir, config, args)
     except UserError:
@@ -164,6 +166,7 @@ def _command_resume(args) -> int:
     from rl_service.driver.run_dir import lock_run_dir
 
     _HELD_LOCKS.append(lock_run_dir(run_dir))
+    _RUNNING.append(run_dir)
     return _resume(run_dir, load_config(saved, args.overrides))
 
 
@@ -239,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rl-service: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("rl-service: interrupted", file=sys.stderr)
+        from rl_service.driver.stop_signal import resume_hint
+
+        print("rl-service: interrupted" + (f"; {resume_hint(_RUNNING[-1])}" if _RUNNING else ""), file=sys.stderr)
         return 130
     except StopRequested:   # its line was printed when the signal came
         return 128 + signal.SIGTERM

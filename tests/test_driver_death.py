@@ -139,6 +139,30 @@ def test_sigterm_stops_a_run_with_one_line_naming_the_checkpoint_to_resume(tmp_p
     assert driver.returncode in (128 + signal.SIGTERM, -signal.SIGKILL)
 
 
+def test_ctrl_c_names_the_checkpoint_to_resume_as_sigterm_does(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    run = tmp_path / "run"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "rl_service.cli", "run", "configs/quickstart.yaml", "--run-dir", str(run),
+         *SHORT_JOB, "--set", "steps=1000", "--set", "checkpoint.every=2"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "step_2").is_dir():
+            assert driver.poll() is None and time.monotonic() < deadline, "the run never wrote a checkpoint"
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGINT)
+        stderr = driver.communicate(timeout=120)[1]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    said = [line for line in stderr.splitlines() if line.startswith("rl-service: interrupted")]
+    assert len(said) == 1 and said[0].startswith(f"rl-service: interrupted; {run}: newest checkpoint step_"), stderr[-2000:]
+    assert f"continue with `rl-service resume {run}`" in said[0]
+    assert driver.returncode == 130
+
+
 def test_sigterm_while_the_roles_start_is_one_line_too(tmp_path):
     # From ray.init to the first step (placing the roles; minutes with vLLM) a stop ended in Ray's
     # C++ stack dump: the handler was installed only once every role was up.

@@ -16,17 +16,22 @@ from pathlib import Path
 from typing import Iterator
 
 
+def resume_hint(run_dir: Path) -> str:
+    """`RUN_DIR: newest checkpoint step_N: continue with ...`, or `RUN_DIR: no checkpoint yet`."""
+    from rl_service.driver.run_dir import latest_checkpoint
+
+    checkpoint = latest_checkpoint(run_dir)
+    resume = (f"newest checkpoint {checkpoint.name}: continue with `rl-service resume {run_dir}` (or "
+              "`rl-service resume JOB_ID` for a submitted job)") if checkpoint else "no checkpoint yet"
+    return f"{run_dir}: {resume}"
+
+
 class StopRequested(BaseException):
     """Raised in the driver's main thread by SIGTERM. A BaseException: the role-failure recovery
     (`run_with_restarts`, which catches Exception) must not take it for a dead role."""
 
     def __init__(self, run_dir: Path):
-        from rl_service.driver.run_dir import latest_checkpoint
-
-        checkpoint = latest_checkpoint(run_dir)
-        resume = (f"newest checkpoint {checkpoint.name}: continue with `rl-service resume {run_dir}` (or "
-                  "`rl-service resume JOB_ID` for a submitted job)") if checkpoint else "no checkpoint yet"
-        super().__init__(f"stopped by SIGTERM; {run_dir}: {resume}")
+        super().__init__(f"stopped by SIGTERM; {resume_hint(run_dir)}")
 
 
 @contextmanager
