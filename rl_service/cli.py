@@ -51,13 +51,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="change a field for the rest of the run, e.g. --set steps=200")
 
     validate = commands.add_parser("validate", help="validate a config and load its data and tokenizer")
-    validate.add_argument("config")
-    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.add_argument("config", help="YAML job file (see configs/)")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config field, as run takes it (repeatable)")
 
     evaluate = commands.add_parser("eval", help="greedy accuracy of a model directory on a job's eval split")
     evaluate.add_argument("checkpoint", help="model directory (e.g. RUN_DIR/checkpoints/step_N/model) or 'builtin'")
     evaluate.add_argument("config", nargs="?", help="YAML job file whose eval split to use (default: built-in task)")
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a field of that config, e.g. --set eval.samples=8 (repeatable)")
 
     commands.add_parser("config-schema", help="print the JobConfig JSON schema")
 

@@ -34,7 +34,9 @@ def add_job_commands(commands) -> None:
     """The job subcommands on the CLI's subparsers."""
     submit = commands.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs)")
     submit.add_argument("config", help="YAML job file inside the working directory (uploaded with it)")
-    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set learner.lr=1e-5 (repeatable; checked here, "
+                             "applied by the job)")
     submit.add_argument("--run-dir", help="the run directory, as the cluster's nodes see it (default: "
                                           "<logging.output_dir>/<job id>, absolute from here)")
     submit.add_argument("--no-local-check", action="store_true",
