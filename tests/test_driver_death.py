@@ -163,6 +163,17 @@ def test_ctrl_c_names_the_checkpoint_to_resume_as_sigterm_does(tmp_path):
     assert driver.returncode == 130
 
 
+def _a_role_actor_runs(pid: int) -> bool:
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            name = child.name()
+        except psutil.Error:   # a short-lived process, gone already
+            continue
+        if name.startswith("ray::") and name.endswith(("Actor", "Pool")):
+            return True
+    return False
+
+
 def test_sigterm_while_the_roles_start_is_one_line_too(tmp_path):
     # From ray.init to the first step (placing the roles; minutes with vLLM) a stop ended in Ray's
     # C++ stack dump: the handler was installed only once every role was up.
@@ -175,8 +186,7 @@ def test_sigterm_while_the_roles_start_is_one_line_too(tmp_path):
     try:
         deadline = time.monotonic() + 300
         # A role's actor process (ray::GeneratorActor, ...): ray.init has returned, the roles are being placed.
-        while not any(child.name().startswith("ray::") and child.name().endswith(("Actor", "Pool"))
-                      for child in psutil.Process(driver.pid).children(recursive=True)):
+        while not _a_role_actor_runs(driver.pid):
             assert driver.poll() is None and time.monotonic() < deadline, "Ray never started"
             time.sleep(0.1)
         driver.send_signal(signal.SIGTERM)
