@@ -116,7 +116,7 @@ def _command_run(args) -> int:
     _RUNNING.append(run_dir)
     try:
         return _run_in(run_dir, config, args)
-    except UserError:
+    except (UserError, KeyboardInterrupt):
         if created:   # refused before anything ran: no directory holding only a lock file is left behind
             _remove_if_empty(run_dir)
         raise
@@ -135,11 +135,12 @@ def _run_in(run_dir: Path, config, args) -> int:
     from rl_service.progress import print_summary
 
     from rl_service.driver.preflight import check_cluster
-    from rl_service.driver.run_dir import latest_checkpoint, prepare_run_dir
+    from rl_service.driver.run_dir import prepare_run_dir, step_checkpoints
 
     _announce(run_dir)
     if args.resume:
-        if latest_checkpoint(args.run_dir) is not None:
+        # Any checkpoint: continue from it, or say why none can be. Starting over here deleted the run.
+        if step_checkpoints(run_dir):
             saved = Path(args.run_dir) / "config.yaml"
             # Compared as configs, not text: a newer rl-service may write the same config in another order.
             if load_config(saved).model_dump() != config.model_dump():

@@ -155,6 +155,12 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_and_never_advises_d
                                         r"\.safetensors.") as refused:
         resumable_checkpoint(run, config)
     assert "--overwrite" not in str(refused.value)
+    # Killed after renaming step_8 into place, before pointing checkpoints/latest at it: step_8 is whole.
+    fake_checkpoint(run, 8, latest=False)
+    with caplog.at_level(logging.WARNING, logger="rl_service"):
+        caplog.clear()
+        assert resumable_checkpoint(run, config).name == "step_8"
+    assert "cannot be" not in caplog.text        # nothing newer, nothing damaged to speak of
 
 
 def test_resume_refuses_to_turn_lora_on_or_off_before_ray_starts(tmp_path):
@@ -171,3 +177,19 @@ def test_resume_refuses_to_turn_lora_on_or_off_before_ray_starts(tmp_path):
     with pytest.raises(UserError, match="holds a LoRA adapter .adapter/., and LoRA cannot be turned off"):
         resumable_checkpoint(tmp_path / "lora", load_config(None, ["steps=4"]))
     assert resumable_checkpoint(tmp_path / "lora", load_config(None, ["steps=4", "learner.lora.rank=8"])).name == "step_2"
+
+
+def test_a_run_whose_checkpoints_are_all_incomplete_is_never_cleared_unasked(tmp_path, capsys, monkeypatch):
+    # run --resume took "no complete checkpoint" for "never checkpointed", started over, and deleted
+    # the run, checkpoints and metrics with it.
+    from rl_service.cli import main
+
+    run = tmp_path / "run"
+    _fake_run(run, checkpoint=True)
+    (run / "checkpoints" / "step_1" / "learner_state.json").unlink()
+    (run / "config.yaml").write_text((REPO / "configs" / "quickstart.yaml").read_text())
+    monkeypatch.chdir(REPO)
+    assert main(["run", "configs/quickstart.yaml", "--run-dir", str(run), "--resume"]) == 2
+    assert "no complete checkpoint to resume from: step_1 (no learner_state.json)" in capsys.readouterr().err
+    prepare_run_dir(run, resume=True)
+    assert (run / "checkpoints" / "step_1").is_dir() and (run / "metrics.jsonl").is_file()

@@ -46,7 +46,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     return None
 
 
-def _step_checkpoints(run_dir: Path) -> list[Path]:
+def step_checkpoints(run_dir: Path) -> list[Path]:
     """`checkpoints/step_N` directories, newest first. One being written when the run was killed is
     still `.tmp_step_N`: never among them."""
     found = [path for path in (run_dir / "checkpoints").glob("step_*")
@@ -55,16 +55,10 @@ def _step_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None before the first: the one
-    `checkpoints/latest` names, else (that one deleted or damaged: a user rolling a diverged step
-    back) the newest complete `step_N`."""
-    run_dir = Path(run_dir)
-    pointer = run_dir / "checkpoints" / "latest"
-    if pointer.is_file():
-        named = pointer.parent / pointer.read_text(encoding="utf-8", errors="replace").strip()
-        if named.name.startswith("step_") and checkpoint_problem(named) is None:
-            return named
-    return next((path for path in _step_checkpoints(run_dir) if checkpoint_problem(path) is None), None)
+    """The newest complete `checkpoints/step_N` of a run directory, or None before the first. A newer
+    one deleted or damaged (a user rolling a diverged step back) is passed over; one renamed into
+    place by a run killed before it updated `checkpoints/latest` is complete, and taken."""
+    return next((path for path in step_checkpoints(Path(run_dir)) if checkpoint_problem(path) is None), None)
 
 
 def resumable_checkpoint(run_dir: Path, config: JobConfig) -> Path:
@@ -75,8 +69,9 @@ def resumable_checkpoint(run_dir: Path, config: JobConfig) -> Path:
 
     run_dir = Path(run_dir)
     checkpoint = latest_checkpoint(run_dir)
-    damaged = [f"{path.name} ({checkpoint_problem(path)})" for path in _step_checkpoints(run_dir)
-               if checkpoint is None or int(path.name.removeprefix("step_")) > int(checkpoint.name.removeprefix("step_"))]
+    damaged = [f"{path.name} ({checkpoint_problem(path)})" for path in step_checkpoints(run_dir)
+               if checkpoint_problem(path) is not None and (
+                   checkpoint is None or int(path.name.removeprefix("step_")) > int(checkpoint.name.removeprefix("step_")))]
     if checkpoint is None:
         if damaged:   # --overwrite would delete them: not the advice to give
             raise UserError(f"{run_dir}: no complete checkpoint to resume from: {'; '.join(damaged)}")
@@ -109,7 +104,7 @@ def _started_nothing(directory: Path) -> bool:
     no summary, no row. Reusing its directory loses nothing, and refusing it left the user with a
     directory they could neither resume nor run again without --overwrite."""
     metrics = directory / "metrics.jsonl"
-    return (latest_checkpoint(directory) is None and not (directory / "summary.json").exists()
+    return (not step_checkpoints(directory) and not (directory / "summary.json").exists()
             and (not metrics.exists() or metrics.stat().st_size == 0))
 
 
@@ -174,7 +169,9 @@ def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = Fa
     if not overwrite and not resume and run_entries(directory):
         raise UserError(f"--run-dir {path}: already holds a run ({', '.join(existing[:3])}); continue it with "
                         f"`rl-service resume {path}` (or run --resume), or replace it with --overwrite")
-    if clear and existing and (overwrite or latest_checkpoint(directory) is None):
+    # Cleared with --overwrite, or (a resume of a run that never checkpointed) when no checkpoint of any
+    # kind is there: one judged incomplete is the user's to look at, never deleted unasked.
+    if clear and existing and (overwrite or not step_checkpoints(directory)):
         for name in existing:
             entry = directory / name
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
