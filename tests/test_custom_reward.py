@@ -177,6 +177,28 @@ def _gone(pid: int, within_s: float) -> bool:
         time.sleep(0.05)
 
 
+def test_a_decorated_function_is_checked_by_how_it_is_called_not_what_it_wraps(tmp_path):
+    # inspect.signature follows __wrapped__: an adapter of f(completion) into (completion, answer)
+    # was refused as f(completion).
+    (tmp_path / "wrapped.py").write_text(
+        "import functools\n\n"
+        "def two_arguments(score):\n"
+        "    @functools.wraps(score)\n"
+        "    def adapter(completion, answer):\n"
+        "        return score(completion)\n"
+        "    return adapter\n\n"
+        "@two_arguments\n"
+        "def reward(completion):\n"
+        "    return 1.0\n")
+    spec = CustomRewardSpec(str(tmp_path / "wrapped.py"), "reward", 5.0, 256, "off")
+    check_custom_reward(spec)
+    runner = CustomRewardRunner(spec)
+    try:
+        assert runner.score(["x"], ["0"])[0] == [1.0]
+    finally:
+        runner.close()
+
+
 def test_spec_parsing_and_config_fields(tmp_path, monkeypatch):
     from rl_service.config import load_config
 

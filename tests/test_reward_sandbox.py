@@ -98,7 +98,9 @@ def fill_scratch(completion, answer):
 
 def read_log(completion, answer):
     # The file this process prints to, through /proc: 1.0 if it read the host's log, 0.5 if it could
-    # truncate it, 0.0 if neither.
+    # truncate it, 0.0 if neither because it is a pipe (opening a pipe's read end would block).
+    if os.readlink("/proc/self/fd/2").startswith("pipe:"):
+        return 0.0
     try:
         if answer in open("/proc/self/fd/2").read():
             return 1.0
@@ -108,7 +110,16 @@ def read_log(completion, answer):
         open("/proc/self/fd/2", "w").close()
         return 0.5
     except OSError:
-        return 0.0
+        return -1.0
+
+def escape_holding_stderr(completion, answer):
+    # Out of the process group, holding the reward's stderr open: `off` cannot kill it with the call.
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            time.sleep(25)
+        os._exit(0)
+    return 1.0
 
 def flood(completion, answer):
     for _ in range(64):
@@ -468,22 +479,37 @@ def test_the_scratch_and_dev_shm_are_bounded_and_leave_nothing_on_the_host(escap
 @needs_bwrap
 def test_the_reward_neither_reads_nor_truncates_the_log_it_prints_to_and_its_output_is_capped(escapes, tmp_path):
     spec = escapes("read_log")
-    flood = escapes("flood")
     log = tmp_path / "actor.log"
     log.write_text("SECRET-IN-LOG\n")
     script = textwrap.dedent(f"""
         from rl_service.rewards.custom import CustomRewardRunner, CustomRewardSpec
         for function, answer in (("read_log", "SECRET-IN-LOG"), ("flood", "")):
             runner = CustomRewardRunner(CustomRewardSpec({spec.path!r}, function, 10.0, 256))
-            print(function, runner.score(["x"], [answer])[0])
+            print(function, runner.score(["x"], [answer]))
             runner.close()
     """)
     with open(log, "a") as stderr:   # as a Ray worker's stderr is its log file
         result = subprocess.run([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=stderr,
                                 text=True, timeout=120)
     assert result.returncode == 0, log.read_text()[-2000:]
-    assert "read_log [0.0]" in result.stdout and "flood [1.0]" in result.stdout, result.stdout
+    counts = "{'custom_reward_errors': 0, 'custom_reward_timeouts': 0, 'custom_reward_restarts': 0}"
+    assert f"read_log ([0.0], {counts})" in result.stdout and f"flood ([1.0], {counts})" in result.stdout, result.stdout
     text = log.read_text()
     assert text.startswith("SECRET-IN-LOG\n")
     # 4 MiB printed; 1 MiB of it reaches the log, then one line says the rest was dropped.
     assert 2**20 <= len(text) < 2**20 + 1000 and text.rstrip().endswith("bytes dropped]"), len(text)
+
+
+def test_closing_a_runner_does_not_wait_for_a_process_that_escaped_with_its_stderr(escapes):
+    # Sandbox off: a child out of the process group keeps the stderr pipe open; stop() waited on the
+    # output thread's read for as long as that child lived (30 s, or for ever), after every timeout too.
+    spec = escapes("escape_holding_stderr")
+    script = textwrap.dedent(f"""
+        from rl_service.rewards.custom import CustomRewardRunner, CustomRewardSpec
+        runner = CustomRewardRunner(CustomRewardSpec({spec.path!r}, "escape_holding_stderr", 10.0, 256, "off"))
+        print(runner.score(["x"], ["0"])[0])
+        runner.close()
+        print("closed")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0 and result.stdout.split() == ["[1.0]", "closed"], (result.stdout, result.stderr[-2000:])

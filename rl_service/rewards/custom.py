@@ -35,11 +35,13 @@ import json
 import logging
 import math
 import os
+import select
 import selectors
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +153,7 @@ class _Worker:
         self.process: subprocess.Popen | None = None
         self.scratch: str | None = None
         self._buffer = bytearray()
+        self._output_done = threading.Event()
 
     def start(self) -> str | None:
         """Start the subprocess and import the function; None when ready, else what went wrong."""
@@ -169,7 +172,8 @@ class _Worker:
         # not this process's log file, which it could read and truncate through /proc/self/fd/2.
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         env=env, cwd=self.scratch or "/", close_fds=True, start_new_session=True)
-        _forward_output(self.process.stderr, OUTPUT_LIMIT_BYTES, str(self.spec))
+        self._output_done = threading.Event()
+        _forward_output(self.process.stderr, OUTPUT_LIMIT_BYTES, str(self.spec), self._output_done)
         self._buffer.clear()
         reply = self._read_reply(time.monotonic() + max(STARTUP_TIMEOUT_S, self.spec.timeout_s))
         if reply is None:
@@ -196,7 +200,10 @@ class _Worker:
             return
         self._kill_group()
         self.process.wait()
-        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+        # stderr is the forwarding thread's to close: closing it here waited on that thread's read,
+        # for ever where a process the reward forked out of the group (sandbox off) still held it.
+        self._output_done.set()
+        for pipe in (self.process.stdin, self.process.stdout):
             try:
                 pipe.close()
             except OSError:
@@ -245,24 +252,34 @@ class _Worker:
         return reply
 
 
-def _forward_output(pipe, limit: int, name: str) -> None:
+def _forward_output(pipe, limit: int, name: str, done: threading.Event) -> None:
     """Copy what the reward process prints to this process's stderr (fd 2, where it printed before),
-    up to `limit` bytes, then one line saying the rest is dropped; the pipe is drained to its end
-    either way, so the process never blocks on a full pipe. A daemon thread: it ends with the pipe."""
-    import threading
+    up to `limit` bytes, then one line saying the rest is dropped; the pipe is drained either way, so
+    the process never blocks on a full pipe. A daemon thread that closes the pipe at its end, or once
+    `done` is set and nothing more is waiting in it."""
+    fd = pipe.fileno()
 
     def copy():
         forwarded = 0
         try:
-            for chunk in iter(lambda: pipe.read1(1 << 16), b""):
+            while True:
+                if not select.select([fd], [], [], 0.0 if done.is_set() else 0.2)[0]:
+                    if done.is_set():
+                        break
+                    continue
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break
                 if forwarded < limit:
                     kept = chunk[:limit - forwarded]
                     os.write(2, kept)
                     forwarded += len(kept)
                     if forwarded >= limit:
                         os.write(2, f"\n[{name}: output beyond {limit} bytes dropped]\n".encode())
-        except (OSError, ValueError):   # the pipe closed under us (stop)
+        except (OSError, ValueError):
             pass
+        finally:
+            pipe.close()
 
     threading.Thread(target=copy, name="custom-reward-output", daemon=True).start()
 

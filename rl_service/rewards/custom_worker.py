@@ -107,7 +107,7 @@ def _load_function(path: str, name: str):
     # Called as function(completion, answer): a wrong signature made every call raise, and a run
     # trained on zero rewards to the end.
     try:
-        signature = inspect.signature(function)
+        signature = inspect.signature(function, follow_wrapped=False)   # a functools.wraps adapter is called as itself
     except (TypeError, ValueError):   # a builtin or extension callable without one: its first call says
         return function
     try:

@@ -78,7 +78,7 @@ def _bwrap_prefix(entry_script: str, scratch_bytes: int, readable=()) -> list[st
                # The scratch first: a reward file (or listed path) under the host's /tmp is then bound
                # inside it, at its own path. A tmpfs of bounded size: a host directory filled the disk
                # (2.4 GB in one call) and outlived a killed run.
-               "--size", str(scratch_bytes), "--tmpfs", SCRATCH]
+               *_sized(scratch_bytes), "--tmpfs", SCRATCH]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):       # merged /usr: the same links as the host
             command += ["--symlink", os.readlink(top), top]
@@ -94,11 +94,33 @@ def _bwrap_prefix(entry_script: str, scratch_bytes: int, readable=()) -> list[st
     for source, destination in _readable_binds([entry_script, *readable]):
         command += ["--ro-bind", source, destination]
     # /dev's own tmpfs took 1.2 GB of RAM: read-only, with a small /dev/shm (the devices still work).
-    command += ["--proc", "/proc", "--dev", "/dev", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
+    command += ["--proc", "/proc", "--dev", "/dev", *_sized(SHM_BYTES), "--tmpfs", "/dev/shm",
                 "--remount-ro", "/dev", "--chdir", SCRATCH, "--remount-ro", "/", "--clearenv"]
     for name, value in _clean_environment(SCRATCH).items():
         command += ["--setenv", name, value]
     return command + ["--"]
+
+
+@functools.lru_cache(maxsize=None)
+def _bwrap_sizes_tmpfs() -> bool:
+    """bubblewrap ≥ 0.7 takes `--size` for a tmpfs; Ubuntu 22.04's 0.6 and a setuid bwrap do not."""
+    try:
+        usage = subprocess.run(["bwrap", "--help"], capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--size" in usage.stdout + usage.stderr
+
+
+def _sized(size_bytes: int) -> list[str]:
+    """`--size N` before a `--tmpfs` where bwrap takes it; older ones get an unsized tmpfs, which
+    RLIMIT_FSIZE bounds per file only (custom_worker.py), and a warning once."""
+    if _bwrap_sizes_tmpfs():
+        return ["--size", str(size_bytes)]
+    if "size" not in _warned:
+        _warned.add("size")
+        log.warning("bubblewrap here is older than 0.7 (no --size): the custom reward's scratch /tmp and /dev/shm "
+                    "are bounded per file (reward.custom_memory_mb), not in total")
+    return []
 
 
 def _clean_environment(scratch: str) -> dict[str, str]:
@@ -121,15 +143,12 @@ def _works(kind: str) -> str | None:
     tool = "bwrap" if kind == "bwrap" else "unshare"
     if shutil.which(tool) is None:
         return f"{tool} is not installed"
-    scratch = Path(_make_scratch())
     try:
         prefix = (_bwrap_prefix(__file__, 2**20) if kind == "bwrap" else _UNSHARE_PREFIX)
         probe = subprocess.run(prefix + [sys.executable, "-c", "import os; assert os.getpid() == 1"],
                                capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{tool} failed ({exc})"
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     if probe.returncode != 0:
         detail = " ".join(probe.stderr.split())[:200]
         return f"{tool} could not start a sandbox ({detail or f'exit {probe.returncode}'})"
