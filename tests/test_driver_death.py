@@ -103,12 +103,9 @@ def test_a_sigkilled_driver_leaves_no_ray_process_and_no_mailbox(tmp_path):
     assert not any(path.exists() for path in mailboxes)
 
 
-def test_sigterm_stops_a_run_with_one_line_naming_the_checkpoint_to_resume(tmp_path):
-    # Ray's job stop sends SIGTERM, then SIGKILL 3 s later. The driver died in Ray's C++ failure
-    # handler ("*** SIGTERM received at time=..." and a stack dump) with nothing of ours in the log.
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    run = tmp_path / "run"
+def _stop_after_the_first_checkpoint(run, stop) -> tuple[str, int]:
+    """Run the quickstart into `run`, call `stop(driver)` once it has written checkpoint 2; (stderr, exit code)."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     driver = subprocess.Popen(
         [sys.executable, "-m", "rl_service.cli", "run", "configs/quickstart.yaml", "--run-dir", str(run),
          *SHORT_JOB, "--set", "steps=1000", "--set", "checkpoint.every=2"],
@@ -118,49 +115,45 @@ def test_sigterm_stops_a_run_with_one_line_naming_the_checkpoint_to_resume(tmp_p
         while not (run / "checkpoints" / "step_2").is_dir():
             assert driver.poll() is None and time.monotonic() < deadline, "the run never wrote a checkpoint"
             time.sleep(0.5)
-        driver.send_signal(signal.SIGTERM)
-        time.sleep(0.05)
-        if driver.poll() is None:   # stop pressed twice: the second must not cut the shutdown short
-            driver.send_signal(signal.SIGTERM)
-        try:   # as Ray's job stop does: SIGKILL if the driver is still there 3 s later
-            driver.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            driver.kill()
-        stderr = driver.communicate(timeout=120)[1]
+        stop(driver)
+        return driver.communicate(timeout=120)[1], driver.returncode
     finally:
         if driver.poll() is None:
             driver.kill()
             driver.wait()
+
+
+def _stop_twice_as_ray_does(driver) -> None:
+    driver.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    if driver.poll() is None:   # stop pressed twice: the second must not cut the shutdown short
+        driver.send_signal(signal.SIGTERM)
+    try:   # as Ray's job stop does: SIGKILL if the driver is still there 3 s later
+        driver.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+
+
+def test_sigterm_stops_a_run_with_one_line_naming_the_checkpoint_to_resume(tmp_path):
+    # Ray's job stop sends SIGTERM, then SIGKILL 3 s later. The driver died in Ray's C++ failure
+    # handler ("*** SIGTERM received at time=..." and a stack dump) with nothing of ours in the log.
+    run = tmp_path / "run"
+    stderr, returncode = _stop_after_the_first_checkpoint(run, _stop_twice_as_ray_does)
     assert "*** SIGTERM received" not in stderr and "Traceback" not in stderr, stderr[-2000:]
     said = [line for line in stderr.splitlines() if line.startswith("rl-service: stopped by SIGTERM")]
     assert len(said) == 1, stderr[-2000:]
     assert said[0].startswith(f"rl-service: stopped by SIGTERM; {run}: newest checkpoint step_"), said[0]
     assert f"continue with `rl-service resume {run}`" in said[0]
-    assert driver.returncode in (128 + signal.SIGTERM, -signal.SIGKILL)
+    assert returncode in (128 + signal.SIGTERM, -signal.SIGKILL)
 
 
 def test_ctrl_c_names_the_checkpoint_to_resume_as_sigterm_does(tmp_path):
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     run = tmp_path / "run"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "rl_service.cli", "run", "configs/quickstart.yaml", "--run-dir", str(run),
-         *SHORT_JOB, "--set", "steps=1000", "--set", "checkpoint.every=2"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (run / "checkpoints" / "step_2").is_dir():
-            assert driver.poll() is None and time.monotonic() < deadline, "the run never wrote a checkpoint"
-            time.sleep(0.5)
-        driver.send_signal(signal.SIGINT)
-        stderr = driver.communicate(timeout=120)[1]
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
+    stderr, returncode = _stop_after_the_first_checkpoint(run, lambda driver: driver.send_signal(signal.SIGINT))
     said = [line for line in stderr.splitlines() if line.startswith("rl-service: interrupted")]
     assert len(said) == 1 and said[0].startswith(f"rl-service: interrupted; {run}: newest checkpoint step_"), stderr[-2000:]
     assert f"continue with `rl-service resume {run}`" in said[0]
-    assert driver.returncode == 130
+    assert returncode == 130
 
 
 def _a_role_actor_runs(pid: int) -> bool:
