@@ -251,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except StopRequested:   # its line was printed when the signal came
         return 128 + signal.SIGTERM
+    except Exception:
+        from rl_service.driver.stop_signal import stop_requested
+
+        if stop_requested() is not None:   # the stop, turned into another error inside Ray's C++ code
+            return 128 + signal.SIGTERM
+        raise
     finally:
         while _HELD_LOCKS:
             os.close(_HELD_LOCKS.pop())

@@ -156,6 +156,33 @@ def test_ctrl_c_names_the_checkpoint_to_resume_as_sigterm_does(tmp_path):
     assert returncode == 130
 
 
+def test_a_stop_that_comes_out_of_ray_as_another_error_still_ends_as_a_stop(tmp_path, monkeypatch, capsys):
+    # Raised by the handler inside Ray's C++ code (a ray.get while the roles start), StopRequested came
+    # out as "SystemError: ... returned a result with an exception set", and the run ended in its traceback.
+    from rl_service import cli
+    from rl_service.driver import stop_signal
+
+    monkeypatch.setattr(stop_signal, "_REQUESTED", [])
+
+    def placing_the_roles(_args):
+        with stop_signal.stop_on_sigterm(tmp_path):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)   # the handler raises here, between two bytecodes
+            except stop_signal.StopRequested:
+                raise SystemError("<built-in method __new__> returned a result with an exception set") from None
+        return 0
+
+    monkeypatch.setattr(cli, "_command_validate", placing_the_roles)
+    original = signal.getsignal(signal.SIGTERM)
+    try:
+        assert cli.main(["validate", "unused.yaml"]) == 128 + signal.SIGTERM
+        assert capsys.readouterr().err.strip() == f"rl-service: stopped by SIGTERM; {tmp_path}: no checkpoint yet"
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN   # stopping: a second SIGTERM waits for the end
+    finally:
+        signal.signal(signal.SIGTERM, original)
+
+
 def _a_role_actor_runs(pid: int) -> bool:
     for child in psutil.Process(pid).children(recursive=True):
         try:

@@ -67,6 +67,10 @@ def run_with_restarts(config: JobConfig, run_dir_path, resume_from, attempt: Cal
         try:
             return attempt(resume_from, restart, failures)
         except Exception as error:  # noqa: BLE001 - only role deaths are recovered; the rest re-raises
+            from rl_service.driver.stop_signal import stop_requested
+
+            if stop_requested() is not None:   # not a dead role: the stop, come out of Ray as another error
+                raise stop_requested() from None
             if not is_role_failure(error):
                 raise
             on_failure()

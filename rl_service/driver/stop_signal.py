@@ -34,6 +34,17 @@ class StopRequested(BaseException):
         super().__init__(f"stopped by SIGTERM; {resume_hint(run_dir)}")
 
 
+_REQUESTED: list[StopRequested] = []
+
+
+def stop_requested() -> StopRequested | None:
+    """The stop SIGTERM asked for in this process, if one did. Raised from a signal handler inside
+    Ray's C++ code (a `ray.get` while the roles start) the exception can come out as another one
+    (a SystemError "returned a result with an exception set"): whatever escapes after a stop is the
+    stop's doing."""
+    return _REQUESTED[0] if _REQUESTED else None
+
+
 @contextmanager
 def stop_on_sigterm(run_dir: Path) -> Iterator[None]:
     """Within the block, SIGTERM raises `StopRequested` in the main thread (call it after Ray has
@@ -51,6 +62,7 @@ def stop_on_sigterm(run_dir: Path) -> Iterator[None]:
         stopping = True
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop = StopRequested(Path(run_dir))
+        _REQUESTED.append(stop)
         # Said now: shutting the roles and Ray down may outlast the 3 s before Ray's SIGKILL.
         print(f"rl-service: {stop}", file=sys.stderr, flush=True)
         raise stop
