@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
@@ -53,3 +55,23 @@ def test_the_refusal_names_every_token_source():
     message = cause(RuntimeError("Authentication required: 401 Unauthorized"))
     for source in ("--token-file", "RAY_AUTH_TOKEN,", "RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token", "RAY_AUTH_MODE"):
         assert source in message, source
+
+
+@pytest.mark.parametrize("message", [
+    "Failed to connect to Ray at address: http://127.0.0.1:40371.",
+    "HTTPConnectionPool(host='127.0.0.1', port=40137): Max retries exceeded (Caused by NewConnectionError("
+    "'Failed to establish a new connection: [Errno 111] Connection refused'))",
+])
+def test_a_port_number_is_not_read_as_a_status_code(message):
+    # Port 40371 holds "403": a dead address was reported as an auth refusal (seen in CI).
+    from rl_service.driver.job_client import cause
+
+    assert cause(ConnectionError(message)).startswith("cannot reach the Ray job server")
+
+
+@pytest.mark.parametrize("message", ["Request failed with status code 403: Forbidden",
+                                     "401 Client Error: Unauthorized for url: http://127.0.0.1:8265/api/jobs/"])
+def test_a_refusal_by_status_code_is_still_an_auth_refusal(message):
+    from rl_service.driver.job_client import cause
+
+    assert cause(RuntimeError(message)).startswith("the job server refused the request")

@@ -4,6 +4,7 @@ code 2) that names the address and the cause, never the token."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -76,10 +77,17 @@ def job_server_client(args):
         raise UserError(f"--address {address}: {cause(error)}") from None
 
 
+# An address in the SDK's message ("Failed to connect to Ray at address: http://127.0.0.1:40371") is
+# cut out before looking for a status code: port 40371 had been read as HTTP 403, an auth refusal.
+_ADDRESS = re.compile(r"(\w+://)?[\w.\-\[\]]+:\d+\S*")
+_AUTH_REFUSED = re.compile(r"\b(401|403)\b|unauthori[sz]ed|authenticat|forbidden", re.IGNORECASE)
+
+
 def cause(error: BaseException) -> str:
     text = " ".join(str(error).split())
-    lowered = text.lower()
-    if "401" in text or "unauthorized" in lowered or "authentication" in lowered or "403" in text:
+    words = _ADDRESS.sub("", text)
+    lowered = words.lower()
+    if _AUTH_REFUSED.search(words):
         return ("the job server refused the request: missing or wrong Ray auth token (from --token-file, else "
                 "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; none is sent under RAY_AUTH_MODE=disabled)")
     if "connect" in lowered or "connection" in lowered:
