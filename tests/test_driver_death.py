@@ -147,6 +147,33 @@ def test_sigterm_stops_a_run_with_one_line_naming_the_checkpoint_to_resume(tmp_p
     assert returncode in (128 + signal.SIGTERM, -signal.SIGKILL)
 
 
+def test_a_sigterm_after_ray_has_shut_down_does_not_kill_a_stopped_run(tmp_path):
+    # Ray's shutdown puts SIGTERM back to its default action; a second `stop` that arrived while the
+    # stopped driver was exiting killed it by signal (exit -15 in CI, not 143).
+    stopped = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os, signal, sys, time
+        from rl_service.config import load_config
+        from rl_service.driver.roles import ray_session
+        from rl_service.driver.stop_signal import StopRequested
+
+        config = load_config("configs/quickstart.yaml", ["cluster.num_cpus=1"])
+
+        def placing_the_roles(config, verifier):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)   # the handler raises here
+
+        try:
+            with ray_session(config, placing_the_roles, "arithmetic", run_dir={str(tmp_path)!r}):
+                pass
+        except StopRequested:
+            os.kill(os.getpid(), signal.SIGTERM)   # the second stop, Ray already down
+            time.sleep(1)
+            sys.exit(7)
+    """)], cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=180)
+    assert stopped.returncode == 7, (stopped.returncode, stopped.stderr[-2000:])
+    assert "rl-service: stopped by SIGTERM" in stopped.stderr
+
+
 def test_ctrl_c_names_the_checkpoint_to_resume_as_sigterm_does(tmp_path):
     run = tmp_path / "run"
     stderr, returncode = _stop_after_the_first_checkpoint(run, lambda driver: driver.send_signal(signal.SIGINT))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -282,7 +283,7 @@ def ray_session(config: JobConfig, start: Callable[[JobConfig, str], Roles], ver
     roles included (a stop in those seconds, or minutes with vLLM, ended in Ray's stack dump)."""
     from contextlib import ExitStack
 
-    from rl_service.driver.stop_signal import stop_on_sigterm
+    from rl_service.driver.stop_signal import stop_on_sigterm, stop_requested
 
     reaper = start_ray(config)
     roles = None
@@ -298,6 +299,10 @@ def ray_session(config: JobConfig, start: Callable[[JobConfig, str], Roles], ver
         if roles is not None:
             stop_roles(roles)
         ray.shutdown()
+        if stop_requested():
+            # Ray's shutdown puts SIGTERM back to its default action (its C++ UninstallSignalAction):
+            # a second stop during the interpreter's exit had killed the stopped run by signal.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if reaper is not None:   # a clean end: nothing left to reap
             reaper.kill()
             reaper.wait()
