@@ -68,7 +68,7 @@ def _scrape_until(port: int, needle: str, timeout_s: float = 60.0) -> str:
 
 
 def test_scaling_from_one_to_two_generators_and_back_trains_every_prompt_once(cluster, tmp_path, monkeypatch):
-    from rl_service.driver import prepare_job, run_training
+    from rl_service.driver import prepare_job, run_training, trainer
     from rl_service.driver.elastic import request_scale
 
     monkeypatch.setenv("RL_SERVICE_SUBMISSION_ID", NAMESPACE_ID)
@@ -81,6 +81,8 @@ def test_scaling_from_one_to_two_generators_and_back_trains_every_prompt_once(cl
     failures: list[BaseException] = []
     scraped: list[str] = []
 
+    grown, shrunk = threading.Event(), threading.Event()
+
     def scale_during_the_run():
         try:
             _wait_for_step(tmp_path, 2)
@@ -89,11 +91,30 @@ def test_scaling_from_one_to_two_generators_and_back_trains_every_prompt_once(cl
                     request_scale(namespace, count)
                 refusals.append(str(refused.value))
             request_scale(namespace, 2)
+            grown.set()
             _wait_for_step(tmp_path, 1, engines=2.0)
             request_scale(namespace, 1)
+            shrunk.set()
             scraped.append(_scrape_until(cluster.metrics_port, 'ray_rl_service_reward_mean{'))
         except BaseException as error:  # noqa: BLE001 - reported by the test thread below
             failures.append(error)
+        finally:
+            grown.set()
+            shrunk.set()
+
+    # Steps 4 and 8 are launched only once this thread's requests are in: on a loaded CI machine the 10
+    # steps had ended before the first request reached the pool. The real scale is applied either way.
+    launches: list[int] = []
+    apply_requested_scale = trainer.apply_requested_scale
+
+    def apply_once_requested(roles, config_, weight_version):
+        launches.append(weight_version)
+        gate = {4: grown, 8: shrunk}.get(len(launches))
+        if gate is not None:
+            gate.wait(300)
+        return apply_requested_scale(roles, config_, weight_version)
+
+    monkeypatch.setattr(trainer, "apply_requested_scale", apply_once_requested)
 
     scaler = threading.Thread(target=scale_during_the_run, daemon=True)
     scaler.start()
