@@ -18,6 +18,14 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Every Ray the tests start, here and in the CLI runs they spawn (which inherit it), keeps its
+# sessions in a directory of its own, not in the /tmp/ray that other runs on the host share.
+# Short, under /tmp: Ray's socket paths have a length limit.
+if "RAY_TMPDIR" not in os.environ:
+    import atexit
+
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rlt", dir="/tmp")
+    atexit.register(shutil.rmtree, os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
