@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import re
-import socket
 import time
 import urllib.request
 
@@ -145,24 +144,22 @@ def test_a_failing_exporter_warns_once_and_never_raises(caplog):
 
 # -- the real exporter ---------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_with_metrics_port():
     import ray
 
-    port = free_port()
     # Processes report to the node's metrics agent every metrics_report_interval_ms (10 s by
-    # default); 1 s keeps the test short. The agent (ray[default]) serves them on `port`.
+    # default); 1 s keeps the test short. The agent (ray[default]) serves them on a port it binds
+    # itself (no _metrics_export_port: a free port picked here and released could be taken by another
+    # process before the agent bound it), read back from the node's record.
     # The run's ids reach its actors through the runtime env, as rl_service/driver/roles.py start_ray passes them.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=port,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
              _system_config={"metrics_report_interval_ms": 1000}, logging_level="WARNING",
              runtime_env={"env_vars": {JOB_NAME_ENV: JOB, SUBMISSION_ID_ENV: SUBMISSION}})
     try:
+        (node,) = ray.nodes()
+        port = node["MetricsExportPort"]
+        assert port > 0, node
         yield port
     finally:
         ray.shutdown()
@@ -189,7 +186,13 @@ def wait_for_series(port: int, wanted: dict[tuple[str, tuple[tuple[str, str], ..
     30 s to serve the first series (no rl_service series at all after 30 s; 10 s when quiet)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        samples = scrape(port)
+        try:
+            samples = scrape(port)
+        except OSError:      # the agent not serving yet (refused), or too slow to answer this time
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+            continue
         found = {key: value for key in wanted for name, labels, value in samples
                  if name == key[0] and set(key[1]) <= set(labels.items())}
         if found == wanted or time.monotonic() > deadline:
