@@ -44,13 +44,15 @@ def test_cluster_addresses_are_parsed_and_a_closed_port_is_refused_fast():
     assert gcs_host_port("10.0.0.1:6379") == ("10.0.0.1", 6379)
     assert gcs_host_port("ray://head:10001") == ("head", 10001)
     assert gcs_host_port("auto") is None
-    with socket.socket() as probe:          # a port nobody listens on: bound, then closed
+    # A port nobody listens on, kept bound (never listening) while it is checked: one bound, closed
+    # and then checked could be taken by a listener of another process in between.
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    started = time.monotonic()
-    with pytest.raises(UserError, match=rf"cluster.address 127.0.0.1:{port}: cannot reach a Ray cluster there"):
-        check_cluster_reachable(f"127.0.0.1:{port}", timeout_s=5)
-    assert time.monotonic() - started < 5
+        started = time.monotonic()
+        with pytest.raises(UserError, match=rf"cluster.address 127.0.0.1:{port}: cannot reach a Ray cluster there"):
+            check_cluster_reachable(f"127.0.0.1:{port}", timeout_s=5)
+        assert time.monotonic() - started < 5
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
