@@ -68,10 +68,13 @@ def resumable_checkpoint(run_dir: Path, config: JobConfig) -> Path:
     from rl_service.errors import UserError
 
     run_dir = Path(run_dir)
-    checkpoint = latest_checkpoint(run_dir)
-    damaged = [f"{path.name} ({checkpoint_problem(path)})" for path in step_checkpoints(run_dir)
-               if checkpoint_problem(path) is not None and (
-                   checkpoint is None or int(path.name.removeprefix("step_")) > int(checkpoint.name.removeprefix("step_")))]
+    checkpoint, damaged = None, []   # the newest complete one; the damaged ones newer than it
+    for path in step_checkpoints(run_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            checkpoint = path
+            break
+        damaged.append(f"{path.name} ({problem})")
     if checkpoint is None:
         if damaged:   # --overwrite would delete them: not the advice to give
             raise UserError(f"{run_dir}: no complete checkpoint to resume from: {'; '.join(damaged)}")
