@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _free_port, start_head
+from conftest import start_head
 
 pytestmark = pytest.mark.cluster   # own Ray head: `pytest -m cluster`
 
@@ -51,15 +51,36 @@ def _listeners(root_pid: int) -> set[tuple[str, str]]:
     return found
 
 
-def _head_listeners(env_changes: dict) -> set[tuple[str, str]]:
+# Every process of a head that listens (deploy/README.md's table, workers aside).
+HEAD_COMPONENTS = frozenset({"gcs_server", "raylet", "dashboard agent", "runtime env agent", "ray client server",
+                             "dashboard", "monitor.py"})
+
+
+def _head_listeners(env_changes: dict, timeout_s: float = 180.0) -> set[tuple[str, str]]:
+    """Every (component, address) the head's processes listen on: collected until each component of
+    HEAD_COMPONENTS listens and nothing new has bound for 5 s (and 10 s at least), not after a fixed
+    sleep: the agents and the autoscaler monitor bind some seconds after the head answers, more on a
+    loaded machine."""
     import psutil
 
-    with start_head((f"--metrics-export-port={_free_port()}",), env_changes) as (_, _, token_file):
+    # No --metrics-export-port: the agent binds a port of its own choosing (a free port picked here
+    # could be taken before it bound it, on every retry of start_head alike), on the same interfaces.
+    with start_head((), env_changes) as (_, _, token_file):
         head = next(process for process in psutil.process_iter(["cmdline"])
                     if str(token_file.parent / "ray") in " ".join(process.info["cmdline"] or [])
                     and "--block" in (process.info["cmdline"] or []))
-        time.sleep(10)   # the agents and the autoscaler monitor bind a few seconds after the head answers
-        return _listeners(head.pid)
+        started = last_new = time.monotonic()
+        found: set[tuple[str, str]] = set()
+        while True:
+            now = time.monotonic()
+            seen = _listeners(head.pid)
+            if not seen <= found:
+                found |= seen
+                last_new = now
+            if now > started + timeout_s or (HEAD_COMPONENTS <= {component for component, _ in found}
+                                             and now >= started + 10 and now >= last_new + 5):
+                return found
+            time.sleep(0.5)
 
 
 def _firewall_section() -> str:
