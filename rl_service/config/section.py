@@ -1,4 +1,5 @@
-"""The base of every config section: unknown keys, inf/NaN and booleans-as-numbers are errors."""
+"""The base of every config section: unknown keys, inf/NaN, booleans-as-numbers and Ray resource
+amounts Ray would refuse are errors."""
 from __future__ import annotations
 
 from typing import get_args
@@ -20,3 +21,26 @@ class _Section(BaseModel):
             if bool not in types and any(kind in (int, float) for kind in types):
                 raise ValueError(f"expected a number, got {str(value).lower()}")
         return value
+
+    @field_validator("num_cpus", "num_gpus", "resources", check_fields=False)
+    @classmethod
+    def _ray_accepts_the_amount(cls, value, info):
+        # What Ray's .options() refuses once the roles start (a traceback after Ray is up, rc 1).
+        if isinstance(value, dict):
+            for name, amount in value.items():
+                if name in ("CPU", "GPU"):
+                    raise ValueError(f"{name!r} is not a custom resource: set num_{name.lower()}s beside resources")
+                _ray_quantity(amount, f"{name!r}: ")
+        elif value is not None:
+            _ray_quantity(value)
+        return value
+
+
+RAY_RESOURCE_UNIT = 1e-4   # Ray counts every resource in ten-thousandths
+
+
+def _ray_quantity(amount: float, prefix: str = "") -> None:
+    if amount < 0:
+        raise ValueError(f"{prefix}{amount:g} is negative; a resource amount is 0 or more")
+    if 0 < amount < RAY_RESOURCE_UNIT:
+        raise ValueError(f"{prefix}{amount:g} is finer than Ray's smallest resource amount, {RAY_RESOURCE_UNIT:g}")

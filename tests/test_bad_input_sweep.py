@@ -1,0 +1,41 @@
+"""Bad inputs found by the 2026-12-07 user's-eye sweep: each passed `validate` (or was misreported)
+and then failed after Ray started, with a traceback. Each must now be one line, exit code 2, naming
+the field, before Ray starts. The CLI runs in this process, as in tests/test_bad_inputs.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rl_service.cli import EXIT_USER_ERROR, main
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = "tests/bad_inputs/configs/base.yaml"
+
+
+def _one_line_error(args: list[str], capsys, monkeypatch) -> str:
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("RL_SERVICE_SUBMISSION_ID", "bad-input-sweep")
+    code = main(args)
+    out, err = capsys.readouterr()
+    assert code == EXIT_USER_ERROR, f"exit {code}; stdout: {out!r}; stderr: {err!r}"
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("rl-service: error: "), lines[0]
+    return lines[0]
+
+
+# Ray refuses these in .options() once the roles start (ValueError, rc 1, a traceback, and a run
+# directory left behind); validate passed them.
+@pytest.mark.parametrize("override, expect", [
+    ("generator.resources={gpu: -1}", "generator.resources: 'gpu': -1 is negative"),
+    ("reward.resources={CPU: 1}", "reward.resources: 'CPU' is not a custom resource: set num_cpus beside resources"),
+    ("learner.resources={GPU: 1}", "learner.resources: 'GPU' is not a custom resource: set num_gpus beside resources"),
+    ("statistics.resources={tiny: 0.00001}", "statistics.resources: 'tiny': 1e-05 is finer than"),
+    ("generator.num_cpus=0.00001", "generator.num_cpus: 1e-05 is finer than"),
+    ("learner.num_gpus=0.00005", "learner.num_gpus: 5e-05 is finer than"),
+])
+def test_ray_resource_amounts_ray_refuses_are_refused_by_validate(override, expect, capsys, monkeypatch):
+    line = _one_line_error(["validate", BASE, "--set", override], capsys, monkeypatch)
+    assert expect in line, line
