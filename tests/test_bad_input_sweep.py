@@ -39,3 +39,18 @@ def _one_line_error(args: list[str], capsys, monkeypatch) -> str:
 def test_ray_resource_amounts_ray_refuses_are_refused_by_validate(override, expect, capsys, monkeypatch):
     line = _one_line_error(["validate", BASE, "--set", override], capsys, monkeypatch)
     assert expect in line, line
+
+
+# The built-in task's generator refused these sizes with a bare ValueError: a traceback from validate
+# (and from run, before Ray); the config's own ranges let them through.
+@pytest.mark.parametrize("overrides, expect", [
+    (["data.arithmetic.num_train=1000000"], "data.arithmetic: num_train must be < 1000000"),
+    (["data.arithmetic.num_eval=100000", "data.arithmetic.num_train=1"],
+     "data.arithmetic: num_eval=100000 needs 20000 distinct level-1 questions, but level 1 has only 200"),
+    (["data.arithmetic.levels=[1]", "data.arithmetic.num_eval=200"],
+     "data.arithmetic: num_eval=200 uses every level-1 question; none left for num_train"),
+])
+def test_arithmetic_split_sizes_the_generator_cannot_make_are_config_errors(overrides, expect, capsys, monkeypatch):
+    args = ["validate", BASE] + [part for override in overrides for part in ("--set", override)]
+    line = _one_line_error(args, capsys, monkeypatch)
+    assert expect in line, line

@@ -39,6 +39,13 @@ class ArithmeticDataConfig(_Section):
     num_train: int = Field(4096, ge=1, le=10_000_000, description="training prompts")
     num_eval: int = Field(256, ge=1, le=100_000, description="held-out eval prompts")
 
+    @model_validator(mode="after")
+    def _split_can_be_made(self) -> "ArithmeticDataConfig":
+        from rl_service.data.arithmetic import check_split_sizes   # pure Python, no torch
+
+        check_split_sizes(self.num_train, self.num_eval, self.levels)   # its ValueError names the size
+        return self
+
 
 class HFDataConfig(_Section):
     """A local Hugging Face dataset (rl_service/data/hf_datasets.py); nothing is fetched from the Hub."""

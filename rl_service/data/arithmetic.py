@@ -23,6 +23,7 @@ __all__ = [
     "LEVELS",
     "EVAL_ID_OFFSET",
     "make_problem",
+    "check_split_sizes",
     "make_arithmetic_split",
     "format_completion",
     "extract_answer",
@@ -160,6 +161,28 @@ def _check_levels(levels: Sequence[int]) -> list[int]:
     return out
 
 
+def check_split_sizes(num_train: int, num_eval: int, levels: Sequence[int]) -> list[int]:
+    """The levels, once the split sizes are known to be makeable (ValueError naming the size that is
+    not); the config checks them with this too, so a job is refused before anything starts."""
+    num_train = _check_count("num_train", num_train)
+    num_eval = _check_count("num_eval", num_eval)
+    lv = _check_levels(levels)
+    if num_train >= EVAL_ID_OFFSET:
+        raise ValueError(f"num_train must be < {EVAL_ID_OFFSET} so ids stay disjoint, got {num_train}")
+    for position, level in enumerate(lv):
+        need = len(range(position, num_eval, len(lv)))   # eval is dealt round-robin over the levels
+        if need > _LEVEL_CAPACITY[level]:
+            raise ValueError(
+                f"num_eval={num_eval} needs {need} distinct level-{level} questions, "
+                f"but level {level} has only {_LEVEL_CAPACITY[level]}"
+            )
+        if num_train and need >= _LEVEL_CAPACITY[level]:
+            raise ValueError(
+                f"num_eval={num_eval} uses every level-{level} question; none left for num_train"
+            )
+    return lv
+
+
 def make_arithmetic_split(
     seed: int, num_train: int, num_eval: int, levels: Sequence[int]
 ) -> tuple[list[ArithmeticProblem], list[ArithmeticProblem]]:
@@ -174,25 +197,8 @@ def make_arithmetic_split(
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    num_train = _check_count("num_train", num_train)
-    num_eval = _check_count("num_eval", num_eval)
-    lv = _check_levels(levels)
-    if num_train >= EVAL_ID_OFFSET:
-        raise ValueError(f"num_train must be < {EVAL_ID_OFFSET} so ids stay disjoint, got {num_train}")
-
+    lv = check_split_sizes(num_train, num_eval, levels)
     eval_levels = [lv[i % len(lv)] for i in range(num_eval)]
-    for level in lv:
-        need = eval_levels.count(level)
-        if need > _LEVEL_CAPACITY[level]:
-            raise ValueError(
-                f"num_eval={num_eval} needs {need} distinct level-{level} questions, "
-                f"but level {level} has only {_LEVEL_CAPACITY[level]}"
-            )
-        if num_train and need >= _LEVEL_CAPACITY[level]:
-            raise ValueError(
-                f"num_eval={num_eval} uses every level-{level} question; none left for num_train"
-            )
-
     rng = random.Random(f"arithmetic-eval-{seed}")
     seen: set[str] = set()
     eval_set: list[ArithmeticProblem] = []
