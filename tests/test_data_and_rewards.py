@@ -64,6 +64,11 @@ def test_csv_reads_through_datasets(tmp_path):
     ("prompt,answer\n", r"d\.csv: no records$"),     # only a header: as an empty .jsonl, not a library message
     ("prompt,answer\n\n\n", r"d\.csv: no records$"),
     ("", r"d\.csv: no records$"),
+    # A record with more fields than the header, or a quote never closed: pandas' tokenizer refused them
+    # and the message was datasets' "An error occurred while generating the dataset", no line.
+    ("prompt,answer\nwhat is 1+1,2\nwhat is 2+2,4,extra\nwhat is 3+3,6\n",
+     r"d\.csv:3: 3 fields, but the header has 2 \(a comma inside a field needs the field in double quotes\)$"),
+    ('prompt,answer\nwhat is 1+1,2\n"unterminated,4\nwhat is 3+3,6\n', r"d\.csv:3: a double quote opened here is never closed$"),
 ])
 def test_bad_csv_names_file_and_line(tmp_path, text, message):
     (tmp_path / "d.csv").write_bytes(text.encode())

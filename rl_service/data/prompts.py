@@ -138,26 +138,34 @@ def _csv_record_lines(path: Path) -> list[int] | None:
     the file does not open with blank lines): [] when there is only a header or nothing, None when the
     csv module cannot read the file (a field past its size limit; `datasets` then reads it, or says
     why not). A quoted field may span lines, so lines are counted by the csv module's reader, not by
-    splitting the text. Blank lines are skipped, as the `datasets` (pandas) reader skips them."""
+    splitting the text. Blank lines are skipped, as the `datasets` (pandas) reader skips them.
+    A record with more fields than the header, or a quote never closed, is a DataError naming its
+    line (pandas refuses both, and `datasets` reports neither the line nor the reason)."""
     import csv
     import io
 
     text = _decode_utf8(path.read_bytes().removeprefix(b"\xef\xbb\xbf"), str(path))
-    reader = csv.reader(io.StringIO(text, newline=""))
-    starts, header_seen = [], False
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)   # strict: a quote open at the end is an error
+    starts, header = [], None
     while True:
         start = reader.line_num + 1
         try:
             row = next(reader)
         except StopIteration:
             break
-        except csv.Error:
+        except csv.Error as exc:
+            if "unexpected end of data" in str(exc):
+                raise DataError(f"{path}:{start}: a double quote opened here is never closed") from None
             return None
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
-        if header_seen:
-            starts.append(start)
-        header_seen = True
+        if header is None:
+            header = row
+            continue
+        if len(row) > len(header):
+            raise DataError(f"{path}:{start}: {len(row)} fields, but the header has {len(header)} (a comma inside a "
+                            "field needs the field in double quotes)")
+        starts.append(start)
     return starts
 
 
