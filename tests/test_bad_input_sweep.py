@@ -54,3 +54,35 @@ def test_arithmetic_split_sizes_the_generator_cannot_make_are_config_errors(over
     args = ["validate", BASE] + [part for override in overrides for part in ("--set", override)]
     line = _one_line_error(args, capsys, monkeypatch)
     assert expect in line, line
+
+
+def _unreadable(monkeypatch, path: Path) -> None:
+    """`path` cannot be read, as a chmod 000 file is to a user who is not root (these tests may run as
+    root, who reads it anyway)."""
+    read_bytes = Path.read_bytes
+
+    def refuse(self):
+        if Path(self).resolve() == path.resolve():
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+
+
+# A PermissionError traceback (rc 1) from validate and run, before the fix.
+@pytest.mark.parametrize("kind", ["config", "prompts.jsonl", "prompts.csv", "preferences.jsonl"])
+def test_an_unreadable_input_file_is_named_in_one_line(kind, tmp_path, capsys, monkeypatch):
+    config = tmp_path / "job.yaml"
+    config.write_text((REPO / "tests/bad_inputs/configs/base_jsonl.yaml").read_text())
+    data = tmp_path / kind
+    args = ["validate", str(config), "--set", "data.prompts_per_step=1"]
+    if kind == "preferences.jsonl":
+        data.write_text("")
+        args = ["validate", "configs/bvpo_offline.yaml", "--set", f"preference.dataset_path={data}"]
+    elif kind != "config":
+        data.write_text('{"prompt": "1+1?", "answer": "2"}\n' if kind.endswith("jsonl") else "prompt,answer\n1+1?,2\n")
+        args += ["--set", f"data.train_path={data}"]
+    target = config if kind == "config" else data
+    _unreadable(monkeypatch, target)
+    line = _one_line_error(args, capsys, monkeypatch)
+    assert f"{target}: cannot read (Permission denied)" in line, line

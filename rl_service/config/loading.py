@@ -128,7 +128,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{source}: is a directory, not a config file")
         if not file.is_file():
             raise ConfigError(f"{source}: config file not found")
-        raw_bytes = file.read_bytes()
+        try:
+            raw_bytes = file.read_bytes()
+        except OSError as exc:   # unreadable (permissions), or a read error
+            raise ConfigError(f"{source}: cannot read ({exc.strerror or exc})") from None
         try:
             text = raw_bytes.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
+from rl_service.data.prompts import read_data_file
 from rl_service.errors import DataError
 
 log = logging.getLogger("rl_service")
@@ -102,7 +103,7 @@ def load_preference_file(path: str | Path, on_bad_row: Literal["skip", "error"] 
     seen_ids: dict[int, int] = {}
     index = 0
     # Bytes, split on newlines ourselves: one non-UTF-8 line must not hide the file's other rows.
-    for line_number, raw in enumerate(file.read_bytes().split(b"\n"), start=1):
+    for line_number, raw in enumerate(read_data_file(file, f"{source}: ").split(b"\n"), start=1):
         if not raw.strip():
             continue
         try:

@@ -101,9 +101,17 @@ def _decode_utf8(data: bytes, where: str, first_line: int = 1) -> str:
         raise DataError(f"{where}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
 
 
+def read_data_file(path: Path, prefix: str = "") -> bytes:
+    """The file's bytes; one that cannot be read (permissions) is a DataError naming it."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{prefix}{path}: cannot read ({exc.strerror or exc})") from None
+
+
 def _read_json_rows(path: Path) -> list[tuple[object, str]]:
     """Rows of a JSON array, or of JSON Lines (also accepted in a .json file)."""
-    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors) is fine
+    data = read_data_file(path).removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors) is fine
     if path.suffix == ".json":
         text = _decode_utf8(data, str(path))
         try:
@@ -144,7 +152,7 @@ def _csv_record_lines(path: Path) -> list[int] | None:
     import csv
     import io
 
-    text = _decode_utf8(path.read_bytes().removeprefix(b"\xef\xbb\xbf"), str(path))
+    text = _decode_utf8(read_data_file(path).removeprefix(b"\xef\xbb\xbf"), str(path))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)   # strict: a quote open at the end is an error
     starts, header = [], None
     while True:
