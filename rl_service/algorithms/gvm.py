@@ -210,7 +210,15 @@ def gvm_allocation(acceptance_rate, grad_norm, budget: int, alpha: float = 1e-3,
         raise ValueError(f"budget={budget} < n_min·B = {n_min}·{num_prompts}: the lower bound cannot be met")
     if n_max is not None and budget > n_max * num_prompts:
         raise ValueError(f"budget={budget} > n_max·B = {n_max}·{num_prompts}: the budget cannot be spent")
-    weight_sum = weights.sum()
+    with np.errstate(over="ignore"):
+        weight_sum = weights.sum()
+        overflows = not np.isfinite(weight_sum * max(budget, 1))
+    if overflows:
+        # G near float64's top: w, Σw or N·w overflows. n* = N w / Σw does not change when every G is
+        # scaled by one constant, so allocate from G / max G (then w ≤ 1/√p, far from overflow).
+        grad_norm = np.asarray(grad_norm, dtype=np.float64)
+        weights = gvm_weights(acceptance_rate, grad_norm / grad_norm.max(), alpha, beta)
+        weight_sum = weights.sum()
     if weight_sum == 0:
         return np.asarray(uniform_allocation(num_prompts, budget), dtype=np.int64)
     upper = np.inf if n_max is None else n_max

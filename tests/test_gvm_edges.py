@@ -1,0 +1,35 @@
+"""Edge cases of ALGORITHMS.md §GVM.3–4 and §GVM.6 at the limits of float64, against hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rl_service.algorithms.gvm import gvm_allocation
+
+
+@pytest.mark.parametrize("p, g, budget, alpha, expected", [
+    # w = G / √(p + α/p): equal p ⇒ n* ∝ G. Σw overflows float64 although every w is finite.
+    ([0.5, 0.5], [1e308, 1e308], 8, 1e-3, [4, 4]),
+    ([0.5, 0.5, 0.5], [1e308, 1e308, 1e307], 21, 1e-3, [10, 10, 1]),
+    # α = 0: w_0 = 1e300 / √1e-300 = 1e450 overflows, w_1 = 1/√0.5; n* = [8 − 1e-450·…, …] ⇒ [8, 0].
+    ([1e-300, 0.5], [1e300, 1.0], 8, 0.0, [8, 0]),
+])
+def test_weights_beyond_float_range_still_allocate_by_ratio(p, g, budget, alpha, expected):
+    # n* = N w / Σw is invariant to scaling every G by one constant (§GVM.3): finite G must allocate.
+    counts = gvm_allocation(p, g, budget, alpha=alpha)
+    assert counts.tolist() == expected
+
+
+@pytest.mark.parametrize("budget, kwargs, expected", [
+    (17, {}, [8, 8, 1]),
+    # n_min = 2: the third prompt sits at 2, λ(8 + 8) = 15 ⇒ n* = [7.5, 7.5, 2]; rint (half to even)
+    # gives [8, 8, 2] = 18, one too many, removed at the smallest residual −0.5, lower index first.
+    (17, dict(n_min=2), [7, 8, 2]),
+    # n_max = 6: both large prompts saturate, the third takes 17 − 12 = 5.
+    (17, dict(n_max=6), [6, 6, 5]),
+])
+def test_bounded_allocation_with_weights_beyond_float_range(budget, kwargs, expected):
+    # G in ratio 8 : 8 : 1 exactly (powers of two), equal p ⇒ w in that ratio; Σw overflows float64.
+    counts = gvm_allocation([0.5, 0.5, 0.5], [2.0**1023, 2.0**1023, 2.0**1020], budget, **kwargs)
+    assert counts.tolist() == expected
