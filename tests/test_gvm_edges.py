@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+import math
+
 import numpy as np
 import pytest
 
-from rl_service.algorithms.gvm import gvm_allocation
+from rl_service.algorithms.gvm import gvm_allocation, round_preserving_sum
 
 
 @pytest.mark.parametrize("p, g, budget, alpha, expected", [
@@ -33,3 +36,23 @@ def test_bounded_allocation_with_weights_beyond_float_range(budget, kwargs, expe
     # G in ratio 8 : 8 : 1 exactly (powers of two), equal p ⇒ w in that ratio; Σw overflows float64.
     counts = gvm_allocation([0.5, 0.5, 0.5], [2.0**1023, 2.0**1023, 2.0**1020], budget, **kwargs)
     assert counts.tolist() == expected
+
+
+def test_budget_past_exact_float64_integers_is_refused_by_name():
+    # Beyond 2**53 float64 targets n* cannot hold every integer, so Σ n_i = N exactly (§GVM.4) cannot
+    # be promised: the error must name the budget, not blame the bounds.
+    with pytest.raises(ValueError, match=r"budget=.*2\*\*53"):
+        gvm_allocation([0.3, 0.5, 0.9], [1.0, 2.0, 3.0], 2**60)
+    with pytest.raises(ValueError, match=r"total=.*2\*\*53"):
+        round_preserving_sum([2.0**60], 2**60)
+
+
+@pytest.mark.parametrize("budget", [2**53, 2**53 - 1, 10**15 + 7])
+def test_largest_exact_budgets_spend_every_sample(budget):
+    p, g = [0.3, 0.5, 0.9, 0.7], [1.0, 2.0, 3.0, 0.5]
+    counts = gvm_allocation(p, g, budget, alpha=0.0)
+    assert int(counts.sum()) == budget
+    # Exact rational targets (α = 0: w = G / √p): each count within 1 of its target (plus float error).
+    weights = [Fraction(gi) / Fraction(math.sqrt(pi)) for pi, gi in zip(p, g)]
+    for count, w in zip(counts.tolist(), weights):
+        assert abs(count - budget * w / sum(weights)) <= 2

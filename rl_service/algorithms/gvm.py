@@ -37,6 +37,11 @@ def _finite_vector(name: str, values) -> np.ndarray:
     return array
 
 
+# Above 2**53 float64 cannot hold every integer: targets n* lose whole samples and Σ n_i = N (§GVM.4)
+# could not be promised, so budgets past it are refused by name.
+_MAX_EXACT_TOTAL = 2**53
+
+
 def _count(name: str, value, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -109,6 +114,8 @@ def round_preserving_sum(targets, total: int, *, lower: int = 0, upper: int | No
     """
     n_star = _finite_vector("targets", targets)
     total = _count("total", total)
+    if total > _MAX_EXACT_TOTAL:
+        raise ValueError(f"total={total} exceeds 2**53, past which float64 targets are not exact integers")
     lower = _count("lower", lower)
     upper_bound = np.inf if upper is None else _count("upper", upper, lower)
     if n_star.size and (n_star.min() < lower or n_star.max() > upper_bound):
@@ -194,13 +201,15 @@ def gvm_allocation(acceptance_rate, grad_norm, budget: int, alpha: float = 1e-3,
     is the unbounded code rule, bit for bit. Every weight 0: uniform allocation (ours, §GVM.4).
 
     Raises ``ValueError`` on bad inputs (see :func:`gvm_weights`), an empty batch, ``n_min > n_max``,
-    or a budget outside ``[n_min·B, n_max·B]``.
+    a budget outside ``[n_min·B, n_max·B]`` or above 2**53 (float64 targets are then not exact).
     """
     weights = gvm_weights(acceptance_rate, grad_norm, alpha, beta)
     num_prompts = weights.size
     if num_prompts == 0:
         raise ValueError("gvm_allocation needs at least one prompt")
     budget = _count("budget", budget)
+    if budget > _MAX_EXACT_TOTAL:
+        raise ValueError(f"budget={budget} exceeds 2**53, past which float64 targets are not exact integers")
     n_min = _count("n_min", n_min)
     if n_max is not None:
         n_max = _count("n_max", n_max)
