@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from rl_service.algorithms.gvm import gvm_allocation, round_preserving_sum
+from rl_service.algorithms.gvm import gvm_allocation, online_gvm_allocation, round_preserving_sum
 
 
 @pytest.mark.parametrize("p, g, budget, alpha, expected", [
@@ -56,3 +56,19 @@ def test_largest_exact_budgets_spend_every_sample(budget):
     weights = [Fraction(gi) / Fraction(math.sqrt(pi)) for pi, gi in zip(p, g)]
     for count, w in zip(counts.tolist(), weights):
         assert abs(count - budget * w / sum(weights)) <= 2
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("grad_norm", np.nan, r"grad_norm\[2\]"),
+    ("grad_norm", -1.0, r"grad_norm\[2\]"),
+    ("acceptance_rate", 1.5, r"acceptance_rate\[2\]"),
+])
+def test_online_allocation_errors_name_the_batch_index(field, value, match):
+    # Prompt 0 is new (pilot), prompts 1–2 are seen: the bad value sits at batch index 2, which is
+    # index 1 of the seen prompts alone; the message must point at the caller's index.
+    inputs = dict(seen=[False, True, True], acceptance_rate=[0.0, 0.5, 0.5], grad_norm=[0.0, 1.0, 1.0],
+                  has_grad_norm=[False, True, True])
+    inputs[field] = list(inputs[field])
+    inputs[field][2] = value
+    with pytest.raises(ValueError, match=match):
+        online_gvm_allocation(budget=12, **inputs)

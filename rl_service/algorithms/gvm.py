@@ -284,6 +284,12 @@ def online_gvm_allocation(seen, acceptance_rate, grad_norm, has_grad_norm, budge
                        np.where(borrow, group_has_g, has_g))
     if seen.size == 0:
         raise ValueError("allocation needs at least one prompt")
+    # Checked here, not only in gvm_allocation, whose error indices count the seen prompts alone.
+    for name, values, bad in (("acceptance_rate", p, seen & ((p < 0) | (p > 1))),
+                              ("grad_norm", g, seen & has_g & ~(np.isfinite(g) & (g >= 0)))):
+        if bad.any():
+            index = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{name}[{index}] = {values[index]} is out of range")
     budget = _count("budget", budget)
     n_pilot = _count("n_pilot", n_pilot, 1)
     counts = np.zeros(seen.size, dtype=np.int64)
