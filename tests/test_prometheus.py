@@ -51,19 +51,29 @@ class Prometheus:
         assert job["file_sd_configs"][0]["files"] == ["/tmp/ray/session_latest/prom_metrics_service_discovery.json"]
         job["file_sd_configs"][0]["files"] = [str(discovery_file)]
         (scratch / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.url = f"http://127.0.0.1:{_free_port()}"
         self.log = open(scratch / "prometheus.log", "w")
-        self.process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={scratch / 'prometheus.yml'}", f"--storage.tsdb.path={scratch / 'tsdb'}",
-             f"--web.listen-address={self.url.removeprefix('http://')}"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
+        # Its listen port is picked free and released: another process can take it before Prometheus
+        # binds it, and Prometheus then exits at once; it is started again on a fresh port.
+        for attempt in range(1, 4):
+            self.url = f"http://127.0.0.1:{_free_port()}"
+            self.process = subprocess.Popen(
+                [PROMETHEUS, f"--config.file={scratch / 'prometheus.yml'}", f"--storage.tsdb.path={scratch / 'tsdb'}",
+                 f"--web.listen-address={self.url.removeprefix('http://')}"],
+                stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            if self._ready(time.monotonic() + 120):
+                break
+            self.log.flush()
+            assert attempt < 3, (scratch / "prometheus.log").read_text()[-2000:]
+
+    def _ready(self, deadline: float) -> bool:
+        """True once it answers /-/ready; False when it exited first."""
         while True:
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=5):
-                    break
+                    return True
             except OSError:
-                assert self.process.poll() is None, (scratch / "prometheus.log").read_text()[-2000:]
+                if self.process.poll() is not None:
+                    return False
                 assert time.monotonic() < deadline, "prometheus never became ready"
                 time.sleep(0.5)
 
@@ -92,21 +102,48 @@ def monitored_head():
     if PROMETHEUS is None:
         pytest.skip("no `prometheus` binary: Debian's prometheus package is not installed (scripts/install.sh "
                     "installs it where apt works)")
-    metrics_port = _free_port()
     # Processes report to their node's agent every second (10 s by default), so the test is short.
-    with start_head((f"--metrics-export-port={metrics_port}",
-                     '--system-config={"metrics_report_interval_ms": 1000}')) as (address, env, token_file):
+    # No --metrics-export-port: the agent binds a port of its own (one picked free here could be taken
+    # before it bound it, on every retry of start_head alike), read back from the head's node record.
+    with start_head(('--system-config={"metrics_report_interval_ms": 1000}',)) as (address, env, token_file):
         scratch = token_file.parent                       # the head's own directory (conftest.start_head)
+        metrics_port = _metrics_export_port(address, token_file.read_text())
         discovery = scratch / "ray" / "session_latest" / "prom_metrics_service_discovery.json"
-        deadline = time.monotonic() + 60
-        while not discovery.is_file():                    # where deploy/prometheus/prometheus.yml reads it
-            assert time.monotonic() < deadline, f"Ray wrote no {discovery.name} under {discovery.parent}"
+        deadline = time.monotonic() + 120
+        # Where deploy/prometheus/prometheus.yml reads the targets: Ray adds the node's port a few seconds
+        # after it first writes the file.
+        while not (discovery.is_file() and f"127.0.0.1:{metrics_port}" in
+                   {target for group in _read_json(discovery) for target in group["targets"]}):
+            assert time.monotonic() < deadline, f"{discovery} never named 127.0.0.1:{metrics_port}"
             time.sleep(1)
         prometheus = Prometheus(scratch, discovery)
         try:
             yield address, {**env, "RAY_AUTH_TOKEN_PATH": str(token_file)}, metrics_port, prometheus
         finally:
             prometheus.close()
+
+
+def _metrics_export_port(address: str, token: str, timeout_s: float = 120.0) -> int:
+    """The port the head's metrics agent serves /metrics on, from the dashboard's node summary (which
+    names the raylet's ports once the raylet has reported to the dashboard)."""
+    request = urllib.request.Request(f"{address}/nodes?view=summary", headers={"Authorization": f"Bearer {token}"})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            nodes = json.loads(response.read())["data"]["summary"]
+        ports = [node.get("raylet", {}).get("metricsExportPort") for node in nodes]
+        if ports and all(ports):
+            (port,) = ports
+            return port
+        assert time.monotonic() < deadline, f"the head's node summary never named its metrics port: {nodes}"
+        time.sleep(1)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except ValueError:   # caught while Ray rewrites it
+        return []
 
 
 def _scrape(port: int) -> str:
@@ -135,7 +172,11 @@ def test_prometheus_keeps_two_runs_of_one_config_apart_and_their_series_end_with
     for job_id in job_ids:
         assert _wait_status(job_id, address, env, {"SUCCEEDED", "FAILED", "STOPPED"}, 600) == "SUCCEEDED", \
             cli(["logs", job_id, "--address", address], env).stdout[-3000:]
-    time.sleep(3)   # the last reports reach Prometheus
+    # The last reports reach the agent, then Prometheus's next scrape: waited for, not slept for (a fixed
+    # 3 s was too short on a loaded machine). What is asserted below is unchanged.
+    deadline = time.monotonic() + 120
+    while not _each_run_reached(prometheus, job_ids, 3.0, started, time.time()) and time.monotonic() < deadline:
+        time.sleep(1)
     ended = time.time()
 
     # Finding 6: the two runs' actors are named apart (`<job id>/<role>/<index>`), as the dashboard lists them.
@@ -176,6 +217,18 @@ def test_prometheus_keeps_two_runs_of_one_config_apart_and_their_series_end_with
     while left := ours_left():
         assert time.monotonic() < deadline, left[:10]
         time.sleep(2)
-    time.sleep(3)
-    assert prometheus.instant_query(f'{{__name__=~"ray_rl_service_.+", submission_id=~"{"|".join(job_ids)}"}}') == []
+    # Prometheus marks them stale at its next scrape without them: waited for, not slept for.
+    query = f'{{__name__=~"ray_rl_service_.+", submission_id=~"{"|".join(job_ids)}"}}'
+    deadline = time.monotonic() + 120
+    while (exported := prometheus.instant_query(query)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert exported == []
     assert set(METRIC_NAMES) >= {name for name in PRODUCED}
+
+
+def _each_run_reached(prometheus: Prometheus, job_ids: list[str], step: float, start: float, end: float) -> bool:
+    """Whether Prometheus holds each run's step series, reaching `step`, between `start` and `end`."""
+    series = prometheus.range_query('ray_rl_service_step{job_name="quickstart"}', start, end)
+    reached = {item["metric"].get(SUBMISSION_TAG) for item in series
+               if max(float(value) for _, value in item["values"]) >= step}
+    return set(job_ids) <= reached
