@@ -66,6 +66,11 @@ class PreferenceLogps:
     ref_rejected_logps: Tensor
 
 
+def _check_beta(beta: float) -> None:
+    if not (math.isfinite(beta) and beta > 0.0):   # β = inf: h = inf · 0 = NaN for equal log-ratios
+        raise ValueError(f"beta must be finite and > 0, got {beta}")
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -79,7 +84,7 @@ def dpo_loss(
         policy_chosen_logps, policy_rejected_logps: [B] summed log π_θ of the chosen / rejected
             completions (carry the gradient).
         ref_chosen_logps, ref_rejected_logps: [B] summed log π_ref (cached; detached here).
-        beta: β > 0, the KL-regularisation strength (default 0.1).
+        beta: β > 0 and finite, the KL-regularisation strength (default 0.1).
 
     Returns:
         ``(loss, metrics)``; metrics are python floats, as TRL logs them: ``rewards_chosen`` and
@@ -91,8 +96,7 @@ def dpo_loss(
     shapes = {tuple(t.shape) for t in logps}
     if len(shapes) != 1 or policy_chosen_logps.dim() != 1 or policy_chosen_logps.numel() == 0:
         raise ValueError(f"the four log-prob tensors must all be [B] with B >= 1, got shapes {sorted(shapes)}")
-    if not beta > 0.0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    _check_beta(beta)
     chosen_logratios = policy_chosen_logps - ref_chosen_logps.detach()
     rejected_logratios = policy_rejected_logps - ref_rejected_logps.detach()
     h = beta * (chosen_logratios - rejected_logratios)
@@ -149,6 +153,7 @@ def bvpo_loss(
 
 def dpo_pair_losses(logps: PreferenceLogps, beta: float = 0.1) -> Tensor:
     """[B] per-pair sigmoid DPO losses softplus(−h_i) (§DPO); B may be 0 (a term with no pair)."""
+    _check_beta(beta)
     chosen = logps.policy_chosen_logps - logps.ref_chosen_logps.detach()
     rejected = logps.policy_rejected_logps - logps.ref_rejected_logps.detach()
     return F.softplus(-beta * (chosen - rejected))
