@@ -143,7 +143,11 @@ def bvpo_loss(
                                          trace.ref_chosen_logps, trace.ref_rejected_logps, beta)
     empty_loss, empty_metrics = dpo_loss(empty.policy_chosen_logps, empty.policy_rejected_logps,
                                          empty.ref_chosen_logps, empty.ref_rejected_logps, beta)
-    loss = alpha * trace_loss + (1.0 - alpha) * empty_loss
+    # α = 1 (0) is L_t (L_e) alone: a term of weight 0 is left out, as 0 · inf (a −inf log-prob) is NaN.
+    if alpha in (0.0, 1.0):
+        loss = trace_loss if alpha == 1.0 else empty_loss
+    else:
+        loss = alpha * trace_loss + (1.0 - alpha) * empty_loss
     metrics = {f"trace_{k}": v for k, v in trace_metrics.items()}
     metrics.update({f"empty_{k}": v for k, v in empty_metrics.items()})
     metrics["alpha"] = float(alpha)
