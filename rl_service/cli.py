@@ -110,7 +110,11 @@ def _command_run(args) -> int:
     config = load_config(args.config, args.overrides)
     _run_id(config)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config)
-    created = not run_dir.exists()
+    try:
+        created = not run_dir.exists()
+    except OSError as exc:   # a directory above it that cannot be entered
+        named = f"--run-dir {args.run_dir}" if args.run_dir else f"logging.output_dir {config.logging.output_dir}"
+        raise UserError(f"{named}: cannot look there ({exc.strerror or exc})") from None
     prepare_run_dir(run_dir, args.resume, args.overwrite, clear=False)   # a file, /proc, an existing run
     _HELD_LOCKS.append(lock_run_dir(run_dir))   # one run or resume of a directory at a time
     _RUNNING.append(run_dir)

@@ -86,3 +86,77 @@ def test_an_unreadable_input_file_is_named_in_one_line(kind, tmp_path, capsys, m
     _unreadable(monkeypatch, target)
     line = _one_line_error(args, capsys, monkeypatch)
     assert f"{target}: cannot read (Permission denied)" in line, line
+
+
+def _untraversable(monkeypatch, directory: Path) -> None:
+    """Nothing under `directory` can be looked at, as under a chmod 000 directory for a user who is not
+    root: stat (and so exists, is_file, is_dir) and open raise PermissionError."""
+    stat, open_ = Path.stat, Path.open
+
+    def under(path) -> bool:
+        return directory in Path(path).absolute().parents
+
+    def refuse_stat(self, *args, **kwargs):
+        if under(self):
+            raise PermissionError(13, "Permission denied", str(self))
+        return stat(self, *args, **kwargs)
+
+    def refuse_open(self, *args, **kwargs):
+        if under(self) or Path(self).absolute() == directory:
+            raise PermissionError(13, "Permission denied", str(self))
+        return open_(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", refuse_stat)
+    monkeypatch.setattr(Path, "open", refuse_open)
+
+
+def test_a_data_file_in_a_directory_that_cannot_be_entered_is_named(tmp_path, capsys, monkeypatch):
+    (tmp_path / "locked").mkdir()
+    data = tmp_path / "locked" / "train.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    _untraversable(monkeypatch, tmp_path / "locked")
+    line = _one_line_error(["validate", "tests/bad_inputs/configs/base_jsonl.yaml", "--set", "data.prompts_per_step=1",
+                            "--set", f"data.train_path={data}"], capsys, monkeypatch)
+    assert f"{data}: cannot read (Permission denied)" in line, line
+
+
+def test_a_run_dir_in_a_directory_that_cannot_be_entered_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    (tmp_path / "locked").mkdir()
+    _untraversable(monkeypatch, tmp_path / "locked")
+    line = _one_line_error(["run", BASE, "--run-dir", str(tmp_path / "locked" / "run")], capsys, monkeypatch)
+    assert f"--run-dir {tmp_path / 'locked' / 'run'}: cannot look there (Permission denied)" in line, line
+
+
+def test_an_unreadable_file_of_a_local_hf_dataset_is_named(tmp_path, capsys, monkeypatch):
+    import builtins
+    import io
+    import shutil
+
+    dataset = tmp_path / "hf"
+    shutil.copytree(REPO / "tests/bad_inputs/data/hf_questions", dataset)
+    locked, real_open = dataset / "test.jsonl", io.open
+
+    def refuse(file, *args, **kwargs):   # `datasets` opens with open(), our code with Path.open (io.open)
+        if isinstance(file, (str, Path)) and Path(file).absolute() == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    monkeypatch.setattr(io, "open", refuse)
+    line = _one_line_error(["validate", "tests/bad_inputs/configs/base_hf.yaml", "--set", f"data.hf.path={dataset}"],
+                           capsys, monkeypatch)
+    assert f"{locked}: cannot read (Permission denied)" in line, line
+
+
+@pytest.mark.parametrize("kind", ["config", "hf", "reward", "preferences"])
+def test_other_inputs_in_a_directory_that_cannot_be_entered_are_named(kind, tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    target = locked / {"config": "job.yaml", "hf": "hf", "reward": "r.py", "preferences": "p.jsonl"}[kind]
+    args = {"config": ["validate", str(target)],
+            "hf": ["validate", "tests/bad_inputs/configs/base_hf.yaml", "--set", f"data.hf.path={target}"],
+            "reward": ["validate", BASE, "--set", f"reward.custom={target}:reward", "--set", "reward.custom_sandbox=off"],
+            "preferences": ["validate", "configs/bvpo_offline.yaml", "--set", f"preference.dataset_path={target}"]}[kind]
+    _untraversable(monkeypatch, locked)
+    line = _one_line_error(args, capsys, monkeypatch)
+    assert f"{target}: cannot read (Permission denied)" in line, line

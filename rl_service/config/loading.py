@@ -124,13 +124,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict = {}
     if path is not None:
         file = Path(path)
-        if file.is_dir():
-            raise ConfigError(f"{source}: is a directory, not a config file")
-        if not file.is_file():
-            raise ConfigError(f"{source}: config file not found")
         try:
+            if file.is_dir():
+                raise ConfigError(f"{source}: is a directory, not a config file")
+            if not file.is_file():
+                raise ConfigError(f"{source}: config file not found")
             raw_bytes = file.read_bytes()
-        except OSError as exc:   # unreadable (permissions), or a read error
+        except OSError as exc:   # unreadable (permissions, or a directory above it that cannot be entered)
             raise ConfigError(f"{source}: cannot read ({exc.strerror or exc})") from None
         try:
             text = raw_bytes.decode("utf-8")

@@ -30,16 +30,19 @@ def _first_bad_json_line(path: Path) -> str | None:
     for file in sorted(path.rglob("*.json*")):
         if file.suffix not in (".json", ".jsonl") or not file.is_file():
             continue
-        with file.open(encoding="utf-8", errors="replace") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as exc:
-                    if number == 1 and file.suffix == ".json":
-                        break   # a whole-file JSON document, not JSON Lines: not ours to judge line by line
-                    return f"{file}:{number}: not valid JSON ({exc.msg})"
+        try:
+            with file.open(encoding="utf-8", errors="replace") as lines:
+                for number, line in enumerate(lines, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        if number == 1 and file.suffix == ".json":
+                            break   # a whole-file JSON document, not JSON Lines: not ours to judge line by line
+                        return f"{file}:{number}: not valid JSON ({exc.msg})"
+        except OSError as exc:   # unreadable (permissions): what `datasets` failed on, named
+            return f"{file}: cannot read ({exc.strerror or exc})"
     return None
 
 
@@ -72,6 +75,10 @@ def _open_split(path: Path, split: str, split_field: str):
 def load_hf_split(settings, split: str, split_field: str) -> list[PromptRecord]:
     """The records of one split; `settings` is `data.hf`, `split_field` the config field naming the split."""
     path = Path(settings.path).expanduser()
+    try:
+        path.is_dir()
+    except OSError as exc:   # a directory above it that cannot be entered
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not path.exists():
         raise DataError(f"{path}: dataset not found (data.hf.path names a local dataset directory)")
     if not path.is_dir():

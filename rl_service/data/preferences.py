@@ -96,7 +96,11 @@ def load_preference_file(path: str | Path, on_bad_row: Literal["skip", "error"] 
                          source: str = "preference.dataset_path") -> PreferenceDataset:
     """Read JSONL preference rows; each bad row names its file:line (skipped and counted, or a DataError)."""
     file = Path(path)
-    if not file.is_file():
+    try:
+        is_file = file.is_file()
+    except OSError as exc:   # a directory above it that cannot be entered
+        raise DataError(f"{source}: {file}: cannot read ({exc.strerror or exc})") from None
+    if not is_file:
         raise DataError(f"{source}: {file}: dataset file not found")
     rows: list[PreferenceRow] = []
     bad: list[str] = []

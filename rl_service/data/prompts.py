@@ -220,9 +220,13 @@ def load_prompt_file(path: str | Path, group_field: str | None = None) -> list[P
     """Read prompts with answers (and, with `group_field`, each one's group) from a .jsonl/.json/.csv/.parquet
     file; errors name file and line."""
     file = Path(path)
-    if file.is_dir():
+    try:
+        is_dir, is_file = file.is_dir(), file.is_file()
+    except OSError as exc:   # a directory above it that cannot be entered
+        raise DataError(f"{file}: cannot read ({exc.strerror or exc})") from None
+    if is_dir:
         raise DataError(f"{file}: is a directory, not a dataset file")
-    if not file.is_file():
+    if not is_file:
         raise DataError(f"{file}: dataset file not found")
     if file.suffix in (".jsonl", ".json"):
         rows = _read_json_rows(file)

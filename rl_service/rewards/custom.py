@@ -103,7 +103,11 @@ def check_custom_reward(spec: CustomRewardSpec) -> None:
     path is missing, the sandbox asked for does not work here, or (imported in a subprocess in the
     same sandbox and under the same limits) the module has no callable `spec.function`."""
     file, shown = Path(spec.path), _shown(spec.path)
-    if not file.is_file():
+    try:
+        is_file = file.is_file()
+    except OSError as exc:   # a directory above it that cannot be entered
+        raise _user_error(f"{shown}: cannot read ({exc.strerror or exc})") from None
+    if not is_file:
         raise _user_error(f"{shown}: file not found")
     for index, entry in enumerate(spec.readable):   # checked at config load too; a spec may be built by hand
         if not os.path.exists(entry):
