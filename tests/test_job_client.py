@@ -75,3 +75,22 @@ def test_a_refusal_by_status_code_is_still_an_auth_refusal(message):
     from rl_service.driver.job_client import cause
 
     assert cause(RuntimeError(message)).startswith("the job server refused the request")
+
+
+@pytest.mark.parametrize("message, no_such_job", [
+    ("Request failed with status code 404: Job raysubmit_x does not exist.", True),
+    ("Request failed with status code 404: 404: Not Found.", False),   # a wrong URL path, not the job
+    ("[Errno 2] No such file or directory: '/tmp/x': does not exist", False),
+])
+def test_only_the_job_server_s_own_words_mean_no_such_job(message, no_such_job):
+    from types import SimpleNamespace
+
+    from rl_service.driver.job_client import sdk_call
+    from rl_service.errors import UserError
+
+    def failing():
+        raise RuntimeError(message)
+
+    with pytest.raises(UserError) as said:
+        sdk_call(SimpleNamespace(job_id="raysubmit_x", address="http://127.0.0.1:8265"), failing)
+    assert ("no such job" in str(said.value)) == no_such_job, str(said.value)

@@ -102,8 +102,11 @@ def sdk_call(args, action):
         raise
     except Exception as error:  # noqa: BLE001 - SDK errors become one line
         text = " ".join(str(error).split())
-        if "does not exist" in text or "not found" in text.lower():
-            raise UserError(f"job {getattr(args, 'job_id', '?')}: no such job on {server_address(args.address)}") from None
+        # The job server's own words for an unknown id; a 404 for a wrong URL path, or a missing file
+        # named in another error, is not "no such job".
+        job_id = getattr(args, "job_id", None)
+        if job_id is not None and f"Job {job_id} does not exist" in text:
+            raise UserError(f"job {job_id}: no such job on {server_address(args.address)}") from None
         raise UserError(f"{server_address(args.address)}: {cause(error)}") from None
 
 
