@@ -25,16 +25,13 @@ STEPS = 10
 def cluster():
     from ray.cluster_utils import Cluster
 
-    from rl_service.training.engine import free_port
-
-    metrics_port = free_port()
+    # The head's metrics agent binds a port of its own choosing (`_head_metrics_port` reads it back):
+    # a free port picked here and released could be taken before the agent bound it.
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "metrics_export_port": metrics_port,
-        "_system_config": {"metrics_report_interval_ms": 1000}})
+        "num_cpus": 1, "include_dashboard": False, "_system_config": {"metrics_report_interval_ms": 1000}})
     cluster.add_node(num_cpus=2, resources={"rollout": 2})
     cluster.add_node(num_cpus=2, resources={"learner": 1})
     cluster.wait_for_nodes()
-    cluster.metrics_port = metrics_port
     yield cluster
     cluster.shutdown()
 
@@ -50,6 +47,19 @@ def _wait_for_step(run_dir, step: int, timeout_s: float = 300.0, engines: float 
             return
         time.sleep(0.5)
     raise TimeoutError(f"step {step} not reached")
+
+
+def _head_metrics_port(cluster, timeout_s: float = 120.0) -> int:
+    """The Prometheus port of the head's metrics agent, as the head reports it (Ray connected)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ports = [node.get("MetricsExportPort") for node in ray.nodes() if node["NodeID"] == cluster.head_node.node_id]
+        if ports and ports[0]:
+            return int(ports[0])
+        time.sleep(0.5)
+    raise TimeoutError("the head never reported its metrics export port")
 
 
 def _scrape_until(port: int, needle: str, timeout_s: float = 60.0) -> str:
@@ -95,7 +105,7 @@ def test_scaling_from_one_to_two_generators_and_back_trains_every_prompt_once(cl
             _wait_for_step(tmp_path, 1, engines=2.0)
             request_scale(namespace, 1)
             shrunk.set()
-            scraped.append(_scrape_until(cluster.metrics_port, 'ray_rl_service_reward_mean{'))
+            scraped.append(_scrape_until(_head_metrics_port(cluster), 'ray_rl_service_reward_mean{'))
         except BaseException as error:  # noqa: BLE001 - reported by the test thread below
             failures.append(error)
         finally:
