@@ -105,6 +105,9 @@ def _command_run(args) -> int:
     from rl_service.config import load_config
     from rl_service.driver.run_dir import lock_run_dir, prepare_run_dir
 
+    if args.run_dir is not None and not args.run_dir.strip():   # an unset shell variable: not the default place
+        raise UserError("--run-dir is empty: name the run directory, or leave --run-dir out for "
+                        "<logging.output_dir>/<run id>")
     if args.resume and not args.run_dir:
         raise UserError("run --resume needs --run-dir: the run directory to continue")
     config = load_config(args.config, args.overrides)
@@ -163,6 +166,8 @@ def _command_resume(args) -> int:
     from rl_service.config import load_config
     from rl_service.driver.job_runs import as_job_id, is_job_id, resume_job
 
+    if not args.run_dir.strip():   # Path("") is the working directory
+        raise UserError("the run directory is empty: name a run directory or a job id")
     if is_job_id(args.run_dir):
         return as_job_id(args.run_dir, lambda: resume_job(args))
     run_dir = Path(args.run_dir)

@@ -160,3 +160,30 @@ def test_other_inputs_in_a_directory_that_cannot_be_entered_are_named(kind, tmp_
     _untraversable(monkeypatch, locked)
     line = _one_line_error(args, capsys, monkeypatch)
     assert f"{target}: cannot read (Permission denied)" in line, line
+
+
+def test_an_empty_run_dir_is_refused_not_read_as_the_default(tmp_path, capsys, monkeypatch):
+    """`--run-dir ""` (an unset shell variable) trained a whole run in runs/<job id>, starting Ray."""
+    import rl_service.cli as cli
+
+    def would_run(*_args):
+        raise AssertionError("the run went ahead")
+
+    monkeypatch.setattr(cli, "_run_in", would_run)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RL_SERVICE_SUBMISSION_ID", "bad-input-sweep")
+    assert main(["run", str(REPO / BASE), "--run-dir", ""]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["rl-service: error: --run-dir is empty: name the run directory, or leave --run-dir "
+                                "out for <logging.output_dir>/<run id>"], err
+    assert list(tmp_path.iterdir()) == []   # no runs/ made
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["validate", ""], "rl-service: error: the config path is empty: name a YAML job file (e.g. configs/quickstart.yaml)"),
+    (["resume", ""], "rl-service: error: the run directory is empty: name a run directory or a job id"),
+])
+def test_an_empty_path_argument_is_named_as_empty(args, expect, capsys, monkeypatch):
+    # Read as "." before: ": is a directory, not a config file", ".: not a run directory".
+    line = _one_line_error(args, capsys, monkeypatch)
+    assert line == expect, line

@@ -123,6 +123,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     source = str(path) if path is not None else "(defaults)"
     raw: dict = {}
     if path is not None:
+        if not str(path).strip():   # Path("") is the working directory
+            raise ConfigError("the config path is empty: name a YAML job file (e.g. configs/quickstart.yaml)")
         file = Path(path)
         try:
             if file.is_dir():
