@@ -187,3 +187,12 @@ def test_an_empty_path_argument_is_named_as_empty(args, expect, capsys, monkeypa
     # Read as "." before: ": is a directory, not a config file", ".: not a run directory".
     line = _one_line_error(args, capsys, monkeypatch)
     assert line == expect, line
+
+
+@pytest.mark.parametrize("override, expect", [
+    # Read as level 1 (pydantic's lax int), as `steps: true` is refused for.
+    ("data.arithmetic.levels=[true, 2]", "data.arithmetic.levels: expected level numbers, got true"),
+])
+def test_values_validate_let_through(override, expect, capsys, monkeypatch):
+    line = _one_line_error(["validate", BASE, "--set", override], capsys, monkeypatch)
+    assert expect in line, line

@@ -25,6 +25,15 @@ class ModelConfig(_Section):
 class ArithmeticDataConfig(_Section):
     levels: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], min_length=1, description="difficulty levels to mix")
 
+    @field_validator("levels", mode="before")
+    @classmethod
+    def _no_bool_as_a_level(cls, levels):
+        # pydantic's lax mode reads `levels: [true]` as [1], as the section base refuses `steps: true`.
+        if isinstance(levels, list) and any(isinstance(level, bool) for level in levels):
+            flag = next(level for level in levels if isinstance(level, bool))
+            raise ValueError(f"expected level numbers, got {str(flag).lower()}")
+        return levels
+
     @field_validator("levels")
     @classmethod
     def _known_levels(cls, levels: list[int]) -> list[int]:
