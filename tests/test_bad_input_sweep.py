@@ -192,6 +192,8 @@ def test_an_empty_path_argument_is_named_as_empty(args, expect, capsys, monkeypa
 @pytest.mark.parametrize("override, expect", [
     # Read as level 1 (pydantic's lax int), as `steps: true` is refused for.
     ("data.arithmetic.levels=[true, 2]", "data.arithmetic.levels: expected level numbers, got true"),
+    # Passed validate; `run` then refused it as "not a Ray address", and `submit` sent it to the cluster.
+    ("cluster.address=10.0.0.1:99999", "cluster.address: '10.0.0.1:99999' is not a Ray address"),
 ])
 def test_values_validate_let_through(override, expect, capsys, monkeypatch):
     line = _one_line_error(["validate", BASE, "--set", override], capsys, monkeypatch)

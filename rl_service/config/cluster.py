@@ -26,7 +26,8 @@ class ClusterConfig(_Section):
         if address and is_job_server_url(address):
             raise ValueError(f"{address} is a Ray job server (dashboard) URL, for `rl-service submit --address`; a run "
                              "joins a cluster by its GCS address (host:6379) or ray://host:10001")
-        if address and address not in ("auto", "local") and not _RAY_ADDRESS.fullmatch(address.strip()):
+        if address and address not in ("auto", "local") and (not _RAY_ADDRESS.fullmatch(address.strip())
+                                                             or int(address.strip().rsplit(":", 1)[1]) > 65535):
             raise ValueError(f"{address!r} is not a Ray address: host:port (the GCS, e.g. 10.0.0.1:6379), "
                              "ray://host:port (Ray Client), auto (the cluster this machine is part of) or local")
         return address
