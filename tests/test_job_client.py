@@ -1,6 +1,6 @@
-"""Which Ray auth token the job commands send (rl_service/driver/job_client.py use_auth_token), read
-back from Ray's own header logic in a fresh process: no head is needed (tests/test_cluster_jobs.py
-sends them to a real one)."""
+"""The job commands' side of rl_service/driver/job_client.py, no head needed (tests/test_cluster_jobs.py
+talks to a real one): which Ray auth token they send (read back from Ray's own header logic in a
+fresh process), how SDK errors are worded, and the addresses and job ids refused before any request."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import unreachable_url
 
 REPO = Path(__file__).resolve().parents[1]
 AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -94,3 +96,39 @@ def test_only_the_job_server_s_own_words_mean_no_such_job(message, no_such_job):
     with pytest.raises(UserError) as said:
         sdk_call(SimpleNamespace(job_id="raysubmit_x", address="http://127.0.0.1:8265"), failing)
     assert ("no such job" in str(said.value)) == no_such_job, str(said.value)
+
+
+@pytest.mark.parametrize("address, named", [
+    ("", "--address is empty"),                            # `--address "$UNSET"`, not the default address
+    ("http://127.0.0.1:abc", "not a valid URL"),           # the SDK raised http.client.InvalidURL
+    ("http://[::1", "not a valid URL"),                    # ... and ValueError: Invalid IPv6 URL
+    ("http://:8265", "no host in the URL"),
+])
+def test_a_malformed_address_is_one_line_before_any_request(address, named):
+    result = subprocess.run([sys.executable, "-m", "rl_service.cli", "status", "some-job", "--address", address],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("job_id", ["../../api/version", "a;rm -rf /", "a/b", "", "-x", "a..b"])
+def test_a_job_id_that_would_name_another_route_is_refused(job_id):
+    from rl_service.driver.job_client import check_job_id
+    from rl_service.errors import UserError
+
+    with pytest.raises(UserError, match="not a job id"):
+        check_job_id(job_id)
+
+
+@pytest.mark.parametrize("job_id", ["quickstart-20261207-155601-a1b2c3", "raysubmit_XYZ12ab", "02000000"])
+def test_real_job_ids_pass(job_id):
+    from rl_service.driver.job_client import check_job_id
+
+    check_job_id(job_id)
+
+
+def test_status_of_a_path_like_job_id_is_refused_before_any_request():
+    with unreachable_url() as nowhere:
+        result = subprocess.run([sys.executable, "-m", "rl_service.cli", "logs", "../../etc/passwd",
+                                 "--address", nowhere], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "not a job id" in result.stderr and "cannot reach" not in result.stderr, result.stderr

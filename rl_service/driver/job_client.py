@@ -7,6 +7,7 @@ import os
 import re
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from rl_service.config.cluster import is_job_server_url
 from rl_service.errors import UserError
@@ -25,11 +26,31 @@ def connection(parser) -> None:
 
 
 def server_address(address: str | None) -> str:
+    if address is not None and not address.strip():   # `--address "$UNSET"`: not the default's to answer
+        raise UserError(f"--address is empty; the job server is an http(s) URL (the dashboard, e.g. {DEFAULT_ADDRESS})")
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     if not is_job_server_url(address):
         raise UserError(f"--address {address}: the job server is an http(s) URL (the dashboard, e.g. {DEFAULT_ADDRESS})")
     scheme, _, rest = address.strip().partition("://")
+    try:   # a bad port or bracket would come out of the SDK as a traceback
+        parts = urlsplit(address.strip())
+        parts.port
+    except ValueError as error:
+        raise UserError(f"--address {address}: not a valid URL ({error})") from None
+    if not parts.hostname:
+        raise UserError(f"--address {address}: no host in the URL (e.g. {DEFAULT_ADDRESS})")
     return f"{scheme.lower()}://{rest}"   # Ray's job client reads "HTTP://" as a module name
+
+
+# What a job id can be: ours (`<job_name>-<date>-<hex>`), Ray's (`raysubmit_...`, hex job ids). It
+# goes into the job server's URL path, where "/" or ".." would name another route.
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
+
+def check_job_id(job_id: str) -> None:
+    if not _JOB_ID.fullmatch(job_id) or ".." in job_id:
+        raise UserError(f"job id {job_id!r}: not a job id (letters, digits, '_', '.', ':', '-'); "
+                        "`rl-service list` shows the ids")
 
 
 def use_auth_token(token_file: str | None) -> None:
@@ -54,6 +75,8 @@ def use_auth_token(token_file: str | None) -> None:
 
 
 def job_server_client(args):
+    if getattr(args, "job_id", None) is not None:
+        check_job_id(args.job_id)
     address = server_address(args.address)
     use_auth_token(args.token_file)
     import logging

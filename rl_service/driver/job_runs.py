@@ -85,7 +85,8 @@ def report_job(args) -> Path:
     """The run directory of job `args.run_dir` for `rl-service report JOB_ID`, checked to be readable here."""
     from rl_service.driver.job_client import job_server_client, sdk_call
 
-    run_dir = job_run_dir(job_server_client(args), args.run_dir, lambda action: sdk_call(_as_job(args), action))
+    client = job_server_client(_as_job(args))
+    run_dir = job_run_dir(client, args.run_dir, lambda action: sdk_call(args, action))
     if not (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"job {args.run_dir}: its run directory {run_dir} has no metrics.jsonl on this machine (not "
                         f"started yet, or on the cluster's storage: run `rl-service report {run_dir}` where it is)")
@@ -101,8 +102,8 @@ def resume_job(args) -> int:
     from rl_service.driver.job_upload import FILES_METADATA, job_files, staged_working_dir
     from rl_service.driver.roles import SUBMISSION_ID_ENV, new_submission_id
 
-    client = job_server_client(args)
-    call = lambda action: sdk_call(_as_job(args), action)   # noqa: E731 - errors name the job asked about
+    client = job_server_client(_as_job(args))
+    call = lambda action: sdk_call(args, action)   # noqa: E731 - errors name the job asked about
     run_dir = job_run_dir(client, args.run_dir, call)
     status = call(lambda: client.get_job_status(args.run_dir)).value
     if status in ("PENDING", "RUNNING"):
@@ -138,5 +139,8 @@ def resume_job(args) -> int:
 
 def _as_job(args):
     """`args` with `job_id` set, which the SDK error messages of rl_service/driver/jobs.py name."""
+    from rl_service.driver.job_client import check_job_id
+
+    check_job_id(args.run_dir)
     args.job_id = args.run_dir
     return args
