@@ -317,7 +317,11 @@ def fake_checkpoint(run_dir: Path, step: int, adapter: bool = False, latest: boo
     from rl_service.driver.run_dir import CHECKPOINT_FILES
 
     checkpoint = Path(run_dir) / "checkpoints" / f"step_{step}"
-    (checkpoint / ("adapter" if adapter else "model")).mkdir(parents=True)
+    weights = checkpoint / ("adapter" if adapter else "model")
+    weights.mkdir(parents=True)
+    for name in (("adapter_config.json", "adapter_model.safetensors") if adapter
+                 else ("config.json", "model.safetensors")):
+        (weights / name).write_text("")
     for name in CHECKPOINT_FILES:
         (checkpoint / name).write_text(json.dumps({"step": step}) if name == "trainer_state.json" else "")
     if latest:

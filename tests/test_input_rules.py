@@ -163,6 +163,21 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_and_never_advises_d
     assert "cannot be" not in caplog.text        # nothing newer, nothing damaged to speak of
 
 
+def test_a_checkpoint_whose_weights_folder_lacks_the_weights_is_damaged(tmp_path):
+    # model/ without config.json passed the check, and the resume failed after Ray started, in the
+    # learner's traceback.
+    from rl_service.driver.run_dir import checkpoint_problem
+
+    full, adapter = fake_checkpoint(tmp_path / "full", 2), fake_checkpoint(tmp_path / "lora", 2, adapter=True)
+    assert checkpoint_problem(full) is None and checkpoint_problem(adapter) is None
+    (full / "model" / "config.json").unlink()
+    assert checkpoint_problem(full) == "no model/config.json"
+    (full / "model" / "model.safetensors").rename(full / "model" / "pytorch_model.bin")   # never unpickled
+    assert checkpoint_problem(full) == "no model/config.json, model/*.safetensors"
+    (adapter / "adapter" / "adapter_model.safetensors").unlink()
+    assert checkpoint_problem(adapter) == "no adapter/adapter_model.safetensors"
+
+
 def test_resume_refuses_to_turn_lora_on_or_off_before_ray_starts(tmp_path):
     # A resume that turned LoRA on failed inside Ray, after rewriting config.yaml with the override,
     # so every later plain resume failed the same way.

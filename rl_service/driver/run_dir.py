@@ -4,8 +4,10 @@ Checkpoints are written under a temporary name, fsynced and renamed into place, 
 sees a half-written `step_N`; `latest` is written last and names the newest complete one. A
 checkpoint holds everything a run needs to continue exactly: `model/` (safetensors + tokenizer),
 `learner_state.*` (optimizer moments, LR schedule, torch RNG, counters), `statistics.safetensors`,
-`trainer_state.json` (data cursor, weight version, totals, eval history) and the `config.yaml` it
-ran with. Generators hold no RNG state: every call is seeded from (seed, step).
+`trainer_state.json` (data cursor, weight version, totals, eval history, an offline pilot's batches
+still to train) and the `config.yaml` it ran with; in async mode also `rollouts_in_flight.json`, the
+rollouts launched ahead of the step, sampled with older weights (waited for, samples and scores).
+Generators hold no RNG state: every call is seeded from (seed, step).
 """
 from __future__ import annotations
 
@@ -35,7 +37,15 @@ CHECKPOINT_FILES = ("trainer_state.json", "learner_state.json", "learner_state.s
 def checkpoint_problem(checkpoint: Path) -> str | None:
     """Why `checkpoint` cannot be resumed from (a file missing, trainer_state.json unreadable), or None."""
     missing = [name for name in CHECKPOINT_FILES if not (checkpoint / name).is_file()]
-    if not (checkpoint / "model").is_dir() and not (checkpoint / "adapter").is_dir():
+    # The weights as the learner reloads them: a model/ or adapter/ folder without them failed only
+    # once Ray and the roles had started, in the learner's traceback.
+    if (checkpoint / "adapter").is_dir():
+        missing += [f"adapter/{name}" for name in ("adapter_config.json", "adapter_model.safetensors")
+                    if not (checkpoint / "adapter" / name).is_file()]
+    elif (checkpoint / "model").is_dir():
+        missing += ["model/config.json"] if not (checkpoint / "model" / "config.json").is_file() else []
+        missing += [] if any((checkpoint / "model").glob("*.safetensors")) else ["model/*.safetensors"]
+    else:
         missing.append("model/")
     if missing:
         return f"no {', '.join(missing)}"
