@@ -198,3 +198,27 @@ def test_an_empty_path_argument_is_named_as_empty(args, expect, capsys, monkeypa
 def test_values_validate_let_through(override, expect, capsys, monkeypatch):
     line = _one_line_error(["validate", BASE, "--set", override], capsys, monkeypatch)
     assert expect in line, line
+
+
+@pytest.mark.parametrize("unreadable", ["config.json", "model.safetensors"])
+def test_an_unreadable_model_file_is_named_in_one_line(unreadable, tmp_path):
+    """A real chmod 000 file (as root, run without the capabilities that bypass file permissions):
+    validate ended in a PermissionError traceback."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from rl_service.models.loading import BUILTIN_MODEL_DIR
+
+    model = shutil.copytree(BUILTIN_MODEL_DIR, tmp_path / "model")
+    (model / unreadable).chmod(0)
+    command = [sys.executable, "-m", "rl_service.cli", "validate", BASE, "--set", f"model.path={model}"]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root reads a chmod 000 file, and setpriv (util-linux) is not here to drop that")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"rl-service: error: model.path: {model / unreadable}: cannot read (Permission denied)"], result.stderr

@@ -20,6 +20,14 @@ def resolve_model_dir(path: str | Path, field: str = "model.path", allow_builtin
     With `trust_remote_code` given, a model that needs its own modelling code is refused unless it
     is True. Errors name `field`, the config field at fault."""
     directory = BUILTIN_MODEL_DIR if allow_builtin and str(path) == "builtin" else Path(path).expanduser()
+    try:
+        return _checked_model_dir(directory, field, allow_builtin, trust_remote_code)
+    except OSError as exc:   # a file or folder without read permission: named, not a traceback
+        where = exc.filename or directory
+        raise ModelLoadError(f"{field}: {where}: cannot read ({exc.strerror or exc})") from None
+
+
+def _checked_model_dir(directory: Path, field: str, allow_builtin: bool, trust_remote_code: bool | None) -> Path:
     if not directory.is_dir():
         hint = " (use 'builtin' or a local HF model directory)" if allow_builtin else ""
         raise ModelLoadError(f"{field}: {directory} is not a directory{hint}")
