@@ -48,10 +48,18 @@ def test_missing_empty_and_unsupported_files(tmp_path):
         load_prompt_file(tmp_path / "data.txt")
 
 
-def test_csv_reads_through_datasets(tmp_path):
+def test_csv_reads_records_in_order(tmp_path):
     (tmp_path / "d.csv").write_text("prompt,answer\nWhat is 2+3?,5\nWhat is 4*4?,16\n")
     records = load_prompt_file(tmp_path / "d.csv")
     assert [(r.prompt_id, r.prompt, r.answer) for r in records] == [(0, "What is 2+3?", "5"), (1, "What is 4*4?", "16")]
+
+
+def test_csv_answers_are_the_text_in_the_file(tmp_path):
+    # Read through pandas (datasets' csv reader) a column of numbers was typed: "1.50" became 1.5, "007"
+    # 7, and with one decimal in the column "3" became "3.0"; "NA" was a missing value.
+    (tmp_path / "d.csv").write_text("id,prompt,answer\n7,a?,1.50\n3,b?,007\n12,c?,3\n5,d?,NA\n")
+    records = load_prompt_file(tmp_path / "d.csv")
+    assert [(r.prompt_id, r.answer) for r in records] == [(7, "1.50"), (3, "007"), (12, "3"), (5, "NA")]
 
 
 @pytest.mark.parametrize("text, message", [

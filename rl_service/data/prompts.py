@@ -1,8 +1,8 @@
 """Prompt datasets: a record is (prompt_id, user message or chat messages, gold answer).
 
 Sources: the built-in arithmetic task, local files with `prompt` and `answer` fields — JSONL/JSON
-read here line by line so an error names its line, and CSV/Parquet read through HF `datasets` (a CSV
-error too names the file line its record starts on) — or
+and CSV read here record by record so an error names its file line (a CSV value is the text in the
+file, never retyped), Parquet through HF `datasets` — or
 a local Hugging Face dataset (data/hf_datasets.py). A prompt is a string (the user message) or a
 chat: a list of {role, content} messages ending with the user's, rendered by the chat template.
 Prompt ids are stable across restarts: an explicit integer `id` field, else the record's index
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,20 +142,20 @@ def _read_json_rows(path: Path) -> list[tuple[object, str]]:
     return rows
 
 
-def _csv_record_lines(path: Path) -> list[int] | None:
-    """The 1-based file line on which each data record of a CSV file starts (the header is line 1 when
-    the file does not open with blank lines): [] when there is only a header or nothing, None when the
-    csv module cannot read the file (a field past its size limit; `datasets` then reads it, or says
-    why not). A quoted field may span lines, so lines are counted by the csv module's reader, not by
-    splitting the text. Blank lines are skipped, as the `datasets` (pandas) reader skips them.
-    A record with more fields than the header, or a quote never closed, is a DataError naming its
-    line (pandas refuses both, and `datasets` reports neither the line nor the reason)."""
+def _csv_records(path: Path) -> list[tuple[dict, str]] | None:
+    """The data records of a CSV file as (row, `file:line`), every value the text written in the file
+    (an answer "1.50" or "007" stays that: pandas, under `datasets`, had made them 1.5 and 7, and "NA"
+    a missing value), an integer `id` read as one. None when the csv module cannot read the file (a
+    field past its size limit; `datasets` then reads it, or says why not). A quoted field may span
+    lines, so a record is named by the line it starts on, as the csv module counts them. Blank lines
+    are skipped. A record with more fields than the header, or a quote never closed, is a DataError
+    naming its line."""
     import csv
     import io
 
     text = _decode_utf8(read_data_file(path).removeprefix(b"\xef\xbb\xbf"), str(path))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)   # strict: a quote open at the end is an error
-    starts, header = [], None
+    records, header = [], None
     while True:
         start = reader.line_num + 1
         try:
@@ -168,13 +169,16 @@ def _csv_record_lines(path: Path) -> list[int] | None:
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if header is None:
-            header = row
+            header = [name.strip() for name in row]
             continue
         if len(row) > len(header):
             raise DataError(f"{path}:{start}: {len(row)} fields, but the header has {len(header)} (a comma inside a "
                             "field needs the field in double quotes)")
-        starts.append(start)
-    return starts
+        record = dict(zip(header, row))   # a short row lacks its last fields: named as missing by the caller
+        if re.fullmatch(r"[0-9]+", record.get("id", "").strip()):
+            record["id"] = int(record["id"])
+        records.append((record, f"{path}:{start}"))
+    return records
 
 
 def _read_table_rows(path: Path) -> list[tuple[object, str]]:
@@ -183,18 +187,17 @@ def _read_table_rows(path: Path) -> list[tuple[object, str]]:
     import datasets  # only for formats we do not parse ourselves
 
     builder = {".csv": "csv", ".parquet": "parquet"}[path.suffix]
-    lines = _csv_record_lines(path) if builder == "csv" else None
-    if builder == "csv" and lines == []:
-        return []   # only a header, or nothing: "no records", as for the other formats
+    if builder == "csv":
+        records = _csv_records(path)
+        if records is not None:
+            return records   # [] for only a header, or nothing: "no records", as for the other formats
     try:
         with _quiet_datasets():
             table = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types; the user needs the file and the reason
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DataError(f"{path}: cannot read as {builder} ({reason})") from None
-    if lines is not None and len(lines) == len(table):
-        return [(row, f"{path}:{line}") for line, row in zip(lines, table)]
-    # Parquet, or a CSV whose records we counted differently from the reader: name rows by index.
+    # Parquet (typed columns), or a CSV past the csv module's field size limit: rows named by index.
     return [(row, f"{path}: row {k}") for k, row in enumerate(table)]
 
 
