@@ -182,3 +182,15 @@ def test_real_run_on_a_saved_dataset(tmp_path, saved_dict):
     assert [row["step"] for row in evals] == [0, 1]
     ledger = [json.loads(line) for line in (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()]
     assert all(1000 <= prompt_id < 1012 for row in ledger for prompt_id in row["prompt_ids"])   # the uid column
+
+
+@pytest.mark.parametrize("message, about_the_split", [
+    ("Unknown split \"test\". Should be one of ['train'].", True),
+    ("Bad split: test. Available splits: ['train']", True),
+    ("Couldn't cast /data/splits/train-0.parquet: column 'answer' has type null", False),
+    ("An error occurred reading /home/me/split_data/x.arrow", False),
+])
+def test_only_an_error_about_the_split_blames_the_split(message, about_the_split):
+    from rl_service.data.hf_datasets import names_a_split
+
+    assert names_a_split(message) == about_the_split

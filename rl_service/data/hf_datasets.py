@@ -9,6 +9,7 @@ naming the dataset, the split and the row (rl_service/data/prompts.py `records_f
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from rl_service.data.prompts import PromptRecord, _quiet_datasets, records_from_rows
@@ -46,6 +47,12 @@ def _first_bad_json_line(path: Path) -> str | None:
     return None
 
 
+def names_a_split(message: str) -> bool:
+    """Whether an error of `datasets` is about the split asked for ('Unknown split "test"'). Paths are
+    cut out first: a dataset under /data/splits/ is no reason to blame the split."""
+    return "split" in re.sub(r"\S*/\S*", "", message).lower()
+
+
 def _open_split(path: Path, split: str, split_field: str):
     import datasets
 
@@ -56,7 +63,7 @@ def _open_split(path: Path, split: str, split_field: str):
                 return datasets.load_dataset(str(path), split=split)
             dataset = datasets.load_from_disk(str(path))
     except ValueError as exc:
-        if "split" in str(exc).lower() or "Unknown split" in str(exc):
+        if names_a_split(str(exc)):
             raise DataError(f"{path}: no split '{split}' ({split_field}); {_reason(exc)}") from None
         raise DataError(f"{path}: cannot read as a Hugging Face dataset ({_reason(exc)})") from None
     except Exception as exc:  # datasets raises many types; the user needs the path and the reason
