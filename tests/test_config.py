@@ -196,9 +196,12 @@ def test_cluster_address_local_is_our_loopback_local_ray_and_garbage_is_refused(
     ("learner.lr=false", "learner.lr: expected a number, got false"),
     ("statistics.n_max=true", "statistics.n_max: expected a number, got true"),
     ("learner.lora.rank=true", "learner.lora.rank: expected a number, got true"),   # LoRA had its own base
+    ("model.trust_remote_code=1", "model.trust_remote_code: expected true or false, got 1"),
+    ("algorithm.dynamic_sampling=0", "algorithm.dynamic_sampling: expected true or false, got 0"),
+    ("logging.progress_bar=1.0", "logging.progress_bar: expected true or false, got 1.0"),
 ])
 def test_a_boolean_is_not_a_number(override, expected):
-    # pydantic's lax mode had read `steps: true` as 1.
+    # pydantic's lax mode had read `steps: true` as 1, and `trust_remote_code: 1` as true.
     with pytest.raises(ConfigError, match=expected):
         load_config(None, [override])
     assert load_config(None, ["model.thinking=false"]).model.thinking is False   # a bool field still takes one

@@ -1,5 +1,5 @@
-"""The base of every config section: unknown keys, inf/NaN, booleans-as-numbers and Ray resource
-amounts Ray would refuse are errors."""
+"""The base of every config section: unknown keys, inf/NaN, booleans as numbers (and numbers as
+booleans) and Ray resource amounts Ray would refuse are errors."""
 from __future__ import annotations
 
 from typing import get_args
@@ -14,12 +14,15 @@ class _Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_as_a_number(cls, value, info):
-        # pydantic's lax mode reads `steps: true` as 1 and `lr: false` as 0.0: a slip, never meant.
-        if isinstance(value, bool) and info.field_name in cls.model_fields:
+        # pydantic's lax mode reads `steps: true` as 1 and `lr: false` as 0.0, and the other way round
+        # `trust_remote_code: 1` as true: a slip, never meant.
+        if isinstance(value, (bool, int, float)) and info.field_name in cls.model_fields:
             annotation = cls.model_fields[info.field_name].annotation
             types = get_args(annotation) or (annotation,)
-            if bool not in types and any(kind in (int, float) for kind in types):
+            if isinstance(value, bool) and bool not in types and any(kind in (int, float) for kind in types):
                 raise ValueError(f"expected a number, got {str(value).lower()}")
+            if not isinstance(value, bool) and bool in types and not any(kind in (int, float) for kind in types):
+                raise ValueError(f"expected true or false, got {value}")
         return value
 
     @field_validator("num_cpus", "num_gpus", "resources", check_fields=False)
