@@ -205,3 +205,10 @@ def test_a_boolean_is_not_a_number(override, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(None, [override])
     assert load_config(None, ["model.thinking=false"]).model.thinking is False   # a bool field still takes one
+
+
+def test_an_empty_custom_reward_is_refused_not_read_as_none():
+    # `custom: ""` (an unset variable in a templated config) had silently meant the task's verifier.
+    with pytest.raises(ConfigError, match=r"reward\.custom: is empty"):
+        load_config(None, ['reward.custom=""'])
+    assert load_config(None, ["reward.custom=null"]).reward.custom is None

@@ -175,6 +175,15 @@ class RewardConfig(_Section):
         # YAML 1.1 reads an unquoted `off` (in a file or `--set reward.custom_sandbox=off`) as False.
         return "off" if value is False else value
 
+    @field_validator("custom")
+    @classmethod
+    def _custom_names_a_function(cls, value: str | None) -> str | None:
+        # `custom: ""` (an unset variable in a template) had silently meant "no custom reward".
+        if value is not None and not value.strip():
+            raise ValueError("is empty: name 'path/to/file.py:function_name', or leave it out (null) for the "
+                             "task's verifier")
+        return value
+
     @field_validator("custom_readable")
     @classmethod
     def _readable_paths_hide_nothing(cls, paths: list[str]) -> list[str]:
