@@ -54,6 +54,16 @@ def test_csv_reads_records_in_order(tmp_path):
     assert [(r.prompt_id, r.prompt, r.answer) for r in records] == [(0, "What is 2+3?", "5"), (1, "What is 4*4?", "16")]
 
 
+def test_a_field_written_twice_in_a_json_record_is_named(tmp_path):
+    # json keeps the last value: a record with "answer" twice trained on one of them silently.
+    (tmp_path / "d.jsonl").write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": "4", "answer": "5"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: field 'answer' appears twice in the record$"):
+        load_prompt_file(tmp_path / "d.jsonl")
+    (tmp_path / "d.json").write_text('[{"prompt": "1+1?", "prompt": "2+2?", "answer": "4"}]')
+    with pytest.raises(DataError, match=r"d\.json: field 'prompt' appears twice in one object$"):
+        load_prompt_file(tmp_path / "d.json")
+
+
 def test_csv_answers_are_the_text_in_the_file(tmp_path):
     # Read through pandas (datasets' csv reader) a column of numbers was typed: "1.50" became 1.5, "007"
     # 7, and with one decimal in the column "3" became "3.0"; "NA" was a missing value.

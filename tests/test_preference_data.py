@@ -67,7 +67,9 @@ def test_bad_rows_are_named_by_line_and_skipped_with_a_count(tmp_path):
 
 @pytest.mark.parametrize("line, why", [(_line(trace_chosen=None), "missing field 'trace_chosen'"),
                                        (b"\xff\xfe{}", "not valid UTF-8"),
-                                       (_line(empty_chosen="8"), "empty_chosen and empty_rejected are identical")])
+                                       (_line(empty_chosen="8"), "empty_chosen and empty_rejected are identical"),
+                                       (_line()[:-1] + b', "trace_chosen": "other"}',
+                                        "field 'trace_chosen' appears twice in the row")])
 def test_on_bad_row_error_stops_at_the_first_bad_row(tmp_path, line, why):
     path = _write(tmp_path / "prefs.jsonl", [_line(), line, _line(id=5)])
     with pytest.raises(DataError) as error:

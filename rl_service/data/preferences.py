@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from rl_service.data.prompts import read_data_file
+from rl_service.data.prompts import DuplicateKey, parse_json, read_data_file
 from rl_service.errors import DataError
 
 log = logging.getLogger("rl_service")
@@ -112,7 +112,9 @@ def load_preference_file(path: str | Path, on_bad_row: Literal["skip", "error"] 
             continue
         try:
             text = raw.decode("utf-8")
-            row, problem = _row_problem(json.loads(text), index, seen_ids, line_number)
+            row, problem = _row_problem(parse_json(text), index, seen_ids, line_number)
+        except DuplicateKey as exc:
+            row, problem = None, f"field '{exc}' appears twice in the row"
         except UnicodeDecodeError as exc:
             row, problem = None, f"not valid UTF-8 (byte {exc.start})"
         except json.JSONDecodeError as exc:

@@ -110,13 +110,34 @@ def read_data_file(path: Path, prefix: str = "") -> bytes:
         raise DataError(f"{prefix}{path}: cannot read ({exc.strerror or exc})") from None
 
 
+class DuplicateKey(ValueError):
+    """A JSON object with one key twice (the key is the message)."""
+
+
+def _object_without_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    # json keeps the last of two equal keys: a record with "answer" twice trained on one of them silently.
+    record = {}
+    for key, value in pairs:
+        if key in record:
+            raise DuplicateKey(key)
+        record[key] = value
+    return record
+
+
+def parse_json(text: str):
+    """`json.loads`, refusing an object with one key twice (DuplicateKey)."""
+    return json.loads(text, object_pairs_hook=_object_without_duplicate_keys)
+
+
 def _read_json_rows(path: Path) -> list[tuple[object, str]]:
     """Rows of a JSON array, or of JSON Lines (also accepted in a .json file)."""
     data = read_data_file(path).removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors) is fine
     if path.suffix == ".json":
         text = _decode_utf8(data, str(path))
         try:
-            document = json.loads(text)
+            document = parse_json(text)
+        except DuplicateKey as exc:
+            raise DataError(f"{path}: field '{exc}' appears twice in one object") from None
         except json.JSONDecodeError as exc:
             if text.lstrip().startswith("["):
                 raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
@@ -134,7 +155,9 @@ def _read_json_rows(path: Path) -> list[tuple[object, str]]:
             continue
         text = _decode_utf8(line, str(path), line_number)
         try:
-            rows.append((json.loads(text), f"{path}:{line_number}"))
+            rows.append((parse_json(text), f"{path}:{line_number}"))
+        except DuplicateKey as exc:
+            raise DataError(f"{path}:{line_number}: field '{exc}' appears twice in the record") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
         except RecursionError:
