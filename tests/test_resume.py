@@ -45,17 +45,41 @@ def _kill_after_checkpoint(run_dir, step: int, timeout_s: float = 240, config_na
         process.wait()
 
 
+# Each case's overrides on top of the short quickstart (sync mode unless the case says otherwise).
+RESUME_CASES = {
+    "full_weights": [],
+    # LoRA: the checkpoint holds the adapter (adapter/) and the optimizer state of the adapters only.
+    "lora": ["learner.lora.rank=4", "learner.lr=1e-3"],
+    # GVM with group statistics: steps 3-5 allocate new prompts from the groups' averages in the checkpoint.
+    "gvm_groups": ["statistics.allocation=gvm", "statistics.unseen_prompts=group", "statistics.n_pilot=2"],
+    # DAPO dynamic sampling: extra rounds draw more prompts from the sampler within a step.
+    "dynamic_sampling": ["algorithm.dynamic_sampling=true"],
+    "dynamic_sampling_samples_gvm": ["algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_target=samples",
+                                     "statistics.allocation=gvm", "statistics.n_pilot=2"],
+    "gvm_step_pilot": ["statistics.allocation=gvm", "statistics.mode=step_pilot", "statistics.n_pilot=2"],
+    # pass@k eval: 4 sampled completions per eval prompt beside the greedy ones.
+    "pass_at_k_eval": ["eval.samples=4"],
+}
+
+
+def _comparable(run_dir) -> list[dict]:
+    """`comparable_metrics` of a run's rows; the sampled eval's time (eval.samples) is a timing too, not
+    yet among conftest's TIMING_METRICS."""
+    return comparable_metrics([{key: value for key, value in row.items() if key != "eval_sampled_seconds"}
+                               for row in read_metrics(run_dir)])
+
+
+def _ledger(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["full_weights", "lora", "gvm_groups"])
+@pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, case):
     from rl_service.cli import main
 
-    # LoRA: the checkpoint holds the adapter (adapter/) and the optimizer state of the adapters only.
-    # GVM with group statistics: steps 3-5 allocate new prompts from the groups' averages in the checkpoint.
     lora = case == "lora"
-    extra = EXTRA + {"full_weights": [], "lora": ["learner.lora.rank=4", "learner.lr=1e-3"],
-                     "gvm_groups": ["statistics.allocation=gvm", "statistics.unseen_prompts=group",
-                                    "statistics.n_pilot=2"]}[case]
+    extra = EXTRA + RESUME_CASES[case]
     uninterrupted = tmp_path / "uninterrupted"
     run_short_job(uninterrupted, extra, steps=STEPS)
 
@@ -64,12 +88,17 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, case):
     assert not (killed / "summary.json").exists()
     assert main(["resume", str(killed)]) == 0
 
-    assert comparable_metrics(read_metrics(killed)) == comparable_metrics(read_metrics(uninterrupted))
+    assert _comparable(killed) == _comparable(uninterrupted)
     final = f"checkpoints/step_{STEPS}/" + ("adapter/adapter_model.safetensors" if lora else "model/model.safetensors")
     got, want = load_file(str(killed / final)), load_file(str(uninterrupted / final))
     assert got.keys() == want.keys() and all((got[name] == want[name]).all() for name in want)
+    assert _ledger(killed) == _ledger(uninterrupted)
     summary = json.loads((killed / "summary.json").read_text())
-    assert summary["steps"] == STEPS and summary["completions"] == STEPS * 4 * 4
+    want_summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["completions"] == want_summary["completions"]
+    # Dynamic sampling's extra rounds generate more than the trained budget.
+    extra_rounds = case.startswith("dynamic_sampling")
+    assert summary["completions"] >= STEPS * 4 * 4 if extra_rounds else summary["completions"] == STEPS * 4 * 4
     # keep_last=2: only the two newest checkpoints remain.
     assert sorted(path.name for path in (killed / "checkpoints").glob("step_*")) == ["step_4", f"step_{STEPS}"]
 
