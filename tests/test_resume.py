@@ -52,6 +52,8 @@ RESUME_CASES = {
     "lora": ["learner.lora.rank=4", "learner.lr=1e-3"],
     # GVM with group statistics: steps 3-5 allocate new prompts from the groups' averages in the checkpoint.
     "gvm_groups": ["statistics.allocation=gvm", "statistics.unseen_prompts=group", "statistics.n_pilot=2"],
+    # Async: step k+1's rollout was launched before step k trained, with the weights of step k-1.
+    "async_staleness_1": ["schedule.mode=async", "schedule.max_staleness=1"],
     # DAPO dynamic sampling: extra rounds draw more prompts from the sampler within a step.
     "dynamic_sampling": ["algorithm.dynamic_sampling=true"],
     "dynamic_sampling_samples_gvm": ["algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_target=samples",

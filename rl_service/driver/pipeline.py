@@ -52,6 +52,10 @@ class RolloutPipeline(Generic[Launched]):
             raise RuntimeError(f"rollouts are taken in step order: asked for step {step}, next is {launched_step}")
         return launched
 
+    def pending(self) -> list[tuple[int, Launched]]:
+        """(step, launched) of every rollout launched and not taken yet, in step order."""
+        return list(self._in_flight)
+
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)

@@ -59,6 +59,45 @@ class LaunchedRollout:
     allocation_metrics: dict = field(default_factory=dict)   # spread of this batch's counts (§GVM)
 
 
+def _plain(value):
+    """`value` with numpy arrays and scalars as lists and Python numbers (JSON, and back exactly)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    return value
+
+
+def launched_state(launched: LaunchedRollout) -> dict:
+    """A launched batch, waited for, as JSON-able data: what a checkpoint keeps of a rollout still in
+    flight (async mode), since it was sampled with weights the checkpoint no longer holds."""
+    import ray
+
+    shards = ray.get(launched.shard_refs)
+    return {"prompt_ids": [record.prompt_id for record in launched.records], "counts": _plain(launched.counts),
+            "sampler_state": launched.sampler_state, "allocation_metrics": _plain(launched.allocation_metrics),
+            "shards": [_plain({name: getattr(shard, name) for name in shard.__dataclass_fields__}) for shard in shards],
+            "scores": _plain(ray.get(launched.score_refs))}
+
+
+def launched_from_state(state: dict, records_by_id: dict) -> LaunchedRollout:
+    """The launched batch `launched_state` kept, its samples and scores back in the object store."""
+    import ray
+
+    from rl_service.rollout import Rollout
+
+    shards = []
+    for shard in state["shards"]:
+        shard = dict(shard)
+        shard["behaviour_logprobs"] = [np.asarray(row, dtype=np.float32) for row in shard["behaviour_logprobs"]]
+        shards.append(Rollout(**shard))
+    return LaunchedRollout([records_by_id[prompt_id] for prompt_id in state["prompt_ids"]], state["counts"],
+                           [ray.put(shard) for shard in shards], [ray.put(part) for part in state["scores"]],
+                           state["sampler_state"], state["allocation_metrics"])
+
+
 class RolloutClient:
     """Both job kinds' way to the pool and the reward actors: RL steps and their extra rounds, the
     preference step (reasoning on and off in one batch, §BVPO.2), and every evaluation."""

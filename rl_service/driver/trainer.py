@@ -22,6 +22,7 @@ and what the driver itself costs.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -36,7 +37,8 @@ from rl_service.driver.evaluation import accuracy_by_group
 from rl_service.driver.pipeline import RolloutPipeline
 from rl_service.driver.roles import Roles
 from rl_service.rollout import SamplingParams, step_seed
-from rl_service.driver.rollout_client import LaunchedRollout, PhaseTimer, RolloutClient
+from rl_service.driver.rollout_client import (LaunchedRollout, PhaseTimer, RolloutClient, launched_from_state,
+                                              launched_state)
 from rl_service.driver.run_dir import RunDirectory
 from rl_service.driver.step_metrics import step_metrics
 from rl_service.driver.step_rounds import StepRounds
@@ -57,6 +59,10 @@ def prepare_job(config: JobConfig) -> PreparedJob:
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     check_job_inputs(config, task, tokenizer)   # weights vs config, batch size, prompt lengths
     return PreparedJob(config=config, task=task, tokenizer=tokenizer)
+
+
+# Async checkpoints: the rollouts launched ahead of the checkpoint's step (samples and scores).
+IN_FLIGHT_FILE = "rollouts_in_flight.json"
 
 
 def _seed_for(config: JobConfig, step: int, purpose: int) -> int:
@@ -214,6 +220,12 @@ class Trainer(TrainerBase):
         self.totals = {key: value for key, value in state["totals"].items() if key != "train_wall_s"}
         self.weight_version = int(state["weight_version"])
         self.pipeline.next_to_launch = int(state["step"]) + 1
+        records_by_id = {record.prompt_id: record for record in self.task.train}
+        if state.get("in_flight_steps"):   # async: the rollouts launched ahead of the checkpoint, as they were
+            in_flight = json.loads((checkpoint / IN_FLIGHT_FILE).read_text(encoding="utf-8"))
+            for entry in in_flight:
+                self.pipeline.add(int(entry["step"]), launched_from_state(entry, records_by_id))
+                self.sampler.load_state_dict(entry["sampler_state"])   # the cursor after the newest one drew
         statistics = load_file(str(checkpoint / "statistics.safetensors"))
         ray.get(self.roles.statistics.load_state_dict.remote(statistics))
         self.weight_sync.publish(self.weight_version)
@@ -224,10 +236,19 @@ class Trainer(TrainerBase):
         statistics = ray.get(self.roles.statistics.state_dict.remote())
         # The cursor after the last trained batch: async mode has drawn batches ahead of it.
         totals = {**self.totals, "train_wall_s": self.train_wall_s()}
+        # Async mode: rollouts of later steps are in flight, sampled with weights older than the
+        # checkpoint's. A resume could not sample them again, so they are waited for and kept.
+        in_flight = [{"step": ahead, **launched_state(launched)} for ahead, launched in self.pipeline.pending()]
         state = {"step": step, "weight_version": self.weight_version, "sampler": self.trained_sampler_state,
-                 "totals": totals, "eval_history": self.eval_history}
-        return self.run_dir.write_checkpoint(
-            step, lambda directory: ray.get(self.roles.learner.save_checkpoint.remote(directory)), statistics, state)
+                 "totals": totals, "eval_history": self.eval_history,
+                 "in_flight_steps": [entry["step"] for entry in in_flight]}
+
+        def save(directory: str) -> None:
+            ray.get(self.roles.learner.save_checkpoint.remote(directory))
+            if in_flight:
+                (Path(directory) / IN_FLIGHT_FILE).write_text(json.dumps(in_flight), encoding="utf-8")
+
+        return self.run_dir.write_checkpoint(step, save, statistics, state)
 
 
 def run_training(job: PreparedJob, run_dir_path: str | Path, resume_from: Path | None = None) -> dict:
