@@ -58,6 +58,9 @@ RESUME_CASES = {
     "dynamic_sampling": ["algorithm.dynamic_sampling=true"],
     "dynamic_sampling_samples_gvm": ["algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_target=samples",
                                      "statistics.allocation=gvm", "statistics.n_pilot=2"],
+    # Offline pilot, chunks of 3 steps: the checkpoint of step 2 (or 4) falls inside a chunk.
+    "gvm_offline_pilot_mid_chunk": ["statistics.allocation=gvm", "statistics.mode=offline_pilot",
+                                    "statistics.chunk_steps=3", "statistics.n_pilot=2"],
     "gvm_step_pilot": ["statistics.allocation=gvm", "statistics.mode=step_pilot", "statistics.n_pilot=2"],
     # pass@k eval: 4 sampled completions per eval prompt beside the greedy ones.
     "pass_at_k_eval": ["eval.samples=4"],
@@ -98,8 +101,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, case):
     summary = json.loads((killed / "summary.json").read_text())
     want_summary = json.loads((uninterrupted / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["completions"] == want_summary["completions"]
-    # Dynamic sampling's extra rounds generate more than the trained budget.
-    extra_rounds = case.startswith("dynamic_sampling")
+    # Pilots and dynamic sampling's extra rounds generate more than the trained budget.
+    extra_rounds = case.startswith(("dynamic_sampling", "gvm_offline_pilot"))
     assert summary["completions"] >= STEPS * 4 * 4 if extra_rounds else summary["completions"] == STEPS * 4 * 4
     # keep_last=2: only the two newest checkpoints remain.
     assert sorted(path.name for path in (killed / "checkpoints").glob("step_*")) == ["step_4", f"step_{STEPS}"]

@@ -67,6 +67,12 @@ class OnlineBatches:
     def pop_pilot_completions(self) -> int:
         return 0   # no pilot: every sample generated is a training sample
 
+    def state_dict(self) -> dict | None:
+        return None   # nothing beyond the sampler's cursor
+
+    def load_state_dict(self, state: dict | None, records_by_id: dict) -> None:
+        pass
+
 
 class StepPilotBatches(OnlineBatches):
     """Step pilot (ours): `n_pilot` per prompt now, the rest of the budget after the pilot is scored."""
@@ -99,6 +105,17 @@ class OfflinePilotBatches:
     def pop_pilot_completions(self) -> int:
         pilot, self.pilot_completions = self.pilot_completions, 0
         return pilot
+
+    def state_dict(self) -> dict:
+        """The chunk's batches not handed out yet, with their counts: a checkpoint inside a chunk
+        keeps them, since its pilot ran on weights (and drew prompts) the checkpoint no longer has."""
+        return {"queue": [{"prompt_ids": [record.prompt_id for record in batch], "counts": [int(n) for n in counts],
+                           "spread": {key: float(value) for key, value in spread.items()}}
+                          for batch, counts, spread in self.queue]}
+
+    def load_state_dict(self, state: dict | None, records_by_id: dict) -> None:
+        self.queue = deque(([records_by_id[prompt_id] for prompt_id in entry["prompt_ids"]], entry["counts"],
+                            entry["spread"]) for entry in (state or {}).get("queue", []))
 
     def _pilot_next_chunk(self, step: int, timer) -> None:
         import ray

@@ -221,6 +221,7 @@ class Trainer(TrainerBase):
         self.weight_version = int(state["weight_version"])
         self.pipeline.next_to_launch = int(state["step"]) + 1
         records_by_id = {record.prompt_id: record for record in self.task.train}
+        self.batches.load_state_dict(state.get("batch_source"), records_by_id)
         if state.get("in_flight_steps"):   # async: the rollouts launched ahead of the checkpoint, as they were
             in_flight = json.loads((checkpoint / IN_FLIGHT_FILE).read_text(encoding="utf-8"))
             for entry in in_flight:
@@ -240,7 +241,7 @@ class Trainer(TrainerBase):
         # checkpoint's. A resume could not sample them again, so they are waited for and kept.
         in_flight = [{"step": ahead, **launched_state(launched)} for ahead, launched in self.pipeline.pending()]
         state = {"step": step, "weight_version": self.weight_version, "sampler": self.trained_sampler_state,
-                 "totals": totals, "eval_history": self.eval_history,
+                 "totals": totals, "eval_history": self.eval_history, "batch_source": self.batches.state_dict(),
                  "in_flight_steps": [entry["step"] for entry in in_flight]}
 
         def save(directory: str) -> None:
