@@ -212,3 +212,16 @@ def test_an_empty_custom_reward_is_refused_not_read_as_none():
     with pytest.raises(ConfigError, match=r"reward\.custom: is empty"):
         load_config(None, ['reward.custom=""'])
     assert load_config(None, ["reward.custom=null"]).reward.custom is None
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["data.train_path=mine.jsonl"], "data.train_path is set but data.source is 'arithmetic'"),
+    (["data.eval_path=held_out.jsonl"], "data.eval_path is set but data.source is 'arithmetic'"),
+    (["data.hf.path=/data/math"], "data.hf is set but data.source is 'arithmetic'"),
+    (["data.source=hf", "data.hf.path=/data/math", "data.train_path=mine.jsonl"],
+     "data.train_path is set but data.source is 'hf'"),
+])
+def test_a_data_file_the_source_does_not_read_is_refused(overrides, named):
+    # Without data.source: jsonl, a train_path was ignored and the run trained on the built-in task.
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, overrides)
