@@ -8,22 +8,10 @@ from pathlib import Path
 import pytest
 
 from rl_service.cli import EXIT_USER_ERROR, main
+from test_bad_inputs import one_line_cli_error
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "tests/bad_inputs/configs/base.yaml"
-
-
-def _one_line_error(args: list[str], capsys, monkeypatch) -> str:
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("RL_SERVICE_SUBMISSION_ID", "bad-input-sweep")
-    code = main(args)
-    out, err = capsys.readouterr()
-    assert code == EXIT_USER_ERROR, f"exit {code}; stdout: {out!r}; stderr: {err!r}"
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("rl-service: error: "), lines[0]
-    return lines[0]
 
 
 # Ray refuses these in .options() once the roles start (ValueError, rc 1, a traceback, and a run
@@ -37,7 +25,7 @@ def _one_line_error(args: list[str], capsys, monkeypatch) -> str:
     ("learner.num_gpus=0.00005", "learner.num_gpus: 5e-05 is finer than"),
 ])
 def test_ray_resource_amounts_ray_refuses_are_refused_by_validate(override, expect, capsys, monkeypatch):
-    line = _one_line_error(["validate", BASE, "--set", override], capsys, monkeypatch)
+    line = one_line_cli_error(["validate", BASE, "--set", override], capsys, monkeypatch)
     assert expect in line, line
 
 
@@ -52,7 +40,7 @@ def test_ray_resource_amounts_ray_refuses_are_refused_by_validate(override, expe
 ])
 def test_arithmetic_split_sizes_the_generator_cannot_make_are_config_errors(overrides, expect, capsys, monkeypatch):
     args = ["validate", BASE] + [part for override in overrides for part in ("--set", override)]
-    line = _one_line_error(args, capsys, monkeypatch)
+    line = one_line_cli_error(args, capsys, monkeypatch)
     assert expect in line, line
 
 
@@ -84,7 +72,7 @@ def test_an_unreadable_input_file_is_named_in_one_line(kind, tmp_path, capsys, m
         args += ["--set", f"data.train_path={data}"]
     target = config if kind == "config" else data
     _unreadable(monkeypatch, target)
-    line = _one_line_error(args, capsys, monkeypatch)
+    line = one_line_cli_error(args, capsys, monkeypatch)
     assert f"{target}: cannot read (Permission denied)" in line, line
 
 
@@ -115,7 +103,7 @@ def test_a_data_file_in_a_directory_that_cannot_be_entered_is_named(tmp_path, ca
     data = tmp_path / "locked" / "train.jsonl"
     data.write_text('{"prompt": "1+1?", "answer": "2"}\n')
     _untraversable(monkeypatch, tmp_path / "locked")
-    line = _one_line_error(["validate", "tests/bad_inputs/configs/base_jsonl.yaml", "--set", "data.prompts_per_step=1",
+    line = one_line_cli_error(["validate", "tests/bad_inputs/configs/base_jsonl.yaml", "--set", "data.prompts_per_step=1",
                             "--set", f"data.train_path={data}"], capsys, monkeypatch)
     assert f"{data}: cannot read (Permission denied)" in line, line
 
@@ -123,7 +111,7 @@ def test_a_data_file_in_a_directory_that_cannot_be_entered_is_named(tmp_path, ca
 def test_a_run_dir_in_a_directory_that_cannot_be_entered_is_refused_before_ray(tmp_path, capsys, monkeypatch):
     (tmp_path / "locked").mkdir()
     _untraversable(monkeypatch, tmp_path / "locked")
-    line = _one_line_error(["run", BASE, "--run-dir", str(tmp_path / "locked" / "run")], capsys, monkeypatch)
+    line = one_line_cli_error(["run", BASE, "--run-dir", str(tmp_path / "locked" / "run")], capsys, monkeypatch)
     assert f"--run-dir {tmp_path / 'locked' / 'run'}: cannot look there (Permission denied)" in line, line
 
 
@@ -143,7 +131,7 @@ def test_an_unreadable_file_of_a_local_hf_dataset_is_named(tmp_path, capsys, mon
 
     monkeypatch.setattr(builtins, "open", refuse)
     monkeypatch.setattr(io, "open", refuse)
-    line = _one_line_error(["validate", "tests/bad_inputs/configs/base_hf.yaml", "--set", f"data.hf.path={dataset}"],
+    line = one_line_cli_error(["validate", "tests/bad_inputs/configs/base_hf.yaml", "--set", f"data.hf.path={dataset}"],
                            capsys, monkeypatch)
     assert f"{locked}: cannot read (Permission denied)" in line, line
 
@@ -158,7 +146,7 @@ def test_other_inputs_in_a_directory_that_cannot_be_entered_are_named(kind, tmp_
             "reward": ["validate", BASE, "--set", f"reward.custom={target}:reward", "--set", "reward.custom_sandbox=off"],
             "preferences": ["validate", "configs/bvpo_offline.yaml", "--set", f"preference.dataset_path={target}"]}[kind]
     _untraversable(monkeypatch, locked)
-    line = _one_line_error(args, capsys, monkeypatch)
+    line = one_line_cli_error(args, capsys, monkeypatch)
     assert f"{target}: cannot read (Permission denied)" in line, line
 
 
@@ -185,7 +173,7 @@ def test_an_empty_run_dir_is_refused_not_read_as_the_default(tmp_path, capsys, m
 ])
 def test_an_empty_path_argument_is_named_as_empty(args, expect, capsys, monkeypatch):
     # Read as "." before: ": is a directory, not a config file", ".: not a run directory".
-    line = _one_line_error(args, capsys, monkeypatch)
+    line = one_line_cli_error(args, capsys, monkeypatch)
     assert line == expect, line
 
 
@@ -196,7 +184,7 @@ def test_an_empty_path_argument_is_named_as_empty(args, expect, capsys, monkeypa
     ("cluster.address=10.0.0.1:99999", "cluster.address: '10.0.0.1:99999' is not a Ray address"),
 ])
 def test_values_validate_let_through(override, expect, capsys, monkeypatch):
-    line = _one_line_error(["validate", BASE, "--set", override], capsys, monkeypatch)
+    line = one_line_cli_error(["validate", BASE, "--set", override], capsys, monkeypatch)
     assert expect in line, line
 
 

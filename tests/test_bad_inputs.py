@@ -37,22 +37,29 @@ def test_corpus_is_large_named_uniquely_and_has_no_stray_files():
             assert f"{folder}/{entry.name}" in mentioned, f"tests/bad_inputs/{folder}/{entry.name} is in no case"
 
 
-@pytest.mark.parametrize("case", CASES["cli"], ids=_ids(CASES["cli"]))
-def test_cli_reports_one_line_and_exits_2(case, capsys, monkeypatch):
-    monkeypatch.chdir(REPO)  # the cases' paths are relative to the repository, like a user's
+def one_line_cli_error(args: list, capsys, monkeypatch) -> str:
+    """The CLI's one error line for `args`, run in this process from the repository (the cases' paths
+    are relative to it, like a user's), asserting exit code 2, one line and no traceback."""
+    monkeypatch.chdir(REPO)
     monkeypatch.setenv("RL_SERVICE_SUBMISSION_ID", "bad-inputs-corpus")   # `run` would set one for this process
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         # The job commands clear or set these; setenv first so that monkeypatch restores them afterwards.
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
-    code = main([str(arg) for arg in case["args"]])
+    code = main([str(arg) for arg in args])
     out, err = capsys.readouterr()
     assert code == EXIT_USER_ERROR, f"exit {code}; stdout: {out!r}; stderr: {err!r}"
     assert "Traceback" not in err
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("rl-service: error: "), lines[0]
-    assert case["expect"] in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", CASES["cli"], ids=_ids(CASES["cli"]))
+def test_cli_reports_one_line_and_exits_2(case, capsys, monkeypatch):
+    line = one_line_cli_error(case["args"], capsys, monkeypatch)
+    assert case["expect"] in line, line
 
 
 @pytest.mark.parametrize("case", CASES["reward_runtime"], ids=_ids(CASES["reward_runtime"]))
