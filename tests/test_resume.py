@@ -54,6 +54,7 @@ RESUME_CASES = {
     "gvm_groups": ["statistics.allocation=gvm", "statistics.unseen_prompts=group", "statistics.n_pilot=2"],
     # Async: step k+1's rollout was launched before step k trained, with the weights of step k-1.
     "async_staleness_1": ["schedule.mode=async", "schedule.max_staleness=1"],
+    "async_staleness_2": ["schedule.mode=async", "schedule.max_staleness=2"],
     # DAPO dynamic sampling: extra rounds draw more prompts from the sampler within a step.
     "dynamic_sampling": ["algorithm.dynamic_sampling=true"],
     "dynamic_sampling_samples_gvm": ["algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_target=samples",
