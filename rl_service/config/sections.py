@@ -76,8 +76,8 @@ class DataConfig(_Section):
     source: Literal["arithmetic", "jsonl", "hf"] = Field(
         "arithmetic", description="built-in synthetic task, JSONL/JSON/CSV/Parquet files, or a local Hugging Face "
                                   "dataset (data.hf)")
-    train_path: str | None = Field(None, description="JSONL/JSON file with `prompt` and `answer` per record (source=jsonl)")
-    eval_path: str | None = Field(None, description="held-out JSONL file (source=jsonl); none: no eval")
+    train_path: str | None = Field(None, description=".jsonl/.json/.csv/.parquet file with `prompt` and `answer` per record (source=jsonl)")
+    eval_path: str | None = Field(None, description="held-out .jsonl/.json/.csv/.parquet file (source=jsonl); none: no eval")
     group_field: str | None = Field(None, min_length=1, description="source=jsonl: field naming each prompt's group of "
                                                                    "alike prompts (a difficulty level): eval accuracy "
                                                                    "per group, statistics.unseen_prompts 'group'")
