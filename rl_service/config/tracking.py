@@ -55,7 +55,7 @@ class LoggingConfig(_Section):
                                            "norm, completions/s, phase shares) when stdout is not a terminal or the bar "
                                            "is off; every evaluation is logged with its step; 0 = no step lines")
     output_dir: str = Field(
-        "runs", min_length=1, description="where run directories go: <output_dir>/<job_name>-<timestamp> for `run`, "
+        "runs", min_length=1, description="where run directories go: <output_dir>/<job_name>-<timestamp>-<hex> for `run`, "
                                           "<output_dir>/<job id> for `submit` (made absolute on the submitting "
                                           "machine; on a multi-node cluster use storage every node mounts); "
                                           "--run-dir names the run directory itself")
