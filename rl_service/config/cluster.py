@@ -17,7 +17,8 @@ class ClusterConfig(_Section):
     include_dashboard: bool = Field(False, description="start the Ray dashboard with a local Ray (about +1 GB)")
     torch_threads: int | None = Field(None, ge=1, le=1024, description="torch threads per actor (none: all cores; sync mode runs one role at a time)")
     max_role_failures: int = Field(
-        3, ge=0, le=1000, description="role deaths (generator, reward, statistics, learner) a run recovers from by "
+        3, ge=0, le=1000, description="role deaths (generator, statistics, learner; Ray itself restarts a dead reward actor, "
+                                      "up to 3 times, and retries its call) a run recovers from by "
                                       "restarting every role from the newest checkpoint; 0 = fail at the first")
 
     @field_validator("address")
