@@ -96,15 +96,17 @@ class DataConfig(_Section):
             raise ValueError("data.train_path is required when data.source is 'jsonl'")
         if self.source == "hf" and self.hf is None:
             raise ValueError("data.hf (at least data.hf.path) is required when data.source is 'hf'")
-        # A file named under another source was ignored: the run trained on the built-in task instead.
+        # A file named with data.source left at its default was ignored: the run trained on the built-in
+        # task instead. A source chosen explicitly (`--set data.source=arithmetic` on a jsonl job, a
+        # smoke test) is the user's word, its files unread on purpose.
         unused = [name for name, value, source in (("train_path", self.train_path, "jsonl"),
                                                    ("eval_path", self.eval_path, "jsonl"),
                                                    ("group_field", self.group_field, "jsonl"), ("hf", self.hf, "hf"))
-                  if value is not None and self.source != source]
+                  if value is not None and self.source != source and "source" not in self.model_fields_set]
         if unused:
             wanted = "jsonl" if unused[0] != "hf" else "hf"
-            raise ValueError(f"data.{unused[0]} is set but data.source is '{self.source}', which does not read it: "
-                             f"set data.source: {wanted} (or remove data.{unused[0]})")
+            raise ValueError(f"data.{unused[0]} is set but data.source is not, and its default '{self.source}' does "
+                             f"not read it: set data.source: {wanted}")
         return self
 
 
