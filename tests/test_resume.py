@@ -150,9 +150,10 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
 
 
 def _save_complete(directory: str) -> None:
-    """A learner's part of a checkpoint as `write_checkpoint` expects it: weights and learner state."""
+    """A learner's part of a checkpoint as `write_checkpoint` expects it: weights (a model/ with its
+    config and safetensors, as a complete checkpoint needs) and learner state."""
     os.makedirs(os.path.join(directory, "model"))
-    for name in ("learner_state.json", "learner_state.safetensors"):
+    for name in ("model/config.json", "model/model.safetensors", "learner_state.json", "learner_state.safetensors"):
         Path(directory, name).write_bytes(b"")
 
 
@@ -169,6 +170,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
             model = Path(directory) / "model"
             model.mkdir()
             (model / "model.safetensors").write_bytes(b"partial")
+            (model / "config.json").write_text("{{}}")
             for name in ("learner_state.json", "learner_state.safetensors"):
                 (Path(directory) / name).write_bytes(b"")
             if stall:
