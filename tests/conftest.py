@@ -54,7 +54,7 @@ def run_short_job(run_dir: Path, extra: list[str] | None = None, steps: int = 3)
 TIMING_METRICS = frozenset({
     "completions_per_s", "tokens_per_s", "step_seconds", "train_seconds", "eval_seconds", "weight_sync_seconds",
     "driver_overhead_fraction", "time_generate_s", "time_reward_s", "time_statistics_s", "time_train_s",
-    "time_publish_s", "time_scale_s", "time_driver_s"})
+    "time_publish_s", "time_scale_s", "time_driver_s", "eval_sampled_seconds"})
 # Fractions an earlier comparison skipped (any name containing "fraction"): compared now, checked present.
 FRACTIONS = {"accepted_fraction", "truncated_fraction", "nonfinite_update_fraction", "clip_frac_low", "clip_frac_high",
              "padding_fraction", "zero_variance_sample_fraction", "stale_sample_fraction"}

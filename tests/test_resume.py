@@ -71,13 +71,6 @@ RESUME_CASES = {
 }
 
 
-def _comparable(run_dir) -> list[dict]:
-    """`comparable_metrics` of a run's rows; the sampled eval's time (eval.samples) is a timing too, not
-    yet among conftest's TIMING_METRICS."""
-    return comparable_metrics([{key: value for key, value in row.items() if key != "eval_sampled_seconds"}
-                               for row in read_metrics(run_dir)])
-
-
 def _ledger(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
 
@@ -97,7 +90,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, case):
     assert not (killed / "summary.json").exists()
     assert main(["resume", str(killed)]) == 0
 
-    assert _comparable(killed) == _comparable(uninterrupted)
+    assert comparable_metrics(read_metrics(killed)) == comparable_metrics(read_metrics(uninterrupted))
     final = f"checkpoints/step_{STEPS}/" + ("adapter/adapter_model.safetensors" if lora else "model/model.safetensors")
     got, want = load_file(str(killed / final)), load_file(str(uninterrupted / final))
     assert got.keys() == want.keys() and all((got[name] == want[name]).all() for name in want)
