@@ -17,7 +17,7 @@ class LoraConfig(_Section):
                                   "or module names matched as peft does (q_proj, v_proj, ...)")
     save_merged: bool = Field(
         False, description="checkpoints also hold the merged model (model/); the adapter (adapter/, loadable by "
-                           "peft) is always saved, and the run's final model is saved merged, with its adapter")
+                           "peft) is always saved (the final checkpoint too: without this it has no model/)")
 
     @field_validator("target_modules")
     @classmethod
