@@ -131,7 +131,7 @@ class GeneratorConfig(_Section):
                             "prefilled once, static KV cache, stopped rows dropped; fastest for small models on CPU)")
     tensor_parallel: int = Field(1, ge=1, le=64, description="GPUs per vLLM engine (tensor parallel; GPU clusters only)")
     kv_cache_blocks: int | None = Field(
-        512, ge=16, description="vLLM KV-cache blocks per engine (16 tokens each); none: vLLM sizes it from memory "
+        512, ge=16, description="vLLM KV-cache blocks per engine (vLLM's block size each: 16 tokens on GPU, 128 on CPU); none: vLLM sizes it from memory "
                                 "(on CPU VLLM_CPU_KVCACHE_SPACE GiB, resident)")
     num_engines: int = Field(1, ge=1, le=1024, description="GeneratorActors in the pool")
     samples_per_prompt: int = Field(8, ge=1, le=4096, description="completions per prompt (uniform allocation)")
