@@ -178,6 +178,27 @@ def test_a_checkpoint_whose_weights_folder_lacks_the_weights_is_damaged(tmp_path
     assert checkpoint_problem(adapter) == "no adapter/adapter_model.safetensors"
 
 
+def test_an_async_checkpoint_resumes_only_under_a_staleness_bound_that_takes_its_rollouts(tmp_path):
+    # Its rollouts in flight were sampled with older weights; a resume in sync mode (or a smaller
+    # bound) failed at the first step's staleness check, after Ray started. Without the file that
+    # holds them, the checkpoint is damaged (it had failed with FileNotFoundError inside the run).
+    import json
+
+    from rl_service.config import load_config
+    from rl_service.driver.run_dir import IN_FLIGHT_FILE, checkpoint_problem, resumable_checkpoint
+
+    run = tmp_path / "run"
+    checkpoint = fake_checkpoint(run, 2)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "in_flight_steps": [3, 4]}))
+    assert checkpoint_problem(checkpoint) == f"no {IN_FLIGHT_FILE}"
+    (checkpoint / IN_FLIGHT_FILE).write_text("[]")
+    for overrides in (["schedule.mode=sync"], ["schedule.mode=async", "schedule.max_staleness=1"]):
+        with pytest.raises(UserError, match=r"schedule: .*steps \[3, 4\].*max_staleness >= 2"):
+            resumable_checkpoint(run, load_config(None, ["steps=9", *overrides]))
+    config = load_config(None, ["steps=9", "schedule.mode=async", "schedule.max_staleness=2"])
+    assert resumable_checkpoint(run, config) == checkpoint
+
+
 def test_resume_refuses_to_turn_lora_on_or_off_before_ray_starts(tmp_path):
     # A resume that turned LoRA on failed inside Ray, after rewriting config.yaml with the override,
     # so every later plain resume failed the same way.

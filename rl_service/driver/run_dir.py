@@ -32,6 +32,8 @@ def _jsonable(value):
 
 # Every checkpoint holds these, besides its weights (`model/`, or `adapter/` under LoRA).
 CHECKPOINT_FILES = ("trainer_state.json", "learner_state.json", "learner_state.safetensors", "statistics.safetensors")
+# An async run's checkpoint also holds the rollouts launched ahead of its step (samples and scores).
+IN_FLIGHT_FILE = "rollouts_in_flight.json"
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
@@ -50,9 +52,12 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     if missing:
         return f"no {', '.join(missing)}"
     try:
-        int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["step"])
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        int(state["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return "trainer_state.json is not readable"
+    if state.get("in_flight_steps") and not (checkpoint / IN_FLIGHT_FILE).is_file():
+        return f"no {IN_FLIGHT_FILE}"
     return None
 
 
@@ -93,10 +98,19 @@ def resumable_checkpoint(run_dir: Path, config: JobConfig) -> Path:
     if damaged:
         logging.getLogger("rl_service").warning("%s: resuming from %s; newer checkpoints cannot be: %s", run_dir,
                                                 checkpoint.name, "; ".join(damaged))
-    done = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["step"]
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    done = state["step"]
     if config.steps <= done:
         raise UserError(f"{run_dir}: already trained {done} steps and its config says steps: {config.steps}; "
                         f"to train more, `rl-service resume {run_dir} --set steps=N` with N > {done}")
+    # Async mode: rollouts sampled ahead of the checkpoint, with older weights, go back in flight; a
+    # smaller staleness bound (or sync mode) would refuse them at the first step, after Ray started.
+    in_flight = state.get("in_flight_steps") or []
+    bound = config.schedule.max_staleness if config.schedule.mode == "async" else 0
+    if len(in_flight) > bound:
+        raise UserError(f"schedule: {checkpoint} holds the rollouts of steps {in_flight}, sampled ahead with older "
+                        f"weights (async mode); resume with schedule.mode: async and schedule.max_staleness >= "
+                        f"{len(in_flight)}, as the run began")
     has_adapter = (checkpoint / "adapter").is_dir()
     if has_adapter != (config.learner.lora is not None):
         held = "a LoRA adapter (adapter/)" if has_adapter else "full weights, no LoRA adapter"

@@ -39,7 +39,7 @@ from rl_service.driver.roles import Roles
 from rl_service.rollout import SamplingParams, step_seed
 from rl_service.driver.rollout_client import (LaunchedRollout, PhaseTimer, RolloutClient, launched_from_state,
                                               launched_state)
-from rl_service.driver.run_dir import RunDirectory
+from rl_service.driver.run_dir import IN_FLIGHT_FILE, RunDirectory
 from rl_service.driver.step_metrics import step_metrics
 from rl_service.driver.step_rounds import StepRounds
 from rl_service.tasks import check_job_inputs, load_task
@@ -59,10 +59,6 @@ def prepare_job(config: JobConfig) -> PreparedJob:
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     check_job_inputs(config, task, tokenizer)   # weights vs config, batch size, prompt lengths
     return PreparedJob(config=config, task=task, tokenizer=tokenizer)
-
-
-# Async checkpoints: the rollouts launched ahead of the checkpoint's step (samples and scores).
-IN_FLIGHT_FILE = "rollouts_in_flight.json"
 
 
 def _seed_for(config: JobConfig, step: int, purpose: int) -> int:
