@@ -174,6 +174,25 @@ def test_a_sigterm_after_ray_has_shut_down_does_not_kill_a_stopped_run(tmp_path)
     assert "rl-service: stopped by SIGTERM" in stopped.stderr
 
 
+def test_a_stop_belongs_to_the_session_it_stopped(tmp_path, monkeypatch):
+    # One process may run several sessions (a benchmark's runs, tests): an earlier session's stop made
+    # every later one take its errors for a stop and ignore SIGTERM after its Ray shut down.
+    from rl_service.driver import stop_signal
+
+    monkeypatch.setattr(stop_signal, "_REQUESTED", [])
+    original = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(stop_signal.StopRequested):
+            with stop_signal.stop_on_sigterm(tmp_path):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)   # the handler raises here
+        assert stop_signal.stop_requested() is not None
+        with stop_signal.stop_on_sigterm(tmp_path):
+            assert stop_signal.stop_requested() is None
+    finally:
+        signal.signal(signal.SIGTERM, original)
+
+
 def test_ctrl_c_names_the_checkpoint_to_resume_as_sigterm_does(tmp_path):
     run = tmp_path / "run"
     stderr, returncode = _stop_after_the_first_checkpoint(run, lambda driver: driver.send_signal(signal.SIGINT))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -299,7 +300,7 @@ def ray_session(config: JobConfig, start: Callable[[JobConfig, str], Roles], ver
         if roles is not None:
             stop_roles(roles)
         ray.shutdown()
-        if stop_requested():
+        if stop_requested() and threading.current_thread() is threading.main_thread():
             # Ray's shutdown puts SIGTERM back to its default action (its C++ UninstallSignalAction):
             # a second stop during the interpreter's exit had killed the stopped run by signal.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -53,6 +53,7 @@ def stop_on_sigterm(run_dir: Path) -> Iterator[None]:
         yield
         return
 
+    _REQUESTED.clear()   # a process may run several sessions (benchmarks, tests): only this one's stop counts
     stopping = False
 
     def stop(_signum, _frame):
