@@ -103,11 +103,9 @@ _RUNNING: list[Path] = []     # that run directory, for the line Ctrl-C prints
 
 def _command_run(args) -> int:
     from rl_service.config import load_config
-    from rl_service.driver.run_dir import lock_run_dir, prepare_run_dir
+    from rl_service.driver.run_dir import lock_run_dir, prepare_run_dir, refuse_empty_run_dir
 
-    if args.run_dir is not None and not args.run_dir.strip():   # an unset shell variable: not the default place
-        raise UserError("--run-dir is empty: name the run directory, or leave --run-dir out for "
-                        "<logging.output_dir>/<run id>")
+    refuse_empty_run_dir(args.run_dir)
     if args.resume and not args.run_dir:
         raise UserError("run --resume needs --run-dir: the run directory to continue")
     config = load_config(args.config, args.overrides)

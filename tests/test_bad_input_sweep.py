@@ -167,6 +167,16 @@ def test_an_empty_run_dir_is_refused_not_read_as_the_default(tmp_path, capsys, m
     assert list(tmp_path.iterdir()) == []   # no runs/ made
 
 
+def test_submit_with_an_empty_run_dir_is_refused_before_any_request(capsys, monkeypatch):
+    # It fell back to <output_dir>/<job id> on the cluster, as run did.
+    from conftest import unreachable_url
+
+    with unreachable_url() as nowhere:
+        line = one_line_cli_error(["submit", BASE, "--run-dir", "", "--address", nowhere], capsys, monkeypatch)
+    assert line == "rl-service: error: --run-dir is empty: name the run directory, or leave --run-dir out for " \
+                   "<logging.output_dir>/<run id>", line
+
+
 @pytest.mark.parametrize("args, expect", [
     (["validate", ""], "rl-service: error: the config path is empty: name a YAML job file (e.g. configs/quickstart.yaml)"),
     (["resume", ""], "rl-service: error: the run directory is empty: name a run directory or a job id"),

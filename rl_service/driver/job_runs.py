@@ -40,6 +40,9 @@ def check_local_paths(config, working_dir: Path) -> None:
 
 def submit_run_dir(run_dir: str | None, config, job_id: str, working_dir: Path) -> Path:
     """The absolute run directory of a job about to be submitted (see the module docstring)."""
+    from rl_service.driver.run_dir import refuse_empty_run_dir
+
+    refuse_empty_run_dir(run_dir)
     path = Path(run_dir) if run_dir else Path(config.logging.output_dir) / job_id
     path = path.expanduser()
     return path if path.is_absolute() else (working_dir / path).resolve()

@@ -36,6 +36,16 @@ CHECKPOINT_FILES = ("trainer_state.json", "learner_state.json", "learner_state.s
 IN_FLIGHT_FILE = "rollouts_in_flight.json"
 
 
+def refuse_empty_run_dir(run_dir: str | None) -> None:
+    """`--run-dir ""` (an unset shell variable) is not "no --run-dir": the default place it fell back to
+    had trained a whole run under runs/."""
+    from rl_service.errors import UserError
+
+    if run_dir is not None and not run_dir.strip():
+        raise UserError("--run-dir is empty: name the run directory, or leave --run-dir out for "
+                        "<logging.output_dir>/<run id>")
+
+
 def checkpoint_problem(checkpoint: Path) -> str | None:
     """Why `checkpoint` cannot be resumed from (a file missing, trainer_state.json unreadable), or None."""
     missing = [name for name in CHECKPOINT_FILES if not (checkpoint / name).is_file()]
