@@ -60,8 +60,19 @@ def test_a_field_written_twice_in_a_json_record_is_named(tmp_path):
     with pytest.raises(DataError, match=r"d\.jsonl:2: field 'answer' appears twice in the record$"):
         load_prompt_file(tmp_path / "d.jsonl")
     (tmp_path / "d.json").write_text('[{"prompt": "1+1?", "prompt": "2+2?", "answer": "4"}]')
-    with pytest.raises(DataError, match=r"d\.json: field 'prompt' appears twice in one object$"):
+    with pytest.raises(DataError, match=r"d\.json: field 'prompt' appears twice in one record of the array$"):
         load_prompt_file(tmp_path / "d.json")
+    # JSON Lines in a .json file: the line is named, as in a .jsonl file.
+    (tmp_path / "d.json").write_text('{"prompt": "a", "prompt": "b", "answer": "1"}\n{"prompt": "c", "answer": "2"}\n')
+    with pytest.raises(DataError, match=r"d\.json:1: field 'prompt' appears twice in the record$"):
+        load_prompt_file(tmp_path / "d.json")
+
+
+def test_a_csv_field_past_the_csv_module_s_default_limit_is_read_as_written(tmp_path):
+    # Past 131,072 characters the csv module refused the file and pandas read it, retyping answers.
+    long_prompt = "x" * 200_000
+    (tmp_path / "d.csv").write_text(f"prompt,answer\n{long_prompt},1.50\n")
+    assert [(len(r.prompt), r.answer) for r in load_prompt_file(tmp_path / "d.csv")] == [(200_000, "1.50")]
 
 
 def test_csv_answers_are_the_text_in_the_file(tmp_path):
@@ -87,6 +98,10 @@ def test_csv_answers_are_the_text_in_the_file(tmp_path):
     ("prompt,answer\nwhat is 1+1,2\nwhat is 2+2,4,extra\nwhat is 3+3,6\n",
      r"d\.csv:3: 3 fields, but the header has 2 \(a comma inside a field needs the field in double quotes\)$"),
     ('prompt,answer\nwhat is 1+1,2\n"unterminated,4\nwhat is 3+3,6\n', r"d\.csv:3: a double quote opened here is never closed$"),
+    # Anything else the csv module refuses had fallen back to pandas, which retyped every answer again.
+    ('prompt,answer\nwhat is 1+1,2\n"q"x,1\n', r"d\.csv:3: not CSV \(',' expected after '\"'\)$"),
+    # dict(zip(header, row)) would keep the second 'answer' without a word (pandas had renamed it answer.1).
+    ("prompt,answer,answer\nq?,1,2\n", r"d\.csv:1: the header names column 'answer' twice$"),
 ])
 def test_bad_csv_names_file_and_line(tmp_path, text, message):
     (tmp_path / "d.csv").write_bytes(text.encode())

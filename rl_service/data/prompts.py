@@ -137,7 +137,9 @@ def _read_json_rows(path: Path) -> list[tuple[object, str]]:
         try:
             document = parse_json(text)
         except DuplicateKey as exc:
-            raise DataError(f"{path}: field '{exc}' appears twice in one object") from None
+            if text.lstrip().startswith("["):
+                raise DataError(f"{path}: field '{exc}' appears twice in one record of the array") from None
+            document = None  # JSON Lines in a .json file: read line by line below, which names the line
         except json.JSONDecodeError as exc:
             if text.lstrip().startswith("["):
                 raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
@@ -165,17 +167,17 @@ def _read_json_rows(path: Path) -> list[tuple[object, str]]:
     return rows
 
 
-def _csv_records(path: Path) -> list[tuple[dict, str]] | None:
+def _csv_records(path: Path) -> list[tuple[dict, str]]:
     """The data records of a CSV file as (row, `file:line`), every value the text written in the file
     (an answer "1.50" or "007" stays that: pandas, under `datasets`, had made them 1.5 and 7, and "NA"
-    a missing value), an integer `id` read as one. None when the csv module cannot read the file (a
-    field past its size limit; `datasets` then reads it, or says why not). A quoted field may span
-    lines, so a record is named by the line it starts on, as the csv module counts them. Blank lines
-    are skipped. A record with more fields than the header, or a quote never closed, is a DataError
-    naming its line."""
+    a missing value), an integer `id` read as one. A quoted field may span lines, so a record is named
+    by the line it starts on, as the csv module counts them. Blank lines are skipped. Anything the
+    csv module refuses (a quote never closed, text after a closing quote), a record with more fields
+    than the header, and a header naming a column twice are DataErrors naming the line."""
     import csv
     import io
 
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))   # a long-context prompt is one field
     text = _decode_utf8(read_data_file(path).removeprefix(b"\xef\xbb\xbf"), str(path))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)   # strict: a quote open at the end is an error
     records, header = [], None
@@ -188,11 +190,14 @@ def _csv_records(path: Path) -> list[tuple[dict, str]] | None:
         except csv.Error as exc:
             if "unexpected end of data" in str(exc):
                 raise DataError(f"{path}:{start}: a double quote opened here is never closed") from None
-            return None
+            raise DataError(f"{path}:{reader.line_num}: not CSV ({exc})") from None
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if header is None:
             header = [name.strip() for name in row]
+            twice = next((name for index, name in enumerate(header) if name in header[:index]), None)
+            if twice is not None:   # one of the two columns would be dropped without a word
+                raise DataError(f"{path}:{start}: the header names column '{twice}' twice")
             continue
         if len(row) > len(header):
             raise DataError(f"{path}:{start}: {len(row)} fields, but the header has {len(header)} (a comma inside a "
@@ -207,20 +212,16 @@ def _csv_records(path: Path) -> list[tuple[dict, str]] | None:
 def _read_table_rows(path: Path) -> list[tuple[object, str]]:
     """Rows of a CSV or Parquet file. A CSV row is named by the file line it starts on (`file:line`, as
     JSON Lines are); a Parquet row by its 0-based index (`file: row k`, as JSON array records are)."""
-    import datasets  # only for formats we do not parse ourselves
+    if path.suffix == ".csv":
+        return _csv_records(path)   # [] for only a header, or nothing: "no records", as for the other formats
+    import datasets  # Parquet only: its columns are typed in the file
 
-    builder = {".csv": "csv", ".parquet": "parquet"}[path.suffix]
-    if builder == "csv":
-        records = _csv_records(path)
-        if records is not None:
-            return records   # [] for only a header, or nothing: "no records", as for the other formats
     try:
         with _quiet_datasets():
-            table = datasets.load_dataset(builder, data_files=str(path), split="train")
+            table = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types; the user needs the file and the reason
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise DataError(f"{path}: cannot read as {builder} ({reason})") from None
-    # Parquet (typed columns), or a CSV past the csv module's field size limit: rows named by index.
+        raise DataError(f"{path}: cannot read as parquet ({reason})") from None
     return [(row, f"{path}: row {k}") for k, row in enumerate(table)]
 
 
