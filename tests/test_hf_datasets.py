@@ -189,6 +189,8 @@ def test_real_run_on_a_saved_dataset(tmp_path, saved_dict):
     ("Bad split: test. Available splits: ['train']", True),
     ("Couldn't cast /data/splits/train-0.parquet: column 'answer' has type null", False),
     ("An error occurred reading /home/me/split_data/x.arrow", False),
+    ("Couldn't cast\nprompt: string\nsplit: string\nto the features", False),   # a column named split
+    ("cannot read my_splits", False),                                           # a relative path, no '/'
 ])
 def test_only_an_error_about_the_split_blames_the_split(message, about_the_split):
     from rl_service.data.hf_datasets import names_a_split

@@ -61,10 +61,11 @@ def test_the_refusal_names_every_token_source():
 
 @pytest.mark.parametrize("message", [
     "Failed to connect to Ray at address: http://127.0.0.1:40371.",
+    "Connection aborted while reading job quickstart-20261207-155601-403 (RemoteDisconnected)",   # an id
     "HTTPConnectionPool(host='127.0.0.1', port=40137): Max retries exceeded (Caused by NewConnectionError("
     "'Failed to establish a new connection: [Errno 111] Connection refused'))",
 ])
-def test_a_port_number_is_not_read_as_a_status_code(message):
+def test_a_number_in_an_address_is_not_read_as_a_status_code(message):
     # Port 40371 holds "403": a dead address was reported as an auth refusal (seen in CI).
     from rl_service.driver.job_client import cause
 

@@ -103,7 +103,10 @@ def job_server_client(args):
 # An address in the SDK's message ("Failed to connect to Ray at address: http://127.0.0.1:40371") is
 # cut out before looking for a status code: port 40371 had been read as HTTP 403, an auth refusal.
 _ADDRESS = re.compile(r"(\w+://)?[\w.\-\[\]]+:\d+\S*")
-_AUTH_REFUSED = re.compile(r"\b(401|403)\b|unauthori[sz]ed|authenticat|forbidden", re.IGNORECASE)
+# A status code only where the SDK or requests states one ("status code 403", "401 Client Error"): a
+# job id ending in -403 is not one.
+_AUTH_REFUSED = re.compile(r"status code (401|403)\b|\b(401|403) Client Error|unauthori[sz]ed|authenticat|forbidden",
+                           re.IGNORECASE)
 
 
 def cause(error: BaseException) -> str:
