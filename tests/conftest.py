@@ -327,3 +327,24 @@ def fake_checkpoint(run_dir: Path, step: int, adapter: bool = False, latest: boo
     if latest:
         (checkpoint.parent / "latest").write_text(checkpoint.name)
     return checkpoint
+
+
+def one_line_cli_error(args: list, capsys, monkeypatch) -> str:
+    """The CLI's one error line for `args`, run in this process from the repository (the cases' paths
+    are relative to it, like a user's), asserting exit code 2, one line and no traceback."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("RL_SERVICE_SUBMISSION_ID", "bad-inputs-corpus")   # `run` would set one for this process
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        # The job commands clear or set these; setenv first so that monkeypatch restores them afterwards.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    from rl_service.cli import EXIT_USER_ERROR, main
+
+    code = main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    assert code == EXIT_USER_ERROR, f"exit {code}; stdout: {out!r}; stderr: {err!r}"
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("rl-service: error: "), lines[0]
+    return lines[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rl_service.cli import EXIT_USER_ERROR, main
-from test_bad_inputs import one_line_cli_error
+from conftest import one_line_cli_error
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "tests/bad_inputs/configs/base.yaml"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rl_service.cli import EXIT_USER_ERROR, main
+from conftest import one_line_cli_error
 from rl_service.rewards.custom import COUNTER_KEYS, CustomRewardRunner, parse_custom_reward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,25 +35,6 @@ def test_corpus_is_large_named_uniquely_and_has_no_stray_files():
     for folder in ("data", "models", "rewards", "configs"):
         for entry in sorted((CORPUS / folder).iterdir()):
             assert f"{folder}/{entry.name}" in mentioned, f"tests/bad_inputs/{folder}/{entry.name} is in no case"
-
-
-def one_line_cli_error(args: list, capsys, monkeypatch) -> str:
-    """The CLI's one error line for `args`, run in this process from the repository (the cases' paths
-    are relative to it, like a user's), asserting exit code 2, one line and no traceback."""
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("RL_SERVICE_SUBMISSION_ID", "bad-inputs-corpus")   # `run` would set one for this process
-    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
-        # The job commands clear or set these; setenv first so that monkeypatch restores them afterwards.
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
-    code = main([str(arg) for arg in args])
-    out, err = capsys.readouterr()
-    assert code == EXIT_USER_ERROR, f"exit {code}; stdout: {out!r}; stderr: {err!r}"
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("rl-service: error: "), lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("case", CASES["cli"], ids=_ids(CASES["cli"]))
