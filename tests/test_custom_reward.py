@@ -84,8 +84,9 @@ def test_failures_score_0_are_counted_logged_once_per_kind_and_the_rest_still_sc
     assert second == [0.0, 2.1] and second_counts == {"custom_reward_errors": 1, "custom_reward_timeouts": 0,
                                                       "custom_reward_restarts": 1}
     assert runner.totals == {"custom_reward_errors": 6, "custom_reward_timeouts": 2, "custom_reward_restarts": 3}
-    # Each slow call cut at its 1 s limit: one that was not would alone take its 30 s sleep. (2 s of
-    # limits + 5 s was a timing bound: 4 process starts and 10 calls went past it on a loaded machine.)
+    # The timeout counters above are the check that both slow calls were cut; this adds that neither
+    # ran its 30 s sleep out before being counted. (A bound of 2 s of limits + 5 s was a timing
+    # assertion: 4 process starts and 10 calls went past it on a loaded machine.)
     assert seconds < 30
     # Timeouts and the memory blow-up restart the process: first start + slow + hog + slow.
     assert runner.starts == 4
