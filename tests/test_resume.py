@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,8 +28,9 @@ def _cli(*args: str) -> list[str]:
 def _kill_after_checkpoint(run_dir, step: int, timeout_s: float = 240, config_name: str = "quickstart.yaml",
                            overrides: list[str] | None = None) -> None:
     """Start a job (the short quickstart by default) as `rl-service run` and SIGKILL its whole
-    process group (driver and the local Ray it started) as soon as checkpoint `step` (or, if this
-    process was descheduled past it, a later one) is complete."""
+    process group (driver and the local Ray it started) as soon as checkpoint `step` is complete.
+    If this process was descheduled past it, the newer checkpoints are deleted (a user rolling a
+    step back does the same): the resume starts from `step` whatever the timing."""
     overrides = short_run_overrides(STEPS) + EXTRA if overrides is None else overrides
     process = subprocess.Popen(_cli("run", str(REPO / "configs" / config_name), "--run-dir", str(run_dir),
                                     *[f"--set={item}" for item in overrides]), cwd=REPO, start_new_session=True,
@@ -43,6 +45,10 @@ def _kill_after_checkpoint(run_dir, step: int, timeout_s: float = 240, config_na
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    for newer in (run_dir / "checkpoints").glob("step_*"):
+        if int(newer.name.removeprefix("step_")) > step:
+            shutil.rmtree(newer)
+    assert (run_dir / "checkpoints" / f"step_{step}" / "trainer_state.json").is_file()
 
 
 # Each case's overrides on top of the short quickstart (sync mode unless the case says otherwise).
@@ -88,6 +94,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, case):
     killed = tmp_path / "killed"
     _kill_after_checkpoint(killed, step=2, overrides=short_run_overrides(STEPS) + extra)
     assert not (killed / "summary.json").exists()
+    staleness = next((int(item.split("=")[1]) for item in extra if item.startswith("schedule.max_staleness=")), 0)
+    held = json.loads((killed / "checkpoints" / "step_2" / "trainer_state.json").read_text()).get("in_flight_steps", [])
+    assert held == list(range(3, 3 + staleness))   # async: the rollouts launched ahead of step 2, kept
     assert main(["resume", str(killed)]) == 0
 
     assert comparable_metrics(read_metrics(killed)) == comparable_metrics(read_metrics(uninterrupted))
