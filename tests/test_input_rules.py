@@ -185,13 +185,14 @@ def test_an_async_checkpoint_resumes_only_under_a_staleness_bound_that_takes_its
     import json
 
     from rl_service.config import load_config
-    from rl_service.driver.run_dir import IN_FLIGHT_FILE, checkpoint_problem, resumable_checkpoint
+    from rl_service.driver.run_dir import IN_FLIGHT_ARRAYS, IN_FLIGHT_FILE, checkpoint_problem, resumable_checkpoint
 
     run = tmp_path / "run"
     checkpoint = fake_checkpoint(run, 2)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "in_flight_steps": [3, 4]}))
-    assert checkpoint_problem(checkpoint) == f"no {IN_FLIGHT_FILE}"
+    assert checkpoint_problem(checkpoint) == f"no {IN_FLIGHT_FILE}, {IN_FLIGHT_ARRAYS}"
     (checkpoint / IN_FLIGHT_FILE).write_text("[]")
+    (checkpoint / IN_FLIGHT_ARRAYS).write_text("")
     for overrides in (["schedule.mode=sync"], ["schedule.mode=async", "schedule.max_staleness=1"]):
         with pytest.raises(UserError, match=r"schedule: .*steps \[3, 4\].*max_staleness >= 2"):
             resumable_checkpoint(run, load_config(None, ["steps=9", *overrides]))

@@ -60,3 +60,35 @@ def test_a_resumed_pipeline_launches_from_the_step_after_the_checkpoint():
 def test_negative_staleness_is_refused():
     with pytest.raises(ValueError, match="max_staleness"):
         RolloutPipeline(-1, last_step=2)
+
+
+def test_a_rollout_in_flight_is_kept_in_a_checkpoint_exactly(tmp_path):
+    # An async checkpoint keeps the rollouts launched ahead of its step: small fields as JSON, per-token
+    # ids and float32 log-probs as flat safetensors arrays. Restored, every value is what was sampled.
+    import json
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from rl_service.driver.rollout_client import rollout_from_state, rollout_state
+    from rl_service.rollout import Rollout
+
+    rng = np.random.default_rng(0)
+    lengths = [3, 0, 5]   # a completion of no tokens too
+    shard = Rollout(request_index=[0, 0, 1], prompt_token_ids=[[1, 2], [1, 2], [7]],
+                    completion_token_ids=[rng.integers(0, 50_000, n).tolist() for n in lengths],
+                    behaviour_logprobs=[(-rng.random(n) * 10).astype(np.float32) for n in lengths],
+                    completion_texts=["abc", "", "\u00e9\u4e2d"], finished=[True, False, True], weight_versions=[4, 4, 4])
+    arrays: dict = {}
+    states = [rollout_state(shard, "step_3.0", arrays), rollout_state(Rollout(), "step_3.1", arrays)]
+    save_file(arrays, str(tmp_path / "in_flight.safetensors"))
+    (tmp_path / "in_flight.json").write_text(json.dumps(states))
+    loaded = load_file(str(tmp_path / "in_flight.safetensors"))
+    kept, empty = (rollout_from_state(state, f"step_3.{index}", loaded)
+                   for index, state in enumerate(json.loads((tmp_path / "in_flight.json").read_text())))
+    assert len(empty) == 0 and empty.behaviour_logprobs == []
+    for name in ("request_index", "prompt_token_ids", "completion_token_ids", "completion_texts", "finished",
+                 "weight_versions"):
+        assert getattr(kept, name) == getattr(shard, name), name
+    assert all(got.dtype == np.float32 and got.tobytes() == want.tobytes()
+               for got, want in zip(kept.behaviour_logprobs, shard.behaviour_logprobs, strict=True))

@@ -70,29 +70,52 @@ def _plain(value):
     return value
 
 
-def launched_state(launched: LaunchedRollout) -> dict:
-    """A launched batch, waited for, as JSON-able data: what a checkpoint keeps of a rollout still in
-    flight (async mode), since it was sampled with weights the checkpoint no longer holds."""
+# A rollout's per-token fields: kept in a checkpoint as flat arrays plus row lengths (safetensors), not
+# as JSON numbers (about 20 bytes a float32 log-prob, for every token of every sample in flight).
+TOKEN_FIELDS = {"prompt_token_ids": np.int64, "completion_token_ids": np.int64, "behaviour_logprobs": np.float32}
+
+
+def rollout_state(shard, key: str, arrays: dict[str, np.ndarray]) -> dict:
+    """`shard`'s small fields as JSON-able data; its per-token fields flattened into `arrays` under `key`."""
+    state = {name: _plain(getattr(shard, name)) for name in shard.__dataclass_fields__ if name not in TOKEN_FIELDS}
+    for name, dtype in TOKEN_FIELDS.items():
+        rows = getattr(shard, name)
+        arrays[f"{key}.{name}"] = (np.concatenate([np.asarray(row, dtype=dtype) for row in rows]) if rows
+                                   else np.zeros(0, dtype=dtype))
+        arrays[f"{key}.{name}.lengths"] = np.asarray([len(row) for row in rows], dtype=np.int64)
+    return state
+
+
+def rollout_from_state(state: dict, key: str, arrays: dict[str, np.ndarray]):
+    """The Rollout `rollout_state` kept, exactly: token ids as lists of ints, log-probs as float32 arrays."""
+    from rl_service.rollout import Rollout
+
+    fields = dict(state)
+    for name, dtype in TOKEN_FIELDS.items():
+        values, lengths = arrays[f"{key}.{name}"], arrays[f"{key}.{name}.lengths"]
+        rows = np.split(values, np.cumsum(lengths)[:-1]) if len(lengths) else []
+        fields[name] = [row.astype(dtype) if dtype is np.float32 else row.tolist() for row in rows]
+    return Rollout(**fields)
+
+
+def launched_state(launched: LaunchedRollout, key: str, arrays: dict[str, np.ndarray]) -> dict:
+    """A launched batch, waited for, as JSON-able data plus per-token `arrays` (under `key`): what a
+    checkpoint keeps of a rollout still in flight (async mode), since it was sampled with weights the
+    checkpoint no longer holds."""
     import ray
 
     shards = ray.get(launched.shard_refs)
     return {"prompt_ids": [record.prompt_id for record in launched.records], "counts": _plain(launched.counts),
             "sampler_state": launched.sampler_state, "allocation_metrics": _plain(launched.allocation_metrics),
-            "shards": [_plain({name: getattr(shard, name) for name in shard.__dataclass_fields__}) for shard in shards],
+            "shards": [rollout_state(shard, f"{key}.{index}", arrays) for index, shard in enumerate(shards)],
             "scores": _plain(ray.get(launched.score_refs))}
 
 
-def launched_from_state(state: dict, records_by_id: dict) -> LaunchedRollout:
+def launched_from_state(state: dict, records_by_id: dict, key: str, arrays: dict[str, np.ndarray]) -> LaunchedRollout:
     """The launched batch `launched_state` kept, its samples and scores back in the object store."""
     import ray
 
-    from rl_service.rollout import Rollout
-
-    shards = []
-    for shard in state["shards"]:
-        shard = dict(shard)
-        shard["behaviour_logprobs"] = [np.asarray(row, dtype=np.float32) for row in shard["behaviour_logprobs"]]
-        shards.append(Rollout(**shard))
+    shards = [rollout_from_state(shard, f"{key}.{index}", arrays) for index, shard in enumerate(state["shards"])]
     return LaunchedRollout([records_by_id[prompt_id] for prompt_id in state["prompt_ids"]], state["counts"],
                            [ray.put(shard) for shard in shards], [ray.put(part) for part in state["scores"]],
                            state["sampler_state"], state["allocation_metrics"])

@@ -5,8 +5,9 @@ sees a half-written `step_N`; `latest` is written last and names the newest comp
 checkpoint holds everything a run needs to continue exactly: `model/` (safetensors + tokenizer),
 `learner_state.*` (optimizer moments, LR schedule, torch RNG, counters), `statistics.safetensors`,
 `trainer_state.json` (data cursor, weight version, totals, eval history, an offline pilot's batches
-still to train) and the `config.yaml` it ran with; in async mode also `rollouts_in_flight.json`, the
-rollouts launched ahead of the step, sampled with older weights (waited for, samples and scores).
+still to train) and the `config.yaml` it ran with; in async mode also `rollouts_in_flight.json` and
+`.safetensors`, the rollouts launched ahead of the step, sampled with older weights (waited for:
+small fields and scores as JSON, token ids and log-probs as arrays).
 Generators hold no RNG state: every call is seeded from (seed, step).
 """
 from __future__ import annotations
@@ -32,8 +33,10 @@ def _jsonable(value):
 
 # Every checkpoint holds these, besides its weights (`model/`, or `adapter/` under LoRA).
 CHECKPOINT_FILES = ("trainer_state.json", "learner_state.json", "learner_state.safetensors", "statistics.safetensors")
-# An async run's checkpoint also holds the rollouts launched ahead of its step (samples and scores).
+# An async run's checkpoint also holds the rollouts launched ahead of its step: their small fields and
+# scores (JSON), and their per-token ids and log-probs (safetensors).
 IN_FLIGHT_FILE = "rollouts_in_flight.json"
+IN_FLIGHT_ARRAYS = "rollouts_in_flight.safetensors"
 
 
 def refuse_empty_run_dir(run_dir: str | None) -> None:
@@ -66,8 +69,9 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         int(state["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return "trainer_state.json is not readable"
-    if state.get("in_flight_steps") and not (checkpoint / IN_FLIGHT_FILE).is_file():
-        return f"no {IN_FLIGHT_FILE}"
+    lacking = [name for name in (IN_FLIGHT_FILE, IN_FLIGHT_ARRAYS) if not (checkpoint / name).is_file()]
+    if state.get("in_flight_steps") and lacking:
+        return f"no {', '.join(lacking)}"
     return None
 
 

@@ -39,7 +39,7 @@ from rl_service.driver.roles import Roles
 from rl_service.rollout import SamplingParams, step_seed
 from rl_service.driver.rollout_client import (LaunchedRollout, PhaseTimer, RolloutClient, launched_from_state,
                                               launched_state)
-from rl_service.driver.run_dir import IN_FLIGHT_FILE, RunDirectory
+from rl_service.driver.run_dir import IN_FLIGHT_ARRAYS, IN_FLIGHT_FILE, RunDirectory
 from rl_service.driver.step_metrics import step_metrics
 from rl_service.driver.step_rounds import StepRounds
 from rl_service.tasks import check_job_inputs, load_task
@@ -220,8 +220,10 @@ class Trainer(TrainerBase):
         self.batches.load_state_dict(state.get("batch_source"), records_by_id)
         if state.get("in_flight_steps"):   # async: the rollouts launched ahead of the checkpoint, as they were
             in_flight = json.loads((checkpoint / IN_FLIGHT_FILE).read_text(encoding="utf-8"))
+            arrays = load_file(str(checkpoint / IN_FLIGHT_ARRAYS))
             for entry in in_flight:
-                self.pipeline.add(int(entry["step"]), launched_from_state(entry, records_by_id))
+                step = int(entry["step"])
+                self.pipeline.add(step, launched_from_state(entry, records_by_id, f"step_{step}", arrays))
                 self.sampler.load_state_dict(entry["sampler_state"])   # the cursor after the newest one drew
         statistics = load_file(str(checkpoint / "statistics.safetensors"))
         ray.get(self.roles.statistics.load_state_dict.remote(statistics))
@@ -229,13 +231,16 @@ class Trainer(TrainerBase):
 
     def checkpoint(self, step: int) -> Path:
         import ray
+        from safetensors.numpy import save_file
 
         statistics = ray.get(self.roles.statistics.state_dict.remote())
         # The cursor after the last trained batch: async mode has drawn batches ahead of it.
         totals = {**self.totals, "train_wall_s": self.train_wall_s()}
         # Async mode: rollouts of later steps are in flight, sampled with weights older than the
         # checkpoint's. A resume could not sample them again, so they are waited for and kept.
-        in_flight = [{"step": ahead, **launched_state(launched)} for ahead, launched in self.pipeline.pending()]
+        arrays: dict = {}
+        in_flight = [{"step": ahead, **launched_state(launched, f"step_{ahead}", arrays)}
+                     for ahead, launched in self.pipeline.pending()]
         state = {"step": step, "weight_version": self.weight_version, "sampler": self.trained_sampler_state,
                  "totals": totals, "eval_history": self.eval_history, "batch_source": self.batches.state_dict(),
                  "in_flight_steps": [entry["step"] for entry in in_flight]}
@@ -244,6 +249,7 @@ class Trainer(TrainerBase):
             ray.get(self.roles.learner.save_checkpoint.remote(directory))
             if in_flight:
                 (Path(directory) / IN_FLIGHT_FILE).write_text(json.dumps(in_flight), encoding="utf-8")
+                save_file(arrays, str(Path(directory) / IN_FLIGHT_ARRAYS))
 
         return self.run_dir.write_checkpoint(step, save, statistics, state)
 
