@@ -184,11 +184,13 @@ def _resume(run_dir: Path, config) -> int:
     from rl_service.driver.trainer import prepare_job, run_training
     from rl_service.progress import print_summary
     from rl_service.driver.preflight import check_cluster
-    from rl_service.driver.run_dir import resumable_checkpoint
+    from rl_service.driver.run_dir import check_checkpoint_prompts, resumable_checkpoint
 
     checkpoint = resumable_checkpoint(run_dir, config)
     _run_id(config)
     job = prepare_job(config)
+    if not config.algorithm.is_preference:
+        check_checkpoint_prompts(checkpoint, [record.prompt_id for record in job.task.train])
     check_cluster(config)
     logging.getLogger("rl_service").info("resuming %s from %s", run_dir, checkpoint.name)
     summary = run_training(job, run_dir, resume_from=checkpoint)

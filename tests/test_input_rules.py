@@ -200,6 +200,23 @@ def test_an_async_checkpoint_resumes_only_under_a_staleness_bound_that_takes_its
     assert resumable_checkpoint(run, config) == checkpoint
 
 
+def test_a_checkpoint_holding_batches_of_prompts_the_data_lost_is_refused_before_ray(tmp_path):
+    # An offline-pilot chunk still to train, or rollouts in flight, name prompts by id: a train file
+    # changed since the run began failed with a KeyError after Ray started.
+    import json
+
+    from rl_service.driver.run_dir import IN_FLIGHT_FILE, check_checkpoint_prompts
+
+    checkpoint = fake_checkpoint(tmp_path / "run", 2)
+    queue = {"queue": [{"prompt_ids": [3, 4], "counts": [8, 8], "spread": {}}]}
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "batch_source": queue,
+                                                               "in_flight_steps": [3]}))
+    (checkpoint / IN_FLIGHT_FILE).write_text(json.dumps([{"step": 3, "prompt_ids": [5, 77]}]))
+    check_checkpoint_prompts(checkpoint, range(100))
+    with pytest.raises(UserError, match=r"no longer has \(ids 4, 77\)"):
+        check_checkpoint_prompts(checkpoint, [3, 5])
+
+
 def test_resume_refuses_to_turn_lora_on_or_off_before_ray_starts(tmp_path):
     # A resume that turned LoRA on failed inside Ray, after rewriting config.yaml with the override,
     # so every later plain resume failed the same way.

@@ -134,6 +134,24 @@ def resumable_checkpoint(run_dir: Path, config: JobConfig) -> Path:
     return checkpoint
 
 
+def check_checkpoint_prompts(checkpoint: Path, train_prompt_ids) -> None:
+    """The prompts a checkpoint holds batches of (an offline-pilot chunk still to train, rollouts in
+    flight) are in the train split: a train file changed since (a prompt removed, ids renumbered)
+    failed with a KeyError once Ray and the roles had started."""
+    from rl_service.errors import UserError
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    held = [prompt_id for entry in (state.get("batch_source") or {}).get("queue", []) for prompt_id in entry["prompt_ids"]]
+    if state.get("in_flight_steps"):
+        in_flight = json.loads((checkpoint / IN_FLIGHT_FILE).read_text(encoding="utf-8"))
+        held += [prompt_id for entry in in_flight for prompt_id in entry["prompt_ids"]]
+    missing = sorted(set(held) - set(train_prompt_ids))
+    if missing:
+        raise UserError(f"{checkpoint}: holds batches of prompts the train split no longer has (ids "
+                        f"{', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''}): resume with the "
+                        "data the run began with")
+
+
 # What a run writes into its directory (`--overwrite` removes these and nothing else).
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "ledger.jsonl", "summary.json", "checkpoints", "tb", "report",
                "wandb", "tracker_runs.json")
