@@ -40,6 +40,18 @@ def test_a_local_ray_that_cannot_place_the_roles_is_named_by_field():
     assert local_resource_shortfall(load_config(None, ["generator.num_gpus=1"]), cpus=2, gpus=1) is None
 
 
+def test_a_local_vllm_job_without_vllm_is_refused_before_ray_starts(monkeypatch):
+    # Its generators died in Ray's ActorDiedError traceback (exit 1) after Ray started. Python's own
+    # way of saying a module is absent: None in sys.modules (import and find_spec both honour it).
+    from rl_service.driver.preflight import check_cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(UserError, match="generator.backend vllm: vLLM is not installed here"):
+        check_cluster(load_config(None, ["generator.backend=vllm", "cluster.num_cpus=2"]))
+    check_cluster(load_config(None, ["generator.backend=torch", "cluster.num_cpus=2"]))
+
+
 def test_cluster_addresses_are_parsed_and_a_closed_port_is_refused_fast():
     assert gcs_host_port("10.0.0.1:6379") == ("10.0.0.1", 6379)
     assert gcs_host_port("ray://head:10001") == ("head", 10001)

