@@ -75,6 +75,12 @@ def test_a_csv_field_past_the_csv_module_s_default_limit_is_read_as_written(tmp_
     assert [(len(r.prompt), r.answer) for r in load_prompt_file(tmp_path / "d.csv")] == [(200_000, "1.50")]
 
 
+def test_unnamed_csv_columns_are_left_out(tmp_path):
+    # A spreadsheet export's trailing commas: columns without a name, two of them, no data.
+    (tmp_path / "d.csv").write_text("prompt,answer,,\nWhat is 2+3?,5,,\n")
+    assert [(r.prompt, r.answer) for r in load_prompt_file(tmp_path / "d.csv")] == [("What is 2+3?", "5")]
+
+
 def test_csv_answers_are_the_text_in_the_file(tmp_path):
     # Read through pandas (datasets' csv reader) a column of numbers was typed: "1.50" became 1.5, "007"
     # 7, and with one decimal in the column "3" became "3.0"; "NA" was a missing value.

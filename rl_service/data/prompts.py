@@ -195,14 +195,16 @@ def _csv_records(path: Path) -> list[tuple[dict, str]]:
             continue
         if header is None:
             header = [name.strip() for name in row]
-            twice = next((name for index, name in enumerate(header) if name in header[:index]), None)
+            # Unnamed columns (trailing commas of a spreadsheet export) are left out of the records.
+            twice = next((name for index, name in enumerate(header) if name and name in header[:index]), None)
             if twice is not None:   # one of the two columns would be dropped without a word
                 raise DataError(f"{path}:{start}: the header names column '{twice}' twice")
             continue
         if len(row) > len(header):
             raise DataError(f"{path}:{start}: {len(row)} fields, but the header has {len(header)} (a comma inside a "
                             "field needs the field in double quotes)")
-        record = dict(zip(header, row))   # a short row lacks its last fields: named as missing by the caller
+        # A short row lacks its last fields: named as missing by the caller.
+        record = {name: value for name, value in zip(header, row) if name}
         if re.fullmatch(r"[0-9]+", record.get("id", "").strip()):
             record["id"] = int(record["id"])
         records.append((record, f"{path}:{start}"))
