@@ -13,11 +13,13 @@ tracker that fails mid-run (a lost server) is logged once and dropped: the run's
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
 import os
 import socket
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -37,6 +39,10 @@ START_TIMEOUT_S = 10   # as the other reachability checks (driver/preflight.py C
 # in the environment is kept.
 _START_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": str(START_TIMEOUT_S)}
+
+
+PENDING_ROWS_MAX = 10_000   # rows held for a server that is slow or down before the oldest are dropped
+CLOSE_TIMEOUT_S = 30.0      # the end of a run waits this long for the rows still unsent
 
 
 def _numeric(row: dict) -> dict[str, float]:
@@ -158,6 +164,81 @@ class MlflowTracker:
         self._client.set_terminated(self.run_id)
 
 
+def _words(error: BaseException) -> str:
+    return " ".join(str(error).split())[:400] or type(error).__name__
+
+
+class BackgroundSender:
+    """Sends a started tracker's rows, in order, from one thread; `log` only queues. A send that
+    fails (MLflow has retried by then) is reported at the next `log`, and the tracker is dropped as a
+    failing one is (`Trackers.log`). `close` waits CLOSE_TIMEOUT_S for the queue, then gives up on it."""
+
+    def __init__(self, tracker):
+        self.name, self.run_id = tracker.name, tracker.run_id
+        self._tracker = tracker
+        self._pending: collections.deque = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = self._abandoned = self._sending = False
+        self._failure: BaseException | None = None
+        self._dropped = 0
+        self._thread = threading.Thread(target=self._send, name=f"{tracker.name}-sender", daemon=True)
+        self._thread.start()
+
+    def log(self, step: int, row: dict) -> None:
+        with self._wake:
+            if self._failure is not None:
+                raise self._failure
+            if len(self._pending) >= PENDING_ROWS_MAX:
+                self._pending.popleft()
+                self._dropped += 1
+                if self._dropped == 1:
+                    log.warning("logging.%s: the server is behind by %d rows; the oldest are dropped "
+                                "(metrics.jsonl is complete)", self.name, PENDING_ROWS_MAX)
+            self._pending.append((step, dict(row)))
+            self._wake.notify()
+
+    def _send(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._closing:
+                    self._wake.wait()
+                if self._abandoned:
+                    return
+                if not self._pending:   # closing, and every row sent
+                    break
+                step, row = self._pending.popleft()
+                self._sending = True
+            try:
+                self._tracker.log(step, row)
+            except Exception as exc:   # noqa: BLE001 - reported by log/close, in the caller's thread
+                with self._wake:
+                    self._failure = exc
+                    self._pending.clear()
+                return
+            finally:
+                self._sending = False
+        try:
+            self._tracker.close()
+        except Exception as exc:   # noqa: BLE001
+            self._failure = exc
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(CLOSE_TIMEOUT_S)
+        with self._wake:
+            if self._thread.is_alive():
+                self._abandoned = True
+                unsent = len(self._pending) + self._sending
+                self._pending.clear()
+                left = f"{unsent} rows not sent" if unsent else "the run is not marked finished there"
+                log.warning("logging.%s: no answer from the server within %g s at the end of the run; %s "
+                            "(metrics.jsonl is complete)", self.name, CLOSE_TIMEOUT_S, left)
+            elif self._failure is not None:
+                log.warning("logging.%s failed (%s); metrics.jsonl is complete", self.name, _words(self._failure))
+
+
 class Trackers:
     """The configured trackers as one; empty (and importing nothing) when none is configured."""
 
@@ -170,7 +251,7 @@ class Trackers:
                 tracker.log(step, row)
             except Exception as exc:   # a tracker's own error types vary; the run must not die of one
                 log.warning("logging.%s failed (%s); it is off for the rest of this run, metrics.jsonl is complete",
-                            tracker.name, " ".join(str(exc).split()) or type(exc).__name__)
+                            tracker.name, _words(exc))
                 self.trackers.remove(tracker)
 
     def close(self) -> None:
@@ -184,7 +265,7 @@ class Trackers:
 
 def open_trackers(config: JobConfig, run_dir: Path, resume: bool = False) -> Trackers:
     """The configured trackers; `resume`: continue the tracker runs this run directory started."""
-    kinds = {"wandb": WandbTracker, "mlflow": MlflowTracker}
+    kinds = {"wandb": WandbTracker, "mlflow": lambda *args: BackgroundSender(MlflowTracker(*args))}
     wanted = [name for name in kinds if getattr(config.logging, name) is not None
               and getattr(getattr(config.logging, name), "mode", None) != "disabled"]
     if not wanted:
@@ -202,7 +283,6 @@ def open_trackers(config: JobConfig, run_dir: Path, resume: bool = False) -> Tra
         except Exception as exc:   # a bad URI, a refused login, a store MLflow will not open: one line, before Ray
             for started in trackers:
                 started.close()
-            reason = " ".join(str(exc).split())[:400] or type(exc).__name__
-            raise UserError(f"logging.{name}: cannot start the tracker ({reason})") from None
+            raise UserError(f"logging.{name}: cannot start the tracker ({_words(exc)})") from None
     runs_file.write_text(json.dumps({tracker.name: tracker.run_id for tracker in trackers}), encoding="utf-8")
     return Trackers(trackers)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import glob
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -188,3 +190,88 @@ def test_real_run_logs_every_metrics_row_to_both(tmp_path):
         logged = client.get_metric_history(ids["mlflow"], key)
         assert [m.step for m in logged] == [step for step, _ in points], key
         assert [m.value for m in logged] == pytest.approx([value for _, value in points]), key
+
+
+def _mlflow_only(tmp_path: Path):
+    from rl_service.driver.run_dir import RunDirectory
+
+    run_dir = tmp_path / "run"
+    directory = RunDirectory(run_dir, _config(tmp_path, ["logging.wandb=null"]))
+    run_id = json.loads((run_dir / "tracker_runs.json").read_text())["mlflow"]
+    [metrics] = glob.glob(str(tmp_path / "mlruns" / "*" / run_id / "metrics"))
+    return directory, run_id, Path(metrics)
+
+
+def _stall(metrics: Path, key: str) -> Path:
+    """The file store's file for `key` made a FIFO nobody reads: MLflow's write of that metric blocks
+    in open(), as a send to a server that accepted the connection and never answers does."""
+    metrics.mkdir(parents=True, exist_ok=True)
+    fifo = metrics / key
+    os.mkfifo(fifo)
+    return fifo
+
+
+def _in_thread(action) -> threading.Thread:
+    thread = threading.Thread(target=action, daemon=True)
+    thread.start()
+    thread.join(60)   # a deadline for a hang, not a timing claim: the action returns at once or never
+    return thread
+
+
+def test_a_stalled_mlflow_server_never_stalls_a_step(tmp_path):
+    directory, run_id, metrics = _mlflow_only(tmp_path)
+    fifo = _stall(metrics, "loss")
+    steps = _in_thread(lambda: [directory.log(step, {"loss": float(step)}) for step in (1, 2, 3)])
+    assert not steps.is_alive(), "RunDirectory.log waited for the stalled tracker"
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+    # The server comes back: every row is sent, in order, and the run is marked finished.
+    received: list[str] = []
+    done = threading.Event()
+
+    def serve():
+        while not done.is_set():
+            with open(fifo, encoding="utf-8") as reader:   # one open per MLflow append
+                received.extend(reader.read().splitlines())
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    closing = _in_thread(directory.close)
+    assert not closing.is_alive()
+    done.set()
+    with open(fifo, "w"):   # let the reader's last open() return
+        pass
+    server.join(60)
+    assert [tuple(line.split()[1:]) for line in received] == [("1.0", "1"), ("2.0", "2"), ("3.0", "3")]
+    fifo.unlink()   # get_run reads every metric file
+    client, run = mlflow_run(tmp_path, run_id)
+    assert run.info.status == "FINISHED"
+
+
+def test_the_end_of_a_run_waits_a_bounded_time_for_a_stalled_server(tmp_path, monkeypatch, caplog):
+    import rl_service.trackers as trackers
+
+    monkeypatch.setattr(trackers, "CLOSE_TIMEOUT_S", 0.5)
+    directory, run_id, metrics = _mlflow_only(tmp_path)
+    fifo = _stall(metrics, "loss")
+    for step in (1, 2):
+        directory.log(step, {"loss": 1.0})
+    with caplog.at_level("WARNING", logger="rl_service"):
+        closing = _in_thread(directory.close)
+    assert not closing.is_alive()
+    assert "logging.mlflow: no answer from the server within 0.5 s at the end of the run; 2 rows not sent" in caplog.text
+    with open(fifo, encoding="utf-8") as reader:   # release the sender's write: it then stops, sending nothing more
+        assert [line.split()[2] for line in reader.read().splitlines()] == ["1"]
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_and_the_run_goes_on(tmp_path, caplog):
+    directory, run_id, metrics = _mlflow_only(tmp_path)
+    (metrics / "loss").mkdir(parents=True)   # the store refuses this metric's write (IsADirectoryError)
+    with caplog.at_level("WARNING", logger="rl_service"):
+        directory.log(1, {"loss": 1.0, "kl": 0.5})
+        _in_thread(lambda: directory._trackers.trackers[0]._thread.join()).join()
+        directory.log(2, {"loss": 0.5})
+        directory.log(3, {"loss": 0.25})
+        directory.close()
+    assert caplog.text.count("logging.mlflow failed") == 1 and "off for the rest of this run" in caplog.text
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
