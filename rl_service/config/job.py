@@ -12,6 +12,17 @@ from rl_service.config.sections import (
 from rl_service.config.tracking import LoggingConfig
 
 
+def _explicit_changes(section: _Section) -> list[str]:
+    """The fields written in the job (file or --set) with a value other than their default: a default
+    written out (`alpha: 0.5` in a template) changes nothing, so it is never refused as ignored."""
+    changed = []
+    for name in section.model_fields_set:
+        field = type(section).model_fields[name]
+        if getattr(section, name) != field.get_default(call_default_factory=True):
+            changed.append(name)
+    return sorted(changed, key=list(type(section).model_fields).index)   # in declaration order: stable messages
+
+
 class JobConfig(_Section):
     job_name: str = Field("rl_service", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="one seed for data, sampling and init: same seed, same CPU run")
@@ -32,6 +43,45 @@ class JobConfig(_Section):
     guard: GuardConfig = Field(default_factory=GuardConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+
+    @model_validator(mode="after")
+    def _no_setting_is_ignored(self) -> "JobConfig":
+        """README: "a setting the chosen algorithm would ignore is refused". A field written with a
+        value other than its default that this job's loop never reads is a mistake (a job meant to be
+        offline DPO trains GRPO), so it is named with the reason, not dropped silently."""
+        name = self.algorithm.name
+        preference = self.preference
+        if not self.algorithm.is_preference:
+            changed = _explicit_changes(preference)
+            if changed:
+                raise ValueError(f"preference.{changed[0]} applies to dpo and bvpo jobs; algorithm.name '{name}' "
+                                 "reads no preference section (set algorithm.name, or leave preference out)")
+        else:
+            # roles.py starts no statistics actor for a preference job: nothing is allocated or piloted.
+            changed = _explicit_changes(self.statistics)
+            if changed:
+                raise ValueError(f"statistics.{changed[0]} applies to grpo and raft++ jobs; the {name} loop reads no "
+                                 "statistics section (every prompt gets generator.samples_per_prompt samples)")
+            # dpo is trace-only, BVPO with α = 1 (preference_learner.py): 1 is the value it uses, so it passes too.
+            if name == "dpo" and "alpha" in _explicit_changes(preference) and preference.alpha != 1.0:
+                raise ValueError(f"preference.alpha ({preference.alpha:g}) applies to bvpo (the trace loss's weight); "
+                                 "dpo is trace-only, α = 1 (use algorithm.name: bvpo, or leave alpha out)")
+            if preference.alpha_mode == "fixed":
+                estimator = [field for field in _explicit_changes(preference)
+                             if field in ("alpha_resamples", "alpha_ema", "alpha_min", "alpha_max")]
+                if estimator:
+                    raise ValueError(f"preference.{estimator[0]} applies to preference.alpha_mode 'online' (the α̂ "
+                                     "estimator, §BVPO.6); alpha_mode 'fixed' uses preference.alpha")
+            elif "alpha" in _explicit_changes(preference):
+                raise ValueError(f"preference.alpha ({preference.alpha:g}) is not read with preference.alpha_mode "
+                                 "'online' (α̂ is estimated each step, §BVPO.6): leave it out, or use alpha_mode 'fixed'")
+        # Without eval.samples the evaluation is greedy only: the sampled evaluation's settings are unread.
+        if self.eval.samples is None:
+            changed = [field for field in _explicit_changes(self.eval) if field != "samples"]
+            if changed:
+                raise ValueError(f"eval.{changed[0]} applies to the sampled evaluation, which runs only with "
+                                 "eval.samples set (k completions per eval prompt); without it evaluation is greedy")
+        return self
 
     @model_validator(mode="after")
     def _preference_job_is_complete(self) -> "JobConfig":

@@ -1,0 +1,49 @@
+"""Settings a job would not read are refused at load, naming the field and why (README: "a setting
+the chosen algorithm would ignore is refused"); defaults written out and the shipped configs pass."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rl_service.config import load_config
+from rl_service.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+@pytest.mark.parametrize("config, overrides, expected", [
+    # A GRPO job never reads the preference section: an offline DPO job meant here trained GRPO.
+    ("quickstart.yaml", ["preference.mode=offline", "preference.dataset_path=/nonexist.jsonl"],
+     "preference.mode applies to dpo and bvpo jobs; algorithm.name 'grpo'"),
+    # A preference job starts no statistics role: no allocation happens.
+    ("dpo.yaml", ["statistics.allocation=gvm"], "statistics.allocation applies to grpo and raft++ jobs; the dpo loop"),
+    ("dpo.yaml", ["preference.alpha=0.3"], "preference.alpha (0.3) applies to bvpo"),
+    ("bvpo.yaml", ["preference.alpha_ema=0.5"], "preference.alpha_ema applies to preference.alpha_mode 'online'"),
+    ("bvpo.yaml", ["preference.alpha_mode=online", "preference.alpha=0.2"],
+     "preference.alpha (0.2) is not read with preference.alpha_mode 'online'"),
+    # Without eval.samples evaluation is greedy: eval.temperature / top_p are never read.
+    ("quickstart.yaml", ["eval.temperature=0.5"], "eval.temperature applies to the sampled evaluation"),
+    ("quickstart.yaml", ["eval.top_p=0.9"], "eval.top_p applies to the sampled evaluation"),
+])
+def test_a_setting_the_job_ignores_is_refused(config, overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIGS / config, overrides)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("dpo.yaml", ["preference.alpha=1.0"]),            # the value dpo uses (configs/dpo.yaml writes it)
+    ("quickstart.yaml", ["preference.beta=0.1"]),      # a default written out changes nothing
+    ("dpo.yaml", ["statistics.allocation=uniform"]),
+    ("quickstart.yaml", ["eval.samples=4", "eval.temperature=0.5"]),
+    ("bvpo.yaml", ["preference.alpha_mode=online", "preference.alpha_ema=0.5"]),
+])
+def test_settings_that_are_read_or_default_pass(config, overrides):
+    load_config(CONFIGS / config, overrides)
+
+
+@pytest.mark.parametrize("config", sorted(path.name for path in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_loads(config):
+    load_config(CONFIGS / config)
