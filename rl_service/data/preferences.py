@@ -1,7 +1,7 @@
 """Preference pairs for DPO / BVPO (ALGORITHMS.md §DPO, §BVPO.1–3, §BVPO.7): read from JSONL, built
 from scored samples, and tokenized for the learner.
 
-A JSONL row (offline mode, §BVPO.7) is one prompt with a pair for each mode::
+A JSONL row (offline mode, §BVPO.7) is one prompt with a pair for each mode the algorithm trains::
 
     {"id": 7, "prompt": "What is 3 + 4?", "answer": "7",
      "trace_chosen": "<think>\\n3+4=7. So 7.\\n</think>\\n\\n7", "trace_rejected": "<think>...</think>\\n\\n8",
@@ -9,9 +9,15 @@ A JSONL row (offline mode, §BVPO.7) is one prompt with a pair for each mode::
 
 `prompt` is the user message (the chat template is applied at tokenization), `trace_*` are
 completions generated with reasoning on, `empty_*` completions after the template's empty think
-block (reasoning off, §BVPO.2). `id` (default: the line's index) and `answer` are optional. A bad row
+block (reasoning off, §BVPO.2). Trace-only `dpo` reads only `prompt` and the trace pair, and
+`bvpo` needs the `empty_*` pair too. The trace pair may be named `chosen` / `rejected` instead,
+TRL's (and OpenRLHF's) standard preference format, as strings or in TRL's conversational form (one
+user message as the prompt, one assistant message per completion); a row naming both forms with
+different texts is refused as ambiguous. `id` (default: the line's index) and `answer` are
+optional: offline training never scores a completion, and evaluation uses the eval split. A bad row
 — not JSON, not UTF-8, a missing or empty field, chosen identical to rejected, a repeated id — is
-reported with its file:line and skipped and counted, or stops the run (`on_bad_row="error"`).
+reported with its file:line (and, when a field is missing, the fields a row holds) and skipped and
+counted, or stops the run (`on_bad_row="error"`).
 
 Online mode (§BVPO.1–2): :func:`select_pairs` ranks each prompt's samples of one mode by reward,
 best vs worst (ties skipped and counted). ``pairing="same_prompts"`` keeps only prompts with a pair
@@ -34,6 +40,8 @@ from rl_service.errors import DataError
 log = logging.getLogger("rl_service")
 
 PAIR_FIELDS = ("trace_chosen", "trace_rejected", "empty_chosen", "empty_rejected")
+# TRL's / OpenRLHF's names of the one pair plain DPO trains on: the trace pair here.
+TRACE_ALIASES = {"trace_chosen": "chosen", "trace_rejected": "rejected"}
 _MAX_PAIR_ID = 2**40
 _REPORTED_BAD_ROWS = 20  # more than this are counted but not each logged
 
@@ -46,8 +54,8 @@ class PreferenceRow:
     answer: str | None
     trace_chosen: str
     trace_rejected: str
-    empty_chosen: str
-    empty_rejected: str
+    empty_chosen: str | None = None     # None when the job is trace-only dpo (not read)
+    empty_rejected: str | None = None
 
 
 @dataclass
@@ -60,41 +68,93 @@ class PreferenceDataset:
         return len(self.bad_rows)
 
 
-def _row_problem(row: object, index: int, seen_ids: dict[int, int], line_number: int) -> tuple[PreferenceRow | None, str]:
+def _accepted_fields(with_empty: bool) -> str:
+    """What a row holds, for the error of a row that lacks a field."""
+    if with_empty:
+        return ("a bvpo row holds prompt, trace_chosen, trace_rejected (or chosen, rejected), empty_chosen, "
+                "empty_rejected; id and answer are optional")
+    return "a dpo row holds prompt, chosen, rejected (or trace_chosen, trace_rejected); id and answer are optional"
+
+
+def _as_text(value: object, name: str, role: str) -> tuple[str | None, str]:
+    """A field's text and "", or None and why: a string, or TRL's conversational form holding
+    exactly one message of `role` (a system message or a longer chat would be dropped silently)."""
+    if isinstance(value, list):
+        message = value[0] if len(value) == 1 else None
+        if not (isinstance(message, dict) and message.get("role") == role and isinstance(message.get("content"), str)):
+            return None, (f"field '{name}' must be a string or one {role} message "
+                          f'[{{"role": "{role}", "content": "..."}}] (system messages and longer chats are not supported)')
+        value = message["content"]
+    if not isinstance(value, str) or not value.strip():
+        return None, f"field '{name}' must be a non-empty string"
+    return value, ""
+
+
+def _row_texts(row: dict, with_empty: bool) -> tuple[dict[str, str] | None, dict[str, str], str]:
+    """The prompt's and the pairs' texts by canonical name, the key each came from, and why not."""
+    names = ("prompt", *(PAIR_FIELDS if with_empty else PAIR_FIELDS[:2]))
+    # A missing trace field is named in the form the row uses (TRL's for a dpo row that uses neither).
+    trl_form = not any(name in row for name in TRACE_ALIASES) and (
+        any(alias in row for alias in TRACE_ALIASES.values()) or not with_empty)
+    texts: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    for name in names:
+        alias = TRACE_ALIASES.get(name)
+        given = [key for key in (name, alias) if key is not None and key in row]
+        if not given:
+            missing = alias if alias is not None and trl_form else name
+            return None, keys, f"missing field '{missing}'"   # load_preference_file adds what a row holds
+        values = []
+        for key in given:
+            text, problem = _as_text(row[key], key, "user" if name == "prompt" else "assistant")
+            if text is None:
+                return None, keys, problem
+            values.append(text)
+        if len(values) == 2 and values[0] != values[1]:
+            return None, keys, (f"fields '{given[0]}' and '{given[1]}' name the same completion but differ: "
+                                "keep one of them")
+        texts[name], keys[name] = values[0], given[0]
+    return texts, keys, ""
+
+
+def _row_problem(row: object, index: int, seen_ids: dict[int, int], line_number: int,
+                 with_empty: bool = True) -> tuple[PreferenceRow | None, str]:
     """The row, or None and why it is bad."""
     if not isinstance(row, dict):
         return None, f"expected a JSON object, got {type(row).__name__}"
-    for name in ("prompt", *PAIR_FIELDS):
-        if name not in row:
-            return None, f"missing field '{name}'"
-        if not isinstance(row[name], str) or not row[name].strip():
-            return None, f"field '{name}' must be a non-empty string"
-    for mode in ("trace", "empty"):
-        if row[f"{mode}_chosen"].strip() == row[f"{mode}_rejected"].strip():
-            return None, f"{mode}_chosen and {mode}_rejected are identical"
+    texts, keys, problem = _row_texts(row, with_empty)
+    if texts is None:
+        return None, problem
+    for mode in ("trace", "empty") if with_empty else ("trace",):
+        if texts[f"{mode}_chosen"].strip() == texts[f"{mode}_rejected"].strip():
+            return None, f"{keys[f'{mode}_chosen']} and {keys[f'{mode}_rejected']} are identical"
     answer = row.get("answer")
     if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
         return None, "field 'answer' must be a string or number"
     if isinstance(answer, float) and not math.isfinite(answer):   # JSON's NaN / Infinity: "nan" is no answer
         return None, f"field 'answer' is {answer}, not a finite number"
-    for name in ("prompt", *PAIR_FIELDS, *(["answer"] if isinstance(answer, str) else [])):
+    checked = {keys[name]: text for name, text in texts.items()}
+    if isinstance(answer, str):
+        checked["answer"] = answer
+    for name, text in checked.items():
         try:
-            row[name].encode("utf-8")
+            text.encode("utf-8")
         except UnicodeEncodeError as exc:   # a lone surrogate ("\ud800"): valid JSON, not text (the tokenizer fails)
-            return None, f"field '{name}' holds {row[name][exc.start]!r} at character {exc.start}, a lone surrogate"
+            return None, f"field '{name}' holds {text[exc.start]!r} at character {exc.start}, a lone surrogate"
     pair_id = row.get("id", index)
     if isinstance(pair_id, bool) or not isinstance(pair_id, int) or not 0 <= pair_id < _MAX_PAIR_ID:
         return None, "field 'id' must be an integer in [0, 2**40)"
     if pair_id in seen_ids:
         return None, f"duplicate id {pair_id} (first on line {seen_ids[pair_id]})"
     seen_ids[pair_id] = line_number
-    return PreferenceRow(pair_id, row["prompt"], None if answer is None else str(answer).strip(),
-                         *(row[name] for name in PAIR_FIELDS)), ""
+    return PreferenceRow(pair_id, texts["prompt"], None if answer is None else str(answer).strip(),
+                         *(texts.get(name) for name in PAIR_FIELDS)), ""
 
 
 def load_preference_file(path: str | Path, on_bad_row: Literal["skip", "error"] = "skip",
-                         source: str = "preference.dataset_path") -> PreferenceDataset:
-    """Read JSONL preference rows; each bad row names its file:line (skipped and counted, or a DataError)."""
+                         source: str = "preference.dataset_path", with_empty: bool = True) -> PreferenceDataset:
+    """Read JSONL preference rows; each bad row names its file:line (skipped and counted, or a DataError).
+    `with_empty`: the rows need the reasoning-off pair (bvpo); trace-only dpo neither needs nor keeps it."""
     file = Path(path)
     try:
         is_file = file.is_file()
@@ -112,7 +172,7 @@ def load_preference_file(path: str | Path, on_bad_row: Literal["skip", "error"] 
             continue
         try:
             text = raw.decode("utf-8")
-            row, problem = _row_problem(parse_json(text), index, seen_ids, line_number)
+            row, problem = _row_problem(parse_json(text), index, seen_ids, line_number, with_empty)
         except DuplicateKey as exc:
             row, problem = None, f"field '{exc}' appears twice in the row"
         except UnicodeDecodeError as exc:
@@ -124,8 +184,11 @@ def load_preference_file(path: str | Path, on_bad_row: Literal["skip", "error"] 
         index += 1
         if row is None:
             message = f"{file}:{line_number}: {problem}"
+            # A missing field may be a file in another format: say which fields a row holds.
+            hint = f"; {_accepted_fields(with_empty)}" if problem.startswith("missing field") else ""
             if on_bad_row == "error":
-                raise DataError(f"{message} (preference.on_bad_row=error)")
+                raise DataError(f"{message} (preference.on_bad_row=error){hint}")
+            message += hint
             if len(bad) < _REPORTED_BAD_ROWS:
                 log.warning("skipping bad preference row %s", message)
             bad.append(message)
@@ -134,7 +197,8 @@ def load_preference_file(path: str | Path, on_bad_row: Literal["skip", "error"] 
     if len(bad) > _REPORTED_BAD_ROWS:
         log.warning("skipped %d bad preference rows in %s (first %d listed)", len(bad), file, _REPORTED_BAD_ROWS)
     if not rows:
-        raise DataError(f"{file}: no usable preference rows ({len(bad)} bad)")
+        first = f"; first: {bad[0]}" if bad else ""   # why, in the one line the user surely sees
+        raise DataError(f"{file}: no usable preference rows ({len(bad)} bad){first}")
     return PreferenceDataset(rows=rows, bad_rows=bad)
 
 

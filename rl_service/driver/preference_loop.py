@@ -52,7 +52,8 @@ def prepare_preference_job(config: JobConfig) -> PreparedJob:
                              "bvpo needs reasoning-off prompts (ALGORITHMS.md §BVPO.2) — use algorithm.name=dpo")
     dataset = None
     if preference.mode == "offline":
-        dataset = load_preference_file(preference.dataset_path, preference.on_bad_row)
+        dataset = load_preference_file(preference.dataset_path, preference.on_bad_row,
+                                       with_empty=config.algorithm.name == "bvpo")   # dpo: no empty_* pair
         task.train = [PromptRecord(row.pair_id, row.prompt, row.answer or "") for row in dataset.rows]
     check_job_inputs(config, task, tokenizer)   # weights vs config, batch size, prompt lengths (both modes)
     if preference.reward_source == "reward_model":
