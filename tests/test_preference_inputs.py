@@ -1,9 +1,10 @@
 """What a DPO / BVPO job accepts as input, checked before Ray starts: offline rows hold the fields the
 algorithm trains on (trace-only dpo: no reasoning-off pair), TRL's `prompt, chosen, rejected` format
-(strings or conversational)."""
+(strings or conversational), and a reward model directory that holds a trained classification head."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,10 @@ import pytest
 from rl_service.config import load_config
 from rl_service.data.preferences import PreferenceRow, load_preference_file
 from rl_service.driver import prepare_job
-from rl_service.errors import DataError
+from rl_service.errors import DataError, ModelLoadError
 
 REPO = Path(__file__).resolve().parents[1]
+BUILTIN = REPO / "rl_service" / "models" / "builtin"
 PROMPT = "What is 3 + 4?"
 TRACE = {"trace_chosen": "<think>\n3+4=7.\n</think>\n\n7", "trace_rejected": "<think>\n3+4=8.\n</think>\n\n8"}
 EMPTY = {"empty_chosen": "7", "empty_rejected": "8"}
@@ -85,3 +87,44 @@ def test_a_file_of_only_bad_rows_says_why_in_its_one_line(tmp_path):
     path = _write(tmp_path / "bad.jsonl", [{"prompt": PROMPT, "good": "7", "bad": "8"}])
     with pytest.raises(DataError, match=f"no usable preference rows \\(1 bad\\); first: {path}:1: missing field 'chosen'; a dpo row"):
         load_preference_file(path, with_empty=False)
+
+
+# -- the reward model: a trained classification head -----------------------------------------------
+
+def _tiny_classifier(directory: Path, drop_head: bool = False) -> Path:
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    config = Qwen2Config(vocab_size=308, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=16, num_labels=1, pad_token_id=0,
+                         max_position_embeddings=256)
+    Qwen2ForSequenceClassification(config).save_pretrained(str(directory), safe_serialization=True)
+    if drop_head:   # a classifier config over weights saved without their head
+        tensors = load_file(str(directory / "model.safetensors"))
+        del tensors["score.weight"]
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(BUILTIN / name, directory / name)
+    return directory
+
+
+def _prepare_with_reward_model(path: Path):
+    return prepare_job(load_config(REPO / "configs" / "dpo.yaml", [
+        "data.arithmetic.num_train=64", "preference.reward_source=reward_model", f"preference.reward_model_path={path}"]))
+
+
+def test_a_causal_lm_is_refused_as_reward_model_before_ray(tmp_path):
+    causal = tmp_path / "causal"
+    shutil.copytree(BUILTIN, causal)   # what a run's checkpoints/step_N/model holds: a Qwen2ForCausalLM
+    with pytest.raises(ModelLoadError, match="^preference.reward_model_path: .* is a Qwen2ForCausalLM checkpoint, "
+                                             "not a reward model: config.json's architectures must name a "
+                                             "\\*ForSequenceClassification class"):
+        _prepare_with_reward_model(causal)
+
+
+def test_a_classifier_without_its_saved_head_is_refused_and_a_whole_one_prepares(tmp_path):
+    with pytest.raises(ModelLoadError, match="^preference.reward_model_path: .* holds no score.weight, the "
+                                             "classification head of Qwen2ForSequenceClassification"):
+        _prepare_with_reward_model(_tiny_classifier(tmp_path / "headless", drop_head=True))
+    whole = _tiny_classifier(tmp_path / "whole")
+    assert _prepare_with_reward_model(whole).config.preference.reward_model_path == str(whole)

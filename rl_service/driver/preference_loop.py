@@ -57,9 +57,10 @@ def prepare_preference_job(config: JobConfig) -> PreparedJob:
         task.train = [PromptRecord(row.pair_id, row.prompt, row.answer or "") for row in dataset.rows]
     check_job_inputs(config, task, tokenizer)   # weights vs config, batch size, prompt lengths (both modes)
     if preference.reward_source == "reward_model":
-        from rl_service.models.loading import resolve_model_dir
+        from rl_service.rewards.reward_model import check_reward_model_dir
 
-        resolve_model_dir(preference.reward_model_path, "preference.reward_model_path", allow_builtin=False)
+        # A causal LM here would load with a random score head and rank pairs by noise, silently.
+        check_reward_model_dir(preference.reward_model_path)
     return PreparedJob(config=config, task=task, tokenizer=tokenizer, dataset=dataset)
 
 

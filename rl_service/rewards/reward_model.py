@@ -10,6 +10,11 @@ its last label (the usual "positive" class). Like the verifiers, the model sees 
 the completion after its last `</think>` — not the trace: BVPO's objective is the answer marginal
 π(y|x) (§BVPO.1), and the two modes' responses are then judged on the same thing. With a chat
 template the text is the (user, assistant) conversation, else ``prompt + "\\n" + answer``.
+
+:func:`check_reward_model_dir` refuses, before Ray starts, a directory that is not a trained
+classifier: transformers loads a causal-LM checkpoint (or one whose head was not saved) into
+``AutoModelForSequenceClassification`` with a randomly initialised head and only a log line, and
+the pairs would then be ranked by noise.
 """
 from __future__ import annotations
 
@@ -19,8 +24,46 @@ from typing import Sequence
 import torch
 
 from rl_service.errors import ModelLoadError
-from rl_service.models.loading import resolve_model_dir
+from rl_service.models.loading import _read_json, _reason, _safetensors_shapes, resolve_model_dir
 from rl_service.rewards.verifiers import final_answer_text
+
+_CLASSIFIER_SUFFIX = "ForSequenceClassification"
+
+
+def check_reward_model_dir(path: str | Path | None, source: str = "preference.reward_model_path") -> Path:
+    """The directory of a trained sequence classifier, or a ModelLoadError naming `source`: config.json's
+    `architectures` name a *ForSequenceClassification class and the safetensors headers hold the
+    tensors of that class's head (`score.weight` for Llama/Qwen-style models). Reads only config.json
+    and the headers; the class is built on the meta device to learn its head's names."""
+    if path is None:
+        raise ModelLoadError(f"{source}: not set; preference.reward_source=reward_model needs a local "
+                             "sequence-classification model directory")
+    directory = resolve_model_dir(path, source, allow_builtin=False, trust_remote_code=False)
+    config_json = _read_json(directory / "config.json", source)
+    architectures = config_json.get("architectures") if isinstance(config_json, dict) else None
+    if architectures and not any(str(name).endswith(_CLASSIFIER_SUFFIX) for name in architectures):
+        raise ModelLoadError(f"{source}: {directory} is a {', '.join(map(str, architectures))} checkpoint, not a reward "
+                             f"model: config.json's architectures must name a *{_CLASSIFIER_SUFFIX} class (its score "
+                             "head would be initialised at random)")
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - what transformers says about the config is the user's to see
+        raise ModelLoadError(f"{source}: {directory}/config.json does not build a sequence classifier "
+                             f"({_reason(exc)})") from None
+    # The head is what lies outside the base model (`model.` for Qwen2: `score.weight`; `bert.` for BERT: `classifier.*`).
+    prefix = f"{model.base_model_prefix}."
+    head = [name for name in model.state_dict() if not name.startswith(prefix)]
+    stored = {name for file in sorted(directory.glob("*.safetensors")) for name in _safetensors_shapes(file)}
+    missing = [name for name in head if name not in stored]
+    if missing:
+        raise ModelLoadError(f"{source}: {directory} holds no {', '.join(missing)}, the classification head of "
+                             f"{type(model).__name__} (a causal-LM or base-model checkpoint?): it would be "
+                             "initialised at random")
+    return directory
 
 
 class RewardModelScorer:
@@ -39,7 +82,7 @@ class RewardModelScorer:
 
         from rl_service.models.loading import _GENERIC_TOKENIZER_CLASSES, _saved_tokenizer_class
 
-        directory = resolve_model_dir(path, source, allow_builtin=False)
+        directory = check_reward_model_dir(path, source)
         # A bare tokenizer.json loads as saved (see models/loading.py: AutoTokenizer would rebuild it).
         tokenizer_class = (PreTrainedTokenizerFast if _saved_tokenizer_class(directory) in _GENERIC_TOKENIZER_CLASSES
                            else AutoTokenizer)
