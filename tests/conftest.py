@@ -310,6 +310,11 @@ def pytest_unconfigure(config):
     os._exit(_EXIT_STATUS[-1])
 
 
+# A whole safetensors file holding no tensors (8-byte header length, then `{}` padded to 8 bytes): the
+# resume checks read every checkpoint's safetensors headers (run_dir.checkpoint_problem).
+EMPTY_SAFETENSORS = (8).to_bytes(8, "little") + b"{}      "
+
+
 def fake_checkpoint(run_dir: Path, step: int, adapter: bool = False, latest: bool = True) -> Path:
     """A complete-looking checkpoint `run_dir/checkpoints/step_N` (every file a resume checks for, not
     loadable weights), named by `checkpoints/latest` unless `latest` is False: for the checks made
@@ -321,9 +326,10 @@ def fake_checkpoint(run_dir: Path, step: int, adapter: bool = False, latest: boo
     weights.mkdir(parents=True)
     for name in (("adapter_config.json", "adapter_model.safetensors") if adapter
                  else ("config.json", "model.safetensors")):
-        (weights / name).write_text("")
+        (weights / name).write_bytes(EMPTY_SAFETENSORS if name.endswith(".safetensors") else b"")
     for name in CHECKPOINT_FILES:
-        (checkpoint / name).write_text(json.dumps({"step": step}) if name == "trainer_state.json" else "")
+        (checkpoint / name).write_bytes(json.dumps({"step": step}).encode() if name == "trainer_state.json"
+                                        else EMPTY_SAFETENSORS if name.endswith(".safetensors") else b"")
     if latest:
         (checkpoint.parent / "latest").write_text(checkpoint.name)
     return checkpoint

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, fake_checkpoint
+from conftest import EMPTY_SAFETENSORS, REPO, fake_checkpoint
 from rl_service.errors import UserError
 from rl_service.driver.run_dir import prepare_run_dir
 
@@ -192,7 +192,7 @@ def test_an_async_checkpoint_resumes_only_under_a_staleness_bound_that_takes_its
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "in_flight_steps": [3, 4]}))
     assert checkpoint_problem(checkpoint) == f"no {IN_FLIGHT_FILE}, {IN_FLIGHT_ARRAYS}"
     (checkpoint / IN_FLIGHT_FILE).write_text("[]")
-    (checkpoint / IN_FLIGHT_ARRAYS).write_text("")
+    (checkpoint / IN_FLIGHT_ARRAYS).write_bytes(EMPTY_SAFETENSORS)
     for overrides in (["schedule.mode=sync"], ["schedule.mode=async", "schedule.max_staleness=1"]):
         with pytest.raises(UserError, match=r"schedule: .*steps \[3, 4\].*max_staleness >= 2"):
             resumable_checkpoint(run, load_config(None, ["steps=9", *overrides]))

@@ -49,8 +49,43 @@ def refuse_empty_run_dir(run_dir: str | None) -> None:
                         "<logging.output_dir>/<run id>")
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file, or None. Reads only the header (an 8-byte little-endian
+    length N, N bytes of JSON giving each tensor's `data_offsets` in the data after it, which ends at the
+    largest end): a file cut short or overwritten failed only after Ray started, in a SafetensorError."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            length = int.from_bytes(prefix, "little")
+            if length > min(size - 8, 100_000_000):   # the library refuses a header over 100 MB
+                return f"its header claims {length} bytes, the file has {size}"
+            header = json.loads(handle.read(length).decode("utf-8"))
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    except ValueError:   # UnicodeDecodeError included
+        header = None
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int for x in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            return f"tensor {name!r} has no valid data_offsets"
+        end = max(end, offsets[1])
+    if 8 + length + end != size:
+        return f"{size} bytes where its header needs {8 + length + end} (truncated or overwritten)"
+    return None
+
+
 def checkpoint_problem(checkpoint: Path) -> str | None:
-    """Why `checkpoint` cannot be resumed from (a file missing, trainer_state.json unreadable), or None."""
+    """Why `checkpoint` cannot be resumed from (a file missing or damaged, trainer_state.json not JSON),
+    or None. Cheap: safetensors files are checked by their headers, never loaded."""
     missing = [name for name in CHECKPOINT_FILES if not (checkpoint / name).is_file()]
     # The weights as the learner reloads them: a model/ or adapter/ folder without them failed only
     # once Ray and the roles had started, in the learner's traceback.
@@ -64,7 +99,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         missing.append("model/")
     if missing:
         return f"no {', '.join(missing)}"
-    try:
+    try:   # not JSON (cut short, overwritten), or no step
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
         int(state["step"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -72,6 +107,12 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     lacking = [name for name in (IN_FLIGHT_FILE, IN_FLIGHT_ARRAYS) if not (checkpoint / name).is_file()]
     if state.get("in_flight_steps") and lacking:
         return f"no {', '.join(lacking)}"
+    # Every array file it holds (weights in model/ or adapter/, learner state, statistics, rollouts in
+    # flight): any one cut short fails the resume, so each is checked.
+    for path in sorted(checkpoint.rglob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem is not None:
+            return f"{path.relative_to(checkpoint)} is damaged: {problem}"
     return None
 
 

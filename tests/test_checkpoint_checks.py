@@ -1,0 +1,101 @@
+"""What a user points `resume`, `run --resume` and `eval` at, checked before Ray starts: damaged
+checkpoints passed over by their safetensors headers, a changed config named field by field, the run
+directory announced only once it is used, and run or checkpoint directories evaluated as their model."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from conftest import REPO, one_line_cli_error
+from rl_service.config import dump_config, load_config
+from rl_service.driver.run_dir import (IN_FLIGHT_ARRAYS, IN_FLIGHT_FILE, checkpoint_problem, latest_checkpoint,
+                                       resumable_checkpoint, safetensors_problem)
+from rl_service.errors import UserError
+from rl_service.models.loading import BUILTIN_MODEL_DIR
+
+
+def _arrays(path: Path, **arrays) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(arrays or {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "n": np.zeros(5, np.int64)}, str(path))
+    return path
+
+
+def _checkpoint(run: Path, step: int, adapter: bool = False, in_flight: bool = False) -> Path:
+    """A checkpoint whose every file is whole (real safetensors, the built-in model's weights), not
+    one a learner would restore: for the checks made before Ray starts."""
+    checkpoint = run / "checkpoints" / f"step_{step}"
+    if adapter:
+        _arrays(checkpoint / "adapter" / "adapter_model.safetensors")
+        (checkpoint / "adapter" / "adapter_config.json").write_text("{}")
+    else:
+        shutil.copytree(BUILTIN_MODEL_DIR, checkpoint / "model")
+    _arrays(checkpoint / "learner_state.safetensors")
+    _arrays(checkpoint / "statistics.safetensors")
+    (checkpoint / "learner_state.json").write_text("{}")
+    state = {"step": step, **({"in_flight_steps": [step + 1]} if in_flight else {})}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    if in_flight:
+        (checkpoint / IN_FLIGHT_FILE).write_text("[]")
+        _arrays(checkpoint / IN_FLIGHT_ARRAYS)
+    (run / "checkpoints" / "latest").write_text(checkpoint.name)
+    return checkpoint
+
+
+def _truncate(path: Path, size: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(size)
+
+
+def test_a_safetensors_file_cut_short_grown_or_overwritten_is_named_from_its_header(tmp_path):
+    whole = _arrays(tmp_path / "whole.safetensors")
+    assert safetensors_problem(whole) is None
+    assert safetensors_problem(_arrays(tmp_path / "empty.safetensors", **{})) is None
+    data = whole.read_bytes()
+    for size, problem in [(0, "shorter than a safetensors header"), (100, "its header claims"),
+                          (len(data) - 1, "truncated or overwritten")]:
+        (tmp_path / "cut.safetensors").write_bytes(data[:size])
+        assert problem in safetensors_problem(tmp_path / "cut.safetensors"), size
+    (tmp_path / "grown.safetensors").write_bytes(data + b"\0")
+    assert "truncated or overwritten" in safetensors_problem(tmp_path / "grown.safetensors")
+    (tmp_path / "text.safetensors").write_bytes((20).to_bytes(8, "little") + b"not json at all, no!")
+    assert safetensors_problem(tmp_path / "text.safetensors") == "its header is not a JSON object"
+    bad = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}).encode()
+    (tmp_path / "offsets.safetensors").write_bytes(len(bad).to_bytes(8, "little") + bad)
+    assert safetensors_problem(tmp_path / "offsets.safetensors") == "tensor 'x' has no valid data_offsets"
+
+
+def test_a_big_checkpoint_file_is_checked_by_its_header_alone(tmp_path):
+    # 8 GiB of float32 as a sparse file: the check must not read (or load) the data to pass it.
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**31], "data_offsets": [0, 2**33]}}).encode()
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(len(header).to_bytes(8, "little") + header)
+    _truncate(big, 8 + len(header) + 2**33)
+    assert safetensors_problem(big) is None
+    _truncate(big, 8 + len(header) + 2**33 - 1)
+    assert "truncated or overwritten" in safetensors_problem(big)
+
+
+@pytest.mark.parametrize("damaged", ["model/model.safetensors", "learner_state.safetensors", "statistics.safetensors",
+                                     "adapter/adapter_model.safetensors", IN_FLIGHT_ARRAYS, "trainer_state.json"])
+def test_resume_passes_over_a_newer_checkpoint_with_a_damaged_file_and_says_which(tmp_path, caplog, damaged):
+    # Truncating step_5's learner state let it be chosen; the resume died after Ray started, in a
+    # SafetensorError traceback.
+    adapter, in_flight = damaged.startswith("adapter/"), damaged == IN_FLIGHT_ARRAYS
+    run = tmp_path / "run"
+    _checkpoint(run, 3, adapter=adapter, in_flight=in_flight)
+    newest = _checkpoint(run, 5, adapter=adapter, in_flight=in_flight)
+    assert checkpoint_problem(newest) is None and latest_checkpoint(run) == newest
+    _truncate(newest / damaged, 100)
+    assert damaged in checkpoint_problem(newest)
+    assert latest_checkpoint(run).name == "step_3"
+    overrides = ["steps=6", *(["learner.lora.rank=4"] if adapter else []),
+                 *(["schedule.mode=async", "schedule.max_staleness=1"] if in_flight else [])]
+    with caplog.at_level(logging.WARNING, logger="rl_service"):
+        assert resumable_checkpoint(run, load_config(None, overrides)).name == "step_3"
+    assert f"resuming from step_3; newer checkpoints cannot be: step_5 ({damaged} is " in caplog.text
