@@ -39,12 +39,15 @@ def load_task(config: JobConfig) -> TaskData:
     elif data.source == "hf":
         from rl_service.data.hf_datasets import load_hf_split
 
-        train = load_hf_split(data.hf, data.hf.train_split, "data.hf.train_split")
-        evaluation = load_hf_split(data.hf, data.hf.eval_split, "data.hf.eval_split") if data.hf.eval_split else []
+        integer = config.reward.verifier == "integer"   # a gold answer it cannot read is refused, naming the row
+        train = load_hf_split(data.hf, data.hf.train_split, "data.hf.train_split", integer)
+        evaluation = (load_hf_split(data.hf, data.hf.eval_split, "data.hf.eval_split", integer)
+                      if data.hf.eval_split else [])
         default_verifier = "math"
     else:
-        train = load_prompt_file(data.train_path, data.group_field)
-        evaluation = load_prompt_file(data.eval_path, data.group_field) if data.eval_path else []
+        integer = config.reward.verifier == "integer"   # a gold answer it cannot read is refused, naming the line
+        train = load_prompt_file(data.train_path, data.group_field, integer)
+        evaluation = load_prompt_file(data.eval_path, data.group_field, integer) if data.eval_path else []
         default_verifier = "math"
     groups = {record.prompt_id: record.group for record in evaluation if record.group is not None}
     if data.eval_limit is not None:

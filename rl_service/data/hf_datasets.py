@@ -84,8 +84,9 @@ def _open_split(path: Path, split: str, split_field: str):
     return dataset
 
 
-def load_hf_split(settings, split: str, split_field: str) -> list[PromptRecord]:
-    """The records of one split; `settings` is `data.hf`, `split_field` the config field naming the split."""
+def load_hf_split(settings, split: str, split_field: str, integer_answers: bool = False) -> list[PromptRecord]:
+    """The records of one split; `settings` is `data.hf`, `split_field` the config field naming the split;
+    `integer_answers` (reward.verifier: integer): every gold answer must read as an integer."""
     path = Path(settings.path).expanduser()
     try:
         path.is_dir()
@@ -105,4 +106,4 @@ def load_hf_split(settings, split: str, split_field: str) -> list[PromptRecord]:
             raise DataError(f"{where}: no column '{column}' (data.hf.{field}); it has {', '.join(columns)}")
     rows = [(row, f"{where}: row {index}") for index, row in enumerate(dataset)]
     return records_from_rows(rows, where, settings.prompt_column, settings.answer_column, settings.id_column,
-                             settings.group_column)
+                             settings.group_column, integer_answers)

@@ -245,7 +245,8 @@ def _quiet_datasets():
             datasets_logging.enable_progress_bar()
 
 
-def load_prompt_file(path: str | Path, group_field: str | None = None) -> list[PromptRecord]:
+def load_prompt_file(path: str | Path, group_field: str | None = None,
+                     integer_answers: bool = False) -> list[PromptRecord]:
     """Read prompts with answers (and, with `group_field`, each one's group) from a .jsonl/.json/.csv/.parquet
     file; errors name file and line."""
     file = Path(path)
@@ -263,17 +264,26 @@ def load_prompt_file(path: str | Path, group_field: str | None = None) -> list[P
         rows = _read_table_rows(file)
     else:
         raise DataError(f"{file}: unsupported dataset format '{file.suffix}' (use .jsonl, .json, .csv or .parquet)")
-    return records_from_rows(rows, str(file), group_field=group_field)
+    return records_from_rows(rows, str(file), group_field=group_field, integer_answers=integer_answers)
 
 
 def records_from_rows(rows: list[tuple[object, str]], source: str, prompt_field: str = "prompt",
                       answer_field: str = "answer", id_field: str | None = "id",
-                      group_field: str | None = None) -> list[PromptRecord]:
-    """Prompt records of (row, where) pairs; every error names its row; ids must be unique."""
+                      group_field: str | None = None, integer_answers: bool = False) -> list[PromptRecord]:
+    """Prompt records of (row, where) pairs; every error names its row; ids must be unique.
+    `integer_answers` (reward.verifier: integer): every gold answer must read as an integer."""
     records = [_record_from_row(row, where, index, prompt_field, answer_field, id_field, group_field)
                for index, (row, where) in enumerate(rows)]
     if not records:
         raise DataError(f"{source}: no records")
+    if integer_answers:
+        from rl_service.rewards.verifiers import parse_integer
+
+        for record, (_, where) in zip(records, rows):
+            # The integer verifier scores such a row 0 whatever the model writes: it can never be learned.
+            if parse_integer(record.answer) is None:
+                raise DataError(f"{where}: field '{answer_field}' is {record.answer!r}, not an integer; "
+                                "reward.verifier: integer can never score it (use verifier math, or fix the row)")
     seen: dict[int, str] = {}
     for record, (_, where) in zip(records, rows):
         if record.prompt_id in seen:

@@ -26,15 +26,18 @@ def final_answer_text(completion: str) -> str:
     return tail.strip()
 
 
+def parse_integer(text: str) -> int | None:
+    """The integer `text` writes, or None: one integer, leading zeros and '+' allowed, commas read as
+    thousands separators ("1,234"). The completion and the gold answer both go through this, so
+    "1,234" and "1234" match whichever side writes the commas; "1234.0" or "1 234" is not an integer."""
+    text = str(text).strip().replace(",", "")
+    return int(text) if _INTEGER.match(text) else None
+
+
 def verify_integer(completion: str, answer: str) -> float:
-    """1.0 iff the final answer is exactly one integer equal to `answer` (leading zeros and '+' allowed)."""
-    text = final_answer_text(completion).replace(",", "")
-    if not _INTEGER.match(text):
-        return 0.0
-    try:
-        return 1.0 if int(text) == int(str(answer).strip()) else 0.0
-    except ValueError:
-        return 0.0
+    """1.0 iff the final answer is exactly one integer equal to `answer` (both read by `parse_integer`)."""
+    predicted, gold = parse_integer(final_answer_text(completion)), parse_integer(answer)
+    return 1.0 if predicted is not None and predicted == gold else 0.0
 
 
 def verify_math(completion: str, answer: str, timeout_s: float = 5.0) -> float:
