@@ -90,8 +90,9 @@ def _default_run_dir(config) -> Path:
 
 
 def _announce(run_dir: Path) -> None:
-    """The run directory, absolute, on stdout before anything else is done: the first line of a
-    job's log (`rl-service report JOB_ID` reads it from there for a job submitted without our CLI)."""
+    """The run directory, absolute, on stdout once the checks made before Ray starts have passed (said
+    before a refusal, it named a directory never used) and before training: the first line of a job's
+    log (`rl-service report JOB_ID` reads it from there for a job submitted without our CLI)."""
     from rl_service.driver.job_runs import RUN_DIR_LOG_PREFIX
 
     print(f"{RUN_DIR_LOG_PREFIX}{run_dir.resolve()}", flush=True)
@@ -111,16 +112,19 @@ def _command_run(args) -> int:
     config = load_config(args.config, args.overrides)
     _run_id(config)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config)
+    # Errors name what the user set: a default directory comes from logging.output_dir, not --run-dir.
+    named = (f"--run-dir {args.run_dir}" if args.run_dir
+             else f"logging.output_dir {config.logging.output_dir} (run directory {run_dir})")
     try:
         created = not run_dir.exists()
     except OSError as exc:   # a directory above it that cannot be entered
-        named = f"--run-dir {args.run_dir}" if args.run_dir else f"logging.output_dir {config.logging.output_dir}"
         raise UserError(f"{named}: cannot look there ({exc.strerror or exc})") from None
-    prepare_run_dir(run_dir, args.resume, args.overwrite, clear=False)   # a file, /proc, an existing run
+    # a file, /proc, an existing run
+    prepare_run_dir(run_dir, args.resume, args.overwrite, clear=False, named=named)
     _HELD_LOCKS.append(lock_run_dir(run_dir))   # one run or resume of a directory at a time
     _RUNNING.append(run_dir)
     try:
-        return _run_in(run_dir, config, args)
+        return _run_in(run_dir, config, args, named)
     except (UserError, KeyboardInterrupt):
         if created:   # refused before anything ran: no directory holding only a lock file is left behind
             _remove_if_empty(run_dir)
@@ -134,7 +138,7 @@ def _remove_if_empty(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _run_in(run_dir: Path, config, args) -> int:
+def _run_in(run_dir: Path, config, args, named: str) -> int:
     from rl_service.config import load_config
     from rl_service.driver.trainer import prepare_job, run_training
     from rl_service.progress import print_summary
@@ -142,22 +146,38 @@ def _run_in(run_dir: Path, config, args) -> int:
     from rl_service.driver.preflight import check_cluster
     from rl_service.driver.run_dir import prepare_run_dir, step_checkpoints
 
-    _announce(run_dir)
     if args.resume:
         # Any checkpoint: continue from it, or say why none can be. Starting over here deleted the run.
         if step_checkpoints(run_dir):
             saved = Path(args.run_dir) / "config.yaml"
             # Compared as configs, not text: a newer rl-service may write the same config in another order.
-            if load_config(saved).model_dump() != config.model_dump():
-                raise UserError(f"{args.config}: differs from {saved}, the config the run started with; continue it "
-                                f"with `rl-service resume {args.run_dir} [--set KEY=VALUE]` to change a field")
+            changed = config_differences(load_config(saved).model_dump(), config.model_dump())
+            if changed:
+                shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+                raise UserError(f"{args.config}: differs from {saved}, the config the run started with ({shown}); "
+                                f"continue it with `rl-service resume {args.run_dir} [--set KEY=VALUE]` to change a field")
             return _resume(Path(args.run_dir), config)
     job = prepare_job(config)  # user-input errors surface here, before Ray starts
     check_cluster(config)      # a cluster that does not answer, roles a local Ray cannot place
-    prepare_run_dir(run_dir, args.resume, args.overwrite)   # only now: replacing a run, once the new one can start
+    # only now: replacing a run, once the new one can start
+    prepare_run_dir(run_dir, args.resume, args.overwrite, named=named)
+    _announce(run_dir)
     summary = run_training(job, run_dir)
     print_summary(summary, str(run_dir.resolve()))
     return 0
+
+
+def config_differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
+    """The fields (dotted paths) whose values differ between two dumped configs, each with both values:
+    "differs" alone left the user to diff two YAML files by hand."""
+    differences = []
+    for key in [*saved, *(key for key in given if key not in saved)]:   # in the config's own order
+        path, old, new = f"{prefix}{key}", saved.get(key), given.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += config_differences(old, new, f"{path}.")
+        elif old != new:
+            differences.append(f"{path}: the run has {old!r}, given {new!r}")
+    return differences
 
 
 def _command_resume(args) -> int:
@@ -169,7 +189,6 @@ def _command_resume(args) -> int:
     if is_job_id(args.run_dir):
         return as_job_id(args.run_dir, lambda: resume_job(args))
     run_dir = Path(args.run_dir)
-    _announce(run_dir)
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
@@ -192,6 +211,7 @@ def _resume(run_dir: Path, config) -> int:
     if not config.algorithm.is_preference:
         check_checkpoint_prompts(checkpoint, [record.prompt_id for record in job.task.train])
     check_cluster(config)
+    _announce(run_dir)
     logging.getLogger("rl_service").info("resuming %s from %s", run_dir, checkpoint.name)
     summary = run_training(job, run_dir, resume_from=checkpoint)
     print_summary(summary, str(run_dir.resolve()))

@@ -99,3 +99,53 @@ def test_resume_passes_over_a_newer_checkpoint_with_a_damaged_file_and_says_whic
     with caplog.at_level(logging.WARNING, logger="rl_service"):
         assert resumable_checkpoint(run, load_config(None, overrides)).name == "step_3"
     assert f"resuming from step_3; newer checkpoints cannot be: step_5 ({damaged} is " in caplog.text
+
+
+def _saved_run(tmp_path: Path, config_file: str, overrides: list[str]) -> Path:
+    run = tmp_path / "run"
+    _checkpoint(run, 2)
+    (run / "config.yaml").write_text(dump_config(load_config(REPO / config_file, overrides)))
+    return run
+
+
+def test_run_resume_with_a_changed_config_names_the_fields_that_differ(tmp_path, capsys, monkeypatch):
+    # It said only "differs from RUN/config.yaml": the user had to diff two YAML files by hand.
+    run = _saved_run(tmp_path, "configs/quickstart.yaml", ["steps=6", "learner.lr=2e-4"])
+    line = one_line_cli_error(["run", "configs/quickstart.yaml", "--run-dir", run, "--resume",
+                               "--set", "steps=6", "--set", "generator.temperature=0.5"], capsys, monkeypatch)
+    assert (f"configs/quickstart.yaml: differs from {run}/config.yaml, the config the run started with "
+            "(generator.temperature: the run has 1.0, given 0.5; learner.lr: the run has 0.0002, given 0.0001); "
+            f"continue it with `rl-service resume {run} [--set KEY=VALUE]`") in line
+    line = one_line_cli_error(["run", "configs/quickstart.yaml", "--run-dir", run, "--resume"], capsys, monkeypatch)
+    assert "(steps: the run has 6, given 100; " in line and "; and " not in line   # two fields: both shown
+    line = one_line_cli_error(["run", "configs/quickstart.yaml", "--run-dir", run, "--resume", "--set", "seed=1",
+                               "--set", "eval_every=3", "--set", "data.prompts_per_step=2"], capsys, monkeypatch)
+    assert "(seed: the run has 0, given 1; steps: the run has 6, given 100; eval_every: " in line
+    assert "; and 2 more)" in line
+
+
+def _stdout_of_refusal(args: list, capsys, monkeypatch) -> tuple[str, str]:
+    monkeypatch.chdir(REPO)
+    from rl_service.cli import EXIT_USER_ERROR, main
+
+    assert main([str(arg) for arg in args]) == EXIT_USER_ERROR
+    return capsys.readouterr()
+
+
+def test_a_refused_run_or_resume_announces_no_run_directory(tmp_path, capsys, monkeypatch):
+    # "run directory: PATH" came first, then the refusal, and PATH was never created.
+    monkeypatch.setenv("RL_SERVICE_SUBMISSION_ID", "checkpoint-checks")
+    out, err = _stdout_of_refusal(["run", "configs/quickstart.yaml", "--set", "learner.num_gpus=64",
+                                   "--run-dir", tmp_path / "gpu"], capsys, monkeypatch)
+    assert "64 GPU" in err and "run directory" not in out and not (tmp_path / "gpu").exists()
+    out, err = _stdout_of_refusal(["resume", tmp_path / "nonexist"], capsys, monkeypatch)
+    assert "not a run directory" in err and "run directory:" not in out
+
+
+def test_a_default_run_directory_refused_names_logging_output_dir_not_run_dir(capsys, monkeypatch):
+    # It said "--run-dir /dev/null/<run id>", a flag the user had not passed.
+    line = one_line_cli_error(["run", "configs/quickstart.yaml", "--set", "logging.output_dir=/dev/null"],
+                              capsys, monkeypatch)
+    assert line.startswith("rl-service: error: logging.output_dir /dev/null (run directory "
+                           "/dev/null/bad-inputs-corpus): under /dev, a kernel file system"), line
+    assert "--run-dir" not in line

@@ -247,27 +247,30 @@ def run_entries(directory: Path) -> list[str]:
     return [] if not existing or _started_nothing(directory) else existing
 
 
-def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = False, clear: bool = True) -> None:
+def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = False, clear: bool = True,
+                    named: str | None = None) -> None:
     """Check (and create) a run directory before Ray starts; a UserError names the problem.
 
     A directory that already holds a run is continued only with `resume` (from its checkpoint),
     replaced only with `overwrite`; without either the run is refused, since appending to it
     mixed two runs' metrics and ledgers (steps 1, 2, 1, 2) and overwrote their checkpoints.
     `resume` on a run that never checkpointed starts it over: nothing of it can be continued.
-    `clear=False` checks only (call it again with True once the job's inputs are known good)."""
+    `clear=False` checks only (call it again with True once the job's inputs are known good). `named`:
+    how errors name the directory (default `--run-dir PATH`; a default one came from logging.output_dir)."""
     from rl_service.errors import UserError
 
+    named = named or f"--run-dir {path}"
     directory = Path(path).expanduser().absolute()
     under = lambda top: directory == Path(top) or Path(top) in directory.parents   # noqa: E731
     # /dev/shm is an ordinary tmpfs (memory-backed, gone at reboot), not a kernel interface.
     if any(under(top) for top in _KERNEL_FILE_SYSTEMS) and not under("/dev/shm"):
-        raise UserError(f"--run-dir {path}: under {next(t for t in _KERNEL_FILE_SYSTEMS if str(directory).startswith(t))}, "
+        raise UserError(f"{named}: under {next(t for t in _KERNEL_FILE_SYSTEMS if str(directory).startswith(t))}, "
                         "a kernel file system, not a place for results")
     if directory.exists() and not directory.is_dir():
-        raise UserError(f"--run-dir {path}: exists and is not a directory")
+        raise UserError(f"{named}: exists and is not a directory")
     existing = [name for name in RUN_ENTRIES if (directory / name).exists()]
     if not overwrite and not resume and run_entries(directory):
-        raise UserError(f"--run-dir {path}: already holds a run ({', '.join(existing[:3])}); continue it with "
+        raise UserError(f"{named}: already holds a run ({', '.join(existing[:3])}); continue it with "
                         f"`rl-service resume {path}` (or run --resume), or replace it with --overwrite")
     # Cleared with --overwrite, or (a resume of a run that never checkpointed) when no checkpoint of any
     # kind is there: one judged incomplete is the user's to look at, never deleted unasked.
@@ -281,7 +284,7 @@ def prepare_run_dir(path: str | Path, resume: bool = False, overwrite: bool = Fa
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"--run-dir {path}: cannot write there ({exc.strerror or exc})") from None
+        raise UserError(f"{named}: cannot write there ({exc.strerror or exc})") from None
 
 
 class RunDirectory:
