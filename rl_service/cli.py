@@ -233,10 +233,42 @@ def _command_eval(args) -> int:
     from rl_service.config import load_config
     from rl_service.driver.evaluation import evaluate_model_dir
 
-    config = load_config(args.config, args.overrides + [f"model.path={args.checkpoint}"])
+    model_dir = _model_to_evaluate(args.checkpoint)
+    if model_dir != args.checkpoint:   # stdout stays the metrics' JSON
+        print(f"rl-service eval: evaluating {model_dir}", file=sys.stderr, flush=True)
+    config = load_config(args.config, args.overrides + [f"model.path={model_dir}"])
     metrics = evaluate_model_dir(config)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
+
+
+def _model_to_evaluate(given: str) -> str:
+    """The model directory `eval` loads for what the user named: a run directory (its newest complete
+    checkpoint), a checkpoint `step_N` and `checkpoints/latest` (the step it names) stand for their
+    model/. Each had failed with "model.path: ... has no config.json", a field the user never set."""
+    from rl_service.driver.run_dir import latest_checkpoint
+
+    path = Path(given).expanduser()
+    try:
+        if path.name == "latest" and path.parent.name == "checkpoints" and path.is_file():
+            step = path.read_text(encoding="utf-8").strip()
+            if not step.startswith("step_") or not (path.parent / step).is_dir():
+                raise UserError(f"{given}: names {step or 'no checkpoint'}, which is not there; pass the run "
+                                f"directory {path.parent.parent} to evaluate its newest complete checkpoint")
+            path = path.parent / step
+        elif not (path / "config.json").exists() and (path / "checkpoints").is_dir():   # a run directory
+            checkpoint = latest_checkpoint(path)
+            if checkpoint is None:
+                raise UserError(f"{given}: a run directory with no complete checkpoint to evaluate")
+            path = checkpoint
+        if not (path / "config.json").exists() and (path / "model").is_dir():   # a checkpoint
+            return str(path / "model")
+        if not (path / "config.json").exists() and (path / "adapter").is_dir():
+            raise UserError(f"{given}: checkpoint {path.name} holds a LoRA adapter (adapter/), not a model: evaluate "
+                            "its base model, or a merged one (learner.lora.save_merged: true writes one to model/)")
+    except OSError:   # unreadable: the model loader's check names it
+        return given
+    return given if path == Path(given).expanduser() else str(path)   # else the model loader explains
 
 
 def _command_report(args) -> int:

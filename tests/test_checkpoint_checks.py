@@ -149,3 +149,39 @@ def test_a_default_run_directory_refused_names_logging_output_dir_not_run_dir(ca
     assert line.startswith("rl-service: error: logging.output_dir /dev/null (run directory "
                            "/dev/null/bad-inputs-corpus): under /dev, a kernel file system"), line
     assert "--run-dir" not in line
+
+
+def test_eval_of_a_run_or_checkpoint_directory_evaluates_its_model(tmp_path, capsys):
+    # It said "model.path: RUN has no config.json", a field the user never set.
+    from rl_service.cli import _model_to_evaluate, main
+
+    run = tmp_path / "run"
+    _checkpoint(run, 2)
+    newest = _checkpoint(run, 4)
+    _truncate(newest / "learner_state.safetensors", 100)   # damaged: not the run's newest complete checkpoint
+    (run / "checkpoints" / "latest").write_text("step_2")
+    step_2 = run / "checkpoints" / "step_2"
+    assert main(["eval", str(run), "--set", "data.arithmetic.num_eval=4", "--set", "generator.max_new_tokens=8"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["eval_prompts"] == 4.0
+    assert f"rl-service eval: evaluating {step_2 / 'model'}" in err
+    assert _model_to_evaluate(str(step_2)) == str(step_2 / "model")
+    assert _model_to_evaluate(str(run / "checkpoints" / "latest")) == str(step_2 / "model")
+    assert _model_to_evaluate(str(step_2 / "model")) == str(step_2 / "model")
+    assert _model_to_evaluate("builtin") == "builtin"
+
+
+def test_eval_says_which_path_to_pass_when_a_directory_holds_no_model(tmp_path):
+    from rl_service.cli import _model_to_evaluate
+
+    lora = _checkpoint(tmp_path / "lora", 2, adapter=True)
+    with pytest.raises(UserError, match="checkpoint step_2 holds a LoRA adapter .adapter/., not a model: evaluate its "
+                                        "base model, or a merged one"):
+        _model_to_evaluate(str(lora))
+    with pytest.raises(UserError, match="a run directory with no complete checkpoint to evaluate"):
+        (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+        _model_to_evaluate(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "checkpoints" / "latest").write_text("step_9")
+    with pytest.raises(UserError, match=f"latest: names step_9, which is not there; pass the run directory "
+                                        f"{tmp_path / 'empty'} to evaluate"):
+        _model_to_evaluate(str(tmp_path / "empty" / "checkpoints" / "latest"))
