@@ -62,3 +62,13 @@ def test_an_hf_gold_answer_the_integer_verifier_cannot_read_is_refused_naming_th
                          ["data.source=hf", f"data.hf.path={dataset}", "data.hf.eval_split=test", "reward.verifier=integer"])
     with pytest.raises(DataError, match=r"\[test\]: row 1: field 'answer' is 'seven', not an integer"):
         load_task(config)
+
+
+def test_a_relative_dataset_path_not_found_says_where_it_was_looked_up(tmp_path, monkeypatch):
+    # configs/jsonl_example.yaml names configs/data/…: run from elsewhere, the message says why it is missing.
+    monkeypatch.chdir(tmp_path)
+    config = load_config(REPO / "configs" / "jsonl_example.yaml")
+    with pytest.raises(DataError) as error:
+        load_task(config)
+    assert str(error.value) == (f"{Path(config.data.train_path)}: dataset file not found (a relative path, looked up "
+                                f"in the current directory {tmp_path})")

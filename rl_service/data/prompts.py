@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -257,7 +258,10 @@ def load_prompt_file(path: str | Path, group_field: str | None = None,
     if is_dir:
         raise DataError(f"{file}: is a directory, not a dataset file")
     if not is_file:
-        raise DataError(f"{file}: dataset file not found")
+        # A relative path is read from the working directory, not the config file's: say which, since
+        # the same job run from elsewhere fails here.
+        where = "" if file.is_absolute() else f" (a relative path, looked up in the current directory {os.getcwd()})"
+        raise DataError(f"{file}: dataset file not found{where}")
     if file.suffix in (".jsonl", ".json"):
         rows = _read_json_rows(file)
     elif file.suffix in (".csv", ".parquet"):
