@@ -4,7 +4,7 @@
                                                                 train (local Ray on 127.0.0.1, or RAY_ADDRESS)
     rl-service resume RUN_DIR|JOB_ID [--set a.b=c ...]          continue a stopped or killed run from its last checkpoint
                                                                 (a job id: as a new job on the job's cluster)
-    rl-service eval CHECKPOINT [CONFIG] [--set ...]             greedy eval accuracy of a model directory
+    rl-service eval MODEL|CHECKPOINT|RUN_DIR [CONFIG] [--set ...]  greedy eval accuracy of a model directory
     rl-service config-schema                                    the JobConfig JSON schema
     rl-service validate CONFIG [--set ...]                      check a config and its data, start nothing
     rl-service report RUN_DIR|JOB_ID [--out DIR]                PNG plots of a run's metrics.jsonl (default RUN_DIR/report)
@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="override a config field, as run takes it (repeatable)")
 
     evaluate = commands.add_parser("eval", help="greedy accuracy of a model directory on a job's eval split")
-    evaluate.add_argument("checkpoint", help="model directory (e.g. RUN_DIR/checkpoints/step_N/model) or 'builtin'")
+    evaluate.add_argument("checkpoint", help="model directory, 'builtin', or a run directory / RUN_DIR/checkpoints/step_N "
+                                             "/ RUN_DIR/checkpoints/latest (their checkpoint's model/)")
     evaluate.add_argument("config", nargs="?", help="YAML job file whose eval split to use (default: built-in task)")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a field of that config, e.g. --set eval.samples=8 (repeatable)")
