@@ -47,3 +47,22 @@ def test_settings_that_are_read_or_default_pass(config, overrides):
 @pytest.mark.parametrize("config", sorted(path.name for path in CONFIGS.glob("*.yaml")))
 def test_every_shipped_config_loads(config):
     load_config(CONFIGS / config)
+
+
+def test_a_custom_reward_whose_neighbour_module_is_hidden_is_told_to_list_it(tmp_path, monkeypatch):
+    from rl_service.errors import UserError
+    from rl_service.rewards.custom import check_custom_reward, custom_reward_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "helpers.py").write_text("def score(completion, answer):\n    return 1.0\n")
+    (tmp_path / "my_reward.py").write_text("import helpers\n\n\ndef reward(completion, answer):\n"
+                                           "    return helpers.score(completion, answer)\n")
+    config = load_config(CONFIGS / "quickstart.yaml", ["reward.custom=my_reward.py:reward"])
+    with pytest.raises(UserError) as error:
+        check_custom_reward(custom_reward_spec(config.reward))
+    assert str(error.value).endswith("No module named 'helpers' (a module beside the reward file is importable only "
+                                     "when listed in reward.custom_readable: add helpers.py)")
+    # The fix the message names works.
+    config = load_config(CONFIGS / "quickstart.yaml", ["reward.custom=my_reward.py:reward",
+                                                       "reward.custom_readable=[helpers.py]"])
+    check_custom_reward(custom_reward_spec(config.reward))

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import select
 import selectors
 import shutil
@@ -133,6 +134,22 @@ def check_custom_reward(spec: CustomRewardSpec) -> None:
         raise _user_error(f"{shown}: {problem}")
 
 
+def _import_hint(problem: str, reward_file: str) -> str:
+    """`problem` plus how to fix a module the sandbox hid: the reward file's directory is not visible
+    under bubblewrap, so a helper beside it imports only when listed in reward.custom_readable."""
+    missing = re.search(r"importing the module raised ModuleNotFoundError: No module named '([\w.]+)'", problem)
+    if missing is None:
+        return problem
+    top = missing.group(1).split(".")[0]
+    beside = Path(reward_file).parent
+    for candidate in (beside / f"{top}.py", beside / top):
+        if candidate.exists():
+            return f"{problem} (a module beside the reward file is importable only when listed in " \
+                   f"reward.custom_readable: add {_shown(str(candidate))})"
+    return f"{problem} (a module beside the reward file must be listed in reward.custom_readable; a package must " \
+           "be installed in this Python)"
+
+
 def _shown(path: str) -> str:
     """A path as the user likely wrote it: relative to the working directory when under it."""
     try:
@@ -183,7 +200,8 @@ class _Worker:
         if reply is None:
             return f"importing the module took more than {max(STARTUP_TIMEOUT_S, self.spec.timeout_s):.0f} s"
         if "ready" not in reply:
-            return reply.get("error", "the reward process stopped while importing the module")
+            return _import_hint(reply.get("error", "the reward process stopped while importing the module"),
+                                self.spec.path)
         return None
 
     def call(self, completion: str, answer: str) -> dict | None:
