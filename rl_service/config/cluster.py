@@ -12,10 +12,10 @@ from rl_service.config.section import _Section
 
 
 class ClusterConfig(_Section):
-    address: str | None = Field(None, description="Ray address to join; none: RAY_ADDRESS or a local Ray on 127.0.0.1")
-    num_cpus: int | None = Field(None, ge=1, description="logical CPUs declared to a local Ray (none: the machine's)")
+    address: str | None = Field(None, description="Ray address to join; null: RAY_ADDRESS or a local Ray on 127.0.0.1")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs declared to a local Ray (null: the machine's)")
     include_dashboard: bool = Field(False, description="start the Ray dashboard with a local Ray (about +1 GB)")
-    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch threads per actor (none: all cores; sync mode runs one role at a time)")
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch threads per actor (null: all cores; sync mode runs one role at a time)")
     max_role_failures: int = Field(
         3, ge=0, le=1000, description="role deaths (generator, statistics, learner; Ray itself restarts a dead reward actor, "
                                       "up to 3 times, and retries its call) a run recovers from by "

@@ -2,7 +2,8 @@
 booleans) and Ray resource amounts Ray would refuse are errors."""
 from __future__ import annotations
 
-from typing import get_args
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -23,6 +24,21 @@ class _Section(BaseModel):
                 raise ValueError(f"expected a number, got {str(value).lower()}")
             if not isinstance(value, bool) and bool in types and not any(kind in (int, float) for kind in types):
                 raise ValueError(f"expected true or false, got {value}")
+        return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _none_is_null(cls, value, info):
+        # YAML's null is `null` (or `~`); `keep_last: none` is the string "none", which an optional number,
+        # choice or section can never mean otherwise, so it is read as null. A field that takes text
+        # keeps it (a column may be named "none"), and so does a choice that lists "none" (learner.offload).
+        if not (isinstance(value, str) and value.strip().lower() == "none" and info.field_name in cls.model_fields):
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        types = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+        literal_none = any(get_origin(kind) is Literal and "none" in get_args(kind) for kind in types)
+        if type(None) in types and str not in types and not literal_none:
+            return None
         return value
 
     @field_validator("num_cpus", "num_gpus", "resources", check_fields=False)

@@ -61,11 +61,11 @@ class HFDataConfig(_Section):
     path: str = Field(..., min_length=1, description="a `save_to_disk` directory (Dataset or DatasetDict) or a local "
                                                      "dataset directory of parquet/csv/json files")
     train_split: str = Field("train", min_length=1, description="split to train on")
-    eval_split: str | None = Field(None, min_length=1, description="held-out split; none: no eval")
+    eval_split: str | None = Field(None, min_length=1, description="held-out split; null: no eval")
     prompt_column: str = Field("prompt", min_length=1, description="column with the prompt: a string (the user "
                                                                    "message) or a chat (list of {role, content})")
     answer_column: str = Field("answer", min_length=1, description="column with the gold answer (string or number)")
-    id_column: str | None = Field(None, min_length=1, description="column with a stable integer prompt id; none: "
+    id_column: str | None = Field(None, min_length=1, description="column with a stable integer prompt id; null: "
                                                                   "the row index")
     group_column: str | None = Field(None, min_length=1, description="column naming each prompt's group of alike "
                                                                      "prompts (a difficulty level): eval accuracy per "
@@ -77,7 +77,7 @@ class DataConfig(_Section):
         "arithmetic", description="built-in synthetic task, JSONL/JSON/CSV/Parquet files, or a local Hugging Face "
                                   "dataset (data.hf)")
     train_path: str | None = Field(None, description=".jsonl/.json/.csv/.parquet file with `prompt` and `answer` per record (source=jsonl)")
-    eval_path: str | None = Field(None, description="held-out .jsonl/.json/.csv/.parquet file (source=jsonl); none: no eval")
+    eval_path: str | None = Field(None, description="held-out .jsonl/.json/.csv/.parquet file (source=jsonl); null: no eval")
     group_field: str | None = Field(None, min_length=1, description="source=jsonl: field naming each prompt's group of "
                                                                    "alike prompts (a difficulty level): eval accuracy "
                                                                    "per group, statistics.unseen_prompts 'group'")
@@ -131,7 +131,7 @@ class GeneratorConfig(_Section):
                             "prefilled once, static KV cache, stopped rows dropped; fastest for small models on CPU)")
     tensor_parallel: int = Field(1, ge=1, le=64, description="GPUs per vLLM engine (tensor parallel; GPU clusters only)")
     kv_cache_blocks: int | None = Field(
-        512, ge=16, description="vLLM KV-cache blocks per engine (vLLM's block size each: 16 tokens on GPU, 128 on CPU); none: vLLM sizes it from memory "
+        512, ge=16, description="vLLM KV-cache blocks per engine (vLLM's block size each: 16 tokens on GPU, 128 on CPU); null: vLLM sizes it from memory "
                                 "(on CPU VLLM_CPU_KVCACHE_SPACE GiB, resident)")
     num_engines: int = Field(1, ge=1, le=1024, description="GeneratorActors in the pool")
     samples_per_prompt: int = Field(8, ge=1, le=4096, description="completions per prompt (uniform allocation)")
@@ -142,7 +142,7 @@ class GeneratorConfig(_Section):
     num_gpus: float = Field(0.0, ge=0.0, le=64, description="GPUs per engine")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray node resources per engine, e.g. {rollout: 1}")
     autoscale: AutoscaleConfig | None = Field(
-        None, description="none: a fixed pool (num_engines; `rl-service scale` still changes it); {min, max}: the "
+        None, description="null: a fixed pool (num_engines; `rl-service scale` still changes it); {min, max}: the "
                           "driver sizes it from where a step's time goes")
 
     @model_validator(mode="after")
@@ -232,13 +232,13 @@ class StatisticsConfig(_Section):
                               "of its budget by GVM on the pilot's p and G (ours); pilot samples are trained on")
     accept_threshold: float | None = Field(
         None, allow_inf_nan=False, description="a sample is accepted when its reward is >= this (custom reward / reward "
-                                               "model); none = the verifier says correct (reward 1). One definition for "
+                                               "model); null = the verifier says correct (reward 1). One definition for "
                                                "acceptance rates, GVM, the pilot, RAFT++ and metrics (§GVM.1)")
     ema_weight: float = Field(0.5, gt=0.0, le=1.0, description="λ of the EMAs: p ← (1−λ)p + λ p_batch (§GVM.6)")
     alpha: float = Field(1e-3, ge=0.0, le=1e3, description="α of the regularised weight w = G/√(p + α/p^(β−1)) (§GVM.3)")
     beta: float = Field(2.0, ge=1.0, le=10.0, description="β of the regularised weight (§GVM.3)")
     n_min: int = Field(1, ge=0, le=4096, description="fewest samples a prompt gets in online mode (ours; keeps every prompt visible)")
-    n_max: int | None = Field(None, ge=1, le=65_536, description="most samples a prompt gets; none = unbounded")
+    n_max: int | None = Field(None, ge=1, le=65_536, description="most samples a prompt gets; null = unbounded")
     n_pilot: int = Field(4, ge=1, le=4096, description="samples for a prompt never seen (online, step_pilot) / per prompt "
                                                      "in the pilot (offline_pilot: default 8, the paper's §GVM.5)")
     unseen_prompts: Literal["pilot", "group"] = Field(
@@ -338,17 +338,17 @@ CLUSTER_CHECKPOINT_EVERY = 10   # steps between checkpoints of a cluster run tha
 
 class CheckpointConfig(_Section):
     every: int | None = Field(
-        None, ge=0, description="save every N steps; 0 = only at the end; none (default): every "
+        None, ge=0, description="save every N steps; 0 = only at the end; null (default): every "
                                 f"{CLUSTER_CHECKPOINT_EVERY} steps when the run joins a cluster (a submitted job, "
                                 "cluster.address or RAY_ADDRESS), so a stopped job can resume, else only at the end")
     keep_last: int | None = Field(
         None, ge=1, description="keep only the newest N checkpoints (older ones are deleted after a new one is "
-                                "complete); none = keep all")
+                                "complete); null = keep all")
 
 
 class GuardConfig(_Section):
     max_eval_drop: float | None = Field(
-        0.15, ge=0.0, le=1.0, description="stop when eval accuracy falls this far below the best so far (collapse guard); none = off")
+        0.15, ge=0.0, le=1.0, description="stop when eval accuracy falls this far below the best so far (collapse guard); null = off")
     max_nonfinite_steps: int = Field(
         3, ge=1, le=1000, description="stop after this many steps in a row whose loss or gradient was not finite (each "
                                       "such update is skipped and counted); the last good checkpoint is kept")
@@ -357,7 +357,7 @@ class GuardConfig(_Section):
 class EvalConfig(_Section):
     """Sampled evaluation beside the greedy accuracy (rl_service/pass_at_k.py): pass@k and mean@k."""
     samples: int | None = Field(
-        None, ge=1, le=1024, description="none (default): greedy accuracy only; k: also k completions per eval prompt "
+        None, ge=1, le=1024, description="null (default): greedy accuracy only; k: also k completions per eval prompt "
                                          "at eval.temperature, logged as eval_pass_at_1 … eval_pass_at_k (unbiased "
                                          "estimator, Chen et al. 2021) and eval_mean_at_k (mean accuracy)")
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="sampling temperature of the sampled evaluation")

@@ -35,7 +35,7 @@ class MlflowConfig(_Section):
     """MLflow (rl_service/trackers.py): the resolved config as params, every metrics row at its step."""
     tracking_uri: str | None = Field(
         None, min_length=1, description="MLflow tracking URI (a server http://…, or file:///abs/path for a local "
-                                        "store); none: MLFLOW_TRACKING_URI or MLflow's default")
+                                        "store); null: MLFLOW_TRACKING_URI or MLflow's default")
     experiment: str = Field("rl_service", min_length=1, max_length=256, description="experiment name (created if missing)")
 
     @model_validator(mode="after")
@@ -46,8 +46,8 @@ class MlflowConfig(_Section):
 
 class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="write TensorBoard events to RUN_DIR/tb")
-    wandb: WandbConfig | None = Field(None, description="none: off; {project, mode}: log to Weights & Biases too")
-    mlflow: MlflowConfig | None = Field(None, description="none: off; {tracking_uri, experiment}: log to MLflow too")
+    wandb: WandbConfig | None = Field(None, description="null: off; {project, mode}: log to Weights & Biases too")
+    mlflow: MlflowConfig | None = Field(None, description="null: off; {tracking_uri, experiment}: log to MLflow too")
     progress_bar: bool = Field(True, description="rich progress bar when stdout is a terminal (a job log or pipe gets "
                                                  "log lines instead, see log_every)")
     log_every: int = Field(
