@@ -66,3 +66,44 @@ def test_a_custom_reward_whose_neighbour_module_is_hidden_is_told_to_list_it(tmp
     config = load_config(CONFIGS / "quickstart.yaml", ["reward.custom=my_reward.py:reward",
                                                        "reward.custom_readable=[helpers.py]"])
     check_custom_reward(custom_reward_spec(config.reward))
+
+
+# -- `none` is YAML's string "none", not null ------------------------------------------------------
+
+@pytest.mark.parametrize("override, read", [
+    ("checkpoint.keep_last=none", lambda config: config.checkpoint.keep_last),
+    ("statistics.n_max=None", lambda config: config.statistics.n_max),
+    ("guard.max_eval_drop=none", lambda config: config.guard.max_eval_drop),
+    ("generator.autoscale=none", lambda config: config.generator.autoscale),
+])
+def test_none_is_read_as_null_where_no_text_can_be_meant(override, read):
+    assert read(load_config(CONFIGS / "quickstart.yaml", [override])) is None
+
+
+def test_none_stays_text_where_text_or_a_listed_choice_is_meant():
+    config = load_config(CONFIGS / "hf_dataset.yaml", ["data.hf.id_column=none", "learner.offload=none"])
+    assert config.data.hf.id_column == "none" and config.learner.offload == "none"
+
+
+def test_descriptions_and_shipped_comments_write_null_not_none():
+    # `eval_split: none` in a copied config would name a split "none"; the docs must show what YAML reads as null.
+    from rl_service.config.sections import CheckpointConfig, HFDataConfig
+
+    assert "null: no eval" in HFDataConfig.model_fields["eval_split"].description
+    assert "null = keep all" in CheckpointConfig.model_fields["keep_last"].description
+    text = (CONFIGS / "hf_dataset.yaml").read_text()
+    assert "# none" not in text and "; none:" not in text
+
+
+# -- numbers --set to text fields -----------------------------------------------------------------
+
+def test_a_number_set_to_a_text_field_is_the_text_typed():
+    config = load_config(CONFIGS / "hf_dataset.yaml", ["job_name=123", "data.hf.train_split=007", "data.hf.eval_split=1.10"])
+    assert (config.job_name, config.data.hf.train_split, config.data.hf.eval_split) == ("123", "007", "1.10")
+
+
+def test_a_number_in_a_file_for_a_text_field_says_to_quote_it(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("job_name: 123\n")
+    with pytest.raises(ConfigError, match=r"job_name: Input should be a valid string \(got 123\); quote it to mean text"):
+        load_config(job)

@@ -52,6 +52,8 @@ def _format_validation_error(source: str, error: ValidationError, overrides: lis
                 continue
         elif not isinstance(item.get("input"), (dict, list)):
             message += f" (got {item.get('input')!r})"  # the value as parsed, e.g. 'many' for an integer
+            if item["type"] == "string_type" and isinstance(item.get("input"), (int, float)):
+                message += "; quote it to mean text"   # `job_name: 123` in a file: YAML read a number
         problems.append(f"{field}: {message}{_from_override(field, list(overrides), item['type'] == 'extra_forbidden')}")
     return f"{source}: " + "; ".join(problems)
 
@@ -159,7 +161,38 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
+        if not _overrides_as_text(raw, exc, overrides or []):
+            raise ConfigError(_format_validation_error(source, exc, overrides or [])) from None
+    try:   # once more, with the numbers a --set wrote to text fields read as the text written
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
         raise ConfigError(_format_validation_error(source, exc, overrides or [])) from None
+
+
+def _overrides_as_text(raw: dict, error: ValidationError, overrides: list[str]) -> bool:
+    """Put back, as written, each `--set` value that YAML read as a number but whose field takes text
+    (`--set job_name=123`, `data.hf.train_split=2024`): on a command line there is no quoting to ask
+    for, and the text as typed keeps "007" and "1.10" that int/float would not. True if any was."""
+    written = {}
+    for override in overrides:
+        key, text = override.split("=", 1)
+        written[tuple(part for part in key.strip().split("."))] = text.strip()
+    changed = False
+    for item in error.errors():
+        value = item.get("input")
+        if item["type"] != "string_type" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        loc = [str(part) for part in item["loc"]]
+        if loc[:1] == ["algorithm"] and len(loc) > 1 and loc[1] in ALGORITHMS:
+            loc.pop(1)   # the union's tag, not a key the user wrote
+        if tuple(loc) not in written:
+            continue
+        node = raw
+        for part in loc[:-1]:
+            node = node[part]
+        node[loc[-1]] = written[tuple(loc)]
+        changed = True
+    return changed
 
 
 def dump_config(config: JobConfig) -> str:
