@@ -15,9 +15,9 @@ from safetensors.numpy import save_file
 from conftest import REPO, one_line_cli_error
 from rl_service.config import dump_config, load_config
 from rl_service.driver.run_dir import (IN_FLIGHT_ARRAYS, IN_FLIGHT_FILE, checkpoint_problem, latest_checkpoint,
-                                       resumable_checkpoint, safetensors_problem)
+                                       resumable_checkpoint)
 from rl_service.errors import UserError
-from rl_service.models.loading import BUILTIN_MODEL_DIR
+from rl_service.models.loading import BUILTIN_MODEL_DIR, safetensors_problem
 
 
 def _arrays(path: Path, **arrays) -> Path:

@@ -81,25 +81,49 @@ def _check_model_config(directory: Path, field: str, trust_remote_code: bool | N
         raise ModelLoadError(f"{field}: {directory} needs its own modelling code (auto_map in config.json); {hint}")
 
 
-def _check_safetensors(file: Path, field: str) -> None:
-    """The header parses and the tensors it lists fit in the file: a half-copied or corrupt file
-    is named here instead of failing inside an actor."""
-    size = file.stat().st_size
-    with file.open("rb") as handle:
-        prefix = handle.read(8)
-        header_size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        header_fits = 0 <= header_size <= min(size - 8, 100 * 2**20)
-        raw_header = handle.read(header_size) if header_fits else b""
+_CUT = "(truncated or overwritten)"   # a header that parses, over data of the wrong length
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file, or None. Reads only the header (an 8-byte little-endian
+    length N, N bytes of JSON giving each tensor's `data_offsets` in the data after it, which ends at the
+    largest end): a file cut short or overwritten failed only inside an actor, in a SafetensorError."""
     try:
-        header = json.loads(raw_header) if header_fits else None
-        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            length = int.from_bytes(prefix, "little")
+            if length > min(size - 8, 100_000_000):   # the library refuses a header over 100 MB
+                return f"its header claims {length} bytes, the file has {size}"
+            header = json.loads(handle.read(length).decode("utf-8"))
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    except ValueError:   # UnicodeDecodeError included
         header = None
-    if header is None:
-        raise ModelLoadError(f"{field}: {file}: not a safetensors file (its header does not parse; corrupt or truncated?)")
-    needed = 8 + header_size + max(ends, default=0)
-    if size < needed:
-        raise ModelLoadError(f"{field}: {file}: truncated ({size} bytes, its header lists {needed})")
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int for x in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            return f"tensor {name!r} has no valid data_offsets"
+        end = max(end, offsets[1])
+    if 8 + length + end != size:
+        return f"{size} bytes where its header needs {8 + length + end} {_CUT}"
+    return None
+
+
+def _check_safetensors(file: Path, field: str) -> None:
+    file.open("rb").close()   # unreadable: OSError, named "cannot read" by resolve_model_dir
+    problem = safetensors_problem(file)
+    if problem is not None:
+        kind = "truncated" if problem.endswith(_CUT) else "not a safetensors file"
+        raise ModelLoadError(f"{field}: {file}: {kind} ({problem.removesuffix(_CUT).strip()})")
 
 
 def _check_shard_index(directory: Path, field: str) -> None:
@@ -229,7 +253,7 @@ def _matches(name: str, patterns) -> bool:
 
 
 def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    with file.open("rb") as handle:   # the header only (checked whole by _check_safetensors)
+    with file.open("rb") as handle:   # the header only (checked whole by safetensors_problem)
         header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
     return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
 
