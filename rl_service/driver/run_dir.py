@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from rl_service.config import JobConfig, dump_config
+from rl_service.models.loading import safetensors_problem
 
 
 def _jsonable(value):
@@ -47,40 +48,6 @@ def refuse_empty_run_dir(run_dir: str | None) -> None:
     if run_dir is not None and not run_dir.strip():
         raise UserError("--run-dir is empty: name the run directory, or leave --run-dir out for "
                         "<logging.output_dir>/<run id>")
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why `path` is not a whole safetensors file, or None. Reads only the header (an 8-byte little-endian
-    length N, N bytes of JSON giving each tensor's `data_offsets` in the data after it, which ends at the
-    largest end): a file cut short or overwritten failed only after Ray started, in a SafetensorError."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                return f"{size} bytes, shorter than a safetensors header"
-            length = int.from_bytes(prefix, "little")
-            if length > min(size - 8, 100_000_000):   # the library refuses a header over 100 MB
-                return f"its header claims {length} bytes, the file has {size}"
-            header = json.loads(handle.read(length).decode("utf-8"))
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})"
-    except ValueError:   # UnicodeDecodeError included
-        header = None
-    if not isinstance(header, dict):
-        return "its header is not a JSON object"
-    end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int for x in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            return f"tensor {name!r} has no valid data_offsets"
-        end = max(end, offsets[1])
-    if 8 + length + end != size:
-        return f"{size} bytes where its header needs {8 + length + end} (truncated or overwritten)"
-    return None
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
@@ -195,7 +162,7 @@ def check_checkpoint_prompts(checkpoint: Path, train_prompt_ids) -> None:
 
 # What a run writes into its directory (`--overwrite` removes these and nothing else).
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "ledger.jsonl", "summary.json", "checkpoints", "tb", "report",
-               "wandb", "tracker_runs.json")
+               "wandb", "tracker_runs.json", "driver.log")
 _KERNEL_FILE_SYSTEMS = ("/proc", "/sys", "/dev")
 
 
