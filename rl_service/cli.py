@@ -28,6 +28,7 @@ from rl_service.driver.jobs import JOB_COMMANDS, add_job_commands, connection
 from rl_service.driver.stop_signal import StopRequested
 
 EXIT_USER_ERROR = 2
+EXIT_GUARD_STOP = 3   # a guard stopped the run early (summary.json's stopped_reason says which)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,6 +104,12 @@ _HELD_LOCKS: list[int] = []   # the run directory this command runs (`run_dir.lo
 _RUNNING: list[Path] = []     # that run directory, for the line Ctrl-C prints
 
 
+def run_exit_code(summary: dict) -> int:
+    """0 for a run that trained its steps; EXIT_GUARD_STOP when a guard stopped it (non-finite updates,
+    an eval collapse, a reward failing on every sample), so a script or a Ray job sees it failed."""
+    return 0 if summary.get("stopped_reason") == "completed" else EXIT_GUARD_STOP
+
+
 def _command_run(args) -> int:
     from rl_service.config import load_config
     from rl_service.driver.run_dir import lock_run_dir, prepare_run_dir, refuse_empty_run_dir
@@ -165,7 +172,7 @@ def _run_in(run_dir: Path, config, args, named: str) -> int:
     _announce(run_dir)
     summary = run_training(job, run_dir)
     print_summary(summary, str(run_dir.resolve()))
-    return 0
+    return run_exit_code(summary)
 
 
 def config_differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
@@ -216,7 +223,7 @@ def _resume(run_dir: Path, config) -> int:
     logging.getLogger("rl_service").info("resuming %s from %s", run_dir, checkpoint.name)
     summary = run_training(job, run_dir, resume_from=checkpoint)
     print_summary(summary, str(run_dir.resolve()))
-    return 0
+    return run_exit_code(summary)
 
 
 def _command_validate(args) -> int:

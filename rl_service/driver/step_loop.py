@@ -9,8 +9,9 @@ also records the step and each evaluation as live metrics (`telemetry`) and answ
 scale` requests for its pool (`roles`, rl_service/driver/elastic.py).
 
 Progress: a bar on a terminal; elsewhere (a Ray job's log, a pipe) or with the bar off, one log
-line every `logging.log_every` steps and one per evaluation (rl_service/progress.py). The final
-evaluation is taken inside the bar, so the bar ends on the accuracy the summary reports.
+line every `logging.log_every` steps and one per evaluation (rl_service/progress.py); under the bar
+the step lines go to RUN_DIR/driver.log only. The final evaluation is taken inside the bar, so the
+bar ends on the accuracy the summary reports.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from rl_service.config.sections import CLUSTER_CHECKPOINT_EVERY
 from rl_service.progress import StepProgress, format_eval_line, format_step_line, on_terminal
 
 log = logging.getLogger("rl_service")
+file_log = logging.getLogger("rl_service.run_dir_only")   # reaches driver.log, not the terminal
+file_log.propagate = False
 
 
 @dataclass
@@ -59,6 +62,27 @@ def checkpoint_every(config: JobConfig) -> int:
     return CLUSTER_CHECKPOINT_EVERY if config.cluster.address_to_join() else 0
 
 
+def guard_stop_reason(config: JobConfig, step: int, metrics: dict, nonfinite_in_a_row: int,
+                      collapsed: bool) -> str | None:
+    """Why the run must stop after `step`, or None. A stopped run keeps its last checkpoint from before
+    the stop and exits with EXIT_GUARD_STOP, so a scheduler or a Ray job shows it as failed."""
+    if nonfinite_in_a_row >= config.guard.max_nonfinite_steps:
+        return (f"{nonfinite_in_a_row} steps in a row with a non-finite loss or gradient, up to step {step} "
+                "(guard.max_nonfinite_steps); the last good checkpoint is kept")
+    if collapsed:
+        return (f"eval accuracy collapsed at step {step} (guard.max_eval_drop={config.guard.max_eval_drop}); the "
+                "checkpoint before it is kept")
+    # A reward that fails on every sample gives the step no signal at all; training on, the run would
+    # report "completed" on rewards of 0 (a user's reward with a typo in it).
+    errors, timeouts = metrics.get("custom_reward_errors", 0), metrics.get("custom_reward_timeouts", 0)
+    scored = metrics.get("completions", 0) - metrics.get("pilot_completions", 0)
+    if scored > 0 and errors + timeouts >= scored:
+        return (f"reward.custom failed on every completion of step {step} ({errors:.0f} errors, {timeouts:.0f} "
+                "timeouts; the reward's own error is logged above); fix it, then resume the run from its last "
+                "checkpoint (with none yet, run it again with --overwrite)")
+    return None
+
+
 def _record(trainer, step: int, evaluation: dict | None = None) -> None:
     telemetry = getattr(trainer, "telemetry", None)
     if telemetry is not None:
@@ -71,7 +95,7 @@ def run_steps(config: JobConfig, trainer, start_step: int = 0) -> LoopResult:
     from rl_service.driver.elastic import ScaleListener
 
     bar = config.logging.progress_bar and on_terminal()
-    log_every = 0 if bar else config.logging.log_every
+    line_every = config.logging.log_every
     every = checkpoint_every(config)
     if start_step == 0:
         initial = trainer.evaluate(step=0)
@@ -90,8 +114,9 @@ def run_steps(config: JobConfig, trainer, start_step: int = 0) -> LoopResult:
         with StepProgress(config.steps, enabled=bar, completed=start_step) as progress:
             for step in range(start_step + 1, config.steps + 1):
                 metrics = trainer.train_step(step)
-                if log_every and (step % log_every == 0 or step == config.steps):
-                    log.info(format_step_line(step, config.steps, metrics))
+                if line_every and (step % line_every == 0 or step == config.steps):
+                    # Under the bar a step line would break it: it goes to RUN_DIR/driver.log alone.
+                    (file_log if bar else log).info(format_step_line(step, config.steps, metrics))
                 evaluation = None
                 if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                     evaluation = trainer.evaluate(step)
@@ -100,19 +125,14 @@ def run_steps(config: JobConfig, trainer, start_step: int = 0) -> LoopResult:
                     log.info(format_eval_line(step, evaluation))
                 _record(trainer, step, evaluation)
                 progress.update(step, metrics, trainer.eval_history)
-                if every and step % every == 0 and step < config.steps:
-                    trainer.checkpoint(step)
-                # NaN/Inf guard: the learner skipped every update whose gradient was not finite.
                 nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics.get("nonfinite_update_fraction", 0.0) > 0 else 0
-                if nonfinite_in_a_row >= config.guard.max_nonfinite_steps:
-                    stopped_reason = (f"{nonfinite_in_a_row} steps in a row with a non-finite loss or gradient, up to step "
-                                      f"{step} (guard.max_nonfinite_steps); the last good checkpoint is kept")
+                guard_stop = guard_stop_reason(config, step, metrics, nonfinite_in_a_row, trainer.collapsed())
+                if guard_stop is not None:   # checked before this step's checkpoint: the weights it stopped on are not kept
+                    stopped_reason = guard_stop
                     log.error(stopped_reason)
                     break
-                if trainer.collapsed():
-                    stopped_reason = f"eval accuracy collapsed at step {step} (guard.max_eval_drop={config.guard.max_eval_drop})"
-                    log.warning(stopped_reason)
-                    break
+                if every and step % every == 0 and step < config.steps:
+                    trainer.checkpoint(step)
             train_wall_s = time.perf_counter() - loop_started
             if last_eval[0] != step:
                 final = trainer.evaluate(step)
@@ -124,7 +144,6 @@ def run_steps(config: JobConfig, trainer, start_step: int = 0) -> LoopResult:
     finally:
         if listener is not None:
             listener.stop()
-    # After non-finite steps nothing new is worth saving: the newest checkpoint stays the newest.
-    halted = nonfinite_in_a_row >= config.guard.max_nonfinite_steps
-    checkpoint = trainer.run_dir.latest_checkpoint() if halted else trainer.checkpoint(step)
+    # After a guard stop nothing new is worth saving: the newest checkpoint stays the newest.
+    checkpoint = trainer.checkpoint(step) if stopped_reason == "completed" else trainer.run_dir.latest_checkpoint()
     return LoopResult(step, train_wall_s, initial, final, stopped_reason, checkpoint)

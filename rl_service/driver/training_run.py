@@ -14,7 +14,9 @@ it are replayed, up to `cluster.max_role_failures` times (`run_with_restarts`, r
 from __future__ import annotations
 
 import json
+import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,7 +26,7 @@ from rl_service.guard import eval_collapsed
 from rl_service.driver.roles import Roles, ray_session, run_with_restarts, start_roles
 from rl_service.rollout import SamplingParams
 from rl_service.driver.run_dir import RunDirectory
-from rl_service.driver.step_loop import LoopResult, run_steps
+from rl_service.driver.step_loop import LoopResult, file_log, run_steps
 from rl_service.tasks import TaskData
 
 
@@ -115,6 +117,29 @@ class TrainerBase:
         self.wall_before_s = float(state["totals"].get("train_wall_s", 0.0))   # absent in older checkpoints
 
 
+LOG_FILE = "driver.log"   # in the run directory: the driver's log lines, every attempt appended
+
+
+@contextmanager
+def log_to_run_dir(run_dir_path: str | Path):
+    """The driver's log lines (steps, evaluations, warnings, the stop reason) also in RUN_DIR/driver.log:
+    a run started with its output to a pipe, or a Ray job whose log is gone with its cluster, leaves its
+    log beside its metrics. The roles' own lines stay in Ray's logs (the job's log, `ray logs`)."""
+    path = Path(run_dir_path) / LOG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger("rl_service"), file_log]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
+
+
 def run_job(job: PreparedJob, run_dir_path: str | Path, resume_from: Path | None, trainer_class) -> dict:
     """Run the whole job with `trainer_class`; returns the summary (also RUN_DIR/summary.json)."""
     attempts: dict = {"lost_s": 0.0}   # training time of failed attempts after their newest checkpoint
@@ -142,4 +167,5 @@ def run_job(job: PreparedJob, run_dir_path: str | Path, resume_from: Path | None
         finally:
             run_dir.close()
 
-    return run_with_restarts(job.config, run_dir_path, resume_from, attempt, on_failure=count_lost_time)
+    with log_to_run_dir(run_dir_path):
+        return run_with_restarts(job.config, run_dir_path, resume_from, attempt, on_failure=count_lost_time)
