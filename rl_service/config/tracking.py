@@ -53,7 +53,8 @@ class LoggingConfig(_Section):
     log_every: int = Field(
         1, ge=0, le=1_000_000, description="one log line every N steps (step, reward, accepted fraction, loss, KL, grad "
                                            "norm, completions/s, phase shares) when stdout is not a terminal or the bar "
-                                           "is off; every evaluation is logged with its step; 0 = no step lines")
+                                           "is off (under the bar: to RUN_DIR/driver.log only); every evaluation is "
+                                           "logged with its step; 0 = no step lines")
     output_dir: str = Field(
         "runs", min_length=1, description="where run directories go: <output_dir>/<job_name>-<timestamp>-<hex> for `run`, "
                                           "<output_dir>/<job id> for `submit` (made absolute on the submitting "
