@@ -72,3 +72,13 @@ def test_a_relative_dataset_path_not_found_says_where_it_was_looked_up(tmp_path,
         load_task(config)
     assert str(error.value) == (f"{Path(config.data.train_path)}: dataset file not found (a relative path, looked up "
                                 f"in the current directory {tmp_path})")
+
+
+def test_a_relative_preference_dataset_not_found_says_where_it_was_looked_up(tmp_path, monkeypatch):
+    from rl_service.data.preferences import load_preference_file
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as error:
+        load_preference_file("pairs/missing.jsonl")
+    assert str(error.value).endswith(
+        f"pairs/missing.jsonl: dataset file not found (a relative path, looked up in the current directory {tmp_path})")

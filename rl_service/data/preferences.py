@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from rl_service.data.prompts import DuplicateKey, parse_json, read_data_file
+from rl_service.data.prompts import DuplicateKey, looked_up_where, parse_json, read_data_file
 from rl_service.errors import DataError
 
 log = logging.getLogger("rl_service")
@@ -161,7 +161,7 @@ def load_preference_file(path: str | Path, on_bad_row: Literal["skip", "error"] 
     except OSError as exc:   # a directory above it that cannot be entered
         raise DataError(f"{source}: {file}: cannot read ({exc.strerror or exc})") from None
     if not is_file:
-        raise DataError(f"{source}: {file}: dataset file not found")
+        raise DataError(f"{source}: {file}: dataset file not found{looked_up_where(file)}")
     rows: list[PreferenceRow] = []
     bad: list[str] = []
     seen_ids: dict[int, int] = {}

@@ -246,6 +246,12 @@ def _quiet_datasets():
             datasets_logging.enable_progress_bar()
 
 
+def looked_up_where(file: Path) -> str:
+    """A relative path is read from the working directory, not the config file's: say which, since
+    the same job run from elsewhere fails on it."""
+    return "" if Path(file).is_absolute() else f" (a relative path, looked up in the current directory {os.getcwd()})"
+
+
 def load_prompt_file(path: str | Path, group_field: str | None = None,
                      integer_answers: bool = False) -> list[PromptRecord]:
     """Read prompts with answers (and, with `group_field`, each one's group) from a .jsonl/.json/.csv/.parquet
@@ -258,10 +264,7 @@ def load_prompt_file(path: str | Path, group_field: str | None = None,
     if is_dir:
         raise DataError(f"{file}: is a directory, not a dataset file")
     if not is_file:
-        # A relative path is read from the working directory, not the config file's: say which, since
-        # the same job run from elsewhere fails here.
-        where = "" if file.is_absolute() else f" (a relative path, looked up in the current directory {os.getcwd()})"
-        raise DataError(f"{file}: dataset file not found{where}")
+        raise DataError(f"{file}: dataset file not found{looked_up_where(file)}")
     if file.suffix in (".jsonl", ".json"):
         rows = _read_json_rows(file)
     elif file.suffix in (".csv", ".parquet"):
