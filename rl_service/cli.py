@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="greedy accuracy of a model directory on a job's eval split")
     evaluate.add_argument("checkpoint", help="model directory, 'builtin', or a run directory / RUN_DIR/checkpoints/step_N "
-                                             "/ RUN_DIR/checkpoints/latest (their checkpoint's model/)")
+                                             "/ RUN_DIR/checkpoints/latest (their checkpoint's model/; a LoRA checkpoint without model/: "
+                                             "its adapter/ merged into the base model its config.yaml names)")
     evaluate.add_argument("config", nargs="?", help="YAML job file whose eval split to use (default: built-in task)")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a field of that config, e.g. --set eval.samples=8 (repeatable)")
@@ -241,19 +242,22 @@ def _command_eval(args) -> int:
     from rl_service.config import load_config
     from rl_service.driver.evaluation import evaluate_model_dir
 
-    model_dir = _model_to_evaluate(args.checkpoint)
+    model_dir, adapter = _model_to_evaluate(args.checkpoint)
     if model_dir != args.checkpoint:   # stdout stays the metrics' JSON
-        print(f"rl-service eval: evaluating {model_dir}", file=sys.stderr, flush=True)
+        shown = f"{adapter} merged into its base {model_dir}" if adapter else model_dir
+        print(f"rl-service eval: evaluating {shown}", file=sys.stderr, flush=True)
     config = load_config(args.config, args.overrides + [f"model.path={model_dir}"])
-    metrics = evaluate_model_dir(config)
+    metrics = evaluate_model_dir(config, adapter)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
 
-def _model_to_evaluate(given: str) -> str:
-    """The model directory `eval` loads for what the user named: a run directory (its newest complete
-    checkpoint), a checkpoint `step_N` and `checkpoints/latest` (the step it names) stand for their
-    model/. Each had failed with "model.path: ... has no config.json", a field the user never set."""
+def _model_to_evaluate(given: str) -> tuple[str, Path | None]:
+    """The model directory `eval` loads for what the user named, and the LoRA adapter to merge into
+    it: a run directory (its newest complete checkpoint), a checkpoint `step_N` and
+    `checkpoints/latest` (the step it names) stand for their model/. Each had failed with
+    "model.path: ... has no config.json", a field the user never set. A LoRA checkpoint saved without
+    model/ (learner.lora.save_merged: false) is its adapter/ over the base its config.yaml trained."""
     from rl_service.driver.run_dir import latest_checkpoint
 
     path = Path(given).expanduser()
@@ -270,13 +274,26 @@ def _model_to_evaluate(given: str) -> str:
                 raise UserError(f"{given}: a run directory with no complete checkpoint to evaluate")
             path = checkpoint
         if not (path / "config.json").exists() and (path / "model").is_dir():   # a checkpoint
-            return str(path / "model")
+            return str(path / "model"), None
+        if (path / "adapter_config.json").is_file() and (path.parent / "config.yaml").is_file():   # step_N/adapter
+            path = path.parent
         if not (path / "config.json").exists() and (path / "adapter").is_dir():
-            raise UserError(f"{given}: checkpoint {path.name} holds a LoRA adapter (adapter/), not a model: evaluate "
-                            "its base model, or a merged one (learner.lora.save_merged: true writes one to model/)")
+            return _adapter_base(path), path / "adapter"
     except OSError:   # unreadable: the model loader's check names it
-        return given
-    return given if path == Path(given).expanduser() else str(path)   # else the model loader explains
+        return given, None
+    return (given if path == Path(given).expanduser() else str(path)), None   # else the model loader explains
+
+
+def _adapter_base(checkpoint: Path) -> str:
+    """The base model a LoRA checkpoint's adapter was trained on: model.path of its config.yaml."""
+    import yaml
+
+    saved = checkpoint / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"{checkpoint}: holds a LoRA adapter (adapter/) but no config.yaml naming its base model")
+    # Only model.path is read: the rest of the run's config (its data files, its reward) need not exist here.
+    model = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("model") or {}
+    return str(model.get("path", "builtin"))
 
 
 def _command_report(args) -> int:

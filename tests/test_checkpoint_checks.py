@@ -165,18 +165,55 @@ def test_eval_of_a_run_or_checkpoint_directory_evaluates_its_model(tmp_path, cap
     out, err = capsys.readouterr()
     assert json.loads(out)["eval_prompts"] == 4.0
     assert f"rl-service eval: evaluating {step_2 / 'model'}" in err
-    assert _model_to_evaluate(str(step_2)) == str(step_2 / "model")
-    assert _model_to_evaluate(str(run / "checkpoints" / "latest")) == str(step_2 / "model")
-    assert _model_to_evaluate(str(step_2 / "model")) == str(step_2 / "model")
-    assert _model_to_evaluate("builtin") == "builtin"
+    assert _model_to_evaluate(str(step_2)) == (str(step_2 / "model"), None)
+    assert _model_to_evaluate(str(run / "checkpoints" / "latest")) == (str(step_2 / "model"), None)
+    assert _model_to_evaluate(str(step_2 / "model")) == (str(step_2 / "model"), None)
+    assert _model_to_evaluate("builtin") == ("builtin", None)
+
+
+def test_eval_of_a_lora_checkpoint_merges_its_adapter_into_the_base_it_trained(tmp_path, capsys):
+    """A LoRA run saved without model/ (learner.lora.save_merged: false) was refused by eval. Its
+    adapter/ over config.yaml's model.path scores what a model merged by peft itself scores."""
+    import peft
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from rl_service.cli import main
+    from rl_service.config.lora import LoraConfig
+    from rl_service.training.lora import peft_config
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(BUILTIN_MODEL_DIR), peft_config(LoraConfig(rank=4)))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:   # B starts at 0: give the adapter an effect
+                parameter.normal_(std=0.05)
+    step = tmp_path / "run" / "checkpoints" / "step_3"
+    model.save_pretrained(step / "adapter")
+    (step / "config.yaml").write_text("model:\n  path: builtin\ndata:\n  train_path: gone.jsonl\n")
+    merged = tmp_path / "merged"
+    shutil.copytree(BUILTIN_MODEL_DIR, merged)
+    model.merge_and_unload().save_pretrained(merged)   # the reference: peft's own merge
+    assert not torch.equal(load_file(str(merged / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"],
+                           load_file(str(BUILTIN_MODEL_DIR / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"])
+    settings = ["--set", "data.arithmetic.num_eval=16", "--set", "generator.max_new_tokens=16"]
+    scores = {}
+    for name, given in (("checkpoint", step), ("adapter", step / "adapter"), ("merged", merged)):
+        assert main(["eval", str(given), *settings]) == 0
+        out, err = capsys.readouterr()
+        scores[name] = json.loads(out)
+        if name != "merged":
+            assert f"rl-service eval: evaluating {step / 'adapter'} merged into its base builtin" in err
+    assert scores["checkpoint"] == scores["adapter"] == scores["merged"]
 
 
 def test_eval_says_which_path_to_pass_when_a_directory_holds_no_model(tmp_path):
     from rl_service.cli import _model_to_evaluate
 
     lora = _checkpoint(tmp_path / "lora", 2, adapter=True)
-    with pytest.raises(UserError, match="checkpoint step_2 holds a LoRA adapter .adapter/., not a model: evaluate its "
-                                        "base model, or a merged one"):
+    (lora / "config.yaml").unlink(missing_ok=True)
+    with pytest.raises(UserError, match="step_2: holds a LoRA adapter .adapter/. but no config.yaml naming its base model"):
         _model_to_evaluate(str(lora))
     with pytest.raises(UserError, match="a run directory with no complete checkpoint to evaluate"):
         (tmp_path / "empty" / "checkpoints").mkdir(parents=True)

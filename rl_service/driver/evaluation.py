@@ -4,6 +4,7 @@ the training loop's (rl_service/driver/trainer.py)."""
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -24,13 +25,19 @@ def accuracy_by_group(task, rewards, request_index) -> dict[str, float]:
     return {f"eval_accuracy_{group}": float(np.mean(values)) for group, values in sorted(by_group.items())}
 
 
-def evaluate_model_dir(config: JobConfig) -> dict[str, float]:
+def evaluate_model_dir(config: JobConfig, adapter: Path | None = None) -> dict[str, float]:
+    """Greedy (and, with eval.samples, sampled) accuracy of `config.model.path` on the eval split;
+    `adapter`: a LoRA checkpoint's adapter/, merged into that base first."""
     from rl_service.generation.hf_engine import HFGenerationEngine
 
     task = load_task(config)
     if not task.eval:
         return {}
     engine = HFGenerationEngine(config.model.path, config.model.dtype, config.model.trust_remote_code)
+    if adapter is not None:
+        from rl_service.training.lora import with_saved_adapter_merged
+
+        engine.model = with_saved_adapter_merged(engine.model, adapter).eval()
     prompt_tokens = PromptTokenizer(engine.tokenizer, config.model.thinking)
     requests = [GenerationRequest(index, record.prompt_id, prompt_tokens(record), 1)
                 for index, record in enumerate(task.eval)]

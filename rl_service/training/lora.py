@@ -50,6 +50,13 @@ def with_adapters(model: torch.nn.Module, lora: LoraConfig, adapter_from: str | 
     return peft.get_peft_model(model, peft_config(lora))
 
 
+def with_saved_adapter_merged(base: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
+    """`base` with a checkpoint's adapter/ merged in (W + (alpha / r) · B A), a plain model again: what
+    the run's generators served, for `rl-service eval` of a LoRA checkpoint saved without model/."""
+    with torch.no_grad():
+        return with_adapters(base, lora=None, adapter_from=adapter_dir).merge_and_unload()
+
+
 def is_lora(model: torch.nn.Module) -> bool:
     import peft
 
