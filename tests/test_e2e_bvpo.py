@@ -57,6 +57,15 @@ def test_online_bvpo_improves_its_reward(tmp_path):
     for mode in ("reasoning_on", "reasoning_off"):
         assert 0.0 <= summary[f"final_eval_accuracy_{mode}"] <= 1.0
     assert (tmp_path / "checkpoints" / f"step_{steps}" / "model" / "model.safetensors").is_file()
+    # `rl-service eval` of the final weights with the job's config is the run's own measure: both
+    # reasoning modes, and their mean as eval_accuracy (it reported reasoning on alone).
+    from rl_service.config import load_config
+    from rl_service.driver.evaluation import evaluate_model_dir
+
+    config = load_config(tmp_path / "config.yaml", [f"model.path={tmp_path / 'checkpoints' / f'step_{steps}' / 'model'}"])
+    evaluated = evaluate_model_dir(config)
+    for key in ("eval_accuracy", "eval_accuracy_reasoning_on", "eval_accuracy_reasoning_off"):
+        assert evaluated[key] == pytest.approx(summary[key.replace("eval_", "final_eval_", 1)]), key
 
 
 def test_online_alpha_hat_runs_through_the_actors(tmp_path):

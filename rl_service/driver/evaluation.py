@@ -38,15 +38,25 @@ def evaluate_model_dir(config: JobConfig, adapter: Path | None = None) -> dict[s
         from rl_service.training.lora import with_saved_adapter_merged
 
         engine.model = with_saved_adapter_merged(engine.model, adapter).eval()
-    prompt_tokens = PromptTokenizer(engine.tokenizer, config.model.thinking)
-    requests = [GenerationRequest(index, record.prompt_id, prompt_tokens(record), 1)
-                for index, record in enumerate(task.eval)]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=config.generator.max_new_tokens)
-    rollout = engine.generate(requests, greedy, seed=config.seed)
-    answers = [task.eval[index].answer for index in rollout.request_index]
-    rewards = np.asarray(score_batch(rollout.completion_texts, answers, task.verifier))
+
+    def greedy_rewards(thinking: bool):
+        prompt_tokens = PromptTokenizer(engine.tokenizer, thinking)
+        requests = [GenerationRequest(index, record.prompt_id, prompt_tokens(record), 1)
+                    for index, record in enumerate(task.eval)]
+        rollout = engine.generate(requests, greedy, seed=config.seed)
+        answers = [task.eval[index].answer for index in rollout.request_index]
+        return requests, rollout, np.asarray(score_batch(rollout.completion_texts, answers, task.verifier))
+
+    requests, rollout, rewards = greedy_rewards(True if config.algorithm.is_preference else config.model.thinking)
     metrics = {"eval_accuracy": float(rewards.mean()), "eval_prompts": float(len(rewards))}
     metrics.update(accuracy_by_group(task, rewards, rollout.request_index))
+    if config.algorithm.is_preference:
+        # As a DPO/BVPO run evaluates (PreferenceTrainer.evaluate): both reasoning modes, and their mean
+        # as eval_accuracy, so this figure and the run's summary are the same measure.
+        off = float(greedy_rewards(False)[2].mean())
+        metrics.update(eval_accuracy_reasoning_on=metrics["eval_accuracy"], eval_accuracy_reasoning_off=off,
+                       eval_accuracy=(metrics["eval_accuracy"] + off) / 2)
     samples = config.eval.samples
     if samples is not None:
         from rl_service.pass_at_k import sampled_eval_metrics
