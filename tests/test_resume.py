@@ -15,7 +15,7 @@ import time
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import REPO, comparable_metrics, read_metrics, run_short_job, short_run_overrides
+from conftest import EMPTY_SAFETENSORS, REPO, comparable_metrics, read_metrics, run_short_job, short_run_overrides
 
 STEPS = 5
 EXTRA = ["checkpoint.every=2", "checkpoint.keep_last=2"]
@@ -156,7 +156,7 @@ def _save_complete(directory: str) -> None:
     config and safetensors, as a complete checkpoint needs) and learner state."""
     os.makedirs(os.path.join(directory, "model"))
     for name in ("model/config.json", "model/model.safetensors", "learner_state.json", "learner_state.safetensors"):
-        Path(directory, name).write_bytes(b"")
+        Path(directory, name).write_bytes(EMPTY_SAFETENSORS if name.endswith(".safetensors") else b"")
 
 
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
@@ -171,10 +171,11 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
         def save(directory, stall):   # what a learner writes: its weights and its state
             model = Path(directory) / "model"
             model.mkdir()
-            (model / "model.safetensors").write_bytes(b"partial")
+            whole = {EMPTY_SAFETENSORS!r}   # a complete (empty) safetensors file; the torn one is cut short
+            (model / "model.safetensors").write_bytes(whole[:5] if stall else whole)
             (model / "config.json").write_text("{{}}")
-            for name in ("learner_state.json", "learner_state.safetensors"):
-                (Path(directory) / name).write_bytes(b"")
+            (Path(directory) / "learner_state.json").write_bytes(b"")
+            (Path(directory) / "learner_state.safetensors").write_bytes(whole)
             if stall:
                 print("writing", flush=True)
                 time.sleep(60)
