@@ -123,6 +123,36 @@ def test_submit_refuses_a_path_missing_here_in_one_line_unless_told_it_is_on_the
     assert unchecked.returncode == 2 and "cannot reach" in unchecked.stderr and "model.path" not in unchecked.stderr
 
 
+
+def test_submit_runs_validates_checks_before_anything_is_submitted(tmp_path):
+    """A malformed dataset row or a reward file outside the working directory was accepted by submit
+    and failed only on the cluster, after the job had started."""
+    nowhere = "http://127.0.0.1:9"
+    bad = REPO / "configs" / "data" / f"bad-{tmp_path.name}.jsonl"   # inside the working directory, as a job's data is
+    bad.write_text('{"prompt": "1+1", "answer": "2"}\nnot json\n')
+    try:
+        refused = _cli(["submit", "configs/jsonl_example.yaml", "--set", f"data.train_path={bad.relative_to(REPO)}",
+                        "--address", nowhere])
+    finally:
+        bad.unlink()
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [f"rl-service: error: {bad.relative_to(REPO)}:2: not valid JSON (Expecting value)"]
+    leaving = _cli(["submit", "configs/custom_reward_example.yaml", "--set",
+                    "reward.custom=../elsewhere/reward.py:reward", "--no-local-check", "--address", nowhere])
+    assert leaving.returncode == 2 and leaving.stderr.startswith(
+        f"rl-service: error: reward.custom ../elsewhere/reward.py: outside the working directory ({REPO}), which is all a "
+        "submitted job receives"), leaving.stderr
+
+
+def test_status_blames_the_venv_only_when_rl_service_or_its_dependencies_are_missing():
+    from rl_service.driver.jobs import rl_service_import_failed
+
+    assert rl_service_import_failed("ModuleNotFoundError: No module named 'rl_service'")
+    assert rl_service_import_failed("ModuleNotFoundError: No module named 'torch.distributed'")
+    # A custom reward's neighbour module: the user's file, not the node's python.
+    assert not rl_service_import_failed("importing the module raised ModuleNotFoundError: No module named 'helper_mod'")
+
+
 def _summary_of(trainer_class, config_name: str, step_metrics: list[dict], checkpoint: Path | None) -> dict:
     """`trainer_class.summary` on a bare trainer (no Ray): TrainerBase's own state, what the trainer's
     steps add to it (totals, `add_phase_times`), and a loop result."""

@@ -38,6 +38,20 @@ def check_local_paths(config, working_dir: Path) -> None:
                             "if it exists only on the cluster's nodes)")
 
 
+def refuse_paths_leaving(config, working_dir: Path) -> None:
+    """A relative path that leaves the working directory (`../rewards/r.py`) never reaches the job,
+    which receives only what is inside it: refused here, since the job failed on it with a path inside
+    Ray's temp directory. An absolute path is the job's to read where it is (shared storage)."""
+    from rl_service.driver.job_upload import relative_inside, config_paths
+
+    for field, value in config_paths(config):
+        path = Path(value).expanduser()
+        if not path.is_absolute() and relative_inside(path) is None:   # the upload's own rule
+            raise UserError(f"{field} {value}: outside the working directory ({working_dir}), which is all a "
+                            "submitted job receives: move it inside, or name it by an absolute path on storage "
+                            "the cluster's nodes mount")
+
+
 def submit_run_dir(run_dir: str | None, config, job_id: str, working_dir: Path) -> Path:
     """The absolute run directory of a job about to be submitted (see the module docstring)."""
     from rl_service.driver.run_dir import refuse_empty_run_dir

@@ -50,7 +50,7 @@ def config_paths(config) -> list[tuple[str, str]]:
     return paths
 
 
-def _relative_inside(path: Path) -> Path | None:
+def relative_inside(path: Path) -> Path | None:
     """A relative `path` as the config names it (links and `..` kept: the job's open() walks the same
     components), when it stays inside the working directory; None for an absolute path (the job reads it where
     it is) or one that leaves the directory (it never reached the job)."""
@@ -73,7 +73,7 @@ def job_files(working_dir: Path, config=None, config_path: Path | None = None, a
         named += [Path(package) for package in CODE_PACKAGES if (working_dir / package).is_dir()]
     files: dict[Path, Path] = {}   # as named, by where it lands
     for path in named:
-        relative = _relative_inside(path)
+        relative = relative_inside(path)
         if relative is not None and (working_dir / relative).exists():
             files.setdefault(Path(os.path.normpath(relative)), relative)
     # A path inside another one already listed comes with it.

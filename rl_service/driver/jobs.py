@@ -40,8 +40,8 @@ def add_job_commands(commands) -> None:
     submit.add_argument("--run-dir", help="the run directory, as the cluster's nodes see it (default: "
                                           "<logging.output_dir>/<job id>, absolute from here)")
     submit.add_argument("--no-local-check", action="store_true",
-                        help="do not check here that the config's paths (model, data, ...) exist: they are on the "
-                             "cluster only")
+                        help="do not check the job here (that its paths exist, and validate's checks of its data, "
+                             "model and reward): its files are on the cluster only")
     connection(submit)
     for name, text in (("status", "a job's status"), ("stop", "stop a running job")):
         command = commands.add_parser(name, help=text)
@@ -62,7 +62,8 @@ def command_submit(args) -> int:
     """Validate, decide the run directory (rl_service/driver/job_runs.py), submit; prints the run directory
     on stderr and the job id on stdout. The job's metadata `job_name` is the dashboard's Name column."""
     from rl_service.config import load_config
-    from rl_service.driver.job_runs import RUN_DIR_LOG_PREFIX, RUN_DIR_METADATA, check_local_paths, submit_run_dir
+    from rl_service.driver.job_runs import (RUN_DIR_LOG_PREFIX, RUN_DIR_METADATA, check_local_paths,
+                                           refuse_paths_leaving, submit_run_dir)
     from rl_service.driver.roles import new_submission_id
 
     config_path = Path(args.config).resolve()
@@ -71,8 +72,14 @@ def command_submit(args) -> int:
     if not config_path.is_relative_to(working_dir):
         raise UserError(f"{args.config}: the config must be inside the working directory ({working_dir}), "
                         "which is what the job receives")
+    refuse_paths_leaving(config, working_dir)
     if not args.no_local_check:
         check_local_paths(config, working_dir)
+        from rl_service.driver.trainer import prepare_job
+
+        # validate's own checks (data rows, model directory, the reward's import) here, where a failure
+        # costs no job: each of them failed only on the cluster, after the job had started.
+        prepare_job(config)
     job_id = new_submission_id(config.job_name)
     run_dir = submit_run_dir(args.run_dir, config, job_id, working_dir)
     from rl_service.driver.run_dir import run_entries
@@ -108,10 +115,21 @@ def command_status(args) -> int:
         lines = [line for line in info.message.splitlines() if line.strip()]
         shown = lines if len(lines) <= 12 else lines[:1] + ["..."] + lines[-10:]
         print("\n".join(f"  {line}" for line in shown))
-        if "ModuleNotFoundError" in info.message:
+        if rl_service_import_failed(info.message):
             print("  the job's `python` cannot import rl_service or its dependencies: start `ray start` on every node "
                   "with the venv that rl_service is installed in first on PATH (deploy/README.md)")
     return 0
+
+
+def rl_service_import_failed(message: str) -> bool:
+    """Whether a failed job's message is the job's python missing rl_service or one of its own
+    dependencies (a node started outside the venv), not a user's module (a custom reward's neighbour)."""
+    import re
+
+    own = {"rl_service", "actors", "ray", "torch", "transformers", "deepspeed", "vllm", "safetensors", "pydantic",
+           "yaml", "numpy", "peft", "datasets", "rich"}
+    missing = re.findall(r"No module named '([\w.]+)'", message)
+    return any(name.split(".")[0] in own for name in missing)
 
 
 def command_stop(args) -> int:
