@@ -112,6 +112,22 @@ def test_a_malformed_address_is_one_line_before_any_request(address, named):
     assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.parametrize("environment, expected", [
+    ({"RAY_ADDRESS": "127.0.0.1:6379"}, "RAY_ADDRESS 127.0.0.1:6379: the job server is an http(s) URL (the dashboard, "
+                                        "e.g. http://127.0.0.1:8265); RAY_ADDRESS may name the cluster for `run`"),
+    ({"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1"}, "RAY_API_SERVER_ADDRESS http://127.0.0.1:1: cannot reach"),
+    ({}, "the default address http://127.0.0.1:8265: cannot reach"),
+])
+def test_an_address_the_user_did_not_type_is_named_by_where_it_came_from(environment, expected):
+    # Each of these said "--address ...", a flag the user never passed. (Nothing listens on port 1; the
+    # default 8265 may have a dashboard on a developer's machine, so only its naming is asserted.)
+    env = {name: value for name, value in os.environ.items() if name not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    result = subprocess.run([sys.executable, "-m", "rl_service.cli", "status", "some-job"], cwd=REPO,
+                            env={**env, **environment}, capture_output=True, text=True, timeout=120)
+    if environment or "cannot reach" in result.stderr:
+        assert result.returncode == 2 and result.stderr.startswith(f"rl-service: error: {expected}"), result.stderr
+
+
 @pytest.mark.parametrize("job_id", ["../../api/version", "a;rm -rf /", "a/b", "", "-x", "a..b"])
 def test_a_job_id_that_would_name_another_route_is_refused(job_id):
     from rl_service.driver.job_client import check_job_id

@@ -25,20 +25,33 @@ def connection(parser) -> None:
                                              "RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token)")
 
 
+def address_source(given: str | None) -> str:
+    """Where the job server address came from, as messages name it: a user who passed no --address
+    was told to fix one."""
+    if given:
+        return "--address"
+    return next((name for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if os.environ.get(name)),
+                "the default address")
+
+
 def server_address(address: str | None) -> str:
     if address is not None and not address.strip():   # `--address "$UNSET"`: not the default's to answer
         raise UserError(f"--address is empty; the job server is an http(s) URL (the dashboard, e.g. {DEFAULT_ADDRESS})")
+    named = address_source(address)
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     if not is_job_server_url(address):
-        raise UserError(f"--address {address}: the job server is an http(s) URL (the dashboard, e.g. {DEFAULT_ADDRESS})")
+        # README has `run` users put a GCS address (HEAD:6379) in RAY_ADDRESS; the job commands need the dashboard's.
+        hint = ("; RAY_ADDRESS may name the cluster for `run`: give the job commands --address or "
+                "RAY_API_SERVER_ADDRESS" if named == "RAY_ADDRESS" else "")
+        raise UserError(f"{named} {address}: the job server is an http(s) URL (the dashboard, e.g. {DEFAULT_ADDRESS}){hint}")
     scheme, _, rest = address.strip().partition("://")
     try:   # a bad port or bracket would come out of the SDK as a traceback
         parts = urlsplit(address.strip())
         parts.port
     except ValueError as error:
-        raise UserError(f"--address {address}: not a valid URL ({error})") from None
+        raise UserError(f"{named} {address}: not a valid URL ({error})") from None
     if not parts.hostname:
-        raise UserError(f"--address {address}: no host in the URL (e.g. {DEFAULT_ADDRESS})")
+        raise UserError(f"{named} {address}: no host in the URL (e.g. {DEFAULT_ADDRESS})")
     return f"{scheme.lower()}://{rest}"   # Ray's job client reads "HTTP://" as a module name
 
 
@@ -93,11 +106,12 @@ def job_server_client(args):
     for name in [name for name in logging.root.manager.loggerDict if name == "ray" or name.startswith("ray.")]:
         logging.getLogger(name).setLevel(logging.ERROR)
 
-    check_job_server_answers(address)
+    named = address_source(args.address)
+    check_job_server_answers(address, named=named)
     try:
         return JobSubmissionClient(address)
     except Exception as error:  # noqa: BLE001 - the SDK raises ConnectionError, RuntimeError, ValueError
-        raise UserError(f"--address {address}: {cause(error)}") from None
+        raise UserError(f"{named} {address}: {cause(error)}") from None
 
 
 # An address in the SDK's message ("Failed to connect to Ray at address: http://127.0.0.1:40371") is

@@ -160,7 +160,7 @@ def check_cluster_reachable(address: str, source: str = "cluster.address", timeo
                         f"{timeout_s:g} s; is the head up and the port right?)") from None
 
 
-def check_job_server_answers(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+def check_job_server_answers(address: str, timeout_s: float = CONNECT_TIMEOUT_S, named: str = "--address") -> None:
     """Refuse a job server URL that does not answer an HTTP request within `timeout_s` (Ray's job SDK
     would wait for ever on one that accepts the connection and never replies). Any HTTP answer, an
     auth refusal included, counts: the SDK then says what is wrong."""
@@ -172,6 +172,6 @@ def check_job_server_answers(address: str, timeout_s: float = CONNECT_TIMEOUT_S)
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         if isinstance(reason, (TimeoutError, socket.timeout)) or isinstance(error, (TimeoutError, socket.timeout)):
-            raise UserError(f"--address {address}: the Ray job server accepted the connection but did not answer "
+            raise UserError(f"{named} {address}: the Ray job server accepted the connection but did not answer "
                             f"within {timeout_s:g} s (is it the dashboard port of a Ray head?)") from None
         # Refused, unresolvable, TLS: the SDK's own attempt reports these in its words.
