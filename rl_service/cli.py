@@ -344,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except StopRequested:   # its line was printed when the signal came
         return 128 + signal.SIGTERM
+    except BrokenPipeError:
+        # `rl-service list | head -1`: the reader is gone. Exit as a process killed by SIGPIPE does, without a
+        # traceback, and keep Python's flush at exit from failing on the closed pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception:
         from rl_service.driver.stop_signal import stop_requested
 

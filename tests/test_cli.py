@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,12 @@ def test_eval_of_the_builtin_model_reports_accuracy():
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert metrics["eval_prompts"] == 16 and 0.0 <= metrics["eval_accuracy"] <= 1.0
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    # `rl-service list | head -1` ended in "BrokenPipeError: [Errno 32] Broken pipe" and exit 1.
+    process = subprocess.Popen([sys.executable, "-m", "rl_service.cli", "config-schema"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()   # the reader is gone before the schema is written (the CLI takes ~1 s to start)
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 128 + signal.SIGPIPE and "Traceback" not in stderr, stderr
