@@ -9,6 +9,7 @@ step. `format_step_line` and `format_eval_line` are pure (no Ray, no terminal).
 """
 from __future__ import annotations
 
+import logging
 import math
 
 from rich.console import Console
@@ -62,6 +63,12 @@ def format_eval_line(step: int, evaluation: dict) -> str:
     return " | ".join([f"eval step {step}"] + (accuracies or ["no eval split"]))
 
 
+# Lines for RUN_DIR/driver.log alone (driver/training_run.py attaches the file): a step line under the
+# progress bar, a run's end. Not propagated, so the terminal does not get them twice.
+run_dir_log = logging.getLogger("rl_service.run_dir_only")
+run_dir_log.propagate = False
+
+
 def on_terminal() -> bool:
     """Whether stdout is a terminal as rich sees it (FORCE_COLOR / TTY_COMPATIBLE count as one)."""
     return Console().is_terminal
@@ -90,12 +97,22 @@ class StepProgress:
         self.progress.update(self.task, completed=step, status=status)
 
 
+SUMMARY_KEYS = ("steps", "completions", "completion_tokens", "train_wall_s", "completions_per_s", "tokens_per_s",
+                "initial_eval_accuracy", "final_eval_accuracy", "best_eval_accuracy", "stopped_reason")
+
+
 def print_summary(summary: dict, run_dir: str) -> None:
+    """A table on a terminal; elsewhere (a job's log, a pipe) a line per figure: rich wrapped the table
+    to 80 columns there, cutting the run directory and the stop reason across lines."""
+    shown = {key: (f"{value:.4g}" if isinstance(value, float) else str(value))
+             for key, value in ((key, summary.get(key)) for key in SUMMARY_KEYS)}
+    if not on_terminal():
+        print("\n".join([f"rl_service run: {run_dir}", *(f"  {key}: {value}" for key, value in shown.items())]),
+              flush=True)
+        return
     table = Table(title=f"rl_service run: {run_dir}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("steps", "completions", "completion_tokens", "train_wall_s", "completions_per_s", "tokens_per_s",
-                "initial_eval_accuracy", "final_eval_accuracy", "best_eval_accuracy", "stopped_reason"):
-        value = summary.get(key)
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    for key, value in shown.items():
+        table.add_row(key, value)
     Console().print(table)

@@ -12,6 +12,10 @@ import uuid
 SUBMISSION_ID_ENV = "RL_SERVICE_SUBMISSION_ID"   # set by `rl-service submit` in the job's runtime env
 JOB_NAME_ENV = "RL_SERVICE_JOB_NAME"             # the config's job_name, for the actors' metric tags
 _process_run_id: dict[str, str] = {}
+# The job this process was started as: `rl-service submit` / `resume JOB` set SUBMISSION_ID_ENV in the job's
+# runtime env, before any code here ran; a local run sets it itself later (cli._run_id), so it is read
+# once, at import. None for a local run: what a stop tells its user to resume differs.
+SUBMITTED_JOB_ID = os.environ.get(SUBMISSION_ID_ENV)
 
 
 def new_submission_id(job_name: str) -> str:

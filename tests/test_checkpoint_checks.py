@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -222,3 +223,22 @@ def test_eval_says_which_path_to_pass_when_a_directory_holds_no_model(tmp_path):
     with pytest.raises(UserError, match=f"latest: names step_9, which is not there; pass the run directory "
                                         f"{tmp_path / 'empty'} to evaluate"):
         _model_to_evaluate(str(tmp_path / "empty" / "checkpoints" / "latest"))
+
+
+@pytest.mark.parametrize("job_id", [None, "quickstart-20261207-120000-abc123"])
+def test_a_stop_tells_a_submitted_job_to_resume_as_a_job(tmp_path, job_id):
+    """A submitted job's stop line said `rl-service resume RUN_DIR` (a local run, off the cluster) and
+    the literal `JOB_ID`; the job is now named. A local run is told its run directory."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    _checkpoint(run, 2)
+    env = {name: value for name, value in os.environ.items() if name != "RL_SERVICE_SUBMISSION_ID"}
+    if job_id:
+        env["RL_SERVICE_SUBMISSION_ID"] = job_id   # as submit's runtime env sets it, before the process starts
+    code = ("import sys; from pathlib import Path; from rl_service.driver.stop_signal import resume_hint; "
+            "print(resume_hint(Path(sys.argv[1])))")
+    said = subprocess.run([sys.executable, "-c", code, str(run)], cwd=REPO, env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert said == f"{run}: newest checkpoint step_2: continue with `rl-service resume {job_id or run}`"

@@ -145,6 +145,8 @@ def test_sigterm_stops_a_run_with_one_line_naming_the_checkpoint_to_resume(tmp_p
     assert said[0].startswith(f"rl-service: stopped by SIGTERM; {run}: newest checkpoint step_"), said[0]
     assert f"continue with `rl-service resume {run}`" in said[0]
     assert returncode in (128 + signal.SIGTERM, -signal.SIGKILL)
+    # The run directory's own log says why the run stopped (it ended at the last step line).
+    assert said[0].removeprefix("rl-service: ") in (run / "driver.log").read_text()
 
 
 def test_a_sigterm_after_ray_has_shut_down_does_not_kill_a_stopped_run(tmp_path):

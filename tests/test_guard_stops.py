@@ -59,3 +59,4 @@ def test_a_broken_custom_reward_stops_at_its_first_step_and_exits_non_zero(tmp_p
     # The driver's own lines are kept beside the metrics, the stop reason among them.
     log = (run_dir / "driver.log").read_text()
     assert "eval step 0 | accuracy" in log and "ERROR rl_service: reward.custom failed on every completion" in log
+    assert "run ended after step 1: reward.custom failed on every completion of step 1" in log

@@ -208,3 +208,17 @@ def test_both_job_kinds_summaries_carry_the_documented_keys(tmp_path, monkeypatc
     assert rl["tokens_per_s"] == 640 / 4.0 and preference["tokens_per_s"] == 1280 / 4.0
     assert preference["time_share_statistics"] == 0.0 and preference["time_share_generate"] == pytest.approx(0.5)
     assert preference["algorithm"] == "bvpo" and preference["pairs_trained"] == 0
+
+
+def test_the_summary_is_a_line_per_figure_where_stdout_is_not_a_terminal(capsys, monkeypatch):
+    # In a job's log rich wrapped the table to 80 columns: the run directory and the stop reason broke across lines.
+    from rl_service.progress import SUMMARY_KEYS, print_summary
+
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    reason = "reward.custom failed on every completion of step 1 (16 errors, 0 timeouts; " + "x" * 120 + ")"
+    run_dir = "/a/long/" + "run-directory-" * 8
+    print_summary({"steps": 1, "final_eval_accuracy": 0.5625, "stopped_reason": reason}, run_dir)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"rl_service run: {run_dir}" and len(lines) == 1 + len(SUMMARY_KEYS)
+    assert f"  stopped_reason: {reason}" in lines and "  final_eval_accuracy: 0.5625" in lines and "  steps: 1" in lines

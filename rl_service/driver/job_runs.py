@@ -133,8 +133,9 @@ def resume_job(args) -> int:
         try:
             saved = load_config(run_dir / "config.yaml", args.overrides)
             resumable_checkpoint(run_dir, saved)
-        except UserError as error:
-            raise KnownJobError(f"job {args.run_dir}: {error}") from None
+        except UserError as error:   # its advice in the job's terms: `resume RUN_DIR` would train here, not there
+            advice = str(error).replace(f"rl-service resume {run_dir}", f"rl-service resume {args.run_dir}")
+            raise KnownJobError(f"job {args.run_dir}: {advice}") from None
     metadata = call(lambda: client.get_job_info(args.run_dir)).metadata or {}
     job_name = metadata.get("job_name") or "rl_service"
     job_id = new_submission_id(job_name)

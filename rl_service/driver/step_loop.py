@@ -22,11 +22,9 @@ from pathlib import Path
 
 from rl_service.config import JobConfig
 from rl_service.config.sections import CLUSTER_CHECKPOINT_EVERY
-from rl_service.progress import StepProgress, format_eval_line, format_step_line, on_terminal
+from rl_service.progress import StepProgress, format_eval_line, format_step_line, on_terminal, run_dir_log
 
 log = logging.getLogger("rl_service")
-file_log = logging.getLogger("rl_service.run_dir_only")   # reaches driver.log, not the terminal
-file_log.propagate = False
 
 
 @dataclass
@@ -78,8 +76,8 @@ def guard_stop_reason(config: JobConfig, step: int, metrics: dict, nonfinite_in_
     scored = metrics.get("completions", 0) - metrics.get("pilot_completions", 0)
     if scored > 0 and errors + timeouts >= scored:
         return (f"reward.custom failed on every completion of step {step} ({errors:.0f} errors, {timeouts:.0f} "
-                "timeouts; the reward's own error is logged above); fix it, then resume the run from its last "
-                "checkpoint (with none yet, run it again with --overwrite)")
+                "timeouts; the reward's own error is in the reward actor's line above, and in Ray's logs); fix it, "
+                "then resume the run from its last checkpoint (with none yet, run it again with --overwrite)")
     return None
 
 
@@ -116,7 +114,7 @@ def run_steps(config: JobConfig, trainer, start_step: int = 0) -> LoopResult:
                 metrics = trainer.train_step(step)
                 if line_every and (step % line_every == 0 or step == config.steps):
                     # Under the bar a step line would break it: it goes to RUN_DIR/driver.log alone.
-                    (file_log if bar else log).info(format_step_line(step, config.steps, metrics))
+                    (run_dir_log if bar else log).info(format_step_line(step, config.steps, metrics))
                 evaluation = None
                 if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                     evaluation = trainer.evaluate(step)

@@ -15,14 +15,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from rl_service.progress import run_dir_log
+
 
 def resume_hint(run_dir: Path) -> str:
     """`RUN_DIR: newest checkpoint step_N: continue with ...`, or `RUN_DIR: no checkpoint yet`."""
     from rl_service.driver.run_dir import latest_checkpoint
 
+    from rl_service.run_ids import SUBMITTED_JOB_ID as job_id   # a submitted job is resumed as a job, on its cluster
+
     checkpoint = latest_checkpoint(run_dir)
-    resume = (f"newest checkpoint {checkpoint.name}: continue with `rl-service resume {run_dir}` (or "
-              "`rl-service resume JOB_ID` for a submitted job)") if checkpoint else "no checkpoint yet"
+    command = f"rl-service resume {job_id}" if job_id else f"rl-service resume {run_dir}"
+    resume = f"newest checkpoint {checkpoint.name}: continue with `{command}`" if checkpoint else "no checkpoint yet"
     return f"{run_dir}: {resume}"
 
 
@@ -66,6 +70,7 @@ def stop_on_sigterm(run_dir: Path) -> Iterator[None]:
         _REQUESTED.append(stop)
         # Said now: shutting the roles and Ray down may outlast the 3 s before Ray's SIGKILL.
         print(f"rl-service: {stop}", file=sys.stderr, flush=True)
+        run_dir_log.error("%s", stop)
         raise stop
 
     previous = signal.signal(signal.SIGTERM, stop)

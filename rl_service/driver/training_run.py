@@ -23,10 +23,12 @@ from pathlib import Path
 
 from rl_service.config import JobConfig
 from rl_service.guard import eval_collapsed
+from rl_service.progress import run_dir_log
 from rl_service.driver.roles import Roles, ray_session, run_with_restarts, start_roles
 from rl_service.rollout import SamplingParams
 from rl_service.driver.run_dir import RunDirectory
-from rl_service.driver.step_loop import LoopResult, file_log, run_steps
+from rl_service.driver.stop_signal import StopRequested
+from rl_service.driver.step_loop import LoopResult, run_steps
 from rl_service.tasks import TaskData
 
 
@@ -129,7 +131,7 @@ def log_to_run_dir(run_dir_path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger("rl_service"), file_log]
+    loggers = [logging.getLogger("rl_service"), run_dir_log]
     for logger in loggers:
         logger.addHandler(handler)
     try:
@@ -168,4 +170,13 @@ def run_job(job: PreparedJob, run_dir_path: str | Path, resume_from: Path | None
             run_dir.close()
 
     with log_to_run_dir(run_dir_path):
-        return run_with_restarts(job.config, run_dir_path, resume_from, attempt, on_failure=count_lost_time)
+        try:
+            summary = run_with_restarts(job.config, run_dir_path, resume_from, attempt, on_failure=count_lost_time)
+        except StopRequested:   # its line is in the log already
+            raise
+        except BaseException as error:
+            run_dir_log.error("run failed: %s", " ".join(str(error).split()) or type(error).__name__)
+            raise
+        run_dir_log.info("run ended after step %s: %s; final eval accuracy %s; final checkpoint %s", summary["steps"],
+                         summary["stopped_reason"], summary.get("final_eval_accuracy"), summary.get("final_checkpoint"))
+        return summary
