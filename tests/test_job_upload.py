@@ -101,3 +101,17 @@ def test_a_second_resume_of_a_run_in_use_is_refused_before_ray_starts(tmp_path):
         os.close(held)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{run}: in use by another run or resume of it (pid {os.getpid()} on " in result.stderr
+
+
+def test_resume_job_finds_the_files_its_job_was_submitted_with_or_names_the_missing(tmp_path):
+    # `rl-service resume JOB` from another directory than the submit's sent none of the job's files; the new
+    # job failed on the cluster ("reward.custom: configs/rewards/format_bonus.py: file not found").
+    from rl_service.driver.job_runs import missing_job_files
+
+    (tmp_path / "configs" / "rewards").mkdir(parents=True)
+    (tmp_path / "configs" / "job.yaml").write_text("steps: 1\n")
+    (tmp_path / "configs" / "rewards" / "bonus.py").write_text("def reward(c, a):\n    return 0.0\n")
+    received = ["configs/job.yaml", "configs/rewards/bonus.py"]
+    assert missing_job_files(tmp_path, received) == []
+    elsewhere = tmp_path / "configs"
+    assert missing_job_files(elsewhere, received) == received

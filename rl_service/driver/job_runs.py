@@ -105,6 +105,10 @@ def report_job(args) -> Path:
     client = job_server_client(_as_job(args))
     run_dir = job_run_dir(client, args.run_dir, lambda action: sdk_call(args, action))
     if not (run_dir / "metrics.jsonl").is_file():
+        status = sdk_call(args, lambda: client.get_job_status(args.run_dir)).value
+        if status == "FAILED":   # "not started yet" misled: `rl-service status` has why
+            raise UserError(f"job {args.run_dir} FAILED before its run directory {run_dir} held any metrics here: "
+                            f"`rl-service status {args.run_dir}` says why")
         raise UserError(f"job {args.run_dir}: its run directory {run_dir} has no metrics.jsonl on this machine (not "
                         f"started yet, or on the cluster's storage: run `rl-service report {run_dir}` where it is)")
     return run_dir
@@ -143,7 +147,13 @@ def resume_job(args) -> int:
                           + [f"--set {shlex.quote(override)}" for override in args.overrides])
     # The files the first job received (its config's relative paths resolve against them), from here.
     working_dir = Path.cwd().resolve()
-    files = job_files(working_dir, saved, also=json.loads(metadata.get(FILES_METADATA, "[]")))
+    received = json.loads(metadata.get(FILES_METADATA, "[]"))
+    missing = missing_job_files(working_dir, received)
+    if missing:   # resumed from another directory, the new job got none of them and failed on the cluster
+        raise KnownJobError(f"job {args.run_dir}: the files it was submitted with are not here ({', '.join(missing[:3])}"
+                            f"{' ...' if len(missing) > 3 else ''}): run `rl-service resume {args.run_dir}` from the "
+                            "directory it was submitted from")
+    files = job_files(working_dir, saved, also=received)
     with staged_working_dir(working_dir, files) as stage:
         submit_job(_as_job(args), client, entrypoint=entrypoint, submission_id=job_id,
                    metadata={"job_name": job_name, "rl_service_job": job_name, RUN_DIR_METADATA: str(run_dir),
@@ -153,6 +163,11 @@ def resume_job(args) -> int:
     print(f"{RUN_DIR_LOG_PREFIX}{run_dir}", file=sys.stderr)
     print(job_id)
     return 0
+
+
+def missing_job_files(working_dir: Path, received: list[str]) -> list[str]:
+    """The files a job received (relative to where it was submitted) that `working_dir` lacks."""
+    return [name for name in received if not (working_dir / name).exists()]
 
 
 def _as_job(args):
