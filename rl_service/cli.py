@@ -345,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested:   # its line was printed when the signal came
         return 128 + signal.SIGTERM
     except BrokenPipeError:
+        if not _stdout_reader_gone():   # another pipe or socket (an actor's, say): a real error
+            raise
         # `rl-service list | head -1`: the reader is gone. Exit as a process killed by SIGPIPE does, without a
         # traceback, and keep Python's flush at exit from failing on the closed pipe again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -358,6 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         while _HELD_LOCKS:
             os.close(_HELD_LOCKS.pop())
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):   # no real file behind stdout (a test's capture)
+        return False
 
 
 def _has_cuda_hint() -> bool:

@@ -40,13 +40,14 @@ def load_task(config: JobConfig) -> TaskData:
         from rl_service.data.hf_datasets import load_hf_split
 
         integer = config.reward.verifier == "integer"   # a gold answer it cannot read is refused, naming the row
-        train = load_hf_split(data.hf, data.hf.train_split, "data.hf.train_split", integer)
+        train = load_hf_split(data.hf, data.hf.train_split, "data.hf.train_split", integer and not config.reward.custom)
         evaluation = (load_hf_split(data.hf, data.hf.eval_split, "data.hf.eval_split", integer)
                       if data.hf.eval_split else [])
         default_verifier = "math"
     else:
         integer = config.reward.verifier == "integer"   # a gold answer it cannot read is refused, naming the line
-        train = load_prompt_file(data.train_path, data.group_field, integer)
+        # A custom reward scores the train split instead of the verifier: its answers are the reward's to read.
+        train = load_prompt_file(data.train_path, data.group_field, integer and not config.reward.custom)
         evaluation = load_prompt_file(data.eval_path, data.group_field, integer) if data.eval_path else []
         default_verifier = "math"
     groups = {record.prompt_id: record.group for record in evaluation if record.group is not None}

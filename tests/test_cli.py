@@ -72,3 +72,7 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     process.stdout.close()   # the reader is gone before the schema is written (the CLI takes ~1 s to start)
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 128 + signal.SIGPIPE and "Traceback" not in stderr, stderr
+    # Only stdout's reader going counts: another pipe's BrokenPipeError (an actor's) is a real error, raised.
+    from rl_service.cli import _stdout_reader_gone
+
+    assert not _stdout_reader_gone()

@@ -40,10 +40,14 @@ def test_non_finite_and_collapse_guards():
 
 
 @pytest.mark.slow
-def test_a_broken_custom_reward_stops_at_its_first_step_and_exits_non_zero(tmp_path):
-    """A reward with a typo (NameError on every call) ran to "completed", exit 0, on rewards of 0."""
-    reward = tmp_path / "typo.py"
-    reward.write_text("def reward(completion, answer):\n    return 1.0 if completion.endswith(answr) else 0.0\n")
+def test_a_custom_reward_failing_on_a_whole_step_stops_the_run_and_exits_non_zero(tmp_path):
+    """A reward that raised on every call ran to "completed", exit 0, on rewards of 0. This one works for
+    its first 8 calls in each reward actor (step 1 holds 16 completions), then fails on every call: the
+    run stops after step 2, whose weights are not checkpointed; step 1's checkpoint stays the newest."""
+    reward = tmp_path / "flaky_judge.py"
+    reward.write_text("calls = 0\n\ndef reward(completion, answer):\n    global calls\n    calls += 1\n"
+                      "    if calls > 8:\n        raise RuntimeError('the judge is down')\n"
+                      "    return 1.0 if completion.strip().endswith(answer) else 0.0\n")
     run_dir = tmp_path / "run"
     overrides = [*short_run_overrides(3), "checkpoint.every=1", f"reward.custom={reward}:reward",
                  "reward.custom_sandbox=off", "logging.tensorboard=false"]
@@ -51,12 +55,12 @@ def test_a_broken_custom_reward_stops_at_its_first_step_and_exits_non_zero(tmp_p
                            "--run-dir", str(run_dir), *[arg for item in overrides for arg in ("--set", item)]],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 3, done.stderr[-3000:]
-    assert "NameError" in done.stderr and "answr" in done.stderr
+    assert "RuntimeError" in done.stderr and "the judge is down" in done.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 1 and summary["stopped_reason"].startswith(
-        "reward.custom failed on every completion of step 1 (16 errors, 0 timeouts")
-    assert summary["final_checkpoint"] is None and not (run_dir / "checkpoints" / "step_1").exists()
+    assert summary["steps"] == 2 and summary["stopped_reason"].startswith(
+        "reward.custom failed on every completion of step 2 (16 errors, 0 timeouts")
+    assert summary["final_checkpoint"].endswith("step_1") and not (run_dir / "checkpoints" / "step_2").exists()
     # The driver's own lines are kept beside the metrics, the stop reason among them.
     log = (run_dir / "driver.log").read_text()
     assert "eval step 0 | accuracy" in log and "ERROR rl_service: reward.custom failed on every completion" in log
-    assert "run ended after step 1: reward.custom failed on every completion of step 1" in log
+    assert "run ended after step 2: reward.custom failed on every completion of step 2" in log

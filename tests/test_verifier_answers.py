@@ -52,6 +52,13 @@ def test_a_jsonl_gold_answer_the_integer_verifier_cannot_read_is_refused_naming_
     config = load_config(REPO / "configs" / "quickstart.yaml",
                          ["data.source=jsonl", f"data.train_path={train}", "reward.verifier=math"])
     assert [record.answer for record in load_task(config).train] == ["7", "12", "1,234", "seven"]
+    # A custom reward scores the train split in the verifier's place: its answers are not the verifier's to refuse.
+    reward = tmp_path / "rubric.py"
+    reward.write_text("def reward(completion, answer):\n    return float(answer in completion)\n")
+    config = load_config(REPO / "configs" / "quickstart.yaml",
+                         ["data.source=jsonl", f"data.train_path={train}", "reward.verifier=integer",
+                          f"reward.custom={reward}:reward", "reward.custom_sandbox=off"])
+    assert [record.answer for record in load_task(config).train][-1] == "seven"
 
 
 def test_an_hf_gold_answer_the_integer_verifier_cannot_read_is_refused_naming_the_row(tmp_path):

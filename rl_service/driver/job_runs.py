@@ -149,7 +149,9 @@ def resume_job(args) -> int:
     working_dir = Path.cwd().resolve()
     received = json.loads(metadata.get(FILES_METADATA, "[]"))
     missing = missing_job_files(working_dir, received)
-    if missing:   # resumed from another directory, the new job got none of them and failed on the cluster
+    # None of them here: another directory, where the new job got none of them and failed on the cluster. (One
+    # gone, a config renamed since, say, need not matter: the job resumes from the run's own config.yaml.)
+    if received and len(missing) == len(received):
         raise KnownJobError(f"job {args.run_dir}: the files it was submitted with are not here ({', '.join(missing[:3])}"
                             f"{' ...' if len(missing) > 3 else ''}): run `rl-service resume {args.run_dir}` from the "
                             "directory it was submitted from")

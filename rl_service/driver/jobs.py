@@ -77,9 +77,11 @@ def command_submit(args) -> int:
         check_local_paths(config, working_dir)
         from rl_service.driver.trainer import prepare_job
 
-        # validate's own checks (data rows, model directory, the reward's import) here, where a failure
-        # costs no job: each of them failed only on the cluster, after the job had started.
-        prepare_job(config)
+        # validate's own checks of data rows and the model directory here, where a failure costs no job:
+        # each failed only on the cluster, after the job had started. Not the custom reward's import: it
+        # runs in this machine's sandbox (bubblewrap, which a laptop may lack) and may need packages only
+        # the cluster's venv has; its file was checked above.
+        prepare_job(config.model_copy(update={"reward": config.reward.model_copy(update={"custom": None})}))
     job_id = new_submission_id(config.job_name)
     run_dir = submit_run_dir(args.run_dir, config, job_id, working_dir)
     from rl_service.driver.run_dir import run_entries

@@ -62,14 +62,14 @@ def checkpoint_every(config: JobConfig) -> int:
 
 def guard_stop_reason(config: JobConfig, step: int, metrics: dict, nonfinite_in_a_row: int,
                       collapsed: bool) -> str | None:
-    """Why the run must stop after `step`, or None. A stopped run keeps its last checkpoint from before
-    the stop and exits with EXIT_GUARD_STOP, so a scheduler or a Ray job shows it as failed."""
+    """Why the run must stop after `step`, or None. A stopped run keeps its newest checkpoint from before
+    the stop (one with none is saved where it stopped) and exits with EXIT_GUARD_STOP, so a scheduler or
+    a Ray job shows it as failed."""
     if nonfinite_in_a_row >= config.guard.max_nonfinite_steps:
         return (f"{nonfinite_in_a_row} steps in a row with a non-finite loss or gradient, up to step {step} "
-                "(guard.max_nonfinite_steps); the last good checkpoint is kept")
+                "(guard.max_nonfinite_steps)")
     if collapsed:
-        return (f"eval accuracy collapsed at step {step} (guard.max_eval_drop={config.guard.max_eval_drop}); the "
-                "checkpoint before it is kept")
+        return f"eval accuracy collapsed at step {step} (guard.max_eval_drop={config.guard.max_eval_drop})"
     # A reward that fails on every sample gives the step no signal at all; training on, the run would
     # report "completed" on rewards of 0 (a user's reward with a typo in it).
     errors, timeouts = metrics.get("custom_reward_errors", 0), metrics.get("custom_reward_timeouts", 0)
@@ -77,7 +77,7 @@ def guard_stop_reason(config: JobConfig, step: int, metrics: dict, nonfinite_in_
     if scored > 0 and errors + timeouts >= scored:
         return (f"reward.custom failed on every completion of step {step} ({errors:.0f} errors, {timeouts:.0f} "
                 "timeouts; the reward's own error is in the reward actor's line above, and in Ray's logs); fix it, "
-                "then resume the run from its last checkpoint (with none yet, run it again with --overwrite)")
+                "then resume the run")
     return None
 
 
@@ -125,7 +125,7 @@ def run_steps(config: JobConfig, trainer, start_step: int = 0) -> LoopResult:
                 progress.update(step, metrics, trainer.eval_history)
                 nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics.get("nonfinite_update_fraction", 0.0) > 0 else 0
                 guard_stop = guard_stop_reason(config, step, metrics, nonfinite_in_a_row, trainer.collapsed())
-                if guard_stop is not None:   # checked before this step's checkpoint: the weights it stopped on are not kept
+                if guard_stop is not None:   # before this step's checkpoint: an earlier one stays the newest
                     stopped_reason = guard_stop
                     log.error(stopped_reason)
                     break
@@ -142,6 +142,8 @@ def run_steps(config: JobConfig, trainer, start_step: int = 0) -> LoopResult:
     finally:
         if listener is not None:
             listener.stop()
-    # After a guard stop nothing new is worth saving: the newest checkpoint stays the newest.
-    checkpoint = trainer.checkpoint(step) if stopped_reason == "completed" else trainer.run_dir.latest_checkpoint()
+    # After a guard stop the newest checkpoint from before it stays the newest; a run with none yet (a
+    # local run saves only at its end) is saved where it stopped, so its training is not lost.
+    earlier = None if stopped_reason == "completed" else trainer.run_dir.latest_checkpoint()
+    checkpoint = earlier or trainer.checkpoint(step)
     return LoopResult(step, train_wall_s, initial, final, stopped_reason, checkpoint)
