@@ -166,6 +166,7 @@ def test_file_store_needs_no_environment(tmp_path, monkeypatch):
         [client.get_experiment_by_name("tests").experiment_id])[0].info.run_id, "loss")] == [2.0]
 
 
+@pytest.mark.slow   # a real Ray run (~55 s): the default suite stays under its 15 minutes
 def test_real_run_logs_every_metrics_row_to_both(tmp_path):
     from conftest import read_metrics, run_short_job
 
